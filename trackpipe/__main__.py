@@ -1,0 +1,3 @@
+from trackpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Admin and observability routes. Everything under /api/ needs the admin token.
+
+No permissive CORS here: only the ingest paths are meant for browsers.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from trackpipe import metrics
+from trackpipe.events import format_ts, parse_ts
+from trackpipe.log.sqlite import FILTERS
+from trackpipe.pipeline.dedupe import message_hash
+from trackpipe.sources.catalog import token_matches
+
+MAX_LIMIT = 1000
+
+
+def json_response(payload, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(payload), status, media_type="application/json")
+
+
+def error(status: int, code: str, message: str) -> Response:
+    return json_response({"code": code, "message": message}, status)
+
+
+class AdminAPI:
+    def __init__(self, pipeline):
+        self.p = pipeline
+
+    def routes(self) -> list[Route]:
+        guarded = [
+            ("/api/v1/events", self.events),
+            ("/api/v1/events/{message_id:path}", self.event),
+            ("/api/v1/messages/{message_id:path}/status", self.status),
+            ("/api/v1/discards", self.discards),
+            ("/api/v1/sources", self.sources),
+        ]
+        return [*(Route(path, self._guard(fn)) for path, fn in guarded),
+                Route("/health", self.health), Route("/ready", self.ready),
+                Route("/metrics", self.metrics)]
+
+    def _guard(self, handler):
+        async def guarded(request: Request) -> Response:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            stored = self.p.admin_token_hash
+            if scheme.lower() != "bearer" or not stored or not token_matches(token.strip(), stored):
+                return error(401, "unauthorized", "The admin API needs `Authorization: Bearer "
+                             "<admin token>` (printed when trackpipe first started, or set "
+                             "with TRACKPIPE_ADMIN_TOKEN).")
+            try:
+                return await handler(request)
+            except ValueError as exc:
+                return error(400, "invalid_parameter", str(exc))
+        return guarded
+
+    # -- events ---------------------------------------------------------------
+
+    async def events(self, request: Request) -> Response:
+        q = request.query_params
+        filters = {}
+        for name in FILTERS:
+            if name in q:
+                filters[name] = _time_param(q, name) if name in ("since", "until") else q[name]
+        limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
+        cursor = q.get("cursor")
+        ascending = q.get("order", "desc") == "asc"
+        if cursor is not None and not cursor.isdigit():
+            raise ValueError("`cursor` must be the `next` value of a previous page.")
+        position = int(cursor) if cursor else None
+        if ascending and position is None:
+            position = 0
+        if "message_id" in filters:
+            entries = await run_in_threadpool(self._by_message_id, filters.pop("message_id"))
+            entries = [e for e in entries if _matches(e, filters)][:limit]
+            return json_response({"events": [_message(e) for e in entries], "next": None})
+        entries, nxt = await run_in_threadpool(
+            self.p.log.query, filters, before=None if ascending else position,
+            after=position if ascending else None, limit=limit)
+        return json_response({"events": [_message(e) for e in entries],
+                              "next": str(nxt) if nxt is not None else None})
+
+    async def event(self, request: Request) -> Response:
+        message_id = request.path_params["message_id"]
+        entries = await run_in_threadpool(self._by_message_id, message_id)
+        if not entries:
+            return error(404, "not_found", f"No stored event has messageId {message_id!r}; "
+                         f"GET /api/v1/messages/{message_id}/status tells what became of it.")
+        return json_response(_message(entries[-1]))
+
+    def _by_message_id(self, message_id: str):
+        positions = self.p.index.candidates([message_hash(message_id)]).get(
+            message_hash(message_id), [])
+        return [e for e in self.p.log.get(positions) if e.message_id == message_id]
+
+    async def status(self, request: Request) -> Response:
+        message_id = request.path_params["message_id"]
+        answer = await run_in_threadpool(self._status, message_id)
+        if answer is None:
+            return error(404, "not_found", f"trackpipe has no record of messageId {message_id!r}: "
+                         "it never arrived in a well-formed, authorised request. Check the "
+                         "client's host and write key.")
+        return json_response(answer)
+
+    def _status(self, message_id: str) -> dict | None:
+        stored = self._by_message_id(message_id)
+        repeat = self.p.log.repeat(message_id)
+        discards = self.p.log.discards(message_id=message_id, limit=20)
+        if not stored and not discards:
+            return None
+        answer: dict = {"messageId": message_id}
+        if stored:
+            first = stored[-1]
+            answer["status"] = "deduplicated" if repeat else "stored"
+            answer["stored"] = {"receivedAt": format_ts(first.received_at),
+                                "sourceId": first.source, "position": first.position,
+                                "type": first.type, "copies": len(stored)}
+            if repeat:
+                answer["deduplicated"] = {"firstSeenAt": format_ts(first.received_at),
+                                          "repeats": repeat[1],
+                                          "lastRepeatAt": format_ts(repeat[3])}
+        else:
+            answer["status"] = "discarded"
+        if discards:
+            answer["discards"] = [_discard(d) for d in discards]
+        return answer
+
+    async def discards(self, request: Request) -> Response:
+        q = request.query_params
+        limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
+        cursor = q.get("cursor")
+        if cursor is not None and not cursor.isdigit():
+            raise ValueError("`cursor` must be the `next` value of a previous page.")
+        rows = await run_in_threadpool(self.p.log.discards, message_id=q.get("message_id"),
+                                       reason=q.get("reason"),
+                                       before=int(cursor) if cursor else None, limit=limit)
+        nxt = str(rows[-1][0]) if len(rows) == limit else None
+        return json_response({"discards": [_discard(d) for d in rows], "next": nxt})
+
+    async def sources(self, request: Request) -> Response:
+        return json_response({"sources": [s.public() for s in self.p.registry.by_id.values()]})
+
+    # -- observability (no token: the server binds to loopback by default) ------
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        ready, detail = await run_in_threadpool(self.p.readiness)
+        metrics.READY.set(1 if ready else 0)
+        body = {"ready": ready, "log": detail, "head": self.p.log.head()}
+        return json_response(body, 200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+def _message(entry) -> dict:
+    return msgspec.json.decode(entry.body)
+
+
+def _discard(row) -> dict:
+    return {"id": row[0], "receivedAt": format_ts(row[1]), "sourceId": row[2],
+            "messageId": row[3], "reason": row[4], "message": row[5], "payload": row[6]}
+
+
+def _matches(entry, filters: dict) -> bool:
+    checks = {"type": entry.type, "event": entry.event, "user_id": entry.user_id,
+              "anonymous_id": entry.anonymous_id, "source": entry.source}
+    for name, value in filters.items():
+        if name == "since" and entry.received_at < value:
+            return False
+        if name == "until" and entry.received_at >= value:
+            return False
+        if name in checks and checks[name] != value:
+            return False
+    return True
+
+
+def _int_param(q, name: str, default: int, lo: int, hi: int) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ValueError(f"`{name}` must be a whole number from {lo} to {hi}, got {raw!r}.")
+    return int(raw)
+
+
+def _time_param(q, name: str) -> int:
+    raw = q[name]
+    if raw.isdigit():
+        return int(raw)
+    ms = parse_ts(raw)
+    if ms is None:
+        raise ValueError(f"`{name}` must be an ISO-8601 time or epoch milliseconds, got {raw!r}.")
+    return ms
+
+
+def build(pipeline) -> Starlette:
+    return Starlette(routes=AdminAPI(pipeline).routes())

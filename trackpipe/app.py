@@ -1,0 +1,110 @@
+"""Wires the pipeline together and exposes it as one ASGI app.
+
+/v1/* goes straight to the tracking API (the hot path); everything else
+(admin API, health, metrics) goes through Starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+
+from trackpipe.admin import api as admin_api
+from trackpipe.config import Settings
+from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.pipeline.dedupe import MessageIndex
+from trackpipe.pipeline.store import GroupCommitter
+from trackpipe.sources.auth import SourceRegistry
+from trackpipe.sources.catalog import Catalog
+from trackpipe.sources.http import TrackingAPI
+from trackpipe.sources.responses import error_body
+
+log = logging.getLogger("trackpipe")
+
+
+class Pipeline:
+    """The running pieces: catalog, log, dedup index, group committer."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(data)
+        if settings.admin_token:
+            self.catalog.set_admin_token(settings.admin_token)
+        self.admin_token_hash = self.catalog.admin_token_hash()
+        self.registry = SourceRegistry(self.catalog.sources())
+        self._catalog_version = self.catalog.version()
+        self.log = SQLiteLog(data / "log.db")
+        self.index = MessageIndex(data / "ids.db", self.log)
+        self.committer = GroupCommitter(self.log, self.index,
+                                        settings.dedup.window_seconds * 1000)
+        self.shutting_down = False
+
+    def reload_catalog(self, force: bool = False) -> None:
+        version = self.catalog.version()  # changes only when another connection commits
+        if force or version != self._catalog_version:
+            self._catalog_version = version
+            self.registry.replace(self.catalog.sources())
+            self.admin_token_hash = self.catalog.admin_token_hash()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.shutting_down:
+            return False, "shutting down"
+        if self.committer.healthy:
+            return True, "ok"
+        try:  # the last commit failed: is there room again?
+            self.log.probe_write()
+        except sqlite3.Error as exc:
+            return False, f"cannot write: {exc}"
+        return True, "recovered"
+
+    def close(self) -> None:
+        self.shutting_down = True
+        self.committer.close()
+        self.index.close()
+        self.log.close()
+        self.catalog.close()
+
+
+def create_app(pipeline: Pipeline):
+    tracking = TrackingAPI(pipeline.settings, pipeline.registry, pipeline.committer)
+    admin = admin_api.build(pipeline)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        watcher = asyncio.create_task(_watch_catalog(pipeline))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            pipeline.shutting_down = True
+
+    admin.router.lifespan_context = lifespan
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if pipeline.shutting_down:
+                body = error_body("shutting_down", "trackpipe is shutting down; retry shortly.")
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"retry-after", b"5"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await tracking(scope, receive, send)
+        else:
+            await admin(scope, receive, send)
+
+    return app
+
+
+async def _watch_catalog(pipeline: Pipeline) -> None:
+    """A source added or disabled from the CLI takes effect within a second."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            pipeline.reload_catalog()
+        except sqlite3.Error as exc:
+            log.warning("could not reload the catalog: %s", exc)

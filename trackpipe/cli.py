@@ -1,0 +1,214 @@
+"""The `trackpipe` command: serve, sources, send, events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+from trackpipe import config
+from trackpipe.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trackpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the collector")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    _data_dir_arg(serve)
+    serve.add_argument("--config", help="TOML settings file")
+
+    sources = sub.add_parser("sources", help="register and list sources (write keys)")
+    ssub = sources.add_subparsers(dest="action", required=True)
+    add = ssub.add_parser("add", help="register a source and print its write key")
+    add.add_argument("name")
+    add.add_argument("--write-key")
+    add.add_argument("--strict", action="store_true", help="reject requests with invalid events")
+    _data_dir_arg(add)
+    add.add_argument("--config")
+    ls = ssub.add_parser("list", help="list sources")
+    _data_dir_arg(ls)
+    ls.add_argument("--config")
+
+    send = sub.add_parser("send", help="send a test track call over HTTP")
+    send.add_argument("--write-key", required=True)
+    send.add_argument("--url", default="http://127.0.0.1:8080")
+    send.add_argument("--event", default="Test Event")
+    send.add_argument("--user-id", default="test-user")
+    send.add_argument("--properties", default="{}", help="JSON object")
+
+    events = sub.add_parser("events", help="print stored events")
+    events.add_argument("--url", default="http://127.0.0.1:8080")
+    events.add_argument("--admin-token", default=os.environ.get("TRACKPIPE_ADMIN_TOKEN"))
+    events.add_argument("--follow", "-f", action="store_true")
+    events.add_argument("--json", action="store_true", help="NDJSON, one message per line")
+    events.add_argument("--limit", type=int, default=20)
+    events.add_argument("--type")
+    events.add_argument("--event")
+    events.add_argument("--user-id")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "sources":
+            return _sources(args)
+        if args.command == "send":
+            return _send(args)
+        return _events(args)
+    except ConfigError as exc:
+        print(f"trackpipe: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where trackpipe keeps its data (default ./trackpipe-data)")
+
+
+def _settings(args) -> config.Settings:
+    settings = config.load(getattr(args, "config", None))
+    if getattr(args, "data_dir", None):
+        settings.data_dir = args.data_dir
+    if getattr(args, "host", None):
+        settings.server.host = args.host
+    if getattr(args, "port", None):
+        settings.server.port = args.port
+    return settings
+
+
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from trackpipe.app import Pipeline, create_app
+    from trackpipe.sources.catalog import new_admin_token
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    pipeline = Pipeline(settings)
+    url = f"http://{settings.server.host}:{settings.server.port}"
+    if not pipeline.registry.by_key:
+        source = pipeline.catalog.add_source("default")
+        pipeline.reload_catalog(force=True)
+        print(f"Created source 'default' with write key: {source.write_key}")
+    if pipeline.admin_token_hash is None:
+        token = new_admin_token()
+        pipeline.catalog.set_admin_token(token)
+        pipeline.reload_catalog(force=True)
+        print(f"Admin token (shown once; keep it): {token}")
+    key = next(iter(pipeline.registry.by_key))
+    print(f"trackpipe listening on {url}  (data in {settings.data_path.resolve()})")
+    print("Point your SDK's host option at that URL, or try:")
+    print(f"  curl -u '{key}:' -H 'Content-Type: application/json' "
+          f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {url}/v1/track", flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(pipeline), host=settings.server.host, port=settings.server.port,
+        loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="warning",
+        timeout_keep_alive=5, timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    finally:
+        pipeline.close()
+    return 0
+
+
+def _sources(args) -> int:
+    from trackpipe.sources.catalog import Catalog
+
+    catalog = Catalog(_settings(args).data_path)
+    try:
+        if args.action == "add":
+            try:
+                source = catalog.add_source(args.name, args.write_key, args.strict)
+            except ValueError as exc:
+                print(f"trackpipe: {exc}", file=sys.stderr)
+                return 1
+            print(source.write_key)
+            return 0
+        print(f"{'NAME':20} {'ID':22} {'ENABLED':8} {'STRICT':7} WRITE KEY")
+        for s in catalog.sources():
+            print(f"{s.name:20} {s.id:22} {str(s.enabled):8} {str(s.strict):7} {s.write_key}")
+        return 0
+    finally:
+        catalog.close()
+
+
+def _send(args) -> int:
+    import httpx
+
+    try:
+        properties = json.loads(args.properties)
+    except json.JSONDecodeError as exc:
+        print(f"trackpipe: --properties is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    message_id = f"cli-{uuid.uuid4()}"
+    body = {"userId": args.user_id, "event": args.event, "properties": properties,
+            "messageId": message_id}
+    try:
+        r = httpx.post(f"{args.url.rstrip('/')}/v1/track", json=body, auth=(args.write_key, ""),
+                       timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{r.status_code} {r.text}")
+    if r.status_code == 200:
+        print(f"messageId {message_id}")
+    return 0 if r.status_code == 200 else 1
+
+
+def _events(args) -> int:
+    import httpx
+
+    if not args.admin_token:
+        print("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    params = {k: v for k, v in (("type", args.type), ("event", args.event),
+                                ("user_id", args.user_id)) if v}
+    client = httpx.Client(base_url=args.url.rstrip("/"), timeout=10,
+                          headers={"authorization": f"Bearer {args.admin_token}"})
+    try:
+        r = client.get("/api/v1/events", params={**params, "limit": args.limit})
+        if r.status_code != 200:
+            print(f"trackpipe: {r.status_code} {r.text}", file=sys.stderr)
+            return 1
+        shown = list(reversed(r.json()["events"]))  # oldest first, like a log
+        if not args.json:
+            print(f"{'RECEIVED AT':25} {'TYPE':9} {'EVENT / NAME':24} {'USER':20} MESSAGE ID")
+        for ev in shown:
+            _print_event(ev, args.json)
+        if not args.follow:
+            return 0
+        cursor = client.get("/ready").json().get("head", 0)
+        while True:
+            r = client.get("/api/v1/events", params={**params, "order": "asc",
+                                                     "cursor": cursor, "limit": 1000})
+            page = r.json()
+            for ev in page["events"]:
+                _print_event(ev, args.json)
+            if page["next"] is not None:
+                cursor = page["next"]
+            if not page["events"]:
+                time.sleep(0.5)
+    except httpx.HTTPError as exc:
+        print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _print_event(ev: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(ev), flush=True)
+        return
+    label = ev.get("event") or ev.get("name") or ev.get("groupId") or ev.get("previousId") or ""
+    user = ev.get("userId") or ev.get("anonymousId") or ""
+    print(f"{ev.get('receivedAt', ''):25} {ev['type']:9} {str(label)[:24]:24} {str(user)[:20]:20}"
+          f" {ev.get('messageId', '')}", flush=True)

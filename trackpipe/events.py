@@ -1,0 +1,52 @@
+"""The message model: the six Segment call types, their paths, and timestamps.
+
+Timestamps are carried as integer milliseconds since the epoch and emitted
+as UTC ISO-8601 with milliseconds and a trailing Z, whatever shape arrived
+(`+00:00`, microseconds, `Z`).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+TYPES = ("identify", "track", "page", "screen", "group", "alias")
+
+# Path segment -> the type it implies. Browsers use the first letter.
+PATH_TYPES = {**{t: t for t in TYPES}, **{t[0]: t for t in TYPES}}
+BATCH_PATHS = ("batch", "b")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+_MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+
+
+def parse_ts(value) -> int | None:
+    """ISO-8601 / RFC 3339 string -> ms since the epoch; None when absent or unparseable."""
+    if type(value) is not str or len(value) > 40:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    try:
+        return (dt - _EPOCH) // _MS
+    except OverflowError:
+        return None
+
+
+def format_ts(ms: int) -> str:
+    s, milli = divmod(ms, 1000)
+    t = time.gmtime(s)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{milli:03d}Z")
+
+
+def in_range(ms: int) -> bool:
+    return 0 <= ms <= _MAX_MS
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

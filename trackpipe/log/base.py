@@ -1,0 +1,91 @@
+"""The log interface every backend implements (SQLite now; JetStream next).
+
+Contract (tests/log/test_contract.py runs it against every backend):
+- append() makes its records durable before it returns, and returns their
+  positions: strictly increasing integers, in the order given.
+- read(after) returns entries with position > after, ascending, and never
+  skips an entry that a completed append() returned.
+- Each consumer has a durable position; commit() survives a restart.
+- The ledger rows passed with an append (discards, repeats) commit with it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple, Sequence
+
+
+class Record(NamedTuple):
+    """One accepted message, as appended. `body` is the normalized message as JSON bytes."""
+
+    message_id: str
+    received_at: int  # ms since the epoch, server clock
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    source: str
+    body: bytes
+
+
+class Entry(NamedTuple):
+    position: int
+    message_id: str
+    received_at: int
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    source: str
+    body: bytes
+
+
+class Discard(NamedTuple):
+    """An event that was answered 200 but not stored, and why (Segment's reason codes)."""
+
+    received_at: int
+    source: str | None
+    message_id: str | None
+    reason: str
+    message: str
+    payload: str  # the offending event, truncated
+
+
+class Repeat(NamedTuple):
+    """A message whose messageId was already stored within the dedup window."""
+
+    message_id: str
+    position: int  # of the stored original
+    seen_at: int
+
+
+class EventLog(ABC):
+    @abstractmethod
+    def append(
+        self, records: Sequence[Record], discards: Sequence[Discard] = (),
+        repeats: Sequence[Repeat] = (),
+    ) -> list[int]:
+        """Durably append records (and ledger rows) in one commit; return their positions."""
+
+    @abstractmethod
+    def read(self, after: int, limit: int = 1000) -> list[Entry]:
+        """Entries with position > after, oldest first."""
+
+    @abstractmethod
+    def get(self, positions: Sequence[int]) -> list[Entry]:
+        """The entries at these positions (missing ones are left out)."""
+
+    @abstractmethod
+    def head(self) -> int:
+        """Position of the newest entry, 0 when empty."""
+
+    @abstractmethod
+    def position(self, consumer: str) -> int:
+        """The consumer's durable position (0 if it never committed)."""
+
+    @abstractmethod
+    def commit(self, consumer: str, position: int) -> None:
+        """Durably record that `consumer` has processed everything up to `position`."""
+
+    def close(self) -> None:
+        """Release files and connections."""

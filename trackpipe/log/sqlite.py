@@ -1,0 +1,255 @@
+"""The embedded event log: one SQLite file in WAL mode, synchronous=FULL.
+
+Why this shape (see ../shared/reference/performance-budget.md): events are
+appended under an INTEGER PRIMARY KEY that only grows, so every insert lands
+on the right edge of the B-tree; a random text key (messageId) as the
+clustered key caps SQLite near 40k rows/s. Deduplication lives elsewhere
+(pipeline/dedupe.py). synchronous=FULL makes each commit fsync the WAL, so a
+committed event survives power loss, not only a crash. The WAL is
+checkpointed from a background thread so no commit pays for it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from trackpipe.log.base import Discard, Entry, EventLog, Record, Repeat
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position     INTEGER PRIMARY KEY,
+    message_id   TEXT NOT NULL,
+    received_at  INTEGER NOT NULL,
+    type         TEXT NOT NULL,
+    event        TEXT,
+    user_id      TEXT,
+    anonymous_id TEXT,
+    source       TEXT NOT NULL,
+    body         BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS discards (
+    id          INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    source      TEXT,
+    message_id  TEXT,
+    reason      TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS discards_by_message ON discards (message_id)
+    WHERE message_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS repeats (
+    message_id      TEXT PRIMARY KEY,
+    position        INTEGER NOT NULL,
+    count           INTEGER NOT NULL,
+    first_repeat_at INTEGER NOT NULL,
+    last_repeat_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS consumers (
+    name     TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+COLUMNS = "position, message_id, received_at, type, event, user_id, anonymous_id, source, body"
+
+# Filters the admin API may apply; each maps to a column test.
+FILTERS = {
+    "type": "type = ?",
+    "event": "event = ?",
+    "user_id": "user_id = ?",
+    "anonymous_id": "anonymous_id = ?",
+    "message_id": "message_id = ?",
+    "source": "source = ?",
+    "since": "received_at >= ?",
+    "until": "received_at < ?",
+}
+
+
+def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SQLiteLog(EventLog):
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write = connect(self.path)
+        self._write.executescript(SCHEMA)
+        self._head = self._write.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="log-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
+
+    # -- writing (one thread: the committer) --------------------------------
+
+    def append(self, records: Sequence[Record], discards: Sequence[Discard] = (),
+               repeats: Sequence[Repeat] = ()) -> list[int]:
+        first = self._head + 1
+        rows = [(first + i, *r) for i, r in enumerate(records)]
+        conn = self._write
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if rows:
+                conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            if discards:
+                conn.executemany(
+                    "INSERT INTO discards (received_at, source, message_id, reason, message, payload)"
+                    " VALUES (?,?,?,?,?,?)", discards)
+            if repeats:
+                conn.executemany(
+                    "INSERT INTO repeats VALUES (?1, ?2, 1, ?3, ?3) ON CONFLICT (message_id) DO UPDATE"
+                    " SET count = count + 1, last_repeat_at = ?3, position = ?2", repeats)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            self._recover_writer()
+            raise
+        self._head = first + len(rows) - 1
+        return list(range(first, self._head + 1))
+
+    def _recover_writer(self) -> None:
+        """After a failed commit (disk full, I/O error) leave the writer usable for the next try."""
+        try:
+            self._write.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        if self._write.in_transaction:
+            self._write.close()
+            self._write = connect(self.path)
+
+    def commit(self, consumer: str, position: int) -> None:
+        # The calling thread's own connection: consumers never queue behind the ingest writer.
+        self._reader().execute("INSERT INTO consumers VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                               " SET position = excluded.position", (consumer, position))
+
+    def probe_write(self) -> None:
+        """Raise sqlite3.Error if the log cannot take a write now (used by /ready)."""
+        self.commit("_ready_probe", self._head)
+
+    # -- reading (any thread) -------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def head(self) -> int:
+        return self._head
+
+    def read(self, after: int, limit: int = 1000) -> list[Entry]:
+        cur = self._reader().execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit))
+        return [Entry(*row) for row in cur]
+
+    def get(self, positions: Sequence[int]) -> list[Entry]:
+        if not positions:
+            return []
+        marks = ",".join("?" * len(positions))
+        cur = self._reader().execute(
+            f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
+            list(positions))
+        return [Entry(*row) for row in cur]
+
+    def position(self, consumer: str) -> int:
+        row = self._reader().execute("SELECT position FROM consumers WHERE name = ?",
+                                     (consumer,)).fetchone()
+        return row[0] if row else 0
+
+    def query(self, filters: dict, *, before: int | None = None, after: int | None = None,
+              limit: int = 100, scan: int = 200_000) -> tuple[list[Entry], int | None]:
+        """Filtered page of entries, newest first (or oldest first when `after` is given).
+
+        No secondary indexes slow the append path, so a query scans at most
+        `scan` positions per call; the returned cursor continues the scan.
+        """
+        where, args = [], []
+        for name, value in filters.items():
+            where.append(FILTERS[name])
+            args.append(value)
+        if after is not None:
+            lo, hi, order = after, after + scan, "ASC"
+        else:
+            hi = (self._head + 1) if before is None else before
+            lo, order = max(hi - scan, 0), "DESC"
+        where += ["position > ?", "position < ?"]
+        args += [lo, hi]
+        cur = self._reader().execute(
+            f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(where)}"
+            f" ORDER BY position {order} LIMIT ?", (*args, limit))
+        entries = [Entry(*row) for row in cur]
+        if len(entries) == limit:
+            cursor = entries[-1].position
+        elif order == "DESC":
+            cursor = lo + 1 if lo > 0 else None
+        else:
+            cursor = min(hi - 1, self._head) if hi <= self._head else None
+        return entries, cursor
+
+    # -- the ledger of what was not stored -------------------------------------
+
+    def discards(self, *, message_id: str | None = None, reason: str | None = None,
+                 before: int | None = None, limit: int = 100) -> list[tuple]:
+        where, args = ["id < ?"], [before if before is not None else 2**62]
+        if message_id is not None:
+            where.append("message_id = ?")
+            args.append(message_id)
+        if reason is not None:
+            where.append("reason = ?")
+            args.append(reason)
+        cur = self._reader().execute(
+            "SELECT id, received_at, source, message_id, reason, message, payload FROM discards"
+            f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit))
+        return cur.fetchall()
+
+    def repeat(self, message_id: str) -> tuple | None:
+        return self._reader().execute(
+            "SELECT position, count, first_repeat_at, last_repeat_at FROM repeats"
+            " WHERE message_id = ?", (message_id,)).fetchone()
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def _checkpoint_loop(self) -> None:
+        conn = connect(self.path)
+        try:
+            while not self._closed.wait(1.0):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # disk full or busy: the next round tries again
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._checkpointer.join(timeout=5)
+        try:
+            self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self._write.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,1 @@
+"""What happens to every event, in order: decode -> validate -> enrich -> dedupe + store."""

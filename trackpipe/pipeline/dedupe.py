@@ -1,0 +1,151 @@
+"""Exact messageId deduplication with bounded memory.
+
+The index maps a 64-bit hash of each stored messageId to the log positions
+that hold it; a hit is confirmed against the messageId in the log, so hash
+collisions cost a lookup, never a wrong answer. It lives in its own SQLite
+file (ids.db) so its random-key B-tree writes never hold up a log commit.
+
+New entries go to an in-memory table that a background thread flushes in
+large sorted transactions (many entries per dirtied page instead of one).
+The log is this index's journal: ids.db records the last position it holds
+(`indexed_through`), and on start every later log entry is re-added. Memory
+is bounded by the flush size, not by the number of ids in the window: when
+the flusher falls behind, add() waits for it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from hashlib import blake2b
+from pathlib import Path
+from typing import Iterable
+
+from trackpipe.log.base import EventLog
+from trackpipe.log.sqlite import connect
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ids (
+    h        INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (h, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+FLUSH_AT = 50_000
+FLUSH_EVERY_S = 2.0
+
+
+def message_hash(message_id: str) -> int:
+    return int.from_bytes(blake2b(message_id.encode(), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+class MessageIndex:
+    def __init__(self, path: Path | str, log: EventLog, flush_at: int = FLUSH_AT):
+        self.path = Path(path)
+        self.flush_at = flush_at
+        db = connect(self.path, synchronous="NORMAL")  # the log re-creates anything lost
+        db.executescript(SCHEMA)
+        row = db.execute("SELECT value FROM state WHERE key = 'indexed_through'").fetchone()
+        db.close()
+        self._through = row[0] if row else 0
+        self._active: dict[int, list[int]] = {}
+        self._frozen: dict[int, list[int]] = {}
+        self._active_last = self._through
+        self._lock = threading.Condition()
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._replay(log)
+        self._flusher = threading.Thread(target=self._flush_loop, name="dedupe-flush", daemon=True)
+        self._flusher.start()
+
+    def _replay(self, log: EventLog) -> None:
+        after = self._through
+        while batch := log.read(after, 10_000):
+            self.add([(message_hash(e.message_id), e.position) for e in batch])
+            after = batch[-1].position
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, synchronous="NORMAL")
+        return conn
+
+    def candidates(self, hashes: Iterable[int]) -> dict[int, list[int]]:
+        """hash -> log positions that may hold a messageId with that hash."""
+        hashes = list(hashes)
+        found: dict[int, list[int]] = {}
+        with self._lock:
+            for table in (self._active, self._frozen):
+                for h in hashes:
+                    if h in table:
+                        found.setdefault(h, []).extend(table[h])
+        conn = self._db()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for h, position in conn.execute(
+                    f"SELECT h, position FROM ids WHERE h IN ({marks})", chunk):
+                found.setdefault(h, []).append(position)
+        return found
+
+    def add(self, pairs: list[tuple[int, int]]) -> None:
+        with self._lock:
+            while len(self._active) >= 2 * self.flush_at and self._frozen:
+                self._lock.wait(1.0)  # backpressure: memory stays bounded
+            active = self._active
+            for h, position in pairs:
+                if h in active:
+                    active[h].append(position)
+                else:
+                    active[h] = [position]
+            if pairs:
+                self._active_last = pairs[-1][1]
+            if len(active) >= self.flush_at:
+                self._lock.notify_all()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self._active) < self.flush_at:
+                    self._lock.wait(FLUSH_EVERY_S)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._active or self._frozen:
+                return
+            self._frozen, self._active = self._active, {}
+            through = self._active_last
+        rows = sorted((h, p) for h, positions in self._frozen.items() for p in positions)
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR IGNORE INTO ids VALUES (?, ?)", rows)
+            conn.execute("INSERT INTO state VALUES ('indexed_through', ?) ON CONFLICT (key)"
+                         " DO UPDATE SET value = excluded.value", (through,))
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self._lock:  # keep the entries in memory; the next round tries again
+                for h, positions in self._frozen.items():
+                    self._active.setdefault(h, [])[:0] = positions
+                self._frozen = {}
+            return
+        with self._lock:
+            self._frozen = {}
+            self._through = through
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._flusher.join(timeout=10)
+        self.flush()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,93 @@
+"""Server-side enrichment: what trackpipe stamps on every accepted event.
+
+See ../shared/reference/wire-protocol.md §4.2-4.3. Clock skew: a client's
+own time becomes `originalTimestamp`; `timestamp` = receivedAt - (sentAt -
+originalTimestamp) when the client said when it sent, else the client's
+time as sent (cio-node sends no sentAt at all).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from trackpipe.events import format_ts, in_range, parse_ts
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What every event of one request shares."""
+
+    received_at: int
+    received_at_text: str
+    source_id: str
+    peer_ip: str | None
+    version: int
+    batch_sent_at: int | None = None
+    batch_context: dict | None = None
+    batch_integrations: dict | None = None
+
+
+def enrich(ev: dict, rc: RequestContext) -> None:
+    if "messageId" not in ev:
+        ev["messageId"] = f"api-{uuid.uuid4()}"
+    ev.pop("writeKey", None)  # a credential: never stored or forwarded
+    ev["sourceId"] = rc.source_id
+
+    context = ev.get("context") or {}
+    if rc.batch_context:
+        context = _merge(rc.batch_context, context)
+    ev["context"] = context
+    integrations = ev.get("integrations") or {}
+    if rc.batch_integrations:
+        integrations = {**rc.batch_integrations, **integrations}
+    ev["integrations"] = integrations
+    if rc.peer_ip is not None and "ip" not in context and _client_side(context):
+        context["ip"] = rc.peer_ip
+
+    _stamp_times(ev, rc)
+    ev["version"] = rc.version
+
+
+def _client_side(context: dict) -> bool:
+    """Segment fills context.ip for browser/mobile events, and for direct:true HTTP events."""
+    if context.get("direct") is True:
+        return True
+    library = context.get("library")
+    return type(library) is dict and library.get("name") == "analytics.js"
+
+
+def _stamp_times(ev: dict, rc: RequestContext) -> None:
+    received = rc.received_at
+    original = parse_ts(ev.get("originalTimestamp"))
+    if original is None:
+        original = parse_ts(ev.get("timestamp"))
+    sent = parse_ts(ev.get("sentAt"))
+    if sent is None:
+        sent = rc.batch_sent_at
+    if original is None:
+        original = timestamp = received
+    elif sent is not None:
+        timestamp = received - (sent - original)
+        if not in_range(timestamp):
+            timestamp = original
+    else:
+        timestamp = original
+    ev["originalTimestamp"] = format_ts(original)
+    ev["timestamp"] = format_ts(timestamp)
+    if sent is not None:
+        ev["sentAt"] = format_ts(sent)
+    else:
+        ev.pop("sentAt", None)
+    ev["receivedAt"] = rc.received_at_text
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Batch-level context under the item's own: the item wins, nested objects merge."""
+    merged = dict(base)
+    for key, value in override.items():
+        if type(value) is dict and type(merged.get(key)) is dict:
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,85 @@
+"""One request's events through validate and enrich, into log records and discards."""
+
+from __future__ import annotations
+
+import msgspec
+
+from trackpipe.config import Limits
+from trackpipe.errors import RequestRejected
+from trackpipe.events import parse_ts
+from trackpipe.log.base import Discard, Record
+from trackpipe.pipeline.decode import check_depth
+from trackpipe.pipeline.dedupe import message_hash
+from trackpipe.pipeline.enrich import RequestContext, enrich
+from trackpipe.pipeline.validate import validate
+
+DISCARD_PAYLOAD_CHARS = 2048
+
+_encode = msgspec.json.encode
+
+
+def items_of(body: dict, type_: str | None, limits: Limits) -> list:
+    """The events a request carries; `type_` None means a batch path."""
+    if type_ is not None:
+        return [body]
+    items = body.get("batch")
+    if type(items) is not list:
+        raise RequestRejected("invalid_payload", "A batch request needs a `batch` array of events.")
+    if len(items) > limits.max_batch_events:
+        raise RequestRejected("payload_too_large", f"Exceed payload limit: the batch holds "
+                              f"{len(items)} events, more than {limits.max_batch_events}.")
+    return items
+
+
+def batch_context(body: dict, rc: RequestContext) -> None:
+    """Batch-level sentAt, context and integrations apply to every item (the item wins)."""
+    rc.batch_sent_at = parse_ts(body.get("sentAt"))
+    context, integrations = body.get("context"), body.get("integrations")
+    rc.batch_context = context if type(context) is dict else None
+    rc.batch_integrations = integrations if type(integrations) is dict else None
+
+
+def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, strict: bool
+            ) -> tuple[list[tuple[int, Record]], list[Discard]]:
+    records: list[tuple[int, Record]] = []
+    discards: list[Discard] = []
+    errors: list[dict] = []
+    max_bytes = limits.max_event_bytes
+    if not items:
+        discards.append(Discard(rc.received_at, rc.source_id, None, "empty_batch",
+                                "The batch holds no events.", "[]"))
+    for index, ev in enumerate(items):
+        if type(ev) is not dict:
+            problem = ("event_not_object", "Each batch item must be a JSON object.")
+        else:
+            problem = validate(ev, type_)
+        if problem is not None:
+            payload = _encode(ev)
+            _check_size(payload, max_bytes, index)
+            check_depth(payload, ev)
+            errors.append({"index": index, "code": problem[0], "message": problem[1]})
+            message_id = ev.get("messageId") if type(ev) is dict else None
+            discards.append(Discard(rc.received_at, rc.source_id,
+                                    message_id if type(message_id) is str else None,
+                                    problem[0], problem[1],
+                                    payload[:DISCARD_PAYLOAD_CHARS].decode("utf-8", "replace")))
+            continue
+        enrich(ev, rc)
+        body = _encode(ev)
+        _check_size(body, max_bytes, index)
+        check_depth(body, ev)
+        message_id = ev["messageId"]
+        event = ev.get("event") if ev["type"] == "track" else None
+        records.append((message_hash(message_id), Record(
+            message_id, rc.received_at, ev["type"], event, ev.get("userId"),
+            ev.get("anonymousId"), rc.source_id, body)))
+    if strict and errors:
+        raise RequestRejected("validation_failed", f"{len(errors)} of {len(items)} events are "
+                              "invalid; nothing was stored (strict mode).", errors)
+    return records, discards
+
+
+def _check_size(encoded: bytes, limit: int, index: int) -> None:
+    if len(encoded) > limit:
+        raise RequestRejected("payload_too_large", f"Exceed payload limit: event {index} is "
+                              f"{len(encoded)} bytes, more than {limit}.")

@@ -1,0 +1,1 @@
+"""Sources: how events reach trackpipe (the Segment-compatible HTTP tracking API)."""

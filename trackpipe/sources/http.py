@@ -1,0 +1,182 @@
+"""The tracking API: /v1/{identify,track,page,screen,group,alias,batch}, the browsers'
+/v1/{i,t,p,s,g,a,b}, /v1/m, the settings endpoint and CORS.
+
+A plain ASGI callable rather than a framework route: this is the hot path,
+and a framework's per-request overhead would be a large share of it. Bodies
+are parsed as JSON whatever the Content-Type (browsers send text/plain,
+rudder-node labels gzip as form-urlencoded).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from trackpipe import metrics
+from trackpipe.config import Settings
+from trackpipe.errors import RequestRejected, StoreUnavailable
+from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
+from trackpipe.pipeline.decode import decode_object, inflate
+from trackpipe.pipeline.enrich import RequestContext
+from trackpipe.pipeline.ingest import batch_context, items_of, prepare
+from trackpipe.pipeline.store import GroupCommitter
+from trackpipe.sources import responses
+from trackpipe.sources.auth import SourceRegistry
+from trackpipe.sources.browser import settings_body
+
+ALLOW_HEADERS = b"authorization, content-type, x-retry-count, x-strict-mode"
+JSON = (b"content-type", b"application/json")
+ENCODINGS = ("gzip", "x-gzip", "deflate")
+KNOWN = {**{p: f"/v1/{p}" for p in PATH_TYPES}, **{p: f"/v1/{p}" for p in BATCH_PATHS},
+         "m": "/v1/m"}
+
+
+class TrackingAPI:
+    def __init__(self, settings: Settings, registry: SourceRegistry, committer: GroupCommitter):
+        self.settings = settings
+        self.limits = settings.limits
+        self.registry = registry
+        self.committer = committer
+        self.origins = set(settings.server.cors_origins)
+        self.trusted = [ipaddress.ip_network(p, strict=False)
+                        for p in settings.server.trusted_proxies]
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["path"][4:]  # after "/v1/"
+        method = scope["method"]
+        headers = dict(scope["headers"])  # keys arrive lower-cased
+        cors = self._cors(headers.get(b"origin"))
+        endpoint = KNOWN.get(kind, "/v1/projects/settings" if kind.startswith("projects/")
+                             else "other")
+        if method == "OPTIONS":
+            status, body, extra = 204, b"", self._preflight(cors)
+        elif kind.startswith("projects/") and method in ("GET", "HEAD"):
+            (status, body), extra = self._settings(kind, headers), cors
+        elif method != "POST":
+            status, body = 405, responses.error_body("method_not_allowed",
+                                                     f"{method} is not allowed here; use POST.")
+            extra = [*cors, (b"allow", b"POST, OPTIONS")]
+        elif endpoint == "other" or endpoint == "/v1/projects/settings":
+            status, body, extra = 404, responses.error_body(
+                "not_found", f"There is no tracking endpoint {scope['path']}."), cors
+        else:
+            status, body, extra = await self._ingest(kind, scope, headers, receive)
+            extra = [*extra, *cors]
+        metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+        await _respond(send, status, body, extra)
+
+    async def _ingest(self, kind: str, scope, headers: dict, receive):
+        try:
+            raw = await self._read_body(headers, receive)
+            if kind == "m":
+                return 200, responses.SUCCESS_BODY, ()  # browser self-metrics: accepted, ignored
+            await self._accept(kind, scope, headers, raw)
+        except RequestRejected as exc:
+            metrics.EVENTS_REJECTED.labels(exc.code).inc()
+            status, body = responses.rejection(exc)
+            return status, body, ()
+        except StoreUnavailable as exc:
+            return 503, responses.error_body("store_unavailable", f"{exc}; retry later."), (
+                (b"retry-after", str(responses.RETRY_AFTER_SECONDS).encode()),)
+        return 200, responses.SUCCESS_BODY, ()
+
+    async def _read_body(self, headers: dict, receive) -> bytes:
+        limit = self.limits.max_request_bytes
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding not in ENCODINGS and encoding not in ("identity", ""):
+            raise RequestRejected("unsupported_encoding", f"Content-Encoding {encoding!r} is not "
+                                  "supported; send gzip, deflate or uncompressed JSON.")
+        # A compressed body can hardly be larger than what it decompresses to.
+        declared = headers.get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestRejected("payload_too_large", f"Exceed payload limit: the request body "
+                                  f"is {int(declared)} bytes, more than {limit}.")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestRejected("invalid_payload", "The client went away mid-request.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestRejected("payload_too_large", "Exceed payload limit: the request "
+                                      f"body is more than {limit} bytes.")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if encoding in ENCODINGS:
+            raw = inflate(raw, encoding, limit)
+        return raw
+
+    async def _accept(self, kind: str, scope, headers: dict, raw: bytes):
+        body = decode_object(raw)
+        source = self.registry.resolve(headers.get(b"authorization"), body)
+        type_ = None if kind in BATCH_PATHS else PATH_TYPES[kind]
+        received = time.time_ns() // 1_000_000
+        rc = RequestContext(received, format_ts(received), source.id,
+                            self._peer_ip(scope, headers), self.settings.ingest.version)
+        items = items_of(body, type_, self.limits)
+        if type_ is None:
+            batch_context(body, rc)
+        strict = (source.strict or self.settings.ingest.strict
+                  or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
+        records, discards = prepare(items, type_, rc, self.limits, strict)
+        metrics.EVENTS_RECEIVED.inc(len(items))
+        outcome = await self.committer.submit(records, discards)
+        metrics.EVENTS_ACCEPTED.inc(outcome.stored)
+        if outcome.deduplicated:
+            metrics.EVENTS_DEDUPLICATED.inc(outcome.deduplicated)
+        for d in discards:
+            metrics.EVENTS_DISCARDED.labels(d.reason).inc()
+
+    def _peer_ip(self, scope, headers: dict) -> str | None:
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if not self.trusted or peer is None:
+            return peer
+        forwarded = headers.get(b"x-forwarded-for")
+        if not forwarded or not self._is_trusted(peer):
+            return peer
+        # Walk from the nearest hop outwards; the first untrusted address is the client.
+        for hop in reversed(forwarded.decode("latin-1").split(",")):
+            hop = hop.strip()
+            if not self._is_trusted(hop):
+                return hop
+        return peer
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def _cors(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+        if origin is None:
+            return []
+        if "*" in self.origins or origin.decode("latin-1") in self.origins:
+            return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        return []
+
+    def _preflight(self, cors) -> list[tuple[bytes, bytes]]:
+        if not cors:
+            return []
+        return [*cors, (b"access-control-allow-methods", b"POST, GET, OPTIONS"),
+                (b"access-control-allow-headers", ALLOW_HEADERS),
+                (b"access-control-max-age", b"86400")]
+
+    def _settings(self, kind: str, headers: dict) -> tuple[int, bytes]:
+        parts = kind.split("/")  # projects/<writeKey>/settings
+        source = (self.registry.by_key.get(parts[1])
+                  if len(parts) == 3 and parts[2] == "settings" else None)
+        if source is None or not source.enabled:
+            return 404, responses.error_body("invalid_write_key", "No enabled source has that "
+                                             "write key.")
+        return 200, settings_body(source.write_key, self.settings, headers.get(b"host"))
+
+
+async def _respond(send, status: int, body: bytes, extra) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [JSON, (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
