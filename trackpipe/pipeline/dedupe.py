@@ -93,7 +93,8 @@ class MessageIndex:
 
     def add(self, pairs: list[tuple[int, int]]) -> None:
         with self._lock:
-            while len(self._active) >= 2 * self.flush_at and self._frozen:
+            while len(self._active) >= 2 * self.flush_at and not self._stop.is_set():
+                self._lock.notify_all()
                 self._lock.wait(1.0)  # backpressure: memory stays bounded
             active = self._active
             for h, position in pairs:
