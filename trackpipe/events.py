@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 TYPES = ("identify", "track", "page", "screen", "group", "alias")
 
@@ -39,9 +40,23 @@ def parse_ts(value) -> int | None:
 
 def format_ts(ms: int) -> str:
     s, milli = divmod(ms, 1000)
+    return f"{_second(s)}.{milli:03d}Z"
+
+
+@lru_cache(maxsize=8192)  # the events of one batch fall in a handful of seconds
+def _second(s: int) -> str:
     t = time.gmtime(s)
     return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{milli:03d}Z")
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+
+
+def canonical_ts(value: str, ms: int) -> str:
+    """The emitted form of a parsed timestamp, reusing the client's string when it already is."""
+    if len(value) == 24 and value[23] == "Z" and value[19] == ".":
+        return value  # JavaScript's toISOString()
+    if len(value) == 29 and value[19] == "." and value.endswith("+00:00"):
+        return value[:23] + "Z"  # Python's isoformat() with milliseconds
+    return format_ts(ms)
 
 
 def in_range(ms: int) -> bool:

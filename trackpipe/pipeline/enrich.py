@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from trackpipe.events import format_ts, in_range, parse_ts
+from trackpipe.events import canonical_ts, format_ts, in_range, parse_ts
 
 
 @dataclass(slots=True)
@@ -24,6 +24,7 @@ class RequestContext:
     peer_ip: str | None
     version: int
     batch_sent_at: int | None = None
+    batch_sent_at_text: str | None = None
     batch_context: dict | None = None
     batch_integrations: dict | None = None
 
@@ -59,26 +60,31 @@ def _client_side(context: dict) -> bool:
 
 def _stamp_times(ev: dict, rc: RequestContext) -> None:
     received = rc.received_at
-    original = parse_ts(ev.get("originalTimestamp"))
+    raw = ev.get("originalTimestamp")
+    original = parse_ts(raw)
     if original is None:
-        original = parse_ts(ev.get("timestamp"))
-    sent = parse_ts(ev.get("sentAt"))
+        raw = ev.get("timestamp")
+        original = parse_ts(raw)
+    raw_sent = ev.get("sentAt")
+    sent = parse_ts(raw_sent)
     if sent is None:
-        sent = rc.batch_sent_at
+        sent, sent_text = rc.batch_sent_at, rc.batch_sent_at_text
+    else:
+        sent_text = canonical_ts(raw_sent, sent)
     if original is None:
-        original = timestamp = received
-    elif sent is not None:
-        timestamp = received - (sent - original)
-        if not in_range(timestamp):
-            timestamp = original
+        ev["originalTimestamp"] = ev["timestamp"] = rc.received_at_text
     else:
-        timestamp = original
-    ev["originalTimestamp"] = format_ts(original)
-    ev["timestamp"] = format_ts(timestamp)
-    if sent is not None:
-        ev["sentAt"] = format_ts(sent)
-    else:
-        ev.pop("sentAt", None)
+        original_text = canonical_ts(raw, original)
+        ev["originalTimestamp"] = original_text
+        if sent is None or sent == received:
+            ev["timestamp"] = original_text
+        else:
+            timestamp = received - (sent - original)
+            ev["timestamp"] = format_ts(timestamp) if in_range(timestamp) else original_text
+    if sent_text is not None:
+        ev["sentAt"] = sent_text
+    elif raw_sent is not None:
+        del ev["sentAt"]  # unparseable: dropped rather than passed on as if it were a time
     ev["receivedAt"] = rc.received_at_text
 
 

@@ -6,7 +6,7 @@ import msgspec
 
 from trackpipe.config import Limits
 from trackpipe.errors import RequestRejected
-from trackpipe.events import parse_ts
+from trackpipe.events import canonical_ts, parse_ts
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.decode import check_depth
 from trackpipe.pipeline.dedupe import message_hash
@@ -33,7 +33,10 @@ def items_of(body: dict, type_: str | None, limits: Limits) -> list:
 
 def batch_context(body: dict, rc: RequestContext) -> None:
     """Batch-level sentAt, context and integrations apply to every item (the item wins)."""
-    rc.batch_sent_at = parse_ts(body.get("sentAt"))
+    raw_sent = body.get("sentAt")
+    rc.batch_sent_at = parse_ts(raw_sent)
+    if rc.batch_sent_at is not None:
+        rc.batch_sent_at_text = canonical_ts(raw_sent, rc.batch_sent_at)
     context, integrations = body.get("context"), body.get("integrations")
     rc.batch_context = context if type(context) is dict else None
     rc.batch_integrations = integrations if type(integrations) is dict else None
