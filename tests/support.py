@@ -82,6 +82,8 @@ class ServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -112,6 +112,7 @@ def _serve(args) -> int:
     server = uvicorn.Server(uvicorn.Config(
         create_app(pipeline), host=settings.server.host, port=settings.server.port,
         loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="warning",
+        proxy_headers=False,  # X-Forwarded-For is trusted only via server.trusted_proxies
         timeout_keep_alive=5, timeout_graceful_shutdown=10))
     try:
         server.run()

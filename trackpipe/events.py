@@ -7,6 +7,7 @@ as UTC ISO-8601 with milliseconds and a trailing Z, whatever shape arrived
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -33,9 +34,10 @@ def parse_ts(value) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     try:
-        return (dt - _EPOCH) // _MS
+        ms = (dt - _EPOCH) // _MS
     except OverflowError:
         return None
+    return ms if 0 <= ms <= _MAX_MS else None
 
 
 def format_ts(ms: int) -> str:
@@ -52,11 +54,13 @@ def _second(s: int) -> str:
 
 def canonical_ts(value: str, ms: int) -> str:
     """The emitted form of a parsed timestamp, reusing the client's string when it already is."""
-    if len(value) == 24 and value[23] == "Z" and value[19] == ".":
-        return value  # JavaScript's toISOString()
-    if len(value) == 29 and value[19] == "." and value.endswith("+00:00"):
-        return value[:23] + "Z"  # Python's isoformat() with milliseconds
+    if _CANONICAL.match(value):
+        # JavaScript's toISOString() as is; Python's isoformat() with ms, given its Z.
+        return value if len(value) == 24 else value[:23] + "Z"
     return format_ts(ms)
+
+
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:Z|\+00:00)\Z")
 
 
 def in_range(ms: int) -> bool:

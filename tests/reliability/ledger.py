@@ -50,6 +50,7 @@ class Ledger:
         self.batches: list[Batch] = []
         self._seq = itertools.count(1)
         self.responses: list[httpx.Response] = []  # every non-200 HTTP answer, for checks
+        self.timeline: list[tuple[float, object]] = []  # (monotonic time, outcome) per attempt
 
     def new_batch(self, size: int, *, dup_ids: list[str] | None = None) -> Batch:
         items = []
@@ -72,8 +73,10 @@ class Ledger:
                                   timeout=CLIENT_TIMEOUT_S)
         except httpx.HTTPError as exc:
             batch.statuses.append(type(exc).__name__)
+            self.timeline.append((time.monotonic(), type(exc).__name__))
             return type(exc).__name__
         batch.statuses.append(r.status_code)
+        self.timeline.append((time.monotonic(), r.status_code))
         if r.status_code == 200:
             batch.acked = True
         else:

@@ -41,7 +41,7 @@ def enrich(ev: dict, rc: RequestContext) -> None:
     ev["context"] = context
     integrations = ev.get("integrations") or {}
     if rc.batch_integrations:
-        integrations = {**rc.batch_integrations, **integrations}
+        integrations = _merge(rc.batch_integrations, integrations)
     ev["integrations"] = integrations
     if rc.peer_ip is not None and "ip" not in context and _client_side(context):
         context["ip"] = rc.peer_ip
@@ -83,8 +83,8 @@ def _stamp_times(ev: dict, rc: RequestContext) -> None:
             ev["timestamp"] = format_ts(timestamp) if in_range(timestamp) else original_text
     if sent_text is not None:
         ev["sentAt"] = sent_text
-    elif raw_sent is not None:
-        del ev["sentAt"]  # unparseable: dropped rather than passed on as if it were a time
+    elif "sentAt" in ev:
+        del ev["sentAt"]  # null or unparseable: dropped rather than passed on as if a time
     ev["receivedAt"] = rc.received_at_text
 
 

@@ -33,6 +33,9 @@ def items_of(body: dict, type_: str | None, limits: Limits) -> list:
 
 def batch_context(body: dict, rc: RequestContext) -> None:
     """Batch-level sentAt, context and integrations apply to every item (the item wins)."""
+    for key, value in body.items():  # the items themselves are checked one by one
+        if key != "batch" and (type(value) is dict or type(value) is list):
+            check_depth(_encode(value), value)
     raw_sent = body.get("sentAt")
     rc.batch_sent_at = parse_ts(raw_sent)
     if rc.batch_sent_at is not None:
@@ -57,6 +60,8 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         else:
             problem = validate(ev, type_)
         if problem is not None:
+            if type(ev) is dict:
+                ev.pop("writeKey", None)
             payload = _encode(ev)
             _check_size(payload, max_bytes, index)
             check_depth(payload, ev)
