@@ -55,8 +55,8 @@ class Pipeline:
             return False, "shutting down"
         if self.committer.healthy:
             return True, "ok"
-        try:  # the last commit failed: is there room again?
-            self.log.probe_write()
+        try:  # the last commit failed: is there room again for a group that size?
+            self.log.probe_write(self.committer.last_failed_bytes)
         except sqlite3.Error as exc:
             return False, f"cannot write: {exc}"
         return True, "recovered"

@@ -69,7 +69,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 _SECTIONS = ("server", "limits", "dedup", "ingest")
 # Variables that belong to the test suite or the benchmark, not to the server.
-_NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_URL", "TRACKPIPE_WRITE_KEY"}
+_NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL"}
 
 
 def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:

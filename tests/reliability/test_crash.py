@@ -21,9 +21,6 @@ import subprocess
 import time
 import uuid
 
-import httpx
-import pytest
-
 from ledger import Ledger, close_log, client_for, hard_restart, run_load
 
 RETRY_AFTER = re.compile(r"^\d+$")

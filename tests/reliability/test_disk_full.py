@@ -23,6 +23,7 @@ import resource
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 
@@ -212,3 +213,104 @@ def test_dedup_index_wal_stays_bounded(tmp_path):
     assert wal <= 2 * db + 4 * 1024 * 1024, (
         f"ids.db-wal is {wal / 1e6:.1f} MB while ids.db is {db / 1e6:.2f} MB after 200k ids: "
         "the dedup index's WAL is never checkpointed")
+
+
+
+# Runs in a child process: the file-size limit must not apply to pytest itself.
+_INDEX_UNWRITABLE = r"""
+import asyncio, json, os, random, resource, sys, time
+from pathlib import Path
+from trackpipe.errors import StoreUnavailable
+from trackpipe.log.base import Record
+from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.pipeline.dedupe import MessageIndex, message_hash
+from trackpipe.pipeline.store import GroupCommitter
+
+d = Path(sys.argv[1])
+log = SQLiteLog(d / "log.db")
+index = MessageIndex(d / "ids.db", log, flush_at=1000)
+rng = random.Random(3)
+for _ in range(10):  # ~5 MB of index B-tree (position 0: no log entry behind them)
+    index.add([(rng.getrandbits(63), 0) for _ in range(20000)])
+    index.flush()
+index._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+out = {"ids_db": os.path.getsize(d / "ids.db")}
+# ids.db is now larger than the limit; the log is tiny, so only the index cannot grow.
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, resource.RLIM_INFINITY))
+
+def batch(n):
+    recs = []
+    for i in range(100):
+        mid = f"m{n}-{i}"
+        recs.append((message_hash(mid), Record(mid, int(time.time() * 1000), "track", "e", "u",
+                                               None, "src", b'{"type":"track"}')))
+    return recs
+
+async def submit_all(committer, ns):
+    res = []
+    for n in ns:
+        try:
+            o = await asyncio.wait_for(asyncio.shield(committer.submit(batch(n), [])), 3)
+            res.append([o.stored, o.deduplicated])
+        except StoreUnavailable:
+            res.append("503")
+        except asyncio.TimeoutError:
+            res.append("hang")
+            break
+    return res
+
+committer = GroupCommitter(log, index, 3600 * 1000)
+out["first"] = asyncio.run(submit_all(committer, range(30)))
+out["again"] = asyncio.run(submit_all(committer, range(10)))
+out["through_while_limited"] = index._through
+c0 = time.process_time(); time.sleep(2.0); out["idle_cpu_s"] = time.process_time() - c0
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+deadline = time.monotonic() + 8
+while index._through < log.head() and time.monotonic() < deadline:
+    time.sleep(0.1)
+out["through_after"], out["head"] = index._through, log.head()
+out["after_lift"] = asyncio.run(submit_all(committer, range(5)))
+committer.close(); index.close(); log.close()
+log = SQLiteLog(d / "log.db")  # a restart: the index comes back from ids.db + the log
+index = MessageIndex(d / "ids.db", log)
+committer = GroupCommitter(log, index, 3600 * 1000)
+out["after_restart"] = asyncio.run(submit_all(committer, [0, 29]))
+out["stored_rows"] = len(log.read(0, 100000))
+committer.close(); index.close(); log.close()
+print(json.dumps(out))
+"""
+
+
+def test_dedup_index_unwritable_keeps_dedup_and_does_not_spin(tmp_path):
+    """The index flush fails (ids.db cannot grow) while the log still commits.
+
+    Design (dedupe.py): the entries stay in memory, the log is the index's
+    journal, and the flush is retried, slowly. Memory stays bounded: once the
+    in-memory table holds 2 x flush_at entries the committer answers 503 (a
+    retryable "store unavailable") instead of growing without limit or hanging.
+    Repeats are still deduplicated, the index catches up once space returns,
+    and a restart still knows every id. The retry must not busy-loop: on 2
+    cores a spinning flusher takes the GIL from the event loop.
+    """
+    proc = subprocess.run([sys.executable, "-c", _INDEX_UNWRITABLE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ids_db"] > 1024 * 1024, out  # precondition: ids.db is over the limit
+    first = out["first"]
+    assert "hang" not in first, first
+    accepted = [r for r in first if r != "503"]
+    # flush_at=1000: up to 2,000 ids fit in memory (20 batches), then 503, never a hang.
+    assert accepted == [[100, 0]] * len(accepted) and 20 <= len(accepted) < 30, first
+    assert first[len(accepted):] == ["503"] * (30 - len(accepted)), first
+    assert out["through_while_limited"] == 0, "the index flush did not fail: test is void"
+    assert all(r == "503" for r in out["again"]), out["again"]  # bounded: still refusing
+    stored = 100 * len(accepted)
+    assert out["through_after"] == out["head"] == stored, out  # caught up after the lift
+    assert out["after_lift"] == [[0, 100]] * 5, out["after_lift"]  # deduplicated again
+    # Batch 0 was stored before; batch 29 was refused with 503, so now it is new.
+    assert out["after_restart"] == [[0, 100], [100, 0]], out["after_restart"]
+    assert out["stored_rows"] == stored + 100, out
+    assert out["idle_cpu_s"] < 0.5, (
+        f"with nothing to do, the process burnt {out['idle_cpu_s']:.2f} s of CPU in 2 s: the "
+        "dedupe flusher retries a failing flush in a tight loop (no backoff)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
@@ -70,8 +71,25 @@ FILTERS = {
 }
 
 
+# Every call into SQLite releases the GIL and must take it back from the busy
+# event loop, which can cost up to the interpreter's switch interval. So the
+# writer makes few, large calls: one multi-row INSERT holds as many rows as
+# SQLite's variable limit allows (executemany() would hand the GIL back per row).
+MAX_VARIABLES = 32766
+
+
+def insert_many(conn: sqlite3.Connection, head: str, width: int, rows: Sequence[tuple]) -> None:
+    """`head` is e.g. "INSERT INTO t VALUES"; rows are `width`-tuples."""
+    one = "(" + ",".join("?" * width) + ")"
+    step = MAX_VARIABLES // width
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        conn.execute(f"{head} {','.join([one] * len(chunk))}", list(chain.from_iterable(chunk)))
+
+
 def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30,
+                           cached_statements=512)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
@@ -104,7 +122,7 @@ class SQLiteLog(EventLog):
         try:
             conn.execute("BEGIN IMMEDIATE")
             if rows:
-                conn.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                insert_many(conn, f"INSERT INTO events ({COLUMNS}) VALUES", 9, rows)
             if discards:
                 conn.executemany(
                     "INSERT INTO discards (received_at, source, message_id, reason, message, payload)"
@@ -135,9 +153,16 @@ class SQLiteLog(EventLog):
         self._reader().execute("INSERT INTO consumers VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
                                " SET position = excluded.position", (consumer, position))
 
-    def probe_write(self) -> None:
-        """Raise sqlite3.Error if the log cannot take a write now (used by /ready)."""
-        self.commit("_ready_probe", self._head)
+    def probe_write(self, size: int) -> None:
+        """Raise sqlite3.Error unless a commit of about `size` bytes fits now (for /ready).
+
+        A small probe would fit in the WAL space a failed commit left behind
+        while a real group still would not; so the probe writes that much.
+        """
+        conn = self._reader()
+        conn.execute("CREATE TABLE IF NOT EXISTS ready_probe (blob BLOB)")
+        conn.execute("INSERT INTO ready_probe VALUES (zeroblob(?))", (max(size, 1 << 20),))
+        conn.execute("DELETE FROM ready_probe")
 
     # -- reading (any thread) -------------------------------------------------
 

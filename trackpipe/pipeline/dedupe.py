@@ -21,8 +21,10 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import Iterable
 
+import msgspec
+
 from trackpipe.log.base import EventLog
-from trackpipe.log.sqlite import connect
+from trackpipe.log.sqlite import connect, insert_many
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (
@@ -55,6 +57,7 @@ class MessageIndex:
         self._frozen: dict[int, list[int]] = {}
         self._active_last = self._through
         self._lock = threading.Condition()
+        self._failing = False  # the last flush failed (disk full): retry slowly
         self._local = threading.local()
         self._stop = threading.Event()
         self._replay(log)
@@ -82,18 +85,17 @@ class MessageIndex:
                 for h in hashes:
                     if h in table:
                         found.setdefault(h, []).extend(table[h])
-        conn = self._db()
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for h, position in conn.execute(
-                    f"SELECT h, position FROM ids WHERE h IN ({marks})", chunk):
-                found.setdefault(h, []).append(position)
+        # One statement for the whole group: each call into SQLite costs a GIL hand-off.
+        for h, position in self._db().execute(
+                "SELECT h, position FROM ids WHERE h IN (SELECT value FROM json_each(?))",
+                (msgspec.json.encode(hashes),)):
+            found.setdefault(h, []).append(position)
         return found
 
     def add(self, pairs: list[tuple[int, int]]) -> None:
         with self._lock:
-            while len(self._active) >= 2 * self.flush_at and not self._stop.is_set():
+            while (len(self._active) >= 2 * self.flush_at and not self._failing
+                   and not self._stop.is_set()):
                 self._lock.notify_all()
                 self._lock.wait(1.0)  # backpressure: memory stays bounded
             active = self._active
@@ -107,10 +109,14 @@ class MessageIndex:
             if len(active) >= self.flush_at:
                 self._lock.notify_all()
 
+    def accepting(self) -> bool:
+        """False while flushes fail and memory is full: the committer then answers 503."""
+        return not (self._failing and len(self._active) >= 2 * self.flush_at)
+
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                if len(self._active) < self.flush_at:
+                if len(self._active) < self.flush_at or self._failing:
                     self._lock.wait(FLUSH_EVERY_S)
             self.flush()
 
@@ -124,22 +130,31 @@ class MessageIndex:
         conn = self._db()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT OR IGNORE INTO ids VALUES (?, ?)", rows)
+            insert_many(conn, "INSERT OR IGNORE INTO ids VALUES", 2, rows)
             conn.execute("INSERT INTO state VALUES ('indexed_through', ?) ON CONFLICT (key)"
                          " DO UPDATE SET value = excluded.value", (through,))
             conn.execute("COMMIT")
         except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             with self._lock:  # keep the entries in memory; the next round tries again
                 for h, positions in self._frozen.items():
                     self._active.setdefault(h, [])[:0] = positions
                 self._frozen = {}
+                self._failing = True
             return
         with self._lock:
             self._frozen = {}
             self._through = through
+            self._failing = False
             self._lock.notify_all()
+        try:  # ids.db has no checkpointer thread of its own: keep its WAL small here
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
 
     def close(self) -> None:
         self._stop.set()

@@ -49,6 +49,7 @@ class GroupCommitter:
         self.window_ms = window_ms
         self.healthy = True
         self.last_error: str | None = None
+        self.last_failed_bytes = 0
         self._queue: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -92,9 +93,12 @@ class GroupCommitter:
     def _commit(self, group: list[_Submission]) -> None:
         started = time.perf_counter()
         try:
+            if not self.index.accepting():
+                raise OSError("the dedup index cannot be written and its memory table is full")
             new = self._dedupe_and_append(group)
         except (sqlite3.Error, OSError) as exc:
             self.healthy = False
+            self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
             self.last_error = f"{type(exc).__name__}: {exc}"
             metrics.STORE_ERRORS.labels(kind=_error_kind(exc)).inc()
             log.error("log commit failed, answering 503: %s", self.last_error)
