@@ -14,8 +14,8 @@ import sqlite3
 from trackpipe.admin import api as admin_api
 from trackpipe.config import Settings
 from trackpipe.log.sqlite import SQLiteLog
-from trackpipe.pipeline.dedupe import MessageIndex
-from trackpipe.pipeline.store import GroupCommitter
+from trackpipe.pipeline.dedupe import MessageLookup
+from trackpipe.pipeline.writer_process import WriterProcess
 from trackpipe.sources.auth import SourceRegistry
 from trackpipe.sources.catalog import Catalog
 from trackpipe.sources.http import TrackingAPI
@@ -37,10 +37,10 @@ class Pipeline:
         self.admin_token_hash = self.catalog.admin_token_hash()
         self.registry = SourceRegistry(self.catalog.sources())
         self._catalog_version = self.catalog.version()
-        self.log = SQLiteLog(data / "log.db")
-        self.index = MessageIndex(data / "ids.db", self.log)
-        self.committer = GroupCommitter(self.log, self.index,
-                                        settings.dedup.window_seconds * 1000)
+        # The writer process owns every write to the log; this process reads.
+        self.committer = WriterProcess(data, settings.dedup.window_seconds * 1000)
+        self.log = SQLiteLog(data / "log.db", writable=False)
+        self.lookup = MessageLookup(data / "ids.db", self.log)
         self.shutting_down = False
 
     def reload_catalog(self, force: bool = False) -> None:
@@ -64,7 +64,6 @@ class Pipeline:
     def close(self) -> None:
         self.shutting_down = True
         self.committer.close()
-        self.index.close()
         self.log.close()
         self.catalog.close()
 

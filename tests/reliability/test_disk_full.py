@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import resource
 import shutil
@@ -42,12 +43,22 @@ def _limit_file_size() -> None:  # runs in the child, between fork and exec
 
 
 def _lift_limit(pid: int) -> None:
-    if shutil.which("prlimit"):
-        subprocess.run(["prlimit", "--pid", str(pid), "--fsize=unlimited"], check=True,
-                       timeout=10)
-    else:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE,
-                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    """Space returns for the server and its log writer process alike, as on a real disk."""
+    for target in [pid, *_children(pid)]:
+        if shutil.which("prlimit"):
+            subprocess.run(["prlimit", "--pid", str(target), "--fsize=unlimited"], check=True,
+                           timeout=10)
+        else:
+            resource.prlimit(target, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
 
 
 def _file_sizes(data_dir) -> dict[str, int]:

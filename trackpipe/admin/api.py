@@ -15,7 +15,6 @@ from starlette.routing import Route
 from trackpipe import metrics
 from trackpipe.events import format_ts, parse_ts
 from trackpipe.log.sqlite import FILTERS
-from trackpipe.pipeline.dedupe import message_hash
 from trackpipe.sources.catalog import token_matches
 
 MAX_LIMIT = 1000
@@ -94,8 +93,7 @@ class AdminAPI:
         return json_response(_message(entries[-1]))
 
     def _by_message_id(self, message_id: str):
-        positions = self.p.index.candidates([message_hash(message_id)]).get(
-            message_hash(message_id), [])
+        positions = self.p.lookup.positions(message_id)
         return [e for e in self.p.log.get(positions) if e.message_id == message_id]
 
     async def status(self, request: Request) -> Response:

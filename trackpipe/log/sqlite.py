@@ -98,16 +98,25 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
 
 
 class SQLiteLog(EventLog):
-    def __init__(self, path: Path | str):
+    """`writable=False` opens a reader: queries and consumer positions, no appends.
+
+    Exactly one writable instance (the log writer) may exist per file.
+    """
+
+    def __init__(self, path: Path | str, *, writable: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write = connect(self.path)
-        self._write.executescript(SCHEMA)
-        self._head = self._write.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        self.writable = writable
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = threading.Event()
+        self._write: sqlite3.Connection | None = None
+        if not writable:
+            return
+        self._write = connect(self.path)
+        self._write.executescript(SCHEMA)
+        self._head = self._write.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="log-checkpoint",
                                               daemon=True)
         self._checkpointer.start()
@@ -176,7 +185,9 @@ class SQLiteLog(EventLog):
         return conn
 
     def head(self) -> int:
-        return self._head
+        if self.writable:
+            return self._head
+        return self._reader().execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
 
     def read(self, after: int, limit: int = 1000) -> list[Entry]:
         cur = self._reader().execute(
@@ -192,6 +203,12 @@ class SQLiteLog(EventLog):
             f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
             list(positions))
         return [Entry(*row) for row in cur]
+
+    def tail_positions(self, message_id: str, after: int) -> list[int]:
+        """Positions after `after` holding this messageId (a scan: keep the stretch short)."""
+        return [p for (p,) in self._reader().execute(
+            "SELECT position FROM events WHERE position > ? AND message_id = ?",
+            (after, message_id))]
 
     def position(self, consumer: str) -> int:
         row = self._reader().execute("SELECT position FROM consumers WHERE name = ?",
@@ -212,7 +229,7 @@ class SQLiteLog(EventLog):
         if after is not None:
             lo, hi, order = after, after + scan, "ASC"
         else:
-            hi = (self._head + 1) if before is None else before
+            hi = (self.head() + 1) if before is None else before
             lo, order = max(hi - scan, 0), "DESC"
         where += ["position > ?", "position < ?"]
         args += [lo, hi]
@@ -225,7 +242,8 @@ class SQLiteLog(EventLog):
         elif order == "DESC":
             cursor = lo + 1 if lo > 0 else None
         else:
-            cursor = min(hi - 1, self._head) if hi <= self._head else None
+            head = self.head()
+            cursor = min(hi - 1, head) if hi <= head else None
         return entries, cursor
 
     # -- the ledger of what was not stored -------------------------------------
@@ -264,12 +282,13 @@ class SQLiteLog(EventLog):
 
     def close(self) -> None:
         self._closed.set()
-        self._checkpointer.join(timeout=5)
-        try:
-            self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
-        self._write.close()
+        if self._write is not None:
+            self._checkpointer.join(timeout=5)
+            try:
+                self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._write.close()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()

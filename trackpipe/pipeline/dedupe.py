@@ -111,7 +111,9 @@ class MessageIndex:
 
     def accepting(self) -> bool:
         """False while flushes fail and memory is full: the committer then answers 503."""
-        return not (self._failing and len(self._active) >= 2 * self.flush_at)
+        with self._lock:
+            held = len(self._active) + len(self._frozen)
+        return not (self._failing and held >= 2 * self.flush_at)
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -165,3 +167,35 @@ class MessageIndex:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+
+
+class MessageLookup:
+    """Read-only messageId -> positions, for processes other than the writer.
+
+    The writer's in-memory table is not visible here, so ids stored since the
+    index's last flush are found by scanning that stretch of the log (at most
+    a few flushes' worth of rows).
+    """
+
+    def __init__(self, path: Path | str, log: EventLog):
+        self.path = Path(path)
+        self.log = log
+        self._local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, synchronous="NORMAL")
+        return conn
+
+    def positions(self, message_id: str) -> list[int]:
+        conn = self._db()
+        conn.execute("BEGIN")  # one snapshot for both reads
+        try:
+            found = [p for (p,) in conn.execute("SELECT position FROM ids WHERE h = ?",
+                                                (message_hash(message_id),))]
+            row = conn.execute("SELECT value FROM state WHERE key = 'indexed_through'").fetchone()
+        finally:
+            conn.execute("COMMIT")
+        through = row[0] if row else 0
+        return sorted(set(found) | set(self.log.tail_positions(message_id, through)))

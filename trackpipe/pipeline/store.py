@@ -1,11 +1,14 @@
 """The last ingest step: deduplicate and append to the log in group commits.
 
-One writer thread drains every request waiting at that moment and commits
-them together, so one fsync serves many requests (a commit costs ~0.2-1 ms
-here; requests keep arriving while it runs). Deduplication happens in the
-same thread, so check-then-append cannot race. A request's future resolves
-only after its events are durable; if the commit fails every request in the
-group gets StoreUnavailable and the client is told to retry (503).
+One writer takes every request waiting at that moment and commits them
+together, so one fsync serves many requests (a commit costs ~0.2-1 ms here;
+requests keep arriving while it runs). Deduplication happens in that same
+writer, so check-then-append cannot race. A request's future resolves only
+after its events are durable; if the commit fails every request in the group
+gets StoreUnavailable and the client is told to retry (503).
+
+LogWriter is that writer. `trackpipe serve` runs it in a process of its own
+(writer_process.py); GroupCommitter runs it on a thread.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, EventLog, Record, Repeat
@@ -35,104 +38,56 @@ class Outcome:
 
 
 @dataclass(slots=True)
-class _Submission:
+class Submission:
     records: list[tuple[int, Record]]  # (messageId hash, record)
     discards: list[Discard]
     future: asyncio.Future
-    outcome: Outcome = field(default_factory=Outcome)
 
 
-class GroupCommitter:
+class LogWriter:
+    """The single writer: deduplicates a group of requests and appends them in one commit.
+
+    Runs in the writer process (pipeline/writer_process.py) in production, or in
+    a thread (GroupCommitter) where one process is enough.
+    """
+
     def __init__(self, log_: EventLog, index: MessageIndex, window_ms: int):
         self.log = log_
         self.index = index
         self.window_ms = window_ms
-        self.healthy = True
-        self.last_error: str | None = None
-        self.last_failed_bytes = 0
-        self._queue: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._thread.start()
 
-    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]) -> Outcome:
-        if self._closing:
-            raise StoreUnavailable("trackpipe is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put(_Submission(records, discards, future))
-        return await future
-
-    def close(self) -> None:
-        self._closing = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    # -- the writer thread ----------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            group, size = [first], len(first.records)
-            stop = False
-            while size < GROUP_MAX_EVENTS:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                group.append(nxt)
-                size += len(nxt.records)
-            self._commit(group)
-            if stop:
-                return
-
-    def _commit(self, group: list[_Submission]) -> None:
-        started = time.perf_counter()
-        try:
-            if not self.index.accepting():
-                raise OSError("the dedup index cannot be written and its memory table is full")
-            new = self._dedupe_and_append(group)
-        except (sqlite3.Error, OSError) as exc:
-            self.healthy = False
-            self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            metrics.STORE_ERRORS.labels(kind=_error_kind(exc)).inc()
-            log.error("log commit failed, answering 503: %s", self.last_error)
-            self._resolve(group, StoreUnavailable(f"the event log could not commit: {exc}"))
-            return
-        self.healthy = True
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self.index.add(new)
-        self._resolve(group, None)
-
-    def _dedupe_and_append(self, group: list[_Submission]) -> list[tuple[int, int]]:
-        hashes = {h for sub in group for h, _ in sub.records}
+    def commit(self, group: list[tuple[list[tuple[int, Record]], list[Discard]]]
+               ) -> list[Outcome]:
+        """One Outcome per request, after the commit; raises sqlite3.Error / OSError if it fails."""
+        if not self.index.accepting():
+            raise OSError("the dedup index cannot be written and its memory table is full")
+        hashes = {h for records, _ in group for h, _ in records}
         stored = self._stored_versions(hashes)
         next_position = self.log.head() + 1
-        records: list[Record] = []
+        appended: list[Record] = []
         new: list[tuple[int, int]] = []
         repeats: list[Repeat] = []
         discards: list[Discard] = []
-        for sub in group:
-            discards.extend(sub.discards)
-            for h, rec in sub.records:
+        outcomes: list[Outcome] = []
+        for records, request_discards in group:
+            outcome = Outcome()
+            outcomes.append(outcome)
+            discards.extend(request_discards)
+            for h, rec in records:
                 prior = stored.get(rec.message_id)
                 if prior is not None and rec.received_at - prior[1] < self.window_ms:
                     repeats.append(Repeat(rec.message_id, prior[0], rec.received_at))
-                    sub.outcome.deduplicated += 1
+                    outcome.deduplicated += 1
                     continue
-                position = next_position + len(records)
+                position = next_position + len(appended)
                 stored[rec.message_id] = (position, rec.received_at)
-                records.append(rec)
+                appended.append(rec)
                 new.append((h, position))
-                sub.outcome.stored += 1
-        positions = self.log.append(records, discards, repeats)
+                outcome.stored += 1
+        positions = self.log.append(appended, discards, repeats)
         assert not positions or positions[0] == next_position, "log positions moved under the writer"
-        return new
+        self.index.add(new)
+        return outcomes
 
     def _stored_versions(self, hashes: set[int]) -> dict[str, tuple[int, int]]:
         """messageId -> (position, received_at) of its newest stored copy, for these hashes."""
@@ -145,29 +100,97 @@ class GroupCommitter:
             newest[entry.message_id] = (entry.position, entry.received_at)  # ascending: last wins
         return newest
 
-    def _resolve(self, group: list[_Submission], error: Exception | None) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Submission]] = {}
-        for sub in group:
-            by_loop.setdefault(sub.future.get_loop(), []).append(sub)
-        for loop, subs in by_loop.items():
+
+class GroupCommitter:
+    """Group commit with the LogWriter on a thread of this process."""
+
+    def __init__(self, log_: EventLog, index: MessageIndex, window_ms: int):
+        self.writer = LogWriter(log_, index, window_ms)
+        self.healthy = True
+        self.last_error: str | None = None
+        self.last_failed_bytes = 0
+        self._queue: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]) -> Outcome:
+        if self._closing:
+            raise StoreUnavailable("trackpipe is shutting down")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put(Submission(records, discards, future))
+        return await future
+
+    def close(self) -> None:
+        self._closing = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (group := next_group(self._queue)) is not None:
+            started = time.perf_counter()
             try:
-                loop.call_soon_threadsafe(_settle, subs, error)
-            except RuntimeError:
-                pass  # that loop is closed: its requests are gone
+                outcomes = self.writer.commit([(s.records, s.discards) for s in group])
+            except (sqlite3.Error, OSError) as exc:
+                self.record_failure(group, exc)
+                resolve(group, None, StoreUnavailable(f"the event log could not commit: {exc}"))
+                continue
+            self.healthy = True
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            resolve(group, outcomes, None)
+
+    def record_failure(self, group: list[Submission], exc: Exception | str, kind: str = "") -> None:
+        self.healthy = False
+        self.last_error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
+        metrics.STORE_ERRORS.labels(kind=kind or error_kind(str(exc))).inc()
+        log.error("log commit failed, answering 503: %s", self.last_error)
 
 
-def _settle(subs: list[_Submission], error: Exception | None) -> None:
-    for sub in subs:
-        if sub.future.done():
+def next_group(q: queue.SimpleQueue) -> list[Submission] | None:
+    """Block for one submission, then take every one already waiting (up to a size cap)."""
+    first = q.get()
+    if first is None:
+        return None
+    group, size = [first], len(first.records)
+    while size < GROUP_MAX_EVENTS:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            q.put(None)  # seen again on the next call, after this group commits
+            break
+        group.append(nxt)
+        size += len(nxt.records)
+    return group
+
+
+def resolve(group: list[Submission], outcomes: list[Outcome] | None,
+            error: Exception | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for i, sub in enumerate(group):
+        by_loop.setdefault(sub.future.get_loop(), []).append(
+            (sub.future, outcomes[i] if outcomes else None))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items, error)
+        except RuntimeError:
+            pass  # that loop is closed: its requests are gone
+
+
+def _settle(items: list, error: Exception | None) -> None:
+    for future, outcome in items:
+        if future.done():
             continue
         if error is None:
-            sub.future.set_result(sub.outcome)
+            future.set_result(outcome)
         else:
-            sub.future.set_exception(error)
+            future.set_exception(error)
 
 
-def _error_kind(exc: Exception) -> str:
-    text = str(exc).lower()
+def error_kind(text: str) -> str:
+    text = text.lower()
     if "full" in text:
         return "full"
     if "locked" in text or "busy" in text:
