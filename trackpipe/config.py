@@ -69,7 +69,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 _SECTIONS = ("server", "limits", "dedup", "ingest")
 # Variables that belong to the test suite or the benchmark, not to the server.
-_NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL"}
+_NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL",
+                 "TRACKPIPE_GC_THRESHOLD"}
 
 
 def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:

@@ -30,5 +30,16 @@ STORE_ERRORS = Counter("trackpipe_store_errors", "Failed log commits by kind", [
 READY = Gauge("trackpipe_ready", "1 when the log accepts writes", registry=REGISTRY)
 
 
+_http_children: dict[tuple[str, int], object] = {}
+
+
+def count_request(endpoint: str, status: int) -> None:
+    """HTTP_REQUESTS.labels(...).inc() without building the label key on every request."""
+    child = _http_children.get((endpoint, status))
+    if child is None:
+        child = _http_children[(endpoint, status)] = HTTP_REQUESTS.labels(endpoint, str(status))
+    child.inc()
+
+
 def exposition() -> bytes:
     return generate_latest(REGISTRY)

@@ -22,6 +22,7 @@ class SourceRegistry:
     def replace(self, sources: list[Source]) -> None:
         self.by_key = {s.write_key: s for s in sources}
         self.by_id = {s.id: s for s in sources}
+        self._basic: dict[bytes, str] = {}  # Authorization header -> its Basic username
 
     def resolve(self, authorization: bytes | None, body: dict) -> Source:
         key = self._candidate(authorization, body)
@@ -41,11 +42,14 @@ class SourceRegistry:
             scheme = scheme.lower()
             value = value.strip()
             if scheme == b"basic":
-                try:
-                    decoded = b64decode(value, validate=True).decode()
-                except (binascii.Error, UnicodeDecodeError):
-                    decoded = ""
-                username = decoded.partition(":")[0]
+                username = self._basic.get(authorization)
+                if username is None:
+                    try:
+                        username = b64decode(value, validate=True).decode().partition(":")[0]
+                    except (binascii.Error, UnicodeDecodeError):
+                        username = ""
+                    if username in self.by_key and len(self._basic) < 10_000:
+                        self._basic[authorization] = username  # only known keys: bounded
                 if username:
                     return username
             elif scheme == b"bearer":

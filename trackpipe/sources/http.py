@@ -62,7 +62,7 @@ class TrackingAPI:
         else:
             status, body, extra = await self._ingest(kind, scope, headers, receive)
             extra = [*extra, *cors]
-        metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+        metrics.count_request(endpoint, status)
         await _respond(send, status, body, extra)
 
     async def _ingest(self, kind: str, scope, headers: dict, receive):
