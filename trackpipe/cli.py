@@ -224,10 +224,9 @@ def _events(args) -> int:
             page = r.json()
             for ev in page["events"]:
                 _print_event(ev, args.json)
-            if page["next"] is not None:
-                cursor = page["next"]
-            if not page["events"]:
-                time.sleep(0.5)
+            cursor = page["next"] if page["next"] is not None else page["scanned"]
+            if page["next"] is None:
+                time.sleep(0.5)  # caught up: poll again shortly
     except httpx.HTTPError as exc:
         print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
         return 1

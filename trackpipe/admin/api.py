@@ -78,11 +78,14 @@ class AdminAPI:
             entries = await run_in_threadpool(self._by_message_id, filters.pop("message_id"))
             entries = [e for e in entries if _matches(e, filters)][:limit]
             return json_response({"events": [_message(e) for e in entries], "next": None})
-        entries, nxt = await run_in_threadpool(
+        entries, nxt, scanned = await run_in_threadpool(
             self.p.log.query, filters, before=None if ascending else position,
             after=position if ascending else None, limit=limit)
-        return json_response({"events": [_message(e) for e in entries],
-                              "next": str(nxt) if nxt is not None else None})
+        page = {"events": [_message(e) for e in entries],
+                "next": str(nxt) if nxt is not None else None}
+        if ascending:  # where a follower resumes once it has caught up (`next` is null)
+            page["scanned"] = str(scanned)
+        return json_response(page)
 
     async def event(self, request: Request) -> Response:
         message_id = request.path_params["message_id"]

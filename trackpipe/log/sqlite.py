@@ -216,20 +216,24 @@ class SQLiteLog(EventLog):
         return row[0] if row else 0
 
     def query(self, filters: dict, *, before: int | None = None, after: int | None = None,
-              limit: int = 100, scan: int = 200_000) -> tuple[list[Entry], int | None]:
+              limit: int = 100, scan: int = 200_000) -> tuple[list[Entry], int | None, int]:
         """Filtered page of entries, newest first (or oldest first when `after` is given).
 
         No secondary indexes slow the append path, so a query scans at most
-        `scan` positions per call; the returned cursor continues the scan.
+        `scan` positions per call. Returns (entries, cursor, scanned): the
+        cursor continues the scan (None when there is nothing further), and
+        `scanned` is the last position looked at when reading oldest first,
+        from where a follower resumes.
         """
         where, args = [], []
         for name, value in filters.items():
             where.append(FILTERS[name])
             args.append(value)
+        head = self.head()  # read first: anything appended during the query comes next time
         if after is not None:
-            lo, hi, order = after, after + scan, "ASC"
+            lo, hi, order = after, min(after + scan, head) + 1, "ASC"
         else:
-            hi = (self.head() + 1) if before is None else before
+            hi = (head + 1) if before is None else before
             lo, order = max(hi - scan, 0), "DESC"
         where += ["position > ?", "position < ?"]
         args += [lo, hi]
@@ -237,14 +241,12 @@ class SQLiteLog(EventLog):
             f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(where)}"
             f" ORDER BY position {order} LIMIT ?", (*args, limit))
         entries = [Entry(*row) for row in cur]
+        if order == "ASC":
+            scanned = entries[-1].position if len(entries) == limit else max(hi - 1, lo)
+            return entries, (scanned if scanned < head else None), scanned
         if len(entries) == limit:
-            cursor = entries[-1].position
-        elif order == "DESC":
-            cursor = lo + 1 if lo > 0 else None
-        else:
-            head = self.head()
-            cursor = min(hi - 1, head) if hi <= head else None
-        return entries, cursor
+            return entries, entries[-1].position, lo
+        return entries, (lo + 1 if lo > 0 else None), lo
 
     # -- the ledger of what was not stored -------------------------------------
 

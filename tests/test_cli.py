@@ -1,0 +1,357 @@
+"""The `trackpipe` command as scripts use it: serve, sources, send, events.
+
+Every test runs the CLI as a real subprocess (`python -m trackpipe ...`) against
+a real server; scripts outside the test suite rely on this contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+
+from support import ADMIN_TOKEN, free_port
+
+TIMEOUT = 30
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any TRACKPIPE_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKPIPE_")}
+    return {**env, **extra}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trackpipe", *args], capture_output=True,
+                          text=True, env=clean_env() if env is None else env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class LineReader:
+    """A CLI subprocess whose stdout lines are read in a thread, so reads can time out."""
+
+    def __init__(self, args: list[str], env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-m", "trackpipe", *args], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._drain_stderr, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, q) -> None:
+        for line in stream:
+            q.put(line.rstrip("\n"))
+        q.put(None)
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line, or None at EOF or when nothing came within `timeout`."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def read_until(self, pattern: str, timeout: float = TIMEOUT) -> list[str]:
+        """Lines up to and including the first that matches `pattern`."""
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.readline(max(0.01, deadline - time.monotonic()))
+            if line is None:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            got.append(line)
+            if re.search(pattern, line):
+                return got
+        raise AssertionError(f"no line matching {pattern!r}; got {got!r}; "
+                             f"exit {self.proc.poll()}; stderr {''.join(self.stderr)[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        for t in self.threads:
+            t.join(10)  # EOF once the process (and any child holding the pipes) is gone
+        if not any(t.is_alive() for t in self.threads):
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+def wait_healthy(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never became healthy")
+
+
+def track(url: str, key: str, **body) -> httpx.Response:
+    body.setdefault("userId", "cli-user")
+    body.setdefault("event", "CLI Test")
+    return httpx.post(f"{url}/v1/track", json=body, auth=(key, ""), timeout=10)
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+def test_serve_first_start_prints_key_token_url_and_curl_once(tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--port", str(port), "--data-dir", str(data)]
+
+    first = LineReader(args, clean_env())
+    try:
+        out = first.read_until(r"curl ")
+        wait_healthy(url)
+    finally:
+        first.stop()
+    text = "\n".join(out)
+    key = re.search(r"^Created source 'default' with write key: (\S+)$", text, re.M)
+    token = re.search(r"^Admin token \(shown once; keep it\): (tpa_\S+)$", text, re.M)
+    assert key and token, text
+    key, token = key.group(1), token.group(1)
+    assert f"trackpipe listening on {url}" in text
+    assert str(data.resolve()) in text
+    curl = out[-1].strip()
+    assert curl.startswith(f"curl -u '{key}:'") and curl.endswith(f"{url}/v1/track"), curl
+    assert text.count(token) == 1 and text.count(key) == 2  # creation line + curl line
+
+    second = LineReader(args, clean_env())
+    try:
+        out2 = second.read_until(r"curl ")
+        wait_healthy(url)
+        text2 = "\n".join(out2)
+        assert "Created source" not in text2, text2
+        assert "Admin token" not in text2 and "tpa_" not in text2, text2
+        assert f"curl -u '{key}:'" in text2  # the same default source
+        # The key and token printed on the first start still work.
+        assert track(url, key).json() == {"success": True}
+        r = httpx.get(f"{url}/api/v1/sources", headers={"authorization": f"Bearer {token}"},
+                      timeout=10)
+        assert r.status_code == 200
+        assert [s["writeKey"] for s in r.json()["sources"]] == [key]
+        bad = httpx.get(f"{url}/api/v1/sources", headers={"authorization": "Bearer nope"},
+                        timeout=10)
+        assert bad.status_code == 401
+    finally:
+        second.stop()
+    assert second.proc.returncode == 0, "".join(second.stderr)[-2000:]
+
+
+def test_serve_admin_token_from_environment_is_used_and_not_printed(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    token = f"tpa_env_{uuid.uuid4().hex}"
+    proc = LineReader(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                      clean_env(TRACKPIPE_ADMIN_TOKEN=token))
+    try:
+        out = proc.read_until(r"curl ")
+        wait_healthy(url)
+        text = "\n".join(out)
+        assert "Created source 'default' with write key: " in text
+        assert "Admin token" not in text and token not in text, text
+        r = httpx.get(f"{url}/api/v1/sources", headers={"authorization": f"Bearer {token}"},
+                      timeout=10)
+        assert r.status_code == 200
+    finally:
+        proc.stop()
+
+
+# -- sources ----------------------------------------------------------------------
+
+
+def test_sources_add_list_and_duplicate(tmp_path):
+    data = str(tmp_path / "data")
+    r = cli("sources", "add", "web", "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    web_key = r.stdout.strip()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", web_key), r.stdout
+
+    r = cli("sources", "add", "backend", "--write-key", "sk_us_mykey", "--strict",
+            "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "sk_us_mykey"
+
+    dup = cli("sources", "add", "web", "--data-dir", data)
+    assert dup.returncode != 0
+    assert dup.stdout == ""
+    assert "'web'" in dup.stderr and "already exists" in dup.stderr
+    assert "trackpipe sources list" in dup.stderr
+
+    dup_key = cli("sources", "add", "other", "--write-key", "sk_us_mykey", "--data-dir", data)
+    assert dup_key.returncode != 0 and "already exists" in dup_key.stderr
+
+    ls = cli("sources", "list", "--data-dir", data)
+    assert ls.returncode == 0, ls.stderr
+    lines = ls.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ID", "ENABLED", "STRICT", "WRITE", "KEY"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"web", "backend"}  # the failed adds left nothing behind
+    assert rows["web"][2:] == ["True", "False", web_key]
+    assert rows["backend"][2:] == ["True", "True", "sk_us_mykey"]
+    assert rows["web"][1].startswith("src_")
+
+
+def test_sources_add_is_picked_up_by_a_running_server(server):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    r = cli("sources", "add", name, "--data-dir", str(server.data_dir))
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip()
+    deadline = time.monotonic() + 5  # "within a second"
+    while True:
+        resp = track(server.url, key)
+        if resp.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert resp.status_code == 200, resp.text
+
+
+# -- send -------------------------------------------------------------------------
+
+
+def test_send_prints_message_id_and_the_event_is_stored(server):
+    event = f"CLI Send {uuid.uuid4().hex[:8]}"
+    r = cli("send", "--write-key", server.write_key, "--url", server.url, "--event", event)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = r.stdout.splitlines()[0]
+    assert status.startswith("200 ") and json.loads(status[4:]) == {"success": True}
+    m = re.search(r"^messageId (\S+)$", r.stdout, re.M)
+    assert m, r.stdout
+    stored = server.events(message_id=m.group(1))
+    assert [(e["type"], e["event"], e["userId"]) for e in stored] == \
+        [("track", event, "test-user")]
+
+
+def test_send_with_unknown_key_or_unreachable_server_fails(server):
+    r = cli("send", "--write-key", f"nope-{uuid.uuid4().hex}", "--url", server.url)
+    assert r.returncode != 0
+    assert r.stdout.startswith("401 ") and "invalid_write_key" in r.stdout
+    assert "messageId" not in r.stdout
+
+    r = cli("send", "--write-key", server.write_key, "--url", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode != 0
+    assert "could not reach" in r.stderr
+
+
+# -- events -----------------------------------------------------------------------
+
+
+def test_events_table_json_and_filters(server):
+    run = uuid.uuid4().hex[:8]
+    a, b = f"CLI A {run}", f"CLI B {run}"
+    sent = [(a, f"u1-{run}"), (a, f"u2-{run}"), (b, f"u1-{run}")]
+    ids = []
+    for event, user in sent:
+        mid = f"cli-ev-{uuid.uuid4()}"
+        assert track(server.url, server.write_key, event=event, userId=user,
+                     messageId=mid).status_code == 200
+        ids.append(mid)
+    base = ["events", "--admin-token", ADMIN_TOKEN, "--url", server.url]
+
+    r = cli(*base, "--json", "--event", a)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["messageId"] for e in got] == ids[:2]  # oldest first
+    assert all(e["type"] == "track" and e["event"] == a for e in got)
+
+    r = cli(*base, "--json", "--event", a, "--limit", "1")
+    assert [json.loads(line)["messageId"] for line in r.stdout.splitlines()] == [ids[1]]
+
+    r = cli(*base, "--json", "--user-id", f"u1-{run}", "--type", "track")
+    assert [json.loads(line)["messageId"] for line in r.stdout.splitlines()] == [ids[0], ids[2]]
+
+    r = cli(*base, "--json", "--user-id", f"u1-{run}", "--type", "identify")
+    assert r.returncode == 0 and r.stdout == ""
+
+    # The table: a header, then one readable row per event; the token may come from the env.
+    r = cli("events", "--url", server.url, "--event", a,
+            env=clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["RECEIVED", "AT", "TYPE", "EVENT", "/", "NAME", "USER",
+                                "MESSAGE", "ID"]
+    assert len(lines) == 3
+    for line, mid, (_, user) in zip(lines[1:], ids[:2], sent[:2]):
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\s+track\s+", line), line
+        assert a in line and user in line and line.endswith(mid)
+
+
+def test_events_needs_a_valid_admin_token(server):
+    r = cli("events", "--url", server.url)
+    assert r.returncode == 2 and "--admin-token" in r.stderr
+    r = cli("events", "--url", server.url, "--admin-token", "wrong")
+    assert r.returncode != 0 and "401" in r.stderr
+
+
+def test_events_follow_streams_new_events_once(server):
+    event = f"CLI Follow {uuid.uuid4().hex[:8]}"
+    before = f"cli-before-{uuid.uuid4()}"
+    assert track(server.url, server.write_key, event=event, messageId=before).status_code == 200
+    follow = LineReader(["events", "--follow", "--json", "--event", event,
+                         "--admin-token", ADMIN_TOKEN, "--url", server.url], clean_env())
+    try:
+        # The initial listing shows the event sent before the start...
+        first = follow.readline(TIMEOUT)
+        assert first is not None, "".join(follow.stderr)
+        assert json.loads(first)["messageId"] == before
+        time.sleep(0.5)  # ...then it notes the log head and starts polling
+
+        new = [f"cli-follow-{i}-{uuid.uuid4()}" for i in range(2)]
+        for mid in new:
+            assert track(server.url, server.write_key, event=event,
+                         messageId=mid).status_code == 200
+        got = []
+        for _ in range(2):
+            line = follow.readline(10)
+            assert line is not None, f"follow printed only {got!r}; {''.join(follow.stderr)}"
+            got.append(json.loads(line))
+        assert [e["messageId"] for e in got] == new
+        assert all(e["event"] == event and e["type"] == "track" for e in got)
+
+        # Nothing more arrives, so nothing more is printed (the poll runs every 0.5 s).
+        extra = []
+        deadline = time.monotonic() + 1.5
+        while (left := deadline - time.monotonic()) > 0 and len(extra) < 5:
+            line = follow.readline(left)
+            if line is not None:
+                extra.append(json.loads(line)["messageId"])
+        assert extra == [], f"events printed again after they were shown: {extra}"
+        assert follow.proc.poll() is None
+    finally:
+        follow.kill()

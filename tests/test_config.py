@@ -1,0 +1,232 @@
+"""Settings: the TOML file, TRACKPIPE_<SECTION>_<KEY> overrides, CLI flags, and the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from support import free_port
+from trackpipe import config
+from trackpipe.config import Settings
+from trackpipe.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def section_types() -> dict[str, type]:
+    info = msgspec.inspect.type_info(Settings)
+    return {f.name: f.type.cls for f in info.fields
+            if isinstance(f.type, msgspec.inspect.StructType)}
+
+
+def readme_config_block() -> str:
+    text = README.read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "README's Configuration section should hold one TOML block"
+    return blocks[0]
+
+
+def write(tmp_path: Path, text: str, name: str = "trackpipe.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- loading ---------------------------------------------------------------------
+
+
+def test_defaults_without_file_or_env():
+    s = config.load(env={})
+    assert s == Settings()
+    assert (s.data_dir, s.admin_token) == ("./trackpipe-data", "")
+    assert (s.server.host, s.server.port, s.server.cors_origins) == ("127.0.0.1", 8080, ["*"])
+    assert s.limits.max_event_bytes == 32 * 1024
+
+
+def test_file_values_are_read(tmp_path):
+    path = write(tmp_path, """
+data_dir = "/srv/tp"
+[server]
+port = 9999
+trusted_proxies = ["10.0.0.0/8"]
+[limits]
+max_batch_events = 10
+[dedup]
+window_seconds = 60
+[ingest]
+strict = true
+""")
+    s = config.load(path, env={})
+    assert s.data_dir == "/srv/tp" and s.data_path == Path("/srv/tp")
+    assert s.server.port == 9999 and s.server.host == "127.0.0.1"
+    assert s.server.trusted_proxies == ["10.0.0.0/8"]
+    assert s.limits.max_batch_events == 10 and s.limits.max_event_bytes == 32768
+    assert s.dedup.window_seconds == 60
+    assert s.ingest.strict is True and s.ingest.version == 2
+
+
+@pytest.mark.parametrize("text, key", [
+    ("bogus_key = 1\n", "bogus_key"),
+    ("[limits]\nmax_event_bytez = 10\n", "max_event_bytez"),
+    ("[server]\nport = 1\nlisten = 'x'\n", "listen"),
+    ("[storage]\npath = 'x'\n", "storage"),
+])
+def test_unknown_key_is_an_error_that_names_it(tmp_path, key, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        config.load(path, env={})
+    assert key in str(exc.value)
+    assert str(path) in str(exc.value)
+
+
+def test_wrong_type_missing_file_and_bad_toml_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="port"):
+        config.load(write(tmp_path, "[server]\nport = 'eighty'\n"), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.toml", env={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[server\n"), env={})
+
+
+# -- environment -----------------------------------------------------------------
+
+
+def test_env_overrides_with_typed_values_and_wins_over_the_file(tmp_path):
+    path = write(tmp_path, "data_dir = 'from-file'\n[limits]\nmax_event_bytes = 100000\n"
+                           "[server]\nport = 1111\n")
+    s = config.load(path, env={
+        "TRACKPIPE_LIMITS_MAX_EVENT_BYTES": "65536",
+        "TRACKPIPE_SERVER_TRUSTED_PROXIES": '["127.0.0.1", "10.0.0.0/8"]',
+        "TRACKPIPE_SERVER_PUBLIC_URL": "https://t.example.com",
+        "TRACKPIPE_INGEST_STRICT": "true",
+        "TRACKPIPE_DEDUP_WINDOW_SECONDS": "60",
+        "TRACKPIPE_DATA_DIR": "/from/env",
+        "TRACKPIPE_ADMIN_TOKEN": "123",  # kept as a string, never parsed
+        "PATH": "/usr/bin",
+    })
+    assert s.limits.max_event_bytes == 65536
+    assert s.server.port == 1111  # the file still applies where the env is silent
+    assert s.server.trusted_proxies == ["127.0.0.1", "10.0.0.0/8"]
+    assert s.server.public_url == "https://t.example.com"
+    assert s.ingest.strict is True
+    assert s.dedup.window_seconds == 60
+    assert s.data_dir == "/from/env"
+    assert s.admin_token == "123"
+
+
+def all_settings() -> list[tuple[str, str]]:
+    return [(section, field) for section, cls in section_types().items()
+            for field in cls.__struct_fields__]
+
+
+@pytest.mark.parametrize("section, field", all_settings())
+def test_every_setting_has_an_env_variable(section, field, capsys):
+    default = getattr(getattr(Settings(), section), field)
+    name = f"TRACKPIPE_{section.upper()}_{field.upper()}"
+    s = config.load(env={name: json.dumps(default)})  # JSON scalars/arrays are valid TOML
+    assert getattr(getattr(s, section), field) == default
+    assert "ignoring" not in capsys.readouterr().err
+
+
+def test_unknown_env_variable_is_ignored_with_a_warning(capsys):
+    s = config.load(env={"TRACKPIPE_LIMITS_MAX_EVENTS": "5", "TRACKPIPE_REQUIRE_SERVICES": "1"})
+    assert s == Settings()
+    err = capsys.readouterr().err
+    assert "TRACKPIPE_LIMITS_MAX_EVENTS" in err
+    assert "TRACKPIPE_REQUIRE_SERVICES" not in err
+
+
+# -- the CLI ---------------------------------------------------------------------
+
+
+def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRACKPIPE_")}
+    return subprocess.run([sys.executable, "-m", "trackpipe", "serve", *args],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                          env={**base, **(env or {})})
+
+
+def test_serve_with_unknown_config_key_exits_2_and_names_it(tmp_path):
+    data = tmp_path / "data"
+    bad = write(tmp_path, "[limits]\nmax_event_bytes = 2000\nmax_evnt_bytes = 5\n", "bad.toml")
+    r = serve("--config", str(bad), "--port", str(free_port()), "--data-dir", str(data))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "max_evnt_bytes" in r.stderr and "bad.toml" in r.stderr
+    assert r.stderr.startswith("trackpipe: ")
+    assert r.stdout == ""
+    assert not data.exists()  # nothing was created for a configuration that does not load
+
+    r = serve("--config", str(tmp_path / "nope.toml"), "--data-dir", str(data))
+    assert r.returncode == 2 and "nope.toml" in r.stderr
+
+
+def test_config_file_limits_take_effect_and_cli_flags_win(tmp_path, fresh_server):
+    file_data = tmp_path / "data-from-file"
+    file_port = free_port()
+    path = write(tmp_path, f"""
+data_dir = "{file_data}"
+[server]
+port = {file_port}
+[limits]
+max_event_bytes = 2000
+""")
+    srv = fresh_server(config=path).start()  # passes --port and --data-dir
+    # The flags won: the server answers on the flag's port and keeps data in the flag's dir.
+    assert srv.port != file_port
+    assert (srv.data_dir / "log.db").exists()
+    assert not file_data.exists()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{file_port}/health", timeout=1)
+    # The file's [limits] value applies.
+    assert srv.post("/v1/track", {"userId": "u", "event": "small"}).status_code == 200
+    big = srv.post("/v1/track", {"userId": "u", "event": "big", "properties": {"x": "x" * 3000}})
+    assert big.status_code == 400
+    assert big.json()["code"] == "payload_too_large"
+
+
+def test_env_limit_takes_effect_end_to_end(fresh_server, server):
+    body = {"userId": "u", "event": "big", "properties": {"x": "x" * 3000}}
+    assert server.post("/v1/track", body).status_code == 200  # fine under the default 32 KB
+    srv = fresh_server(env={"TRACKPIPE_LIMITS_MAX_EVENT_BYTES": "2000"}).start()
+    assert srv.post("/v1/track", {"userId": "u", "event": "small"}).status_code == 200
+    r = srv.post("/v1/track", body)
+    assert r.status_code == 400
+    assert r.json()["code"] == "payload_too_large"
+
+
+# -- the README documents exactly the settings there are --------------------------
+
+
+def test_readme_configuration_block_is_valid_settings():
+    raw = tomllib.loads(readme_config_block())
+    settings = msgspec.convert(raw, Settings)  # forbid_unknown_fields: no undocumented extras
+    assert isinstance(settings, Settings)
+
+
+def test_readme_configuration_block_shows_the_defaults():
+    raw = tomllib.loads(readme_config_block())
+    assert raw == msgspec.to_builtins(Settings())
+
+
+def test_every_setting_is_documented_in_the_readme():
+    raw = tomllib.loads(readme_config_block())
+    missing = []
+    for name in Settings.__struct_fields__:
+        if name not in raw:
+            missing.append(name)
+    for section, cls in section_types().items():
+        for name in cls.__struct_fields__:
+            if name not in raw.get(section, {}):
+                missing.append(f"{section}.{name}")
+    assert missing == [], f"settings missing from README's Configuration block: {missing}"
+    assert set(section_types()) == set(config._SECTIONS)
