@@ -53,6 +53,8 @@ class Pipeline:
     def readiness(self) -> tuple[bool, str]:
         if self.shutting_down:
             return False, "shutting down"
+        if not self.committer.alive():
+            return False, f"the log writer is not running ({self.committer.last_error})"
         if self.committer.healthy:
             return True, "ok"
         try:  # the last commit failed: is there room again for a group that size?
@@ -80,6 +82,7 @@ def create_app(pipeline: Pipeline):
         finally:
             watcher.cancel()
             pipeline.shutting_down = True
+            await pipeline.committer.drain()
 
     admin.router.lifespan_context = lifespan
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -18,6 +19,7 @@ from trackpipe.log.sqlite import FILTERS
 from trackpipe.sources.catalog import token_matches
 
 MAX_LIMIT = 1000
+MAX_POSITION = 2**62
 
 
 def json_response(payload, status: int = 200) -> Response:
@@ -67,11 +69,8 @@ class AdminAPI:
             if name in q:
                 filters[name] = _time_param(q, name) if name in ("since", "until") else q[name]
         limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
-        cursor = q.get("cursor")
         ascending = q.get("order", "desc") == "asc"
-        if cursor is not None and not cursor.isdigit():
-            raise ValueError("`cursor` must be the `next` value of a previous page.")
-        position = int(cursor) if cursor else None
+        position = _cursor_param(q)
         if ascending and position is None:
             position = 0
         if "message_id" in filters:
@@ -134,12 +133,9 @@ class AdminAPI:
     async def discards(self, request: Request) -> Response:
         q = request.query_params
         limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
-        cursor = q.get("cursor")
-        if cursor is not None and not cursor.isdigit():
-            raise ValueError("`cursor` must be the `next` value of a previous page.")
         rows = await run_in_threadpool(self.p.log.discards, message_id=q.get("message_id"),
-                                       reason=q.get("reason"),
-                                       before=int(cursor) if cursor else None, limit=limit)
+                                       reason=q.get("reason"), before=_cursor_param(q),
+                                       limit=limit)
         nxt = str(rows[-1][0]) if len(rows) == limit else None
         return json_response({"discards": [_discard(d) for d in rows], "next": nxt})
 
@@ -183,11 +179,20 @@ def _matches(entry, filters: dict) -> bool:
     return True
 
 
+def _cursor_param(q) -> int | None:
+    raw = q.get("cursor")
+    if not raw:
+        return None
+    if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
+        raise ValueError("`cursor` must be the `next` value of a previous page.")
+    return int(raw)
+
+
 def _int_param(q, name: str, default: int, lo: int, hi: int) -> int:
     raw = q.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
         raise ValueError(f"`{name}` must be a whole number from {lo} to {hi}, got {raw!r}.")
     return int(raw)
 
@@ -195,6 +200,8 @@ def _int_param(q, name: str, default: int, lo: int, hi: int) -> int:
 def _time_param(q, name: str) -> int:
     raw = q[name]
     if raw.isdigit():
+        if len(raw) > 15:
+            raise ValueError(f"`{name}` in epoch milliseconds has too many digits: {raw!r}.")
         return int(raw)
     ms = parse_ts(raw)
     if ms is None:
@@ -202,5 +209,19 @@ def _time_param(q, name: str) -> int:
     return ms
 
 
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"There is no route {request.url.path}; see README.md#admin-and-query-api.",
+               405: f"{request.method} is not allowed on {request.url.path}."}
+    return error(exc.status_code, codes.get(exc.status_code, "http_error"),
+                 message.get(exc.status_code, str(exc.detail)))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return error(500, "internal_error", "trackpipe failed to answer this request; the server "
+                 "log has the details.")
+
+
 def build(pipeline) -> Starlette:
-    return Starlette(routes=AdminAPI(pipeline).routes())
+    return Starlette(routes=AdminAPI(pipeline).routes(),
+                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})

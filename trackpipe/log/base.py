@@ -75,6 +75,10 @@ class EventLog(ABC):
     def get(self, positions: Sequence[int]) -> list[Entry]:
         """The entries at these positions (missing ones are left out)."""
 
+    def receipts(self, positions: Sequence[int]) -> list[tuple[int, str, int]]:
+        """(position, message_id, received_at) at these positions, ascending."""
+        return [(e.position, e.message_id, e.received_at) for e in self.get(positions)]
+
     @abstractmethod
     def head(self) -> int:
         """Position of the newest entry, 0 when empty."""

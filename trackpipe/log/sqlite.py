@@ -18,6 +18,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
+import msgspec
+
 from trackpipe.log.base import Discard, Entry, EventLog, Record, Repeat
 
 SCHEMA = """
@@ -156,6 +158,11 @@ class SQLiteLog(EventLog):
         if self._write.in_transaction:
             self._write.close()
             self._write = connect(self.path)
+        try:  # a commit reported as failed may have landed (an fsync error after the write)
+            self._head = self._write.execute(
+                "SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        except sqlite3.Error:
+            pass
 
     def commit(self, consumer: str, position: int) -> None:
         # The calling thread's own connection: consumers never queue behind the ingest writer.
@@ -170,7 +177,8 @@ class SQLiteLog(EventLog):
         """
         conn = self._reader()
         conn.execute("CREATE TABLE IF NOT EXISTS ready_probe (blob BLOB)")
-        conn.execute("INSERT INTO ready_probe VALUES (zeroblob(?))", (max(size, 1 << 20),))
+        conn.execute("INSERT INTO ready_probe VALUES (zeroblob(?))",
+                     (min(max(size, 1 << 20), 4 << 20),))
         conn.execute("DELETE FROM ready_probe")
 
     # -- reading (any thread) -------------------------------------------------
@@ -203,6 +211,16 @@ class SQLiteLog(EventLog):
             f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
             list(positions))
         return [Entry(*row) for row in cur]
+
+    def receipts(self, positions: Sequence[int]) -> list[tuple[int, str, int]]:
+        """(position, message_id, received_at) at these positions: the dedup check's read."""
+        if not positions:
+            return []
+        cur = self._reader().execute(
+            "SELECT position, message_id, received_at FROM events WHERE position IN"
+            " (SELECT value FROM json_each(?)) ORDER BY position",
+            (msgspec.json.encode(list(positions)),))
+        return cur.fetchall()
 
     def tail_positions(self, message_id: str, after: int) -> list[int]:
         """Positions after `after` holding this messageId (a scan: keep the stretch short)."""

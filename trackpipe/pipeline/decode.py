@@ -75,6 +75,9 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
                               f"decompresses to more than {limit} bytes.")
     if not inflater.eof:
         raise RequestRejected("bad_encoding", f"The {encoding} stream is truncated.")
+    if inflater.unused_data:
+        raise RequestRejected("bad_encoding", f"There are bytes after the end of the {encoding} "
+                              "stream; send one stream per request.")
     return out
 
 

@@ -65,10 +65,14 @@ class MessageIndex:
         self._flusher.start()
 
     def _replay(self, log: EventLog) -> None:
+        """Re-add what the log holds past the index. The flusher is not running yet, so
+        flush here whenever the memory table is full (add() would wait for it forever)."""
         after = self._through
         while batch := log.read(after, 10_000):
             self.add([(message_hash(e.message_id), e.position) for e in batch])
             after = batch[-1].position
+            if len(self._active) >= self.flush_at:
+                self.flush()
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, EventLog, Record, Repeat
-from trackpipe.pipeline.dedupe import MessageIndex
+from trackpipe.pipeline.dedupe import MessageIndex, message_hash
 from trackpipe import metrics
 
 log = logging.getLogger("trackpipe.store")
@@ -84,10 +84,21 @@ class LogWriter:
                 appended.append(rec)
                 new.append((h, position))
                 outcome.stored += 1
-        positions = self.log.append(appended, discards, repeats)
-        assert not positions or positions[0] == next_position, "log positions moved under the writer"
+        try:
+            positions = self.log.append(appended, discards, repeats)
+        except Exception:
+            self._index_landed(next_position - 1)
+            raise
+        if positions and positions[0] != next_position:
+            raise RuntimeError("log positions moved under the writer")
         self.index.add(new)
         return outcomes
+
+    def _index_landed(self, old_head: int) -> None:
+        """A commit reported as failed can still have landed; its ids must be deduplicated."""
+        if self.log.head() > old_head:
+            landed = self.log.read(old_head, self.log.head() - old_head)
+            self.index.add([(message_hash(e.message_id), e.position) for e in landed])
 
     def _stored_versions(self, hashes: set[int]) -> dict[str, tuple[int, int]]:
         """messageId -> (position, received_at) of its newest stored copy, for these hashes."""
@@ -96,8 +107,8 @@ class LogWriter:
             return {}
         positions = [p for ps in candidates.values() for p in ps]
         newest: dict[str, tuple[int, int]] = {}
-        for entry in self.log.get(positions):
-            newest[entry.message_id] = (entry.position, entry.received_at)  # ascending: last wins
+        for position, message_id, received_at in self.log.receipts(positions):
+            newest[message_id] = (position, received_at)  # ascending: the last copy wins
         return newest
 
 

@@ -41,8 +41,18 @@ PR_SET_PDEATHSIG = 1
 IN_FLIGHT = 2  # groups sent to the writer before its first reply: it never waits for the next
 
 
+GROUP_MAX_BYTES = 16 << 20  # event bodies per group: bounds the message and the commit
+MAX_PENDING_BYTES = 128 << 20  # waiting for the writer beyond this: 503 overloaded
+
+
 class WriterProcess:
-    """The committer `trackpipe serve` uses: same submit() as GroupCommitter."""
+    """The committer `trackpipe serve` uses: same submit() as GroupCommitter.
+
+    One supervisor task owns the writer's life: it connects, reads replies in
+    order, and when the writer stops for any reason answers everything in
+    flight or waiting with 503 and starts a new writer (with backoff). While
+    no writer is up, requests get 503 at once instead of queueing.
+    """
 
     def __init__(self, data_dir: Path, window_ms: int):
         self.data_dir = Path(data_dir)
@@ -52,34 +62,127 @@ class WriterProcess:
         self.last_failed_bytes = 0
         self._closing = False
         self._pending: list[Submission] = []
+        self._pending_bytes = 0
         self._in_flight: collections.deque[list[Submission]] = collections.deque()
         self._stream: asyncio.StreamWriter | None = None
-        self._replies_task: asyncio.Task | None = None
-        self._connecting: asyncio.Future | None = None
-        self._start_child()
+        self._supervisor: asyncio.Task | None = None
+        self._up: asyncio.Event | None = None
+        self._ever_up = False
+        self._spawn()
+        self._await_ready()
 
-    def _start_child(self) -> None:
+    # -- the writer process's life ---------------------------------------------
+
+    def _spawn(self) -> None:
+        """Start a writer. Call it on the main thread: PR_SET_PDEATHSIG fires when the
+        *thread* that forked the child exits, and pool threads come and go."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()  # duplex: a Unix socket pair
         self._proc = ctx.Process(target=serve_writer, name="trackpipe-writer", daemon=True,
                                  args=(child_conn, str(self.data_dir), self.window_ms))
         self._proc.start()
         child_conn.close()
-        if not self._conn.poll(60):
-            raise RuntimeError("the log writer process did not start")
-        status, detail = self._conn.recv()
+
+    def _await_ready(self) -> None:
+        """Block until the writer has opened the log (it may replay the dedup index first)."""
+        try:
+            if not self._conn.poll(120):
+                raise RuntimeError("the log writer process did not start within 120 s")
+            status, detail = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"the log writer process exited while starting ({exc})") from None
         if status != "ready":
             raise RuntimeError(f"the log writer process failed to open the log: {detail}")
+
+    def alive(self) -> bool:
+        """For /ready: a writer process is running and connected (or about to be)."""
+        up = self._up.is_set() if self._up is not None else True
+        return self._proc.is_alive() and up and not (
+            self._supervisor is not None and self._supervisor.done())
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff, first = 0.1, True
+        while not self._closing:
+            try:
+                if not first:
+                    self._spawn()
+                    await loop.run_in_executor(None, self._await_ready)
+                first = False
+                sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+                reader, self._stream = await asyncio.open_unix_connection(sock=sock,
+                                                                          limit=2**20)
+                self._up.set()
+                self._ever_up = True
+                self._dispatch()
+                await self._read_replies(reader)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any way the writer can stop: answer 503, start another
+                self.last_error = f"the log writer process stopped: {exc!r}"
+                log.error("%s", self.last_error)
+            self._writer_down()
+            await loop.run_in_executor(None, self._reap)
+            if self._closing:
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            if self._proc.exitcode is not None:
+                log.warning("restarting the log writer process")
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            reply = await _recv(reader)  # IncompleteReadError when the writer is gone
+            if reply[0] not in ("ok", "error"):
+                raise RuntimeError(f"the writer said {reply[0]!r}")
+            group = self._in_flight.popleft()
+            if reply[0] == "ok":
+                self.healthy = True
+                metrics.COMMIT_SECONDS.observe(reply[2])
+                _settle(group, [Outcome(*o) for o in reply[1]], None)
+            else:
+                _, kind, message = reply
+                self._record_failure(group, message, kind)
+                _settle(group, None, StoreUnavailable(f"the event log could not commit: {message}"))
+            self._dispatch()
+
+    def _writer_down(self) -> None:
+        self._up.clear()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        lost = [sub for group in self._in_flight for sub in group] + self._pending
+        self._in_flight.clear()
+        self._pending, self._pending_bytes = [], 0
+        if lost:
+            self._record_failure(lost, self.last_error or "the log writer process stopped", "io")
+        _settle(lost, None, StoreUnavailable("the event log writer stopped"))
+
+    def _reap(self) -> None:
+        self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        self._conn.close()
+
+    # -- requests ---------------------------------------------------------------
 
     async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]) -> Outcome:
         if self._closing:
             raise StoreUnavailable("trackpipe is shutting down")
-        if self._stream is None:
-            if self._connecting is None:  # the first request opens the stream; others wait
-                self._connecting = asyncio.ensure_future(self._connect())
-            await asyncio.shield(self._connecting)
+        if self._supervisor is None:
+            self._up = asyncio.Event()
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        if not self._up.is_set():
+            if self._ever_up:
+                raise StoreUnavailable("the event log writer is restarting")
+            await self._up.wait()  # the first request waits for the first connection
+        size = sum(len(r.body) for _, r in records)
+        if self._pending_bytes + size > MAX_PENDING_BYTES:
+            raise StoreUnavailable("trackpipe is overloaded: too many events wait for the log")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(Submission(records, discards, future))
+        self._pending_bytes += size
         self._dispatch()
         return await future
 
@@ -90,66 +193,54 @@ class WriterProcess:
         soon as a request is parsed; while it is busy, requests gather into the
         next, larger group.
         """
-        while self._pending and len(self._in_flight) < IN_FLIGHT and self._stream is not None:
+        while self._pending and len(self._in_flight) < IN_FLIGHT:
+            stream = self._stream
+            if stream is None or stream.is_closing():
+                return  # the supervisor answers what is waiting
             group = self._take_group()
-            self._in_flight.append(group)
             data = _pack([(s.records, s.discards) for s in group])
-            self._stream.write(struct.pack("!i", len(data)))
-            self._stream.write(data)
-
-    async def _connect(self) -> None:
-        sock = socket.socket(fileno=os.dup(self._conn.fileno()))
-        reader, self._stream = await asyncio.open_unix_connection(sock=sock, limit=2**20)
-        self._replies_task = asyncio.get_running_loop().create_task(self._replies(reader))
-
-    async def _replies(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                reply = await _recv(reader)
-                group = self._in_flight.popleft()
-                if reply[0] == "ok":
-                    self.healthy = True
-                    metrics.COMMIT_SECONDS.observe(reply[2])
-                    _settle(group, [Outcome(*o) for o in reply[1]], None)
-                else:
-                    _, kind, message = reply
-                    self._record_failure(group, message, kind)
-                    _settle(group, None,
-                            StoreUnavailable(f"the event log could not commit: {message}"))
-                self._dispatch()
-        except (EOFError, OSError, asyncio.IncompleteReadError) as exc:
-            lost = [sub for group in self._in_flight for sub in group]
-            self._in_flight.clear()
-            self._record_failure(lost, f"the log writer process stopped ({exc})", "io")
-            _settle(lost, None, StoreUnavailable("the event log writer stopped"))
-            self._stream.close()
-            self._stream = None
-            if self._closing:
+            try:
+                stream.write(struct.pack("!i", len(data)))
+                stream.write(data)
+            except (RuntimeError, OSError) as exc:  # the transport closed under us
+                _settle(group, None, StoreUnavailable(f"the event log writer stopped ({exc})"))
                 return
-            await asyncio.get_running_loop().run_in_executor(None, self._restart)
-            self._connecting = asyncio.ensure_future(self._connect())
-            await self._connecting
-            self._dispatch()
+            self._in_flight.append(group)
 
     def _take_group(self) -> list[Submission]:
-        """Everything waiting, up to GROUP_MAX_EVENTS events (at least one request)."""
-        size, cut = 0, 0
+        """Everything waiting, up to GROUP_MAX_EVENTS events or GROUP_MAX_BYTES (at least one)."""
+        events = size = cut = 0
         for cut, sub in enumerate(self._pending, 1):
-            size += len(sub.records)
-            if size >= GROUP_MAX_EVENTS:
+            events += len(sub.records)
+            size += sum(len(r.body) for _, r in sub.records)
+            if events >= GROUP_MAX_EVENTS or size >= GROUP_MAX_BYTES:
                 break
         group, self._pending = self._pending[:cut], self._pending[cut:]
+        self._pending_bytes = max(self._pending_bytes - size, 0)
         return group
 
-    def close(self) -> None:
+    # -- shutdown ---------------------------------------------------------------
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Refuse new requests and let the groups already handed over finish (on the loop)."""
         self._closing = True
-        if self._replies_task is not None:
-            self._replies_task.cancel()
+        deadline = time.monotonic() + timeout
+        while (self._pending or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        """Tell the writer to flush its index and close the log, then wait for it."""
+        self._closing = True
         try:
-            self._conn.send_bytes(_pack(None))  # the writer flushes its index and closes the log
+            self._conn.send_bytes(_pack(None))
             self._conn.poll(30)
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # already gone
         self._proc.join(timeout=30)
         if self._proc.is_alive():
             self._proc.kill()
@@ -160,15 +251,6 @@ class WriterProcess:
         self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
         metrics.STORE_ERRORS.labels(kind=kind).inc()
         log.error("log commit failed, answering 503: %s", message)
-
-    def _restart(self) -> None:
-        try:
-            self._proc.join(timeout=5)
-            self._start_child()
-            log.warning("log writer process restarted")
-        except (RuntimeError, OSError) as exc:
-            log.error("could not restart the log writer process: %s", exc)
-            time.sleep(1)
 
 
 # multiprocessing.Connection's framing (a signed 32-bit big-endian length), carrying
@@ -229,6 +311,9 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
             except (sqlite3.Error, OSError) as exc:
                 conn.send_bytes(_pack(("error", error_kind(str(exc)), f"{type(exc).__name__}: {exc}")))
                 continue
+            except Exception as exc:  # state unknown: answer 503 and let a fresh writer take over
+                conn.send_bytes(_pack(("error", "internal", f"{type(exc).__name__}: {exc}")))
+                return
             conn.send_bytes(_pack(("ok", [(o.stored, o.deduplicated) for o in outcomes],
                                    time.perf_counter() - started)))
     finally:

@@ -1,0 +1,47 @@
+"""Every admin answer is JSON {code, message}, including routing errors and bad parameters."""
+
+import gzip
+
+import httpx
+import pytest
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/events?cursor=99999999999999999999",
+    "/api/v1/events?since=999999999999999999999",
+    "/api/v1/events?limit=100000000000000000000000",
+    "/api/v1/discards?cursor=abc",
+])
+def test_bad_parameters_are_400_json(server, path):
+    with server.admin() as client:
+        r = client.get(path)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_parameter" and r.json()["message"]
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/api/v1/nope", 404), ("POST", "/health", 405), ("GET", "/V1/track", 404),
+])
+def test_routing_errors_are_json(server, method, path, status):
+    with server.admin() as client:
+        r = client.request(method, path)
+    assert r.status_code == status
+    assert r.headers["content-type"].startswith("application/json")
+    assert set(r.json()) >= {"code", "message"}
+
+
+def test_gzip_with_trailing_bytes_is_refused(server):
+    body = gzip.compress(b'{"userId":"u","event":"E"}') + b"junk"
+    r = server.post("/v1/track", content=body, headers={"content-encoding": "gzip"})
+    assert r.status_code == 400 and r.json()["code"] == "bad_encoding"
+
+
+def test_admin_routes_send_no_cors_headers(server):
+    with server.admin() as client:
+        r = client.get("/api/v1/sources", headers={"origin": "http://evil.example"})
+    assert r.status_code == 200
+    assert "access-control-allow-origin" not in r.headers
+    assert httpx.options(f"{server.url}/api/v1/sources",
+                         headers={"origin": "http://evil.example",
+                                  "access-control-request-method": "GET"}
+                         ).headers.get("access-control-allow-origin") is None
