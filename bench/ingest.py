@@ -406,7 +406,7 @@ class Bench:
         try:
             warm = [self.wrk(server, load, a.warmup, a.check)] if a.warmup > 0 else []
             profiler = self.start_profiler(server) if (
-                a.profile and which == "trackpipe" and load == "batch") else None
+                a.profile and which == "trackpipe" and load == (a.only or "batch")) else None
             main = self.wrk(server, load, a.duration, a.check)
             if profiler:
                 self.finish_profiler(profiler)

@@ -38,7 +38,7 @@ from trackpipe.pipeline.store import GROUP_MAX_EVENTS, Outcome, Submission, erro
 log = logging.getLogger("trackpipe.writer")
 
 PR_SET_PDEATHSIG = 1
-IN_FLIGHT = 2  # groups sent to the writer before its first reply: it never waits for the next
+IN_FLIGHT = 1  # one group commits while the next gathers (a second in flight only added fsyncs)
 
 
 GROUP_MAX_BYTES = 16 << 20  # event bodies per group: bounds the message and the commit

@@ -72,7 +72,7 @@ class TrackingAPI:
                 return 200, responses.SUCCESS_BODY, ()  # browser self-metrics: accepted, ignored
             await self._accept(kind, scope, headers, raw)
         except RequestRejected as exc:
-            metrics.EVENTS_REJECTED.labels(exc.code).inc()
+            metrics.EVENTS_REJECTED.add((exc.code,))
             status, body = responses.rejection(exc)
             return status, body, ()
         except StoreUnavailable as exc:
@@ -122,13 +122,13 @@ class TrackingAPI:
         strict = (source.strict or self.settings.ingest.strict
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict)
-        metrics.EVENTS_RECEIVED.inc(len(items))
+        metrics.EVENTS_RECEIVED.add((), len(items))
         outcome = await self.committer.submit(records, discards)
-        metrics.EVENTS_ACCEPTED.inc(outcome.stored)
+        metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:
-            metrics.EVENTS_DEDUPLICATED.inc(outcome.deduplicated)
+            metrics.EVENTS_DEDUPLICATED.add((), outcome.deduplicated)
         for d in discards:
-            metrics.EVENTS_DISCARDED.labels(d.reason).inc()
+            metrics.EVENTS_DISCARDED.add((d.reason,))
 
     def _peer_ip(self, scope, headers: dict) -> str | None:
         client = scope.get("client")
