@@ -65,7 +65,3 @@ _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:Z|\+00:00)\Z")
 
 def in_range(ms: int) -> bool:
     return 0 <= ms <= _MAX_MS
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from itertools import chain
 from pathlib import Path
 from typing import Sequence
@@ -313,7 +312,3 @@ class SQLiteLog(EventLog):
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
