@@ -38,6 +38,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Largest request body after gzip decompression."""
     max_batch_events: int = 2500
     """Most events in one batch request."""
+    rate_limit_events_per_second: float = 0
+    """Events per second one source may send (0: no limit); over it, 429 with Retry-After."""
+    rate_limit_burst_seconds: float = 1.0
+    """How many seconds of the rate a source may send at once after a quiet spell."""
 
 
 class Dedup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

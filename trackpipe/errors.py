@@ -12,11 +12,13 @@ class ConfigError(TrackpipeError):
 class RequestRejected(TrackpipeError):
     """An ingest request is refused as a whole; `code` selects the row of the error table."""
 
-    def __init__(self, code: str, message: str, errors: list[dict] | None = None):
+    def __init__(self, code: str, message: str, errors: list[dict] | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()):
         super().__init__(message)
         self.code = code
         self.message = message
         self.errors = errors
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 class StoreUnavailable(TrackpipeError):

@@ -23,6 +23,7 @@ from trackpipe.pipeline.store import GroupCommitter
 from trackpipe.sources import responses
 from trackpipe.sources.auth import SourceRegistry
 from trackpipe.sources.browser import settings_body
+from trackpipe.sources.ratelimit import RateLimiter
 
 ALLOW_HEADERS = b"authorization, content-type, x-retry-count, x-strict-mode"
 JSON = (b"content-type", b"application/json")
@@ -40,6 +41,8 @@ class TrackingAPI:
         self.origins = set(settings.server.cors_origins)
         self.trusted = [ipaddress.ip_network(p, strict=False)
                         for p in settings.server.trusted_proxies]
+        self.limiter = RateLimiter(settings.limits.rate_limit_events_per_second,
+                                   settings.limits.rate_limit_burst_seconds)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["path"][4:]  # after "/v1/"
@@ -74,7 +77,7 @@ class TrackingAPI:
         except RequestRejected as exc:
             metrics.EVENTS_REJECTED.add((exc.code,))
             status, body = responses.rejection(exc)
-            return status, body, ()
+            return status, body, exc.headers
         except StoreUnavailable as exc:
             return 503, responses.error_body("store_unavailable", f"{exc}; retry later."), (
                 (b"retry-after", str(responses.RETRY_AFTER_SECONDS).encode()),)
@@ -117,6 +120,7 @@ class TrackingAPI:
         rc = RequestContext(received, format_ts(received), source.id,
                             self._peer_ip(scope, headers), self.settings.ingest.version)
         items = items_of(body, type_, self.limits)
+        self.limiter.take(source.id, len(items))
         if type_ is None:
             batch_context(body, rc)
         strict = (source.strict or self.settings.ingest.strict

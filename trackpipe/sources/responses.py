@@ -19,6 +19,7 @@ STATUS = {
     "validation_failed": 400,
     "missing_write_key": 400,
     "invalid_write_key": 401,
+    "rate_limited": 429,
     "unsupported_encoding": 415,
     "not_found": 404,
     "method_not_allowed": 405,
