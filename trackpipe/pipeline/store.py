@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, EventLog, Record, Repeat
@@ -29,6 +30,16 @@ from trackpipe import metrics
 log = logging.getLogger("trackpipe.store")
 
 GROUP_MAX_EVENTS = 5000
+
+
+class Committer(Protocol):
+    """What the tracking API needs of a committer (GroupCommitter, WriterProcess)."""
+
+    healthy: bool
+    last_failed_bytes: int
+
+    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]
+                     ) -> "Outcome": ...
 
 
 @dataclass(slots=True)

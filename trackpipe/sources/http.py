@@ -19,7 +19,7 @@ from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
 from trackpipe.pipeline.decode import decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
 from trackpipe.pipeline.ingest import batch_context, items_of, prepare
-from trackpipe.pipeline.store import GroupCommitter
+from trackpipe.pipeline.store import Committer
 from trackpipe.sources import responses
 from trackpipe.sources.auth import SourceRegistry
 from trackpipe.sources.browser import settings_body
@@ -33,7 +33,7 @@ KNOWN = {**{p: f"/v1/{p}" for p in PATH_TYPES}, **{p: f"/v1/{p}" for p in BATCH_
 
 
 class TrackingAPI:
-    def __init__(self, settings: Settings, registry: SourceRegistry, committer: GroupCommitter):
+    def __init__(self, settings: Settings, registry: SourceRegistry, committer: Committer):
         self.settings = settings
         self.limits = settings.limits
         self.registry = registry
