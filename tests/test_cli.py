@@ -355,3 +355,21 @@ def test_events_follow_streams_new_events_once(server):
         assert follow.proc.poll() is None
     finally:
         follow.kill()
+
+
+def test_second_server_on_the_same_data_dir_is_refused(tmp_path):
+    """Two servers would run two log writers on one log."""
+    from support import ServerProcess, free_port
+
+    first = ServerProcess(tmp_path / "data").start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trackpipe", "serve", "--port", str(free_port()),
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "TRACKPIPE_ADMIN_TOKEN": "x"})
+        assert proc.returncode == 2
+        assert "Another trackpipe is already serving" in proc.stderr
+        assert httpx.get(f"{first.url}/health", timeout=5).status_code == 200
+    finally:
+        first.stop()

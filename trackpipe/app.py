@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import sqlite3
 
 from trackpipe.admin import api as admin_api
 from trackpipe.config import Settings
+from trackpipe.errors import ConfigError
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.pipeline.writer_process import WriterProcess
@@ -31,6 +33,7 @@ class Pipeline:
         self.settings = settings
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_data_dir(data)
         self.catalog = Catalog(data)
         if settings.admin_token:
             self.catalog.set_admin_token(settings.admin_token)
@@ -68,6 +71,18 @@ class Pipeline:
         self.committer.close()
         self.log.close()
         self.catalog.close()
+
+
+def _lock_data_dir(data):
+    """One server per data dir: a second one would start a second log writer."""
+    lock = open(data / "trackpipe.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"Another trackpipe is already serving {data.resolve()}; stop it or "
+                          "choose another --data-dir.") from None
+    return lock  # released by the kernel when this process exits, however it exits
 
 
 def create_app(pipeline: Pipeline):
