@@ -80,7 +80,9 @@ def test_writer_killed_alone_and_again_while_restarting(fresh_server):
 
     seen = {s for ss in statuses.values() for s in ss}
     assert seen <= {200, 503}, seen  # never a 500, never a timeout
-    assert 503 in seen, "the kills were not noticed: the test is void"
+    # Both kills were noticed: a third writer took over. (Whether a request saw a 503
+    # depends on whether a group was in flight at that instant.)
+    wait_for_new_writer(proc.proc.pid, second)
 
     # Like an SDK: retry what was not acknowledged until it is.
     deadline = time.monotonic() + 30
