@@ -45,7 +45,7 @@ def main() -> None:
     uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level="warning", timeout_keep_alive=5,
-        timeout_graceful_shutdown=10)).run()
+        timeout_graceful_shutdown=10, proxy_headers=False)).run()
 
 
 if __name__ == "__main__":
