@@ -98,6 +98,31 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
+class PerThread:
+    """One connection per thread to one SQLite file (a connection must not be shared
+    between threads mid-transaction); close_all() closes every one of them."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL"):
+        self.path, self.synchronous = path, synchronous
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, synchronous=self.synchronous)
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close_all(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
 class SQLiteLog(EventLog):
     """`writable=False` opens a reader: queries and consumer positions, no appends.
 
@@ -108,9 +133,7 @@ class SQLiteLog(EventLog):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writable = writable
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
+        self._readers = PerThread(self.path)
         self._closed = threading.Event()
         self._write: sqlite3.Connection | None = None
         if not writable:
@@ -183,13 +206,7 @@ class SQLiteLog(EventLog):
     # -- reading (any thread) -------------------------------------------------
 
     def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+        return self._readers.get()
 
     def head(self) -> int:
         if self.writable:
@@ -308,7 +325,4 @@ class SQLiteLog(EventLog):
             except sqlite3.Error:
                 pass
             self._write.close()
-        with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        self._readers.close_all()

@@ -24,7 +24,7 @@ from typing import Iterable
 import msgspec
 
 from trackpipe.log.base import EventLog
-from trackpipe.log.sqlite import connect, insert_many
+from trackpipe.log.sqlite import PerThread, connect, insert_many
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (
@@ -56,9 +56,9 @@ class MessageIndex:
         self._active: dict[int, list[int]] = {}
         self._frozen: dict[int, list[int]] = {}
         self._active_last = self._through
+        self._conns = PerThread(self.path, synchronous="NORMAL")
         self._lock = threading.Condition()
         self._failing = False  # the last flush failed (disk full): retry slowly
-        self._local = threading.local()
         self._stop = threading.Event()
         self._replay(log)
         self._flusher = threading.Thread(target=self._flush_loop, name="dedupe-flush", daemon=True)
@@ -75,10 +75,7 @@ class MessageIndex:
                 self.flush()
 
     def _db(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, synchronous="NORMAL")
-        return conn
+        return self._conns.get()
 
     def candidates(self, hashes: Iterable[int]) -> dict[int, list[int]]:
         """hash -> log positions that may hold a messageId with that hash."""
@@ -168,9 +165,7 @@ class MessageIndex:
             self._lock.notify_all()
         self._flusher.join(timeout=10)
         self.flush()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
+        self._conns.close_all()
 
 
 class MessageLookup:
@@ -184,13 +179,10 @@ class MessageLookup:
     def __init__(self, path: Path | str, log: EventLog):
         self.path = Path(path)
         self.log = log
-        self._local = threading.local()
+        self._conns = PerThread(self.path, synchronous="NORMAL")
 
     def _db(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, synchronous="NORMAL")
-        return conn
+        return self._conns.get()
 
     def positions(self, message_id: str) -> list[int]:
         conn = self._db()

@@ -190,25 +190,29 @@ def next_group(q: queue.SimpleQueue) -> list[Submission] | None:
 
 def resolve(group: list[Submission], outcomes: list[Outcome] | None,
             error: Exception | None) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    """settle() from another thread, on each request's own event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list, list]] = {}
     for i, sub in enumerate(group):
-        by_loop.setdefault(sub.future.get_loop(), []).append(
-            (sub.future, outcomes[i] if outcomes else None))
-    for loop, items in by_loop.items():
+        subs, outs = by_loop.setdefault(sub.future.get_loop(), ([], []))
+        subs.append(sub)
+        outs.append(outcomes[i] if outcomes else None)
+    for loop, (subs, outs) in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_settle, items, error)
+            loop.call_soon_threadsafe(settle, subs, outs, error)
         except RuntimeError:
             pass  # that loop is closed: its requests are gone
 
 
-def _settle(items: list, error: Exception | None) -> None:
-    for future, outcome in items:
-        if future.done():
+def settle(group: list[Submission], outcomes: list[Outcome] | None,
+           error: Exception | None) -> None:
+    """Wake each request with its outcome, or with the error (on the loop's own thread)."""
+    for i, sub in enumerate(group):
+        if sub.future.done():
             continue
         if error is None:
-            future.set_result(outcome)
+            sub.future.set_result(outcomes[i])
         else:
-            future.set_exception(error)
+            sub.future.set_exception(error)
 
 
 def error_kind(text: str) -> str:

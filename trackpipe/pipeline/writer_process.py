@@ -33,7 +33,7 @@ import msgspec
 from trackpipe import metrics
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, Record
-from trackpipe.pipeline.store import GROUP_MAX_EVENTS, Outcome, Submission, error_kind
+from trackpipe.pipeline.store import GROUP_MAX_EVENTS, Outcome, Submission, error_kind, settle
 
 log = logging.getLogger("trackpipe.writer")
 
@@ -139,11 +139,11 @@ class WriterProcess:
             if reply[0] == "ok":
                 self.healthy = True
                 metrics.COMMIT_SECONDS.observe(reply[2])
-                _settle(group, [Outcome(*o) for o in reply[1]], None)
+                settle(group, [Outcome(*o) for o in reply[1]], None)
             else:
                 _, kind, message = reply
                 self._record_failure(group, message, kind)
-                _settle(group, None, StoreUnavailable(f"the event log could not commit: {message}"))
+                settle(group, None, StoreUnavailable(f"the event log could not commit: {message}"))
             self._dispatch()
 
     def _writer_down(self) -> None:
@@ -156,7 +156,7 @@ class WriterProcess:
         self._pending, self._pending_bytes = [], 0
         if lost:
             self._record_failure(lost, self.last_error or "the log writer process stopped", "io")
-        _settle(lost, None, StoreUnavailable("the event log writer stopped"))
+        settle(lost, None, StoreUnavailable("the event log writer stopped"))
 
     def _reap(self) -> None:
         self._proc.join(timeout=5)
@@ -203,7 +203,7 @@ class WriterProcess:
                 stream.write(struct.pack("!i", len(data)))
                 stream.write(data)
             except (RuntimeError, OSError) as exc:  # the transport closed under us
-                _settle(group, None, StoreUnavailable(f"the event log writer stopped ({exc})"))
+                settle(group, None, StoreUnavailable(f"the event log writer stopped ({exc})"))
                 return
             self._in_flight.append(group)
 
@@ -264,16 +264,6 @@ async def _recv(reader: asyncio.StreamReader):
     if size == -1:
         (size,) = struct.unpack("!Q", await reader.readexactly(8))
     return _unpack(await reader.readexactly(size))
-
-
-def _settle(group: list[Submission], outcomes, error: Exception | None) -> None:
-    for i, sub in enumerate(group):
-        if sub.future.done():
-            continue
-        if error is None:
-            sub.future.set_result(outcomes[i])
-        else:
-            sub.future.set_exception(error)
 
 
 def serve_writer(conn, data_dir: str, window_ms: int) -> None:
