@@ -12,6 +12,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -56,6 +57,67 @@ class Ingest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Reject a whole request with 400 when any event in it is invalid (per-source override)."""
 
 
+class Filter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    mode: str = "allow"
+    """"allow": only events matching types/events go; "deny": those are kept back."""
+    types: list[str] = []
+    """Message types the filter matches (empty: any type)."""
+    events: list[str] = []
+    """Track event names the filter matches (empty: any name)."""
+
+
+class Action(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    """Shown in deliveries and metrics."""
+    trigger: str
+    """Condition over the event, e.g. `type = "track" and event = "Order Completed"`."""
+    mapping: dict[str, Any] = {}
+    """Output path -> "$.source.path" or a literal; empty sends the message unchanged."""
+
+
+class Destination(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    """Names the destination in `integrations`, the API, metrics and the CLI."""
+    type: str
+    """webhook, postgres, duckdb, file, mixpanel, amplitude or segment."""
+    enabled: bool = True
+    batch_size: int = 0
+    """Most events per request; 0 takes the destination type's default."""
+    retry_window_seconds: int = 4 * 3600
+    """Keep retrying a failing event this long from its first attempt ..."""
+    max_attempts: int = 10
+    """... and at least this many attempts; only when both are spent does it fail."""
+    ordered: bool = False
+    """Per-user ordering: a user's later events wait while an earlier one is retrying."""
+    filter: Filter | None = None
+    actions: list[Action] = []
+    """When present, only events matching an action's trigger go, shaped by its mapping."""
+    settings: dict[str, Any] = {}
+    """The destination type's own settings (URL, credentials, ...); see README#destinations."""
+
+
+class Identity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    """Build profiles from the log (anonymous visitors stitched to known people)."""
+    store: str = "sqlite"
+    """"sqlite" (embedded, in data_dir) or "postgres" (shared by several nodes)."""
+    postgres_dsn: str = ""
+    """Connection string of the PostgreSQL identity store, when store = "postgres"."""
+    trait_identifiers: list[str] = []
+    """Traits that identify a person too, e.g. ["email"]."""
+    blocked_values: list[str] = msgspec.field(default_factory=lambda: [
+        "", "0", "-1", "null", "undefined", "none", "nil", "anonymous", "unknown", "guest",
+        "n/a", "[object object]"])
+    """Identifier values that never join people (compared case-insensitively, trimmed)."""
+    max_identifiers_per_profile: int = 1000
+    max_merges_per_profile: int = 100
+
+
+class Privacy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    truncate_ip: bool = False
+    """Zero the last octet (IPv4) / last 80 bits (IPv6) of context.ip before anything is stored."""
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = "./trackpipe-data"
     """Where the event log and its indexes live."""
@@ -65,13 +127,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     dedup: Dedup = msgspec.field(default_factory=Dedup)
     ingest: Ingest = msgspec.field(default_factory=Ingest)
+    identity: Identity = msgspec.field(default_factory=Identity)
+    privacy: Privacy = msgspec.field(default_factory=Privacy)
+    destinations: list[Destination] = []
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
 
-_SECTIONS = ("server", "limits", "dedup", "ingest")
+_SECTIONS = ("server", "limits", "dedup", "ingest", "identity", "privacy")
 # Variables that belong to the test suite or the benchmark, not to the server.
 _NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL",
                  "TRACKPIPE_GC_THRESHOLD"}
@@ -113,7 +178,8 @@ def _apply_env(raw: dict, env) -> None:
 
 
 def _section_fields(section: str) -> tuple[str, ...]:
-    cls = {"server": Server, "limits": Limits, "dedup": Dedup, "ingest": Ingest}[section]
+    cls = {"server": Server, "limits": Limits, "dedup": Dedup, "ingest": Ingest,
+           "identity": Identity, "privacy": Privacy}[section]
     return cls.__struct_fields__
 
 

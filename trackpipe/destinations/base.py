@@ -1,0 +1,130 @@
+"""The seam every destination sits behind.
+
+A destination turns a batch of events into requests to one tool and says,
+per event, what happened: delivered, worth retrying, or failed for good.
+Everything else — reading the log, routing, batching, backoff, the failed
+store, replays, metrics — belongs to the delivery framework (trackpipe/delivery),
+so a destination module stays small: its settings, `send`, `check`.
+
+Classifying a failure is the destination's job because only it knows the
+tool: a 429 from Mixpanel is worth retrying, a 400 is not; a dropped
+PostgreSQL connection is worth retrying, a permission error is not.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+import msgspec
+
+EXCERPT_CHARS = 500
+
+
+class Event(NamedTuple):
+    """One log entry on its way to one destination."""
+
+    position: int          # in the log; unique and increasing
+    message_id: str
+    message: dict          # the normalized Segment message (`_metadata` removed), or, when a
+                           # mapping action matched, the message that action built
+    profile_id: str | None  # the resolved person (identity), when identity is enabled
+    options: dict | None   # this destination's option object from `integrations`, if any
+    action: str | None     # name of the mapping action that matched, if the destination has actions
+
+
+class Outcome(NamedTuple):
+    state: str                  # "delivered" | "retry" | "failed"
+    status: int | None = None   # HTTP status (or None for non-HTTP tools)
+    detail: str = ""            # what the tool answered, cut to EXCERPT_CHARS
+    retry_after: float | None = None  # seconds the tool asked us to wait
+
+
+DELIVERED = Outcome("delivered", 200)
+
+
+def retry(status: int | None, detail: str, retry_after: float | None = None) -> Outcome:
+    return Outcome("retry", status, excerpt(detail), retry_after)
+
+
+def fail(status: int | None, detail: str) -> Outcome:
+    return Outcome("failed", status, excerpt(detail))
+
+
+def excerpt(text: Any) -> str:
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text[:EXCERPT_CHARS * 4]).decode("utf-8", "replace")
+    text = str(text)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
+
+
+def classify_http(status: int, body: bytes | str = b"", headers: Any = None) -> Outcome:
+    """The usual HTTP answer → Outcome: 2xx delivered; 408, 409, 429 and 5xx worth retrying
+    (with Retry-After when given); any other status failed for good."""
+    if 200 <= status < 300:
+        return Outcome("delivered", status)
+    if status in (408, 409, 429) or status >= 500:
+        return retry(status, body, parse_retry_after(headers.get("retry-after") if headers else None))
+    return fail(status, body)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or as an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class DestinationError(Exception):
+    """A destination's settings are wrong or its health check failed; the message says how."""
+
+
+class Destination(ABC):
+    """One configured destination instance.
+
+    Subclasses set `kind` and `Settings` (a msgspec Struct with
+    forbid_unknown_fields=True, built from the instance's `settings` table), and
+    list in `secret_fields` the settings that must never be shown or logged.
+    """
+
+    kind: ClassVar[str]
+    Settings: ClassVar[type[msgspec.Struct]]
+    secret_fields: ClassVar[tuple[str, ...]] = ()
+    default_batch_size: ClassVar[int] = 100
+    supports_delete: ClassVar[bool] = False
+
+    def __init__(self, name: str, settings: msgspec.Struct):
+        self.name = name
+        self.settings = settings
+
+    async def start(self) -> None:
+        """Open clients, pools and files. Called once before the first send."""
+
+    @abstractmethod
+    async def send(self, batch: Sequence[Event]) -> Sequence[Outcome] | Outcome:
+        """Deliver the batch. Return one Outcome per event (same order), or one Outcome that
+        applies to all of them. Must not raise for a failure of the tool: an exception is
+        treated as a retryable failure of the whole batch, with its text as the detail."""
+
+    async def check(self) -> str:
+        """Health check for `trackpipe check`: return a short description of what was
+        verified; raise DestinationError with a helpful message when unhealthy."""
+        return "settings valid"
+
+    async def delete_user(self, user_ids: Sequence[str], anonymous_ids: Sequence[str]) -> Outcome:
+        """Forward a privacy delete for a person (only when `supports_delete`)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what start() opened."""
