@@ -22,8 +22,16 @@ KINDS = {
 
 
 def destination_class(kind: str) -> type[Destination]:
-    try:
-        module, _, attr = KINDS[kind].partition(":")
-    except KeyError:
-        raise KeyError(f"unknown destination type {kind!r}; known types: {', '.join(sorted(KINDS))}") from None
-    return getattr(importlib.import_module(module), attr)
+    """A built-in kind, or "package.module:Class" for a destination of your own."""
+    if kind in KINDS:
+        path = KINDS[kind]
+    elif ":" in kind:
+        path = kind
+    else:
+        raise KeyError(f"unknown destination type {kind!r}; known types: {', '.join(sorted(KINDS))}"
+                       " (or \"package.module:Class\" for your own)")
+    module, _, attr = path.partition(":")
+    cls = getattr(importlib.import_module(module), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Destination)):
+        raise KeyError(f"{path} is not a trackpipe Destination class")
+    return cls

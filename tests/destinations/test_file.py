@@ -1,0 +1,194 @@
+"""The file destination: NDJSON lines on disk, rotation, gzip members, and disk errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gzip
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from trackpipe import config
+from trackpipe.destinations.base import DestinationError, Event
+from trackpipe.destinations.build import build_destination
+from trackpipe.destinations.file import FileDestination, os_error_outcome
+from trackpipe.errors import ConfigError
+
+from destinations.sink_file import read_messages
+
+
+def events(n: int, start: int = 0, pad: int = 0) -> list[Event]:
+    return [Event(start + k, f"m-{start + k}",
+                  {"type": "track", "event": "Tested", "messageId": f"m-{start + k}",
+                   "userId": "u1", "properties": {"seq": start + k, "pad": "x" * pad}},
+                  None, None, None) for k in range(n)]
+
+
+def make(directory: Path, **settings) -> FileDestination:
+    cfg = config.Destination(name="files", type="file",
+                             settings={"directory": str(directory), **settings})
+    return build_destination(cfg)
+
+
+def run(dest: FileDestination, *batches: list[Event]) -> list:
+    async def go():
+        await dest.start()
+        try:
+            return [await dest.send(b) for b in batches]
+        finally:
+            await dest.close()
+    return asyncio.run(go())
+
+
+def files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.startswith("events-"))
+
+
+def ids(directory: Path) -> list[str]:
+    return [m["messageId"] for p in files(directory) for m in read_messages(p)]
+
+
+def test_writes_one_message_per_line_in_a_named_file(tmp_path):
+    outcomes = run(make(tmp_path / "out"), events(3))
+    assert [o.state for o in outcomes] == ["delivered"]
+    [path] = files(tmp_path / "out")  # the directory was created at start
+    assert re.fullmatch(r"events-\d{8}T\d{6}\.\d{6}Z\.ndjson", path.name)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["properties"]["seq"] for line in lines] == [0, 1, 2]
+
+
+def test_later_batches_append_to_the_same_file(tmp_path):
+    run(make(tmp_path), events(2), events(2, start=2))
+    assert len(files(tmp_path)) == 1
+    assert ids(tmp_path) == ["m-0", "m-1", "m-2", "m-3"]
+
+
+def test_rotates_when_the_file_reaches_max_bytes(tmp_path):
+    batches = [events(1, start=k, pad=520) for k in range(6)]
+    run(make(tmp_path, max_bytes=1000), *batches)
+    paths = files(tmp_path)
+    assert len(paths) == 3  # ~600 bytes a batch: the second one reaches max_bytes
+    assert all(p.stat().st_size < 1000 + 500 for p in paths)
+    assert ids(tmp_path) == [f"m-{k}" for k in range(6)]  # names sort in writing order
+
+
+def test_rotates_when_the_file_is_older_than_max_age(tmp_path):
+    dest = make(tmp_path, max_age_seconds=0.2)
+
+    async def go():
+        await dest.start()
+        await dest.send(events(1))
+        await dest.send(events(1, start=1))
+        await asyncio.sleep(0.3)
+        await dest.send(events(1, start=2))
+    asyncio.run(go())
+    paths = files(tmp_path)
+    assert [len(read_messages(p)) for p in paths] == [2, 1]
+
+
+def test_a_new_run_starts_a_new_file(tmp_path):
+    run(make(tmp_path), events(1))
+    run(make(tmp_path), events(1, start=1))
+    assert [len(read_messages(p)) for p in files(tmp_path)] == [1, 1]
+
+
+def test_gzip_appends_one_member_per_batch(tmp_path):
+    run(make(tmp_path, gzip=True), events(2), events(3, start=2))
+    [path] = files(tmp_path)
+    assert path.name.endswith(".ndjson.gz")
+    raw = path.read_bytes()
+    assert raw.count(b"\x1f\x8b\x08") >= 2  # two gzip members
+    lines = gzip.decompress(raw).decode().splitlines()
+    assert [json.loads(line)["messageId"] for line in lines] == [f"m-{k}" for k in range(5)]
+
+
+def test_gzip_file_cut_mid_batch_keeps_the_earlier_batches(tmp_path):
+    run(make(tmp_path, gzip=True), events(2), events(2, start=2))
+    [path] = files(tmp_path)
+    raw = path.read_bytes()
+    second = raw.index(b"\x1f\x8b\x08", 10)
+    path.write_bytes(raw[:second + (len(raw) - second) // 2])  # a crash mid second batch
+    assert [m["messageId"] for m in read_messages(path)] == ["m-0", "m-1"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_disk_full_is_retried_and_the_next_batch_goes_to_a_new_file(tmp_path):
+    dest = make(tmp_path)
+
+    async def go():
+        await dest.start()
+        first = await dest.send(events(1))
+        [path] = files(tmp_path)
+        path.unlink()
+        path.symlink_to("/dev/full")  # writing there fails with ENOSPC, a real full disk
+        full = await dest.send(events(1, start=1))
+        path.unlink()
+        after = await dest.send(events(1, start=2))
+        return first, full, after
+    first, full, after = asyncio.run(go())
+    assert first.state == "delivered" and after.state == "delivered"
+    assert full.state == "retry"
+    assert "ENOSPC" in full.detail and "Free disk space" in full.detail
+    assert ids(tmp_path) == ["m-2"]
+
+
+def test_a_vanished_directory_is_retried(tmp_path):
+    dest = make(tmp_path / "mount")
+
+    async def go():
+        await dest.start()
+        await dest.send(events(1))
+        (tmp_path / "mount").rename(tmp_path / "moved")
+        gone = await dest.send(events(1, start=1))
+        (tmp_path / "moved").rename(tmp_path / "mount")
+        back = await dest.send(events(1, start=2))
+        return gone, back
+    gone, back = asyncio.run(go())
+    assert gone.state == "retry" and "ENOENT" in gone.detail
+    assert back.state == "delivered"
+    assert ids(tmp_path / "mount") == ["m-0", "m-2"]
+
+
+def test_not_a_directory_fails_for_good(tmp_path):
+    target = tmp_path / "plain-file"
+    target.write_text("")
+    [outcome] = run(make(target), events(1))
+    assert outcome.state == "failed"
+    assert "ENOTDIR" in outcome.detail and "replay" in outcome.detail
+
+
+@pytest.mark.parametrize("code,state", [(errno.EACCES, "failed"), (errno.EPERM, "failed"),
+                                        (errno.EROFS, "failed"), (errno.ENOSPC, "retry"),
+                                        (errno.EIO, "retry"), (errno.EDQUOT, "retry")])
+def test_os_errors_are_classified(code, state):
+    outcome = os_error_outcome(OSError(code, os.strerror(code), "/data/x.ndjson"), "/data")
+    assert outcome.state == state
+    assert "/data/x.ndjson" in outcome.detail and errno.errorcode[code] in outcome.detail
+
+
+def test_check_reports_a_writable_directory_and_refuses_a_file(tmp_path):
+    assert str(tmp_path) in asyncio.run(make(tmp_path).check())
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(DestinationError, match="cannot write in .*blocker"):
+        asyncio.run(make(blocker).check())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trackpipe-check")]
+
+
+@pytest.mark.parametrize("settings", [{"prefix": "../escape"}, {"max_bytes": 0},
+                                      {"max_age_seconds": -1}, {"compress": True}])
+def test_bad_settings_are_config_errors(tmp_path, settings):
+    with pytest.raises(ConfigError, match="invalid settings"):
+        make(tmp_path, **settings)
+
+
+def test_an_old_file_keeps_its_timestamped_name_order(tmp_path):
+    run(make(tmp_path, max_bytes=1), events(1), events(1, start=1), events(1, start=2))
+    names = [p.name for p in files(tmp_path)]
+    assert names == sorted(names) and len(set(names)) == 3
+    assert time.time() - files(tmp_path)[0].stat().st_mtime < 60

@@ -1,0 +1,185 @@
+"""The duckdb warehouse destination: same layout and policy, one embedded file."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import msgspec
+import pytest
+
+from trackpipe.destinations.base import DestinationError, Event
+from trackpipe.destinations.warehouse import duckdb as module
+from trackpipe.destinations.warehouse.duckdb import DuckDBWarehouse
+
+
+def warehouse(path) -> DuckDBWarehouse:
+    return DuckDBWarehouse("wh", DuckDBWarehouse.Settings(path=str(path)))
+
+
+def run(dest, *steps):
+    async def go():
+        return [await step(dest) for step in steps]
+    return asyncio.run(go())
+
+
+def send(*events):
+    return lambda d: d.send(list(events))
+
+
+def event(n: int, type_: str = "track", profile: str | None = None, **fields) -> Event:
+    message = {"type": type_, "messageId": f"m{n}", "userId": f"u{n}", "anonymousId": f"a{n}",
+               "receivedAt": f"2024-05-01T10:00:{n % 60:02d}.000Z",
+               "context": {"ip": "203.0.113.7", "page": {"path": "/x"}}, **fields}
+    if type_ == "track":
+        message.setdefault("event", "Order Completed")
+    return Event(n, message["messageId"], message, profile, None, None)
+
+
+def query(path, sql):
+    with duckdb.connect(str(path), read_only=True) as con:  # works only if the file is free
+        cur = con.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def types(path, table):
+    return {r["column_name"]: r["data_type"] for r in query(
+        path, f"SELECT column_name, data_type FROM information_schema.columns"
+              f" WHERE table_name = '{table}'")}
+
+
+def states(outcomes):
+    return [o.state for o in outcomes]
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "nested" / "warehouse.duckdb"
+
+
+def test_layout_for_each_message_type_and_the_file_is_free_after_each_load(db):
+    outcomes, = run(warehouse(db), send(
+        event(1, properties={"revenue": 9.5, "shipped": "2024-05-02T08:30:00Z"}),
+        event(2, "identify", traits={"email": "a@b.c", "address": {"city": "Oslo"}}),
+        event(3, "page", name="Home", properties={"title": "Shop"}),
+        event(4, "screen", name="Cart"), event(5, "group", groupId="g1", traits={"plan": "pro"}),
+        event(6, "alias", previousId="old")))
+    assert states(outcomes) == ["delivered"] * 6
+    assert query(db, "SELECT id, event, event_text, context_page_path FROM tracks") == [
+        {"id": "m1", "event": "order_completed", "event_text": "Order Completed",
+         "context_page_path": "/x"}]
+    assert query(db, "SELECT revenue FROM order_completed") == [{"revenue": 9.5}]
+    assert types(db, "order_completed")["shipped"] == "TIMESTAMP WITH TIME ZONE"
+    assert query(db, "SELECT email, address_city FROM identifies") == [
+        {"email": "a@b.c", "address_city": "Oslo"}]
+    assert query(db, "SELECT id, email FROM users") == [{"id": "u2", "email": "a@b.c"}]
+    assert query(db, "SELECT name, title FROM pages") == [{"name": "Home", "title": "Shop"}]
+    assert query(db, "SELECT name FROM screens") == [{"name": "Cart"}]
+    assert query(db, "SELECT group_id, plan FROM groups") == [{"group_id": "g1", "plan": "pro"}]
+    assert query(db, "SELECT previous_id FROM aliases") == [{"previous_id": "old"}]
+
+
+@pytest.mark.parametrize("first, later, new_type, stored", [
+    (1, 2.5, "DOUBLE", [1.0, 2.5]),
+    (True, 3, "VARCHAR", ["true", "3"]),
+    ("2024-05-01T10:00:00Z", "soon", "VARCHAR", ["2024-05-01T10:00:00.000000Z", "soon"]),
+])
+def test_widening_keeps_every_value_and_is_recorded(db, first, later, new_type, stored):
+    run(warehouse(db), send(event(1, properties={"v": first})),
+        send(event(2, properties={"v": later})))
+    assert types(db, "order_completed")["v"] == new_type
+    assert [r["v"] for r in query(db, "SELECT v FROM order_completed ORDER BY id")] == stored
+    change = query(db, 'SELECT old_type, new_type, message_id FROM schema_changes'
+                       " WHERE column_name = 'v' ORDER BY \"at\"")
+    assert change[-1]["new_type"] == new_type and change[-1]["message_id"] == "m2"
+
+
+def test_rejected_values_and_the_rest_of_the_row(db):
+    run(warehouse(db), send(event(1, properties={"n": 2**64, "ok": "yes"})))
+    assert query(db, "SELECT ok FROM order_completed") == [{"ok": "yes"}]
+    assert query(db, "SELECT column_name, message_id, value FROM rejected_values") == [
+        {"column_name": "n", "message_id": "m1", "value": str(2**64)}]
+
+
+def test_idempotent_on_message_id_and_identities_upserted(db):
+    batch = [event(1, profile="p1"), event(2, profile="p1"), event(1, profile="p1")]
+    outcomes = run(warehouse(db), send(*batch), send(*batch),
+                   send(event(3, profile="p2", anonymousId="a1", userId=None)))
+    assert states(outcomes[1]) == ["delivered"] * 3
+    assert query(db, "SELECT id FROM tracks ORDER BY id") == [{"id": "m1"}, {"id": "m2"}, {"id": "m3"}]
+    rows = query(db, "SELECT identifier, profile_id FROM identities ORDER BY identifier")
+    assert rows == [{"identifier": "a1", "profile_id": "p2"}, {"identifier": "a2", "profile_id": "p1"},
+                    {"identifier": "u1", "profile_id": "p1"}, {"identifier": "u2", "profile_id": "p1"}]
+
+
+def test_a_file_held_by_another_process_is_retried(db, monkeypatch):
+    run(warehouse(db), send(event(1)))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(db)!r})
+        print("held", flush=True)
+        sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(module, "LOCK_WAIT_SECONDS", 0.3)
+        outcomes, = run(warehouse(db), send(event(2)))
+    finally:
+        holder.communicate("\n", timeout=10)
+    assert states(outcomes) == ["retry"] and "another process" in outcomes[0].detail
+    outcomes, = run(warehouse(db), send(event(2)))
+    assert states(outcomes) == ["delivered"]
+
+
+def test_a_file_that_is_not_a_database_fails_for_good(tmp_path):
+    path = tmp_path / "notes.duckdb"
+    path.write_text("these are my notes, not a database\n" * 200)
+    outcomes, = run(warehouse(path), send(event(1)))
+    assert states(outcomes) == ["failed"] and "path setting" in outcomes[0].detail
+    with pytest.raises(DestinationError, match="path setting"):
+        asyncio.run(warehouse(path).check())
+
+
+def test_check_and_delete_user(db):
+    assert "can create and alter" in asyncio.run(warehouse(db).check())
+    outcomes = run(warehouse(db), send(event(1, profile="p"), event(2, "identify", profile="p"),
+                                       event(3, properties={"n": 2**64}), event(4, "alias",
+                                                                                previousId="u1")),
+                   lambda d: d.delete_user(["u1", "u2"], ["a1", "a2", "a3"]))
+    assert outcomes[1].state == "delivered"
+    assert query(db, "SELECT id FROM tracks") == [] and query(db, "SELECT id FROM users") == []
+    assert query(db, "SELECT id FROM aliases") == [] and query(db, "SELECT * FROM identities") == []
+    assert query(db, "SELECT * FROM rejected_values") == []
+
+
+def test_settings():
+    with pytest.raises(msgspec.ValidationError, match="database file"):
+        msgspec.convert({"path": ":memory:"}, DuckDBWarehouse.Settings)
+    assert DuckDBWarehouse.supports_delete and DuckDBWarehouse.default_batch_size == 2000
+
+
+def test_the_conformance_sink_breaks_and_heals_as_promised(tmp_path, monkeypatch):
+    from destinations.sink_duckdb import Sink  # tests/ is on sys.path (conftest)
+    monkeypatch.setattr(module, "LOCK_WAIT_SECONDS", 0.3)
+    sink = Sink(tmp_path / "sink")
+    cfg = sink.config("dest")
+    dest = DuckDBWarehouse(cfg["name"], msgspec.convert(cfg["settings"], DuckDBWarehouse.Settings))
+
+    def sink_step(action):
+        async def step(d):
+            action()
+        return step
+    try:
+        outcomes = run(dest, send(event(1)), sink_step(sink.break_), send(event(2)),
+                       sink_step(sink.heal), send(event(2)),
+                       sink_step(lambda: sink.break_(terminal=True)), send(event(3)),
+                       sink_step(sink.heal), send(event(3), event(4, "identify")))
+        assert [states(o) for o in outcomes[::2]] == [
+            ["delivered"], ["retry"], ["delivered"], ["failed"], ["delivered", "delivered"]]
+        assert sink.received() == ["m1", "m2", "m3", "m4"]
+    finally:
+        sink.close()

@@ -1,0 +1,310 @@
+"""The postgres warehouse destination against a real PostgreSQL.
+
+Each test loads into a schema of its own and drops it afterwards. Without a
+reachable PostgreSQL the tests skip, or fail when TRACKPIPE_REQUIRE_SERVICES=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+import msgspec
+import psycopg
+import pytest
+
+from trackpipe.destinations.base import DestinationError, Event
+from trackpipe.destinations.warehouse.postgres import PostgresWarehouse
+
+DSN = os.environ.get("TRACKPIPE_TEST_POSTGRES_DSN",
+                     "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+def unavailable(reason: str):
+    if os.environ.get("TRACKPIPE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (TRACKPIPE_REQUIRE_SERVICES=1, so this fails instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def admin():
+    try:
+        conn = psycopg.connect(DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL is not reachable at {DSN!r}: {exc}")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def schema(admin):
+    name = f"tp_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def role(admin):
+    """A login role with no privileges at all."""
+    name = f"tp_test_role_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE ROLE "{name}" LOGIN')
+    yield name
+    admin.execute(f'DROP OWNED BY "{name}"')
+    admin.execute(f'DROP ROLE "{name}"')
+
+
+def warehouse(schema: str, dsn: str = DSN) -> PostgresWarehouse:
+    return PostgresWarehouse("wh", PostgresWarehouse.Settings(dsn=dsn, schema=schema))
+
+
+def run(dest: PostgresWarehouse, *steps):
+    """Run async steps (callables taking the destination) in one loop, then close it."""
+    async def go():
+        try:
+            return [await step(dest) for step in steps]
+        finally:
+            await dest.close()
+    return asyncio.run(go())
+
+
+def send(*events):
+    return lambda d: d.send(list(events))
+
+
+def event(n: int, type_: str = "track", profile: str | None = None, **fields) -> Event:
+    message = {"type": type_, "messageId": f"m{n}", "userId": f"u{n}", "anonymousId": f"a{n}",
+               "receivedAt": f"2024-05-01T10:00:{n % 60:02d}.000Z",
+               "timestamp": "2024-05-01T09:59:59.500Z", "sentAt": "2024-05-01T10:00:00.000Z",
+               "context": {"ip": "203.0.113.7", "library": {"name": "analytics-python"}}, **fields}
+    if type_ == "track":
+        message.setdefault("event", "Order Completed")
+    return Event(n, message["messageId"], message, profile, None, None)
+
+
+def table(admin, schema, name, columns="*", order="id"):
+    cur = admin.execute(f'SELECT {columns} FROM "{schema}"."{name}" ORDER BY {order}')
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def column_types(admin, schema, name) -> dict[str, str]:
+    return dict(admin.execute(
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s", (schema, name)).fetchall())
+
+
+def states(outcomes) -> list[str]:
+    return [o.state for o in outcomes]
+
+
+def test_each_message_type_lands_in_its_table(admin, schema):
+    outcomes, = run(warehouse(schema), send(
+        event(1, properties={"revenue": 9.5, "currency": "EUR"}),
+        event(2, "identify", traits={"email": "a@b.c", "address": {"city": "Oslo"}}),
+        event(3, "page", name="Home", properties={"path": "/", "title": "Shop"}),
+        event(4, "screen", name="Cart", properties={"items": 2}),
+        event(5, "group", groupId="g1", traits={"plan": "pro"}),
+        event(6, "alias", previousId="old-6")))
+    assert states(outcomes) == ["delivered"] * 6
+    track = table(admin, schema, "tracks")[0]
+    assert (track["id"], track["event"], track["event_text"]) == ("m1", "order_completed",
+                                                                 "Order Completed")
+    assert track["context_ip"] == "203.0.113.7" and track["context_library_name"] == "analytics-python"
+    assert str(track["timestamp"]) == "2024-05-01 09:59:59.500000+00:00" and track["uuid_ts"]
+    order = table(admin, schema, "order_completed")[0]
+    assert (order["revenue"], order["currency"], order["user_id"]) == (9.5, "EUR", "u1")
+    identify = table(admin, schema, "identifies")[0]
+    assert (identify["email"], identify["address_city"]) == ("a@b.c", "Oslo")
+    assert table(admin, schema, "users", "id, email")[0] == {"id": "u2", "email": "a@b.c"}
+    assert table(admin, schema, "pages", "name, path, title")[0] == {
+        "name": "Home", "path": "/", "title": "Shop"}
+    assert table(admin, schema, "screens", "name, items")[0] == {"name": "Cart", "items": 2}
+    assert table(admin, schema, "groups", "group_id, plan")[0] == {"group_id": "g1", "plan": "pro"}
+    assert table(admin, schema, "aliases", "previous_id, user_id")[0] == {
+        "previous_id": "old-6", "user_id": "u6"}
+    assert column_types(admin, schema, "tracks")["received_at"] == "timestamp with time zone"
+
+
+def test_new_properties_add_columns_logged_and_recorded(admin, schema, caplog):
+    caplog.set_level(logging.INFO, "trackpipe.warehouse")
+    run(warehouse(schema), send(event(1, properties={"a": 1})),
+        send(event(2, properties={"a": 2, "nested": {"deep": {"key": True}}, "tags": ["x", 1]})))
+    types = column_types(admin, schema, "order_completed")
+    assert (types["a"], types["nested_deep_key"], types["tags"]) == ("bigint", "boolean", "text")
+    assert table(admin, schema, "order_completed", "id, tags")[1]["tags"] == '["x",1]'
+    changes = table(admin, schema, "schema_changes", "table_name, column_name, old_type, new_type,"
+                    " message_id", order="at, table_name, column_name")
+    assert {"table_name": "order_completed", "column_name": "nested_deep_key", "old_type": None,
+            "new_type": "boolean", "message_id": "m2"} in changes
+    assert {"table_name": "tracks", "column_name": None, "old_type": None, "new_type": "table",
+            "message_id": "m1"} in changes
+    assert "column order_completed.nested_deep_key added as boolean" in caplog.text
+
+
+@pytest.mark.parametrize("first, later, new_type, stored", [
+    (1, 2.5, "double precision", [1.0, 2.5]),
+    (2.5, "many", "text", ["2.5", "many"]),
+    (7, "seven", "text", ["7", "seven"]),
+    (True, 3, "text", ["true", "3"]),
+    ("2024-05-01T10:00:00Z", "soon", "text", ["2024-05-01T10:00:00.000000Z", "soon"]),
+])
+def test_each_widening_path_keeps_every_value(admin, schema, first, later, new_type, stored):
+    run(warehouse(schema), send(event(1, properties={"v": first})),
+        send(event(2, properties={"v": later})))
+    assert column_types(admin, schema, "order_completed")["v"] == new_type
+    assert [r["v"] for r in table(admin, schema, "order_completed", "id, v")] == stored
+    change = table(admin, schema, "schema_changes", "old_type, new_type, message_id",
+                   order="at")[-1]
+    assert change["new_type"] == new_type and change["message_id"] == "m2"
+
+
+def test_timestamps_are_detected_and_strings_stay_text(admin, schema):
+    run(warehouse(schema), send(event(1, properties={
+        "shipped_at": "2024-05-02T08:30:00+02:00", "day": "2024-05-02", "note": "hello"})))
+    types = column_types(admin, schema, "order_completed")
+    assert (types["shipped_at"], types["day"], types["note"]) == (
+        "timestamp with time zone", "text", "text")
+    row = table(admin, schema, "order_completed", "id, shipped_at")[0]
+    assert row["shipped_at"].isoformat() == "2024-05-02T06:30:00+00:00"
+
+
+def test_values_that_do_not_fit_go_to_rejected_values_and_the_row_loads(admin, schema):
+    outcomes = run(warehouse(schema), send(event(1, properties={"n": 1.5})),
+                   send(event(2, properties={"n": 2**60, "big": 2**64, "bad": "a\x00b", "ok": 1})))
+    assert states(outcomes[1]) == ["delivered"]
+    row = table(admin, schema, "order_completed", "id, n, ok")[1]
+    assert row == {"id": "m2", "n": None, "ok": 1}
+    rejected = table(admin, schema, "rejected_values", "column_name, message_id, value, reason",
+                     order="column_name")
+    assert [(r["column_name"], r["message_id"], r["value"]) for r in rejected] == [
+        ("bad", "m2", "a\\u0000b"), ("big", "m2", str(2**64)), ("n", "m2", str(2**60))]
+    assert all(r["reason"] for r in rejected)
+    assert "big" not in column_types(admin, schema, "order_completed")
+
+
+def test_sending_a_batch_twice_leaves_one_row_per_message(admin, schema):
+    batch = [event(1), event(2), event(2), event(3, "identify", traits={"x": 1})]
+    outcomes = run(warehouse(schema), send(*batch), send(*batch))
+    assert states(outcomes[1]) == ["delivered"] * 4
+    assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m1", "m2"]
+    assert [r["id"] for r in table(admin, schema, "order_completed", "id")] == ["m1", "m2"]
+    assert len(table(admin, schema, "identifies")) == 1 and len(table(admin, schema, "users")) == 1
+
+
+def test_users_keep_the_latest_traits_and_older_identifies_do_not_overwrite(admin, schema):
+    newer = event(2, "identify", userId="u", traits={"plan": "pro", "email": "a@b.c"})
+    older = event(1, "identify", userId="u", traits={"plan": "free", "name": "Ann"})
+    later = event(3, "identify", userId="u", traits={"name": "Bo"})
+    run(warehouse(schema), send(newer), send(older), send(later))
+    assert table(admin, schema, "users", "id, plan, email, name") == [
+        {"id": "u", "plan": "pro", "email": "a@b.c", "name": "Bo"}]
+
+
+def test_identities_map_each_identifier_to_its_current_person(admin, schema):
+    run(warehouse(schema), send(event(1, profile="p1", userId="u", anonymousId="a"),
+                                event(2, profile=None, userId="v")),
+        send(event(3, profile="p2", anonymousId="a", userId=None)))
+    rows = table(admin, schema, "identities", "identifier_type, identifier, profile_id",
+                 order="identifier")
+    assert rows == [{"identifier_type": "anonymous_id", "identifier": "a", "profile_id": "p2"},
+                    {"identifier_type": "user_id", "identifier": "u", "profile_id": "p1"}]
+
+
+def test_unreachable_database_is_worth_a_retry_and_fails_the_check():
+    dsn = "host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=2"
+    outcomes, = run(warehouse("x", dsn), send(event(1)))
+    assert states(outcomes) == ["retry"] and "unreachable" in outcomes[0].detail
+    with pytest.raises(DestinationError, match="dsn"):
+        asyncio.run(warehouse("x", dsn).check())
+
+
+def test_a_dropped_connection_retries_then_reconnects(admin, schema):
+    def kill(d):
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE application_name = 'trackpipe wh' AND pid <> pg_backend_pid()")
+        return asyncio.sleep(0.1)
+    outcomes = run(warehouse(schema), send(event(1)), kill, send(event(2)), send(event(2)))
+    assert states(outcomes[2]) == ["retry"] and states(outcomes[3]) == ["delivered"]
+    assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m1", "m2"]
+
+
+def test_permission_denied_fails_for_good_with_a_hint(admin, schema, role):
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    dsn = f"{DSN} user={role}"
+    outcomes, = run(warehouse(schema, dsn), send(event(1)))
+    assert states(outcomes) == ["failed"]
+    assert "42501" in outcomes[0].detail and "grant" in outcomes[0].detail
+    with pytest.raises(DestinationError, match="permission denied"):
+        asyncio.run(warehouse(schema, dsn).check())
+
+
+def test_a_table_dropped_behind_its_back_is_retried_then_recreated(admin, schema):
+    def drop(d):
+        admin.execute(f'DROP TABLE "{schema}"."order_completed"')
+        return asyncio.sleep(0)
+    outcomes = run(warehouse(schema), send(event(1)), drop, send(event(2)), send(event(2)))
+    assert states(outcomes[2]) == ["retry"] and "42P01" in outcomes[2][0].detail
+    assert states(outcomes[3]) == ["delivered"]
+    assert [r["id"] for r in table(admin, schema, "order_completed", "id")] == ["m2"]
+
+
+def test_check_creates_the_schema_and_proves_it_can_alter(admin, schema):
+    result = asyncio.run(warehouse(schema).check())
+    assert schema in result and "create and alter" in result
+    assert admin.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+    assert not admin.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = %s",
+                             (schema,)).fetchone()
+
+
+def test_delete_user_removes_the_person_everywhere(admin, schema):
+    def delete(d):
+        return d.delete_user(["u1", "old-x"], ["a1", "a2"])
+    outcomes = run(warehouse(schema), send(
+        event(1, profile="p1", properties={"big": 2**64}),
+        event(2, "identify", profile="p1", userId="u1", traits={"email": "x@y.z"}),
+        event(3, "identify", profile="p3"),
+        event(4, "alias", previousId="old-x"),
+        event(5, "page", userId="u1")), delete, send(event(6)))
+    assert outcomes[1].state == "delivered" and "deleted" in outcomes[1].detail
+    assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m6"]
+    assert [r["id"] for r in table(admin, schema, "identifies", "id")] == ["m3"]
+    assert [r["id"] for r in table(admin, schema, "users", "id")] == ["u3"]
+    assert table(admin, schema, "aliases") == [] and table(admin, schema, "pages") == []
+    assert table(admin, schema, "rejected_values", order="message_id") == []
+    assert {r["identifier"] for r in table(admin, schema, "identities", "identifier",
+                                           order="identifier")} == {"u3", "a3"}
+
+
+def test_settings_are_validated_and_the_dsn_is_secret():
+    with pytest.raises(msgspec.ValidationError, match="schema must not be empty"):
+        msgspec.convert({"dsn": "x", "schema": " "}, PostgresWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.convert({"dsn": "x", "table": "t"}, PostgresWarehouse.Settings)
+    assert PostgresWarehouse.secret_fields == ("dsn",) and PostgresWarehouse.supports_delete
+
+
+def test_the_conformance_sink_breaks_and_heals_as_promised(tmp_path, admin):
+    from destinations.sink_postgres import Sink  # tests/ is on sys.path (conftest)
+    sink = Sink(tmp_path)
+    try:
+        cfg = sink.config("dest")
+        dest = PostgresWarehouse(cfg["name"], msgspec.convert(cfg["settings"],
+                                                              PostgresWarehouse.Settings))
+
+        def sink_step(action):
+            async def step(d):
+                action()
+            return step
+        outcomes = run(dest, send(event(1)), sink_step(sink.break_), send(event(2)),
+                       sink_step(sink.heal), send(event(2)),
+                       sink_step(lambda: sink.break_(terminal=True)), send(event(3)),
+                       sink_step(sink.heal), send(event(3), event(4, "identify")))
+        assert [states(o) for o in outcomes[::2]] == [
+            ["delivered"], ["retry"], ["delivered"], ["failed"], ["delivered", "delivered"]]
+        assert "42501" in outcomes[6][0].detail
+        assert sink.received() == ["m1", "m2", "m3", "m4"]
+    finally:
+        sink.close()
+    assert not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (sink.role,)).fetchone()

@@ -1,0 +1,175 @@
+"""Names, flattening, the type policy and the layout, without a database."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from trackpipe.destinations.base import DELIVERED, Event
+from trackpipe.destinations.warehouse import schema as s
+from trackpipe.destinations.warehouse.plan import TABLE, plan
+
+NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def event(message: dict, profile: str | None = None, n: int = 1) -> Event:
+    message = {"messageId": f"m{n}", "receivedAt": "2024-05-01T10:00:00.000Z", **message}
+    return Event(n, message["messageId"], message, profile, None, None)
+
+
+@pytest.mark.parametrize("raw, name", [
+    ("Order Completed", "order_completed"), ("firstName", "first_name"),
+    ("HTTPServer", "http_server"), ("userID", "user_id"), ("context_page_path", "context_page_path"),
+    ("Crème brûlée", "creme_brulee"), ("3d view", "_3d_view"), ("a--b  c", "a_b_c"),
+    ('drop"table', "drop_table"),
+])
+def test_identifiers_are_snake_case_and_safe(raw, name):
+    assert s.identifier(raw) == name
+
+
+def test_long_and_non_ascii_names_stay_distinct_and_fit_postgres():
+    a, b = s.identifier("x" * 80 + "a"), s.identifier("x" * 80 + "b")
+    assert a != b and len(a.encode()) == len(b.encode()) == 63
+    assert s.identifier("注文") != s.identifier("顧客") and s.identifier("注文").startswith("_")
+
+
+def test_flattening_joins_nested_keys_keeps_arrays_as_json_and_skips_nulls():
+    p = plan([event({"type": "track", "event": "x",
+                     "properties": {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": {}, "f": None}})],
+             {}, NOW)
+    x = p.loads[1]
+    dynamic = [(c, t) for c, t in x.columns if c not in dict(p.loads[0].columns)]
+    assert dynamic == [("a_b_c", s.BIGINT), ("a_d", s.TEXT), ("e", s.TEXT)]
+    assert x.rows[0][-3:] == (1, "[1,2]", "{}")
+
+
+@pytest.mark.parametrize("value, kind", [
+    (True, s.BOOLEAN), (3, s.BIGINT), (2.5, s.DOUBLE), ("hi", s.TEXT), ([1], s.JSON),
+    ({"a": 1}, s.JSON), ("2024-05-01T10:00:00Z", s.TIMESTAMP),
+    ("2024-05-01T10:00:00.123456789+02:00", s.TIMESTAMP), ("2024-05-01 10:00", s.TIMESTAMP),
+    ("2024-05-01", s.TEXT), ("2024-13-01T10:00:00Z", s.TEXT), ("10:00 2024-05-01T", s.TEXT),
+])
+def test_value_kinds(value, kind):
+    assert s.typed(value)[0] == kind
+
+
+def test_timestamps_load_as_aware_utc_datetimes():
+    assert s.typed("2024-05-01T12:00:00+02:00")[1] == dt.datetime(2024, 5, 1, 10, tzinfo=dt.timezone.utc)
+    assert s.typed("2024-05-01T10:00:00")[1].tzinfo == dt.timezone.utc  # naive means UTC
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, float("nan"), float("inf"), "a\x00b"])
+def test_values_no_column_can_hold_are_rejected_with_a_reason(value):
+    got = s.typed(value)
+    assert isinstance(got, s.Rejected) and got.reason and got.value is value
+
+
+@pytest.mark.parametrize("current, kind, result", [
+    (None, s.BIGINT, s.BIGINT), (s.BIGINT, s.DOUBLE, s.DOUBLE), (s.DOUBLE, s.BIGINT, s.DOUBLE),
+    (s.DOUBLE, s.TEXT, s.TEXT), (s.BIGINT, s.TEXT, s.TEXT), (s.BOOLEAN, s.BIGINT, s.TEXT),
+    (s.TIMESTAMP, s.TEXT, s.TEXT), (s.TIMESTAMP, s.BIGINT, s.TEXT), (s.TEXT, s.BOOLEAN, s.TEXT),
+    (s.BIGINT, s.JSON, s.TEXT), (None, s.JSON, s.TEXT),
+])
+def test_widening_never_narrows(current, kind, result):
+    assert s.widen(current, kind) == result
+
+
+def test_conversions_into_wider_columns():
+    assert s.convert(3, s.BIGINT, 3, s.DOUBLE) == 3.0
+    assert s.convert(True, s.BOOLEAN, True, s.TEXT) == "true"
+    assert s.convert(2.5, s.DOUBLE, 2.5, s.TEXT) == "2.5"
+    assert s.convert({"a": [1]}, s.JSON, {"a": [1]}, s.TEXT) == '{"a":[1]}'
+    stamp = "2024-05-01T10:00:00.5Z"
+    assert s.convert(stamp, s.TIMESTAMP, s.typed(stamp)[1], s.TEXT) == stamp  # as sent
+    assert isinstance(s.convert(2**53 + 1, s.BIGINT, 2**53 + 1, s.DOUBLE), s.Rejected)
+
+
+def test_track_makes_a_tracks_row_and_an_event_table_row():
+    p = plan([event({"type": "track", "event": "Order Completed", "userId": "u1",
+                     "context": {"ip": "1.2.3.4", "page": {"path": "/x"}},
+                     "properties": {"revenue": 9.5, "id": "p-1", "context_ip": "x",
+                                    "timestamp": 5}})], {}, NOW)
+    tables = {load.table: dict(zip([c for c, _ in load.columns], load.rows[0])) for load in p.loads}
+    assert set(tables) == {"tracks", "order_completed"}
+    row = tables["order_completed"]
+    assert row["id"] == "m1" and row["event"] == "order_completed"
+    assert row["event_text"] == "Order Completed" and row["context_page_path"] == "/x"
+    assert row["revenue"] == 9.5 and "revenue" not in tables["tracks"]
+    # properties that clash with common or context columns keep their own column
+    assert row["properties_id"] == "p-1" and row["properties_context_ip"] == "x"
+    assert row["properties_timestamp"] == 5 and row["context_ip"] == "1.2.3.4"
+    assert [(c.table, c.new_type) for c in p.changes if c.column is None] == [
+        ("tracks", TABLE), ("order_completed", TABLE)]
+
+
+def test_event_names_that_clash_with_layout_tables_are_prefixed():
+    p = plan([event({"type": "track", "event": "Users"})], {}, NOW)
+    assert [load.table for load in p.loads] == ["tracks", "_users"]
+
+
+@pytest.mark.parametrize("message, table, column, value", [
+    ({"type": "page", "name": "Home", "properties": {"path": "/"}}, "pages", "path", "/"),
+    ({"type": "screen", "name": "Home", "properties": {"x": 1}}, "screens", "name", "Home"),
+    ({"type": "group", "groupId": "g1", "traits": {"plan": "pro"}}, "groups", "plan", "pro"),
+    ({"type": "alias", "previousId": "old", "userId": "new"}, "aliases", "previous_id", "old"),
+    ({"type": "identify", "userId": "u", "traits": {"email": "a@b.c"}}, "identifies", "email",
+     "a@b.c"),
+])
+def test_each_message_type_has_its_table(message, table, column, value):
+    p = plan([event(message)], {}, NOW)
+    load = next(load for load in p.loads if load.table == table)
+    assert dict(zip([c for c, _ in load.columns], load.rows[0]))[column] == value
+
+
+def test_identifies_in_one_batch_merge_into_one_users_row_latest_wins():
+    p = plan([event({"type": "identify", "userId": "u", "receivedAt": "2024-05-01T10:00:02Z",
+                     "traits": {"plan": "pro"}}, n=2),
+              event({"type": "identify", "userId": "u", "receivedAt": "2024-05-01T10:00:01Z",
+                     "traits": {"plan": "free", "email": "a@b.c"}}, n=1)], {}, NOW)
+    users = next(load for load in p.loads if load.table == "users")
+    assert len(users.rows) == 1 and users.upsert
+    row = dict(zip([c for c, _ in users.columns], users.rows[0]))
+    assert row["plan"] == "pro" and row["email"] == "a@b.c"
+
+
+def test_two_keys_for_one_column_keep_the_first_and_reject_the_second():
+    p = plan([event({"type": "identify", "userId": "u",
+                     "traits": {"firstName": "Ann", "first_name": "Bob"}})], {}, NOW)
+    identifies = next(load for load in p.loads if load.table == "identifies")
+    assert dict(zip([c for c, _ in identifies.columns], identifies.rows[0]))["first_name"] == "Ann"
+    assert [(r.table, r.column, r.value) for r in p.rejected] == [
+        ("identifies", "first_name", "Bob")]
+
+
+def test_a_batch_widens_once_from_the_known_type_and_names_the_cause():
+    known = {"tracks": {}, "x": {"n": s.BIGINT}}
+    p = plan([event({"type": "track", "event": "x", "properties": {"n": 1}}, n=1),
+              event({"type": "track", "event": "x", "properties": {"n": 1.5}}, n=2),
+              event({"type": "track", "event": "x", "properties": {"n": "many"}}, n=3)], known, NOW)
+    assert [(c.column, c.old_type, c.new_type, c.message_id) for c in p.changes] == [
+        ("n", s.BIGINT, s.TEXT, "m2")]
+    x = next(load for load in p.loads if load.table == "x")
+    assert [r[-1] for r in x.rows] == ["1", "1.5", "many"]
+    assert known["x"]["n"] == s.BIGINT  # the known schema is untouched until the load commits
+
+
+def test_messages_the_layout_cannot_place_fail_alone():
+    p = plan([event({"type": "track", "event": "ok"}, n=1), event({"type": "weird"}, n=2),
+              event({"type": "track", "event": " "}, n=3)], {}, NOW)
+    assert [o.state for o in p.outcomes(DELIVERED)] == ["delivered", "failed", "failed"]
+    assert "weird" in p.failed[1].detail and "event" in p.failed[2].detail
+    assert [load.table for load in p.loads] == ["tracks", "ok"]
+
+
+def test_bad_fixed_values_are_rejected_not_loaded():
+    p = plan([event({"type": "track", "event": "x", "sentAt": "yesterday", "userId": 42})], {}, NOW)
+    tracks = dict(zip([c for c, _ in p.loads[0].columns], p.loads[0].rows[0]))
+    assert tracks["sent_at"] is None and tracks["user_id"] == "42"
+    assert [(r.column, r.value) for r in p.rejected] == [("sent_at", "yesterday")]
+
+
+def test_identities_come_from_events_with_a_profile():
+    p = plan([event({"type": "track", "event": "x", "userId": "u", "anonymousId": "a"}, "p1"),
+              event({"type": "track", "event": "x", "userId": "v"}, None, n=2)], {}, NOW)
+    assert sorted(p.identities) == [("anonymous_id", "a", "p1"), ("user_id", "u", "p1")]

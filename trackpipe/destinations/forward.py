@@ -1,0 +1,165 @@
+"""The segment destination: relay messages to another Segment-compatible endpoint.
+
+POST `<api_url>/v1/batch` with HTTP Basic (write key as username, empty
+password) and `{"batch": [...], "sentAt": ...}`: the shape every Segment server
+library sends, so it works against Segment (https://api.segment.io, EU
+https://events.eu1.segmentapis.com), Customer.io Data Pipelines
+(https://cdp.customer.io, EU https://cdp-eu.customer.io) and another trackpipe.
+
+Each message keeps its messageId, type, context and `timestamp`. The fields the
+receiver stamps itself (`receivedAt`, `sentAt`) and trackpipe's own `sourceId`
+are left out, and so is `originalTimestamp`: the receiver computes
+`timestamp = receivedAt - (sentAt - originalTimestamp)`, so a forwarded
+`originalTimestamp` would undo this server's clock-skew correction and shift
+every event by the delivery delay. Sent as `timestamp` with a fresh batch
+`sentAt`, the receiver keeps the event time this server settled on.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import httpx
+import msgspec
+
+from trackpipe.destinations.base import DELIVERED, Destination, DestinationError, Event, Outcome
+from trackpipe.destinations.base import classify_http, fail, retry
+from trackpipe.destinations.httpclient import new_client
+
+MAX_EVENT_BYTES = 32 * 1024     # Segment's and Customer.io's per-event limit
+MAX_REQUEST_BYTES = 475_000     # under the 500 KB request limit, as analytics-python keeps
+LOCAL_FIELDS = ("sourceId", "writeKey", "receivedAt", "sentAt", "originalTimestamp", "_metadata")
+
+
+class SegmentForward(Destination):
+    kind = "segment"
+    default_batch_size = 100
+    secret_fields = ("write_key",)
+
+    class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        write_key: str
+        """The receiving source's write key."""
+        api_url: str = "https://api.segment.io"
+        """Base URL; Customer.io is https://cdp.customer.io (EU: https://cdp-eu.customer.io)."""
+        gzip: bool = False
+        """Compress request bodies (Content-Encoding: gzip)."""
+        allow_private_targets: bool = False
+        """Allow an api_url on a private or loopback address (another trackpipe nearby)."""
+        timeout_seconds: float = 15.0
+
+        def __post_init__(self) -> None:
+            if not self.write_key.strip():
+                raise ValueError("write_key is empty; set it to the receiving source's write key")
+            check_api_url(self.api_url)
+
+    def __init__(self, name: str, settings: msgspec.Struct):
+        super().__init__(name, settings)
+        self._client: httpx.AsyncClient | None = None
+        self._url = self.settings.api_url.rstrip("/") + "/v1/batch"
+        token = base64.b64encode(f"{self.settings.write_key}:".encode()).decode()
+        self._headers = {"authorization": f"Basic {token}", "content-type": "application/json",
+                         "user-agent": "trackpipe"}
+        if self.settings.gzip:
+            self._headers["content-encoding"] = "gzip"
+
+    async def start(self) -> None:
+        self._client = new_client(allow_private=self.settings.allow_private_targets,
+                                  timeout=self.settings.timeout_seconds)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def send(self, batch: Sequence[Event]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        items: list[tuple[int, bytes]] = []
+        for i, event in enumerate(batch):
+            item = msgspec.json.encode(outgoing(event.message))
+            if len(item) > MAX_EVENT_BYTES:
+                outcomes[i] = fail(None, f"the message is {len(item)} bytes as JSON; Segment and"
+                                         f" Customer.io refuse events over {MAX_EVENT_BYTES}"
+                                         " bytes. Trim its properties or context.")
+            else:
+                items.append((i, item))
+        for chunk in chunk_by_size([item for _, item in items], 1000, MAX_REQUEST_BYTES):
+            outcome = await self._post([items[k][1] for k in chunk])
+            for k in chunk:
+                outcomes[items[k][0]] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    async def check(self) -> str:
+        opened = self._client is None
+        if opened:
+            await self.start()
+        try:
+            outcome = await self._post([])
+        finally:
+            if opened:
+                await self.close()
+        if outcome.state != "delivered":
+            raise DestinationError(f"{self._url} answered {outcome.status}: {outcome.detail}."
+                                   " Check api_url and write_key.")
+        return f"{self._url} accepted an empty batch"
+
+    async def _post(self, items: list[bytes]) -> Outcome:
+        sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        body = b'{"batch":[' + b",".join(items) + b'],"sentAt":"' + sent_at.encode() + b'"}'
+        if self.settings.gzip:
+            body = gzip.compress(body)
+        assert self._client is not None, "start() opens the client"
+        try:
+            r = await self._client.post(self._url, content=body, headers=self._headers)
+        except httpx.HTTPError as exc:
+            return retry(None, f"cannot reach {self._url}: {exc!r}")
+        return classify_http(r.status_code, r.content, r.headers)
+
+
+# -- shared by the HTTP vendor destinations (mixpanel, amplitude) ----------------------
+
+def check_api_url(url: str) -> None:
+    """For the Settings of every HTTP destination here: a ValueError becomes a config error."""
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"api_url {url!r} must start with https:// (or http://)")
+
+
+def outgoing(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k not in LOCAL_FIELDS}
+
+
+def chunk_by_size(items: Sequence[bytes], max_count: int, max_bytes: int) -> Iterable[range]:
+    """Consecutive index ranges of the encoded items, each within max_count items and
+    max_bytes in total (an item larger than max_bytes goes alone)."""
+    start, total = 0, 0
+    for i, item in enumerate(items):
+        size = len(item) + 1  # its separator
+        if i > start and (i - start >= max_count or total + size > max_bytes):
+            yield range(start, i)
+            start, total = i, 0
+        total += size
+    if start < len(items):
+        yield range(start, len(items))
+
+
+def event_name(message: dict) -> str:
+    """A track call's event; a page or screen call named the way Segment names them for
+    Mixpanel and Amplitude: "Viewed <name> Page" when named, else "Loaded a Page"."""
+    if message.get("type") == "track":
+        return str(message.get("event") or "")
+    properties = message.get("properties")
+    name = message.get("name") or (properties.get("name") if isinstance(properties, dict) else None)
+    noun = "Page" if message.get("type") == "page" else "Screen"
+    return f"Viewed {name} {noun}" if name else f"Loaded a {noun}"
+
+
+def worst(outcomes: list[Outcome]) -> Outcome:
+    """One message's outcome from those of the requests it went out in: any failure
+    (retrying cannot fix it), then any retry, else delivered."""
+    for state in ("failed", "retry"):
+        for outcome in outcomes:
+            if outcome.state == state:
+                return outcome
+    return outcomes[0] if outcomes else DELIVERED

@@ -1,0 +1,98 @@
+"""What both warehouses do around a load: plan, apply, adopt the schema, report.
+
+A subclass opens its database, runs a Plan in one transaction (`_apply`) and says
+which of its exceptions are the database's (`db_errors`) and whether one is worth
+retrying (`_classify`). Any database error drops the cached schema, so the next
+attempt re-reads it: someone may have changed the tables under us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from abc import abstractmethod
+from typing import ClassVar, Sequence
+
+from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome
+from trackpipe.destinations.warehouse.plan import TABLE, Change, Plan, Schema, plan
+from trackpipe.destinations.warehouse.sql import Dialect
+
+log = logging.getLogger("trackpipe.warehouse")
+IDENTITY_CACHE_SIZE = 200_000
+
+
+class Warehouse(Destination):
+    default_batch_size = 2000
+    supports_delete = True
+    dialect: ClassVar[Dialect]
+    db_errors: ClassVar[tuple[type[Exception], ...]]
+
+    def __init__(self, name, settings):
+        super().__init__(name, settings)
+        self.schema: Schema | None = None  # known tables and column types; None = read it
+        # identifier -> profile id as last written: an unchanged mapping is not sent again
+        # (assumes this destination is the only writer of its identities table)
+        self._identities: dict[tuple[str, str], str] = {}
+        self._lock = asyncio.Lock()
+
+    async def send(self, batch: Sequence[Event]) -> Sequence[Outcome]:
+        async with self._lock:
+            todo: Plan | None = None
+            try:
+                todo = plan(batch, await self._known_schema(), dt.datetime.now(dt.timezone.utc))
+                todo = todo._replace(identities=[
+                    i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
+                await self._apply(todo)
+            except self.db_errors as exc:
+                self.forget()
+                outcome = self._classify(exc)
+                return todo.outcomes(outcome) if todo else [outcome] * len(batch)
+            self.schema = todo.schema
+            if len(self._identities) > IDENTITY_CACHE_SIZE:
+                self._identities.clear()
+            self._identities.update((i[:2], i[2]) for i in todo.identities)
+            self._log_changes(todo)
+            return todo.outcomes(DELIVERED)
+
+    def forget(self) -> None:
+        """Drop what is cached about the database; the next load reads it again."""
+        self.schema = None
+        self._identities.clear()
+
+    async def _known_schema(self) -> Schema:
+        if self.schema is None:
+            self.schema = await self._read_schema()
+        return self.schema
+
+    def _log_changes(self, done: Plan) -> None:
+        for c in done.changes:
+            log.info("warehouse %s: %s (message %s)", self.name, describe(c, self.dialect),
+                     c.message_id)
+
+    def change_row(self, c: Change, at: dt.datetime) -> tuple:
+        """A Change as a `schema_changes` row, types spelled in this database's SQL."""
+        old = self.dialect.sql_type(c.old_type) if c.old_type else None
+        new = TABLE if c.new_type == TABLE else self.dialect.sql_type(c.new_type)
+        return (at, c.table, c.column, old, new, c.message_id)
+
+    @abstractmethod
+    async def _read_schema(self) -> Schema:
+        """Open the database, create what is missing (schema, meta tables), read the columns."""
+
+    @abstractmethod
+    async def _apply(self, todo: Plan) -> None:
+        """Run the plan in one transaction; raise one of `db_errors` on failure."""
+
+    @abstractmethod
+    def _classify(self, exc: Exception) -> Outcome:
+        """A database error as retry (worth another attempt) or fail (needs a person)."""
+
+
+def describe(c: Change, dialect: Dialect) -> str:
+    if c.new_type == TABLE:
+        return f"table {c.table} created"
+    new = dialect.sql_type(c.new_type)
+    if c.old_type is None:
+        return f"column {c.table}.{c.column} added as {new}"
+    return f"column {c.table}.{c.column} widened from {dialect.sql_type(c.old_type)} to {new}"

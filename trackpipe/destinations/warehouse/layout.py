@@ -1,0 +1,140 @@
+"""A message -> the rows it makes, in Segment's warehouse layout.
+
+  track     one row in `tracks` (common columns) and one in the event's own table
+            (`Order Completed` -> `order_completed`) with the properties flattened
+  identify  `identifies` (traits flattened) and, with a userId, the `users` row
+  page      `pages` (name, category, properties)     screen  `screens` (name, properties)
+  group     `groups` (group_id, traits)              alias   `aliases` (previous_id)
+
+Every row has the common columns (id = messageId, the ids, the four timestamps,
+uuid_ts = load time, profile_id) and `context` flattened as context_* columns.
+A property or trait whose column would clash with a common column or a context_*
+column is prefixed (`properties_id`, `traits_timestamp`), always, so it lands in
+the same column in every row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, NamedTuple
+
+from trackpipe.destinations.warehouse.schema import TEXT, TIMESTAMP, identifier, typed
+
+COMMON = {"id": TEXT, "anonymous_id": TEXT, "user_id": TEXT, "profile_id": TEXT,
+          "source_id": TEXT, "received_at": TIMESTAMP, "sent_at": TIMESTAMP,
+          "original_timestamp": TIMESTAMP, "timestamp": TIMESTAMP, "uuid_ts": TIMESTAMP}
+_MESSAGE_FIELDS = {"anonymous_id": "anonymousId", "user_id": "userId", "source_id": "sourceId",
+                   "received_at": "receivedAt", "sent_at": "sentAt",
+                   "original_timestamp": "originalTimestamp", "timestamp": "timestamp"}
+_EXTRA = {  # table -> its fixed columns beyond COMMON: (column, message field)
+    "tracks": {"event": "event", "event_text": "event"},
+    "identifies": {}, "pages": {"name": "name", "category": "category"},
+    "screens": {"name": "name"}, "groups": {"group_id": "groupId"},
+    "aliases": {"previous_id": "previousId"},
+}
+USERS_FIXED = {"id": TEXT, "profile_id": TEXT, "received_at": TIMESTAMP, "uuid_ts": TIMESTAMP}
+FIXED_TYPES = {**COMMON, **USERS_FIXED,
+               **{c: TEXT for extra in _EXTRA.values() for c in extra}}
+META_TABLES = ("identities", "rejected_values", "schema_changes")
+RESERVED_TABLES = frozenset(_EXTRA) | {"users"} | set(META_TABLES)
+_TABLE_OF_TYPE = {"track": "tracks", "identify": "identifies", "page": "pages",
+                  "screen": "screens", "group": "groups", "alias": "aliases"}
+_PAYLOAD = {"track": "properties", "page": "properties", "screen": "properties",
+            "identify": "traits", "group": "traits"}
+
+
+class Row(NamedTuple):
+    table: str
+    fixed: dict[str, Any]         # fixed column -> raw value (type from fixed_columns)
+    dynamic: list[tuple[str, Any]]  # (column, typed(value)) in key order
+
+
+class Unloadable(Exception):
+    """The message has no shape the warehouse layout knows; it fails for good."""
+
+
+def fixed_columns(table: str) -> dict[str, str]:
+    """The columns a table is created with, and their (never changing) types."""
+    if table == "users":
+        return USERS_FIXED
+    return {**COMMON, **{c: TEXT for c in _EXTRA.get(table, _EXTRA["tracks"])}}
+
+
+def rows_for(message: dict, message_id: str, profile_id: str | None,
+             loaded_at: dt.datetime) -> list[Row]:
+    kind = message.get("type")
+    table = _TABLE_OF_TYPE.get(kind) if isinstance(kind, str) else None
+    if table is None:
+        raise Unloadable(f"message type {kind!r} has no warehouse table; expected one of "
+                         f"{', '.join(_TABLE_OF_TYPE)}")
+    fixed = _fixed(message, message_id, profile_id, loaded_at, _EXTRA[table])
+    context = message.get("context")
+    context_cols = _columns(context, "context", table) if isinstance(context, dict) else []
+    payload = message.get(_PAYLOAD.get(kind, ""))
+    payload_cols = (_columns(payload, "", table, _PAYLOAD[kind])
+                    if isinstance(payload, dict) else [])
+    if kind == "track":
+        return _track_rows(message, fixed, context_cols, payload_cols)
+    rows = [Row(table, fixed, context_cols + payload_cols)]
+    user_id = fixed.get("user_id")
+    if kind == "identify" and user_id not in (None, ""):
+        users_fixed = {"id": user_id, "profile_id": profile_id,
+                       "received_at": fixed.get("received_at"), "uuid_ts": loaded_at}
+        rows.append(Row("users", users_fixed, _columns(payload, "", "users", "traits")
+                        if isinstance(payload, dict) else []))
+    return rows
+
+
+def _track_rows(message: dict, fixed: dict, context_cols: list, payload_cols: list) -> list[Row]:
+    event = message.get("event")
+    if not isinstance(event, str) or not event.strip():
+        raise Unloadable("a track message needs a non-empty `event` name to choose its table")
+    event_table = identifier(event)
+    if event_table in RESERVED_TABLES:
+        event_table = "_" + event_table
+    fixed = {**fixed, "event": event_table}
+    return [Row("tracks", fixed, context_cols),
+            Row(event_table, fixed, context_cols + payload_cols)]
+
+
+def _fixed(message: dict, message_id: str, profile_id: str | None, loaded_at: dt.datetime,
+           extra: dict[str, str]) -> dict[str, Any]:
+    fixed: dict[str, Any] = {"id": message_id, "profile_id": profile_id, "uuid_ts": loaded_at}
+    for column, field in _MESSAGE_FIELDS.items():
+        fixed[column] = message.get(field)
+    for column, field in extra.items():
+        fixed[column] = message.get(field)
+    return fixed
+
+
+def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> list[tuple]:
+    """(column, typed value) for every non-null leaf; Segment creates a column only once a
+    non-null value arrives."""
+    out: list[tuple] = []
+    names = _NAMES.setdefault((table, clash_prefix), {})
+    _walk(obj, prefix + "_" if prefix else "", names, table, clash_prefix, out)
+    return out
+
+
+_NAMES: dict[tuple[str, str], dict[str, str]] = {}  # (table, clash prefix) -> key path -> column
+
+
+def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, out: list) -> None:
+    for key, value in obj.items():
+        if value is None:
+            continue
+        path = prefix + key if key.__class__ is str else prefix + str(key)
+        if value.__class__ is dict and value:
+            _walk(value, path + "_", names, table, clash_prefix, out)
+            continue
+        column = names.get(path)
+        if column is None:
+            column = names[path] = _column(path, table, clash_prefix)
+        out.append((column, typed(value)))
+
+
+def _column(path: str, table: str, clash_prefix: str) -> str:
+    column = identifier(path)
+    if clash_prefix and (column in fixed_columns(table) or column.startswith("context_")):
+        column = identifier(f"{clash_prefix}_{path}")
+    return column
