@@ -1,0 +1,224 @@
+"""The identity store over SQL, shared by the SQLite and PostgreSQL backends.
+
+A backend supplies a connection wrapper (Db: fetch/run/many with `?`
+placeholders), its transactions and its caching policy; everything else —
+loading the nodes a batch names, the rules (graph.py), the writes, the reads —
+is written once here. Every apply() is one transaction that also moves the
+store's log position, so a crash never applies a position twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+
+from trackpipe.identity import reads, repair
+from trackpipe.identity.facts import ANON, USER, Reader
+from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile
+from trackpipe.identity.store import Forgotten, IdentityStore, new_profile_id
+from trackpipe.log.base import Entry
+
+CHUNK = 500  # values per IN (...) list
+
+
+def marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def chunks(values: Sequence, size: int = CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+class Db(ABC):
+    """A connection that speaks `?` placeholders; backends subclass it."""
+
+    @abstractmethod
+    def fetch(self, sql: str, params: Sequence = ()) -> list[tuple]: ...
+
+    @abstractmethod
+    def run(self, sql: str, params: Sequence = ()) -> None: ...
+
+    @abstractmethod
+    def many(self, sql: str, rows: Sequence[Sequence]) -> None: ...
+
+    def insert(self, head: str, rows: Sequence[Sequence], tail: str = "") -> None:
+        """`head` is "INSERT INTO t (columns)"; `tail` e.g. an ON CONFLICT clause."""
+        if rows:
+            self.many(f"{head} VALUES ({marks(len(rows[0]))}) {tail}", rows)
+
+    def fetch_in(self, sql: str, values: Sequence, before: Sequence = ()) -> list[tuple]:
+        """`sql` holds one `{}` where the IN list goes; run it over chunks of `values`."""
+        out: list[tuple] = []
+        values = list(values)
+        for part in chunks(values):
+            out.extend(self.fetch(sql.format(marks(len(part))), (*before, *part)))
+        return out
+
+
+class SQLStore(IdentityStore):
+    def __init__(self, settings, consumer: str):
+        self.consumer = consumer
+        self.limits = Limits.from_settings(settings)
+        self.reader = Reader(settings.trait_identifiers)
+        self.lock = threading.RLock()
+        self.db: Db
+
+    # -- what a backend provides -----------------------------------------------------
+
+    @abstractmethod
+    def write_tx(self) -> AbstractContextManager[None]:
+        """A transaction that no other writer of this store runs beside."""
+
+    @abstractmethod
+    def read_tx(self) -> AbstractContextManager[None]:
+        """A transaction that sees one consistent snapshot."""
+
+    @abstractmethod
+    def working_graph(self) -> Graph:
+        """The graph to apply a batch to: a still-valid cache, or a fresh one."""
+
+    @abstractmethod
+    def node_ids(self, n: int) -> list[int]:
+        """n unused node ids, increasing."""
+
+    def forget_cache(self) -> None:
+        """Drop cached graph state (after unmerge/forget, or a failed apply)."""
+
+    # -- applying the log --------------------------------------------------------------
+
+    def position(self) -> int:
+        with self.lock, self.read_tx():
+            return self._position()
+
+    def _position(self) -> int:
+        rows = self.db.fetch("SELECT position FROM positions WHERE consumer = ?", (self.consumer,))
+        return rows[0][0] if rows else 0
+
+    def apply(self, entries: Sequence[Entry]) -> None:
+        with self.lock:
+            try:
+                with self.write_tx():
+                    self._apply(entries)
+            except BaseException:
+                self.forget_cache()  # the working set saw changes that rolled back
+                raise
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        done = self._position()
+        todo = [e for e in entries if e.position > done]
+        if not todo:
+            return
+        facts = [self.reader.fact(e) for e in todo]
+        graph = self.working_graph()
+        missing = graph.missing(facts)
+        self._load(graph, missing)
+        new = sum(1 for key in missing if key not in graph.nodes)  # at most this many nodes
+        ids = iter(self.node_ids(new))
+        graph.new_node_id = ids.__next__
+        changes = graph.apply(facts)
+        self._write(graph, changes)
+        self.db.run("INSERT INTO positions (consumer, position) VALUES (?, ?) ON CONFLICT "
+                    "(consumer) DO UPDATE SET position = excluded.position",
+                    (self.consumer, todo[-1].position))
+
+    def _load(self, graph: Graph, keys: set[tuple[str, str]]) -> None:
+        """Bring the nodes named by `keys`, their profiles and their edges into the graph."""
+        if not keys:
+            return
+        rows = self.db.fetch_in("SELECT id, kind, value, profile, origin FROM nodes "
+                                "WHERE value IN ({})", sorted({v for _, v in keys}))
+        loaded = [Node(*row) for row in rows if (row[1], row[2]) in keys]
+        for node in loaded:
+            graph.nodes[(node.kind, node.value)] = node
+        wanted = sorted({n.profile for n in loaded if n.profile not in graph.profiles})
+        for row in self.db.fetch_in("SELECT id, head, nodes, users, merges FROM profiles "
+                                    "WHERE id IN ({})", wanted):
+            graph.profiles[row[0]] = Profile(*row)
+        ids = [n.id for n in loaded]
+        for column in ("a", "b"):
+            graph.edges.update(self.db.fetch_in(
+                f"SELECT a, b, rule FROM edges WHERE {column} IN ({{}})", ids))
+
+    def _write(self, graph: Graph, ch: Changes) -> None:
+        db = self.db
+        db.insert("INSERT INTO nodes (id, kind, value, profile, origin)",
+                  [(n.id, n.kind, n.value, n.profile, n.origin) for n in ch.new_nodes])
+        db.many("UPDATE nodes SET profile = ? WHERE profile = ?",
+                [(new, old) for old, new in ch.relabels])
+        db.many("DELETE FROM profiles WHERE id = ?", [(p,) for p in sorted(ch.dead)])
+        live = [graph.profiles[p] for p in sorted(ch.dirty - ch.dead)]
+        db.insert("INSERT INTO profiles (id, head, nodes, users, merges)",
+                  [(p.id, p.head, p.nodes, p.users, p.merges) for p in live],
+                  "ON CONFLICT (id) DO UPDATE SET head = excluded.head, nodes = excluded.nodes, "
+                  "users = excluded.users, merges = excluded.merges")
+        db.insert("INSERT INTO edges (a, b, rule, state, refusal, joined, from_profile, "
+                  "to_profile, position, message_id, ts)", ch.edges,
+                  "ON CONFLICT (a, b, rule) DO NOTHING")
+        self._write_contributions(ch)
+        if ch.blocked:
+            db.run("INSERT INTO stats (name, n) VALUES ('blocked', ?) ON CONFLICT (name) "
+                   "DO UPDATE SET n = stats.n + excluded.n", (ch.blocked,))
+
+    def _write_contributions(self, ch: Changes) -> None:
+        c, db = ch.contributions, self.db
+        # Rows go in key order: neighbouring inserts then share B-tree pages.
+        db.insert("INSERT INTO timeline (node, ts, position, kind, key)", sorted(c.timeline),
+                  "ON CONFLICT DO NOTHING")
+        for table, key in (("traits", "path"), ("groups", "group_id")):
+            value = "value" if table == "traits" else "traits"
+            db.insert(f"INSERT INTO {table} (node, {key}, {value}, ts, position)",
+                      [(*k, *v) for k, v in sorted(getattr(c, table).items())],
+                      f"ON CONFLICT (node, {key}) DO UPDATE SET {value} = excluded.{value}, "
+                      "ts = excluded.ts, position = excluded.position WHERE "
+                      f"(excluded.ts, excluded.position) > ({table}.ts, {table}.position)")
+
+    # -- the delivery path -------------------------------------------------------------
+
+    def resolve_many(self, pairs: Sequence[tuple[str | None, str | None]]) -> list[str | None]:
+        with self.lock, self.read_tx():
+            graph = self.working_graph()
+            keys = {(USER, u) for u, _ in pairs if u} | {(ANON, a) for _, a in pairs if a}
+            self._load(graph, {k for k in keys if k not in graph.nodes})
+            return [self._resolve(graph, u, a) for u, a in pairs]
+
+    @staticmethod
+    def _resolve(graph: Graph, user_id: str | None, anonymous_id: str | None) -> str | None:
+        for key in ((USER, user_id), (ANON, anonymous_id)):
+            node = graph.nodes.get(key) if key[1] else None
+            if node is not None:
+                return graph.profile_of(node)
+        return None
+
+    # -- queries and repairs (reads.py, repair.py) ------------------------------------
+
+    def profile(self, ident: str) -> dict | None:
+        with self.lock, self.read_tx():
+            return reads.profile(self.db, ident)
+
+    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100
+                 ) -> tuple[list[int], str | None]:
+        with self.lock, self.read_tx():
+            return reads.timeline(self.db, ident, cursor, limit)
+
+    def merges(self, ident: str) -> list[dict]:
+        with self.lock, self.read_tx():
+            return reads.merges(self.db, ident)
+
+    def stats(self) -> dict:
+        with self.lock, self.read_tx():
+            return reads.stats(self.db)
+
+    def unmerge(self, profile_id: str, merge_id: str | int) -> list[str]:
+        with self.lock:
+            self.forget_cache()
+            with self.write_tx():
+                return repair.unmerge(self.db, self.limits, profile_id, merge_id, new_profile_id)
+
+    def forget(self, ident: str) -> Forgotten | None:
+        with self.lock:
+            self.forget_cache()
+            with self.write_tx():
+                return repair.forget(self.db, ident)
