@@ -14,10 +14,14 @@ import sqlite3
 
 from trackpipe.admin import api as admin_api
 from trackpipe.config import Settings
+from trackpipe.delivery.state import DeliveryState
+from trackpipe.delivery.supervisor import ConsumersProcess
+from trackpipe.destinations import build as destinations
 from trackpipe.errors import ConfigError
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.pipeline.writer_process import WriterProcess
+from trackpipe.privacy.suppress import Suppressions
 from trackpipe.sources.auth import SourceRegistry
 from trackpipe.sources.catalog import Catalog
 from trackpipe.sources.http import TrackingAPI
@@ -31,6 +35,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        destinations.validate(settings)  # a bad destination stops the start, not the first event
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_data_dir(data)
@@ -39,11 +44,27 @@ class Pipeline:
             self.catalog.set_admin_token(settings.admin_token)
         self.admin_token_hash = self.catalog.admin_token_hash()
         self.registry = SourceRegistry(self.catalog.sources())
+        self.suppressions = Suppressions(self.catalog.privacy_key(), self.catalog.suppressed())
         self._catalog_version = self.catalog.version()
         # The writer process owns every write to the log; this process reads.
         self.committer = WriterProcess(data, settings.dedup.window_seconds * 1000)
         self.log = SQLiteLog(data / "log.db", writable=False)
         self.lookup = MessageLookup(data / "ids.db", self.log)
+        self.deliveries = DeliveryState(data / "deliveries.db")
+        # A destination added to the config receives events from now on. Its
+        # cursor is set here, before the server answers, so that nothing sent
+        # right after start slips in ahead of it.
+        head = self.log.head()
+        for cfg in settings.destinations:
+            if cfg.enabled:
+                self.deliveries.set_cursor(cfg.name, head)
+        self.identity = None  # the profile store, read here; the consumers process writes it
+        if settings.identity.enabled:
+            from trackpipe.identity.store import open_store
+            self.identity = open_store(settings.identity, data)
+        # Identity and destinations run in a process of their own; see delivery/process.py.
+        self.consumers = ConsumersProcess(settings)
+        self.consumers.start()
         self.shutting_down = False
 
     def reload_catalog(self, force: bool = False) -> None:
@@ -51,6 +72,7 @@ class Pipeline:
         if force or version != self._catalog_version:
             self._catalog_version = version
             self.registry.replace(self.catalog.sources())
+            self.suppressions.replace(self.catalog.suppressed())
             self.admin_token_hash = self.catalog.admin_token_hash()
 
     def readiness(self) -> tuple[bool, str]:
@@ -68,7 +90,11 @@ class Pipeline:
 
     def close(self) -> None:
         self.shutting_down = True
+        self.consumers.close()
         self.committer.close()
+        self.deliveries.close()
+        if self.identity is not None:
+            self.identity.close()
         self.log.close()
         self.catalog.close()
 
@@ -86,16 +112,19 @@ def _lock_data_dir(data):
 
 
 def create_app(pipeline: Pipeline):
-    tracking = TrackingAPI(pipeline.settings, pipeline.registry, pipeline.committer)
+    tracking = TrackingAPI(pipeline.settings, pipeline.registry, pipeline.committer,
+                           pipeline.suppressions)
     admin = admin_api.build(pipeline)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         watcher = asyncio.create_task(_watch_catalog(pipeline))
+        supervisor = asyncio.create_task(pipeline.consumers.supervise())
         try:
             yield
         finally:
             watcher.cancel()
+            supervisor.cancel()
             pipeline.shutting_down = True
             await pipeline.committer.drain()
 

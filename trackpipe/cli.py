@@ -1,4 +1,4 @@
-"""The `trackpipe` command: serve, sources, send, events."""
+"""The `trackpipe` command: serve, sources, send, events, and the delivery commands."""
 
 from __future__ import annotations
 
@@ -52,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--event")
     events.add_argument("--user-id")
 
+    from trackpipe.commands import delivery
+    delivery.add_parsers(sub, _data_dir_arg)
+
     args = parser.parse_args(argv)
     try:
+        if args.command in ("destinations", "check", "replay"):
+            return delivery.run(args, _settings(args))
         if args.command == "serve":
             return _serve(args)
         if args.command == "sources":

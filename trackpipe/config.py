@@ -87,6 +87,10 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Keep retrying a failing event this long from its first attempt ..."""
     max_attempts: int = 10
     """... and at least this many attempts; only when both are spent does it fail."""
+    retry_initial_seconds: float = 1.0
+    """First wait before a retry; each later wait doubles (with jitter)."""
+    retry_max_delay_seconds: float = 300.0
+    """Longest wait between two attempts (also caps a Retry-After)."""
     ordered: bool = False
     """Per-user ordering: a user's later events wait while an earlier one is retrying."""
     filter: Filter | None = None

@@ -42,6 +42,8 @@ EVENTS_DISCARDED = Tally("trackpipe_events_discarded",
                          "Events answered 200 but not stored, by reason", ("reason",))
 EVENTS_REJECTED = Tally("trackpipe_requests_rejected", "Whole requests refused with a 4xx, by code",
                         ("code",))
+EVENTS_SUPPRESSED = Tally("trackpipe_events_suppressed",
+                          "Events answered 200 and dropped: their person is suppressed")
 EVENTS_DEDUPLICATED = Tally("trackpipe_events_deduplicated",
                             "Events whose messageId was already stored within the window")
 
@@ -52,7 +54,7 @@ class _Tallies:
 
     def collect(self):
         for tally in (HTTP_REQUESTS, EVENTS_RECEIVED, EVENTS_ACCEPTED, EVENTS_DISCARDED,
-                      EVENTS_REJECTED, EVENTS_DEDUPLICATED):
+                      EVENTS_REJECTED, EVENTS_DEDUPLICATED, EVENTS_SUPPRESSED):
             yield tally.family()
 
 
@@ -73,3 +75,44 @@ def count_request(endpoint: str, status: int) -> None:
 
 def exposition() -> bytes:
     return generate_latest(REGISTRY)
+
+
+class DeliveryCollector:
+    """Delivery metrics, read from deliveries.db at scrape time: the consumers process
+    that delivers keeps its counts there, so no numbers have to cross processes."""
+
+    def __init__(self, summaries):
+        self.summaries = summaries  # () -> list of destination summaries (admin/destinations.py)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        delivered = CounterMetricFamily("trackpipe_delivery_delivered", "Events delivered",
+                                        labels=["destination"])
+        failed = CounterMetricFamily("trackpipe_delivery_failed",
+                                     "Events given up on, by reason", labels=["destination", "reason"])
+        retries = CounterMetricFamily("trackpipe_delivery_retries",
+                                      "Failed attempts that were scheduled for a retry",
+                                      labels=["destination"])
+        pending = GaugeMetricFamily("trackpipe_delivery_pending",
+                                    "Events not yet delivered (backlog + retrying)", labels=["destination"])
+        oldest = GaugeMetricFamily("trackpipe_delivery_oldest_pending_age_seconds",
+                                   "Age of the oldest undelivered event", labels=["destination"])
+        for s in self.summaries():
+            name = s["name"]
+            delivered.add_metric([name], s["delivered"])
+            for reason in ("terminal", "retries_exhausted"):
+                failed.add_metric([name, reason], s["failed_total"].get(reason, 0))
+            retries.add_metric([name], s["retries"])
+            pending.add_metric([name], s["pending"])
+            oldest.add_metric([name], s["oldest_pending_age_seconds"] or 0)
+        yield from (delivered, failed, retries, pending, oldest)
+
+
+def register_delivery(summaries) -> DeliveryCollector:
+    collector = DeliveryCollector(summaries)
+    REGISTRY.register(collector)
+    return collector

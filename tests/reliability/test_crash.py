@@ -21,7 +21,7 @@ import subprocess
 import time
 import uuid
 
-from ledger import Ledger, close_log, client_for, hard_restart, run_load
+from reliability.ledger import Ledger, close_log, client_for, hard_restart, run_load
 
 RETRY_AFTER = re.compile(r"^\d+$")
 

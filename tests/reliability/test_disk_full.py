@@ -30,7 +30,7 @@ import uuid
 
 import httpx
 
-from ledger import Ledger, client_for, run_load
+from reliability.ledger import Ledger, client_for, run_load
 
 SOFT_LIMIT = 2 * 1024 * 1024
 FILL_TIMEOUT_S = 20.0

@@ -14,27 +14,28 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from trackpipe import metrics
-from trackpipe.events import format_ts, parse_ts
+from trackpipe.admin.common import cursor_param, error, int_param, json_response, time_param
+from trackpipe.admin.destinations import DestinationsAPI
+from trackpipe.admin.people import PeopleAPI
+from trackpipe.events import format_ts
 from trackpipe.log.sqlite import FILTERS
 from trackpipe.sources.catalog import token_matches
 
 MAX_LIMIT = 1000
-MAX_POSITION = 2**62
-
-
-def json_response(payload, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(payload), status, media_type="application/json")
-
-
-def error(status: int, code: str, message: str) -> Response:
-    return json_response({"code": code, "message": message}, status)
 
 
 class AdminAPI:
     def __init__(self, pipeline):
         self.p = pipeline
+        if pipeline.settings.destinations:
+            from trackpipe.admin.destinations import destination_summary
+            metrics.register_delivery(lambda: [destination_summary(pipeline, d)
+                                               for d in pipeline.settings.destinations])
 
     def routes(self) -> list[Route]:
+        delivery = [Route(path, self._guard(fn), methods=methods)
+                    for path, fn, methods in [*DestinationsAPI(self.p).routes(),
+                                              *PeopleAPI(self.p).routes()]]
         guarded = [
             ("/api/v1/events", self.events),
             ("/api/v1/events/{message_id:path}", self.event),
@@ -42,7 +43,7 @@ class AdminAPI:
             ("/api/v1/discards", self.discards),
             ("/api/v1/sources", self.sources),
         ]
-        return [*(Route(path, self._guard(fn)) for path, fn in guarded),
+        return [*delivery, *(Route(path, self._guard(fn)) for path, fn in guarded),
                 Route("/health", self.health), Route("/ready", self.ready),
                 Route("/metrics", self.metrics)]
 
@@ -67,10 +68,10 @@ class AdminAPI:
         filters = {}
         for name in FILTERS:
             if name in q:
-                filters[name] = _time_param(q, name) if name in ("since", "until") else q[name]
-        limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
+                filters[name] = time_param(q, name) if name in ("since", "until") else q[name]
+        limit = int_param(q, "limit", 100, 1, MAX_LIMIT)
         ascending = q.get("order", "desc") == "asc"
-        position = _cursor_param(q)
+        position = cursor_param(q)
         if ascending and position is None:
             position = 0
         if "message_id" in filters:
@@ -132,9 +133,9 @@ class AdminAPI:
 
     async def discards(self, request: Request) -> Response:
         q = request.query_params
-        limit = _int_param(q, "limit", 100, 1, MAX_LIMIT)
+        limit = int_param(q, "limit", 100, 1, MAX_LIMIT)
         rows = await run_in_threadpool(self.p.log.discards, message_id=q.get("message_id"),
-                                       reason=q.get("reason"), before=_cursor_param(q),
+                                       reason=q.get("reason"), before=cursor_param(q),
                                        limit=limit)
         nxt = str(rows[-1][0]) if len(rows) == limit else None
         return json_response({"discards": [_discard(d) for d in rows], "next": nxt})
@@ -177,36 +178,6 @@ def _matches(entry, filters: dict) -> bool:
         if name in checks and checks[name] != value:
             return False
     return True
-
-
-def _cursor_param(q) -> int | None:
-    raw = q.get("cursor")
-    if not raw:
-        return None
-    if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
-        raise ValueError("`cursor` must be the `next` value of a previous page.")
-    return int(raw)
-
-
-def _int_param(q, name: str, default: int, lo: int, hi: int) -> int:
-    raw = q.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
-        raise ValueError(f"`{name}` must be a whole number from {lo} to {hi}, got {raw!r}.")
-    return int(raw)
-
-
-def _time_param(q, name: str) -> int:
-    raw = q[name]
-    if raw.isdigit():
-        if len(raw) > 15:
-            raise ValueError(f"`{name}` in epoch milliseconds has too many digits: {raw!r}.")
-        return int(raw)
-    ms = parse_ts(raw)
-    if ms is None:
-        raise ValueError(f"`{name}` must be an ISO-8601 time or epoch milliseconds, got {raw!r}.")
-    return ms
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -1,0 +1,144 @@
+"""Admin routes for delivery: destinations with their counts, per-event attempts, replays."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trackpipe.admin.common import error, int_param, json_response, time_param
+from trackpipe.delivery.replay import replay
+from trackpipe.delivery.routing import Router, Skipped
+from trackpipe.destinations.build import masked
+from trackpipe.events import format_ts
+
+
+def destination_summary(pipeline, cfg) -> dict:
+    """What `GET /api/v1/destinations` and `trackpipe destinations` show for one destination."""
+    s = pipeline.deliveries.summary(cfg.name)
+    head = pipeline.log.head()
+    backlog = max(0, head - s["cursor"]) if cfg.enabled else 0
+    oldest = s["oldest_retrying_received_at"]
+    if backlog:
+        nxt = pipeline.log.read(s["cursor"], 1)
+        if nxt and (oldest is None or nxt[0].received_at < oldest):
+            oldest = nxt[0].received_at
+    counters = s["counters"]
+    failed = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("failed:")}
+    skipped = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("skipped:")}
+    err = s["last_error"]
+    return {
+        "name": cfg.name, "type": cfg.type, "enabled": cfg.enabled,
+        "delivered": counters.get("delivered", 0),
+        "pending": backlog + s["retrying"],
+        "retrying": s["retrying"],
+        "failed": s["failed_now"],
+        "failed_total": failed,
+        "retries": counters.get("retries", 0),
+        "skipped": skipped,
+        "oldest_pending_age_seconds":
+            None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3),
+        "last_error": None if err is None else {
+            "at": format_ts(err["at"]), "status": err["status"], "detail": err["detail"]},
+        "settings": masked(cfg),
+    }
+
+
+class DestinationsAPI:
+    def __init__(self, pipeline):
+        self.p = pipeline
+        self.by_name = {d.name: d for d in pipeline.settings.destinations}
+
+    def routes(self) -> list[tuple[str, object, list[str]]]:
+        return [
+            ("/api/v1/destinations", self.list, ["GET"]),
+            ("/api/v1/destinations/{name}", self.one, ["GET"]),
+            ("/api/v1/destinations/{name}/failed", self.failed, ["GET"]),
+            ("/api/v1/destinations/{name}/replay", self.replay, ["POST"]),
+            ("/api/v1/events/{message_id:path}/deliveries", self.deliveries, ["GET"]),
+        ]
+
+    async def list(self, request: Request) -> Response:
+        rows = await run_in_threadpool(
+            lambda: [destination_summary(self.p, d) for d in self.p.settings.destinations])
+        return json_response({"destinations": rows})
+
+    async def one(self, request: Request) -> Response:
+        cfg = self._cfg(request)
+        if isinstance(cfg, Response):
+            return cfg
+        return json_response(await run_in_threadpool(destination_summary, self.p, cfg))
+
+    async def failed(self, request: Request) -> Response:
+        cfg = self._cfg(request)
+        if isinstance(cfg, Response):
+            return cfg
+        limit = int_param(request.query_params, "limit", 100, 1, 1000)
+        rows = await run_in_threadpool(self.p.deliveries.failed, cfg.name, limit)
+        for row in rows:
+            row["failed_at"] = format_ts(row["failed_at"])
+        return json_response({"failed": rows})
+
+    async def replay(self, request: Request) -> Response:
+        cfg = self._cfg(request)
+        if isinstance(cfg, Response):
+            return cfg
+        try:
+            body = msgspec.json.decode(await request.body() or b"{}")
+        except msgspec.DecodeError:
+            return error(400, "invalid_json", "The replay body must be a JSON object, e.g. "
+                         '{"since": "2026-11-01T00:00:00Z", "failed_only": true}.')
+        if not isinstance(body, dict) or set(body) - {"since", "until", "failed_only"}:
+            return error(400, "invalid_parameter", "The replay body takes `since`, `until` "
+                         "(ISO-8601 or epoch ms) and `failed_only` (boolean).")
+        times = {k: time_param({k: str(body[k])}, k) for k in ("since", "until") if body.get(k)}
+        failed_only = body.get("failed_only", False)
+        if not isinstance(failed_only, bool):
+            return error(400, "invalid_parameter", "`failed_only` must be true or false.")
+        queued = await run_in_threadpool(replay, self.p.log, self.p.deliveries, cfg,
+                                         failed_only=failed_only, **times)
+        return json_response({"destination": cfg.name, "queued": queued})
+
+    async def deliveries(self, request: Request) -> Response:
+        message_id = request.path_params["message_id"]
+        answer = await run_in_threadpool(self._deliveries, message_id)
+        if answer is None:
+            return error(404, "not_found", f"No stored event has messageId {message_id!r}; "
+                         f"GET /api/v1/messages/{message_id}/status tells what became of it.")
+        return json_response(answer)
+
+    def _deliveries(self, message_id: str) -> dict | None:
+        positions = self.p.lookup.positions(message_id)
+        entries = [e for e in self.p.log.get(positions) if e.message_id == message_id]
+        if not entries:
+            return None
+        entry = entries[-1]
+        message = msgspec.json.decode(entry.body)
+        attempts = self.p.deliveries.attempts_for(entry.position)
+        out = []
+        for cfg in self.p.settings.destinations:
+            routed = Router(cfg).route(message)
+            tries = attempts.get(cfg.name, [])
+            for t in tries:
+                t["at"] = format_ts(t["at"])
+            state = self.p.deliveries.where_is(cfg.name, entry.position)
+            if state == "done" and isinstance(routed, Skipped):
+                # A batch row spans the skipped events between the sent ones; never sent.
+                state, tries = f"skipped ({routed.reason})", []
+            elif state == "done":
+                state = tries[-1]["state"] if tries else (
+                    "not sent (stored before the destination was added)")
+            out.append({"destination": cfg.name, "type": cfg.type, "state": state,
+                        "attempts": tries})
+        return {"messageId": message_id, "position": entry.position, "deliveries": out}
+
+    def _cfg(self, request: Request):
+        name = request.path_params["name"]
+        cfg = self.by_name.get(name)
+        if cfg is None:
+            known = ", ".join(self.by_name) or "none configured"
+            return error(404, "not_found", f"No destination is named {name!r} (known: {known}).")
+        return cfg

@@ -1,0 +1,197 @@
+"""Admin routes about people: profiles, their timelines and merges, and privacy requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from trackpipe.admin.common import error, int_param, json_response
+from trackpipe.events import format_ts
+from trackpipe.log.sqlite import connect
+from trackpipe.privacy import erase
+from trackpipe.privacy.suppress import id_hash
+
+ERASE_WAIT_SECONDS = 30.0
+
+
+class PeopleAPI:
+    def __init__(self, pipeline):
+        self.p = pipeline
+
+    @property
+    def identity(self):
+        return self.p.identity  # None when [identity] enabled = false
+
+    def routes(self) -> list[tuple[str, object, list[str]]]:
+        return [
+            ("/api/v1/profiles/{ident:path}/events", self.timeline, ["GET"]),
+            ("/api/v1/profiles/{ident:path}/merges", self.merges, ["GET"]),
+            ("/api/v1/profiles/{ident:path}/unmerge", self.unmerge, ["POST"]),
+            ("/api/v1/profiles/{ident:path}", self.profile, ["GET"]),
+            ("/api/v1/privacy/suppress", self.suppress, ["POST"]),
+            ("/api/v1/privacy/unsuppress", self.unsuppress, ["POST"]),
+            ("/api/v1/privacy/delete", self.delete, ["POST"]),
+            ("/api/v1/privacy/audit", self.audit, ["GET"]),
+        ]
+
+    # -- profiles -------------------------------------------------------------------
+
+    def _disabled(self) -> Response:
+        return error(404, "identity_disabled", "Identity resolution is off ([identity] enabled ="
+                     " false), so trackpipe keeps no profiles.")
+
+    def _missing(self, ident: str) -> Response:
+        return error(404, "not_found", f"No profile has the id, userId or anonymousId {ident!r} "
+                     "(profiles appear a moment after their first event is stored).")
+
+    async def profile(self, request: Request) -> Response:
+        if self.identity is None:
+            return self._disabled()
+        ident = request.path_params["ident"]
+        found = await run_in_threadpool(self.identity.profile, ident)
+        return json_response(found) if found else self._missing(ident)
+
+    async def timeline(self, request: Request) -> Response:
+        if self.identity is None:
+            return self._disabled()
+        ident = request.path_params["ident"]
+        limit = int_param(request.query_params, "limit", 100, 1, 1000)
+        cursor = request.query_params.get("cursor") or None
+
+        def page():
+            if self.identity.profile(ident) is None:
+                return None
+            positions, nxt = self.identity.timeline(ident, cursor, limit)
+            by_position = {e.position: e for e in self.p.log.get(positions)}
+            events = [msgspec.json.decode(by_position[p].body) for p in positions if p in by_position]
+            return {"events": events, "next": nxt}
+        try:
+            answer = await run_in_threadpool(page)
+        except ValueError:
+            raise ValueError("`cursor` must be the `next` value of a previous page.") from None
+        return json_response(answer) if answer is not None else self._missing(ident)
+
+    async def merges(self, request: Request) -> Response:
+        if self.identity is None:
+            return self._disabled()
+        ident = request.path_params["ident"]
+        if await run_in_threadpool(self.identity.profile, ident) is None:
+            return self._missing(ident)
+        return json_response({"merges": await run_in_threadpool(self.identity.merges, ident)})
+
+    async def unmerge(self, request: Request) -> Response:
+        if self.identity is None:
+            return self._disabled()
+        ident = request.path_params["ident"]
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        merge_id = body.get("merge_id")
+        if merge_id is None:
+            return error(400, "invalid_parameter", "Send {\"merge_id\": ...}: an `id` from "
+                         f"GET /api/v1/profiles/{ident}/merges.")
+        found = await run_in_threadpool(self.identity.profile, ident)
+        if found is None:
+            return self._missing(ident)
+        try:
+            profiles = await run_in_threadpool(self.identity.unmerge, found["profile_id"], merge_id)
+        except (KeyError, LookupError) as exc:
+            return error(404, "not_found", f"No merge {merge_id!r} in this profile: {exc}")
+        self._audit("unmerge", ident, {"merge_id": merge_id, "profiles": len(profiles)})
+        return json_response({"profiles": profiles})
+
+    # -- privacy --------------------------------------------------------------------
+
+    def _identifiers(self, ident: str) -> list[str]:
+        """The person's ids as far as trackpipe knows them: all of a profile's, or the id given."""
+        found = self.identity.profile(ident) if self.identity is not None else None
+        ids = {ident}
+        if found:
+            ids.update(found.get("user_ids", ()))
+            ids.update(found.get("anonymous_ids", ()))
+        return sorted(ids)
+
+    async def suppress(self, request: Request) -> Response:
+        ident = await _ident(request)
+        if isinstance(ident, Response):
+            return ident
+        ids = await run_in_threadpool(self._identifiers, ident)
+        key = self.p.catalog.privacy_key()
+        await run_in_threadpool(self.p.catalog.suppress, [id_hash(key, i) for i in ids])
+        self.p.reload_catalog(force=True)
+        self._audit("suppress", ident, {"identifiers": len(ids)})
+        return json_response({"suppressed": len(ids)})
+
+    async def unsuppress(self, request: Request) -> Response:
+        ident = await _ident(request)
+        if isinstance(ident, Response):
+            return ident
+        ids = await run_in_threadpool(self._identifiers, ident)
+        key = self.p.catalog.privacy_key()
+        n = await run_in_threadpool(self.p.catalog.unsuppress, [id_hash(key, i) for i in ids])
+        self.p.reload_catalog(force=True)
+        self._audit("unsuppress", ident, {"identifiers": len(ids), "lifted": n})
+        return json_response({"unsuppressed": n})
+
+    async def delete(self, request: Request) -> Response:
+        ident = await _ident(request)
+        if isinstance(ident, Response):
+            return ident
+        ids = await run_in_threadpool(self._identifiers, ident)
+        key = self.p.catalog.privacy_key()
+        # Delete implies suppress (Segment's "delete and suppress"): no new events meanwhile.
+        await run_in_threadpool(self.p.catalog.suppress, [id_hash(key, i) for i in ids])
+        self.p.reload_catalog(force=True)
+        db = connect(self.p.settings.data_path / "deliveries.db", synchronous="NORMAL")
+        try:
+            request_id = erase.queue(db, ids)
+            if not self.p.consumers.needed:  # no consumers process: do it here
+                await run_in_threadpool(erase.process_requests, self.p.settings.data_path, None, [])
+            deadline = time.monotonic() + ERASE_WAIT_SECONDS
+            while (done := erase.result(db, request_id)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            db.close()
+        if done is None:
+            self._audit("delete", ident, {"request": request_id, "state": "queued"})
+            return json_response({"request_id": request_id, "state": "queued"}, 202)
+        self._audit("delete", ident, {"request": request_id, **done})
+        return json_response({"request_id": request_id, "state": "done", **done})
+
+    async def audit(self, request: Request) -> Response:
+        limit = int_param(request.query_params, "limit", 100, 1, 1000)
+        rows = await run_in_threadpool(self.p.catalog.audit_log, limit)
+        return json_response({"audit": [
+            {"id": r[0], "at": format_ts(r[1]), "action": r[2], "subject": r[3],
+             "detail": json.loads(r[4])} for r in rows]})
+
+    def _audit(self, action: str, ident: str, detail: dict) -> None:
+        subject = id_hash(self.p.catalog.privacy_key(), ident)  # never the id itself
+        self.p.catalog.audit(action, subject, json.dumps(detail))
+
+
+async def _body(request: Request):
+    try:
+        body = msgspec.json.decode(await request.body() or b"{}")
+    except msgspec.DecodeError:
+        return error(400, "invalid_json", "The body must be a JSON object.")
+    if not isinstance(body, dict):
+        return error(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+async def _ident(request: Request):
+    body = await _body(request)
+    if isinstance(body, Response):
+        return body
+    ident = body.get("id")
+    if not isinstance(ident, str) or not ident.strip() or len(ident) > 1024:
+        return error(400, "invalid_parameter", "Send {\"id\": ...}: a profile id, userId or "
+                     "anonymousId.")
+    return ident

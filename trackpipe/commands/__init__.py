@@ -1,0 +1,1 @@
+"""`trackpipe` subcommands beyond serving and sending, one module per area."""

@@ -1,0 +1,139 @@
+"""`trackpipe destinations`, `trackpipe check` and `trackpipe replay`.
+
+They work on the data dir and the config file directly, so they answer whether
+or not the server is running; a replay is picked up by a running server within
+a moment, or by the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from types import SimpleNamespace
+
+from trackpipe.errors import ConfigError
+
+
+def add_parsers(sub, data_dir_arg) -> None:
+    dest = sub.add_parser("destinations", help="list destinations with delivered/pending/failed counts")
+    data_dir_arg(dest)
+    dest.add_argument("--config")
+    dest.add_argument("--json", action="store_true")
+
+    check = sub.add_parser("check", help="validate the config and run each destination's health check")
+    data_dir_arg(check)
+    check.add_argument("--config")
+
+    replay = sub.add_parser("replay", help="send stored events to a destination again")
+    replay.add_argument("--destination", required=True)
+    replay.add_argument("--since", help="ISO-8601 time or epoch ms (receivedAt)")
+    replay.add_argument("--until", help="ISO-8601 time or epoch ms (receivedAt), exclusive")
+    replay.add_argument("--failed-only", action="store_true", help="only events in the failed store")
+    data_dir_arg(replay)
+    replay.add_argument("--config")
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    if args.command == "check":
+        return _check(settings)
+    from trackpipe.destinations import build
+
+    build.validate(settings)
+    with _state(settings) as p:
+        if args.command == "destinations":
+            return _list(p, settings, args.json)
+        return _replay(p, settings, args)
+
+
+class _state:
+    def __init__(self, settings):
+        from trackpipe.delivery.state import DeliveryState
+        from trackpipe.log.sqlite import SQLiteLog
+
+        data = settings.data_path
+        if not (data / "log.db").exists():
+            raise ConfigError(f"{data.resolve()} holds no trackpipe log; pass --data-dir.")
+        self.p = SimpleNamespace(log=SQLiteLog(data / "log.db", writable=False),
+                                 deliveries=DeliveryState(data / "deliveries.db"))
+
+    def __enter__(self):
+        return self.p
+
+    def __exit__(self, *exc):
+        self.p.deliveries.close()
+        self.p.log.close()
+
+
+def _list(p, settings, as_json: bool) -> int:
+    from trackpipe.admin.destinations import destination_summary
+
+    rows = [destination_summary(p, d) for d in settings.destinations]
+    if as_json:
+        print(json.dumps({"destinations": rows}, indent=2))
+        return 0
+    if not rows:
+        print("No destinations configured; add [[destinations]] tables to the config file.")
+        return 0
+    print(f"{'NAME':20} {'TYPE':10} {'DELIVERED':>10} {'PENDING':>8} {'FAILED':>7} "
+          f"{'OLDEST PENDING':>15}  LAST ERROR")
+    for r in rows:
+        age = "-" if r["oldest_pending_age_seconds"] is None else f"{r['oldest_pending_age_seconds']:.0f}s"
+        err = r["last_error"]
+        err = f"{err['status']} {err['detail'][:60]}" if err else ""
+        print(f"{r['name'][:20]:20} {r['type']:10} {r['delivered']:>10} {r['pending']:>8} "
+              f"{r['failed']:>7} {age:>15}  {err}")
+    return 0
+
+
+def _replay(p, settings, args) -> int:
+    from trackpipe.admin.common import time_param
+    from trackpipe.delivery.replay import replay
+
+    cfg = next((d for d in settings.destinations if d.name == args.destination), None)
+    if cfg is None:
+        known = ", ".join(d.name for d in settings.destinations) or "none configured"
+        raise ConfigError(f"No destination is named {args.destination!r} (known: {known}).")
+    try:
+        times = {k: time_param({k: getattr(args, k)}, k) for k in ("since", "until")
+                 if getattr(args, k)}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)
+    print(f"queued {queued} events for {cfg.name}")
+    return 0
+
+
+def _check(settings) -> int:
+    from trackpipe.destinations import build
+
+    build.validate(settings)
+    print(f"config ok: {len(settings.destinations)} destination(s)")
+    failures = asyncio.run(_check_all(settings))
+    return 1 if failures else 0
+
+
+async def _check_all(settings) -> int:
+    from trackpipe.destinations.base import DestinationError
+    from trackpipe.destinations.build import build_destination
+
+    failures = 0
+    for cfg in settings.destinations:
+        dest = build_destination(cfg)
+        try:
+            await dest.start()
+            what = await dest.check()
+            print(f"  ok    {cfg.name} ({cfg.type}): {what}")
+        except DestinationError as exc:
+            failures += 1
+            print(f"  FAIL  {cfg.name} ({cfg.type}): {exc}", file=sys.stderr)
+        except Exception as exc:
+            failures += 1
+            print(f"  FAIL  {cfg.name} ({cfg.type}): {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            try:
+                await dest.close()
+            except Exception:
+                pass
+    return failures

@@ -1,0 +1,1 @@
+"""Delivery: from the log to each destination."""

@@ -1,0 +1,144 @@
+"""The consumers process: identity and every destination, beside the collector.
+
+`trackpipe serve` starts it (and restarts it if it dies). It reads the log
+through its own read-only connections and keeps its own state files
+(identity.db, deliveries.db), so nothing it does — a slow destination, a
+profile rebuild — can take CPU time from the tracking API's event loop, which
+only has to answer requests (the same reason the log writer has a process of
+its own; see pipeline/writer_process.py).
+
+The settings arrive as JSON on stdin, so credentials never show in `ps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from trackpipe import config
+from trackpipe.delivery.state import DeliveryState
+from trackpipe.delivery.worker import DestinationWorker
+from trackpipe.destinations import destination_class
+from trackpipe.destinations.build import build_destination
+from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.privacy.erase import process_requests
+
+log = logging.getLogger("trackpipe.consumers")
+
+IDENTITY_BATCH = 2000
+
+
+class IdentityConsumer:
+    """Applies the log to the identity store, in order, one batch at a time, on a thread
+    of its own (the store is synchronous); destinations ask it for profile ids."""
+
+    def __init__(self, store, log_: SQLiteLog):
+        self.store = store
+        self.log = log_
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="identity")
+        self._position = 0
+
+    def position(self) -> int:
+        return self._position
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self._position = await loop.run_in_executor(self.pool, self.store.position)
+        while not stop.is_set():
+            entries = await loop.run_in_executor(self.pool, self.log.read, self._position,
+                                                 IDENTITY_BATCH)
+            if not entries:
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                await loop.run_in_executor(self.pool, self.store.apply, entries)
+            except Exception:
+                log.exception("identity: applying positions %d-%d failed; retrying",
+                              entries[0].position, entries[-1].position)
+                await asyncio.sleep(1.0)
+                continue
+            self._position = entries[-1].position
+
+    async def erase_requests(self, stop: asyncio.Event, data_dir: Path, destinations) -> None:
+        """Queued privacy deletes, run on the identity thread between two batches."""
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                await loop.run_in_executor(self.pool, process_requests, data_dir, self.store,
+                                           destinations)
+            except Exception:
+                log.exception("privacy: a delete request failed; retrying")
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def resolve(self, pairs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.store.resolve_many, pairs)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+
+
+async def run(settings: config.Settings) -> None:
+    data = settings.data_path
+    event_log = SQLiteLog(data / "log.db", writable=False)
+    state = DeliveryState(data / "deliveries.db")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    tasks = []
+    identity = None
+    if settings.identity.enabled:
+        from trackpipe.identity.store import open_store
+        identity = IdentityConsumer(open_store(settings.identity, data), event_log)
+        tasks.append(asyncio.create_task(identity.run(stop), name="identity"))
+    erasing = identity or IdentityConsumer(None, event_log)
+    notified = [d.name for d in settings.destinations
+                if d.enabled and destination_class(d.type).supports_delete]
+    tasks.append(asyncio.create_task(erasing.erase_requests(stop, data, notified), name="privacy"))
+    head = event_log.head()
+    for cfg in settings.destinations:
+        if not cfg.enabled:
+            continue
+        state.set_cursor(cfg.name, head)  # a new destination gets events from now on
+        worker = DestinationWorker(
+            cfg, build_destination(cfg), event_log, state,
+            readable_up_to=identity.position if identity else None,
+            resolve=identity.resolve if identity else None)
+        tasks.append(asyncio.create_task(worker.run(stop), name=f"destination:{cfg.name}"))
+    print("consumers ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        erasing.close()
+        state.close()
+        event_log.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = msgspec.json.decode(sys.stdin.buffer.read(), type=config.Settings)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

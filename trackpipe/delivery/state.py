@@ -1,0 +1,411 @@
+"""What the delivery framework knows, in one SQLite file (data_dir/deliveries.db).
+
+Per destination: its cursor in the log (everything up to it has been routed and
+either delivered, skipped, put up for retry or failed), the events waiting for
+a retry (`pending`), the events that failed for good (`failed`), and the trace
+of every attempt. Every outcome of a send and the cursor move commit in ONE
+transaction, so a crash can only repeat a delivery, never lose one.
+
+Tracing every attempt per event would cost a row per delivered event; instead a
+fresh batch (a run of log positions read past the cursor) is recorded as one
+`batches` row covering [lo, hi] when all its events got the same outcome, and
+per-event `attempts` rows are written only for retries, replays and mixed
+outcomes. The batch row is written before the send (state 'sending'), so after
+a crash the same range is re-sent as the same batch (same webhook-id).
+
+synchronous=NORMAL: a power loss can only roll back the newest transactions
+whole, which re-delivers (at least once), never skips.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+from trackpipe.destinations.base import Outcome
+from trackpipe.log.sqlite import PerThread
+from trackpipe.privacy import erase
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursors (
+    destination TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    id          INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    lo          INTEGER NOT NULL,
+    hi          INTEGER NOT NULL,
+    events      INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    state       TEXT NOT NULL,           -- sending | delivered | retry | failed | mixed
+    status      INTEGER,
+    duration_ms REAL,
+    detail      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS batches_by_range ON batches (destination, hi);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    status      INTEGER,
+    duration_ms REAL,
+    detail      TEXT NOT NULL DEFAULT '',
+    attempt     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_by_position ON attempts (position);
+CREATE TABLE IF NOT EXISTS pending (
+    destination      TEXT NOT NULL,
+    position         INTEGER NOT NULL,
+    user_key         TEXT,
+    attempts         INTEGER NOT NULL,
+    first_attempt_at INTEGER NOT NULL,
+    next_at          INTEGER NOT NULL,
+    last_status      INTEGER,
+    last_detail      TEXT NOT NULL DEFAULT '',
+    received_at      INTEGER NOT NULL,
+    PRIMARY KEY (destination, position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_due ON pending (destination, next_at);
+CREATE INDEX IF NOT EXISTS pending_by_user ON pending (destination, user_key, position);
+CREATE TABLE IF NOT EXISTS failed (
+    destination TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    message_id  TEXT NOT NULL,
+    failed_at   INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL,
+    status      INTEGER,
+    detail      TEXT NOT NULL,
+    reason      TEXT NOT NULL,           -- terminal | retries_exhausted
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (destination, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    destination TEXT NOT NULL,
+    name        TEXT NOT NULL,           -- delivered | retries | failed:<reason> | skipped:<reason>
+    value       INTEGER NOT NULL,
+    PRIMARY KEY (destination, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_errors (
+    destination TEXT PRIMARY KEY,
+    at          INTEGER NOT NULL,
+    status      INTEGER,
+    detail      TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Sent(NamedTuple):
+    """One event of a send, with what happened to it."""
+
+    position: int
+    message_id: str
+    received_at: int
+    user_key: str | None
+    attempt: int            # this attempt's number (1 for a fresh event)
+    first_attempt_at: int
+    outcome: Outcome
+
+
+class Retry(NamedTuple):
+    """A pending event that is due."""
+
+    position: int
+    user_key: str | None
+    attempts: int
+    first_attempt_at: int
+
+
+class DeliveryState:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._conns = PerThread(self.path, synchronous="NORMAL")
+        self._db().executescript(SCHEMA + erase.QUEUE_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        return self._conns.get()
+
+    def close(self) -> None:
+        self._conns.close_all()
+
+    # -- cursors and in-flight batches -----------------------------------------
+
+    def cursor(self, destination: str) -> int:
+        row = self._db().execute("SELECT position FROM cursors WHERE destination = ?",
+                                 (destination,)).fetchone()
+        return row[0] if row else 0
+
+    def set_cursor(self, destination: str, position: int) -> None:
+        """Start a new destination at the log's head (it receives events from now on)."""
+        self._db().execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT DO NOTHING",
+                           (destination, position))
+
+    def unfinished_batch(self, destination: str) -> tuple[int, int, int] | None:
+        """(id, lo, hi) of a fresh batch that was being sent when the process stopped."""
+        return self._db().execute(
+            "SELECT id, lo, hi FROM batches WHERE destination = ? AND state = 'sending'"
+            " AND lo > coalesce((SELECT position FROM cursors WHERE destination = ?), 0)"
+            " ORDER BY id DESC LIMIT 1", (destination, destination)).fetchone()
+
+    def begin_batch(self, destination: str, lo: int, hi: int, events: int) -> int:
+        cur = self._db().execute(
+            "INSERT INTO batches (destination, lo, hi, events, at, state) VALUES (?,?,?,?,?,'sending')",
+            (destination, lo, hi, events, now_ms()))
+        return cur.lastrowid
+
+    # -- recording outcomes ----------------------------------------------------
+
+    def record(self, destination: str, sent: Sequence[Sent], *, duration_ms: float,
+               policy, batch_id: int | None = None, cursor: int | None = None,
+               skipped: dict[str, int] | None = None) -> list[Sent]:
+        """Commit the outcome of one send (and the cursor move of a fresh batch).
+
+        Returns the events that were given up on (moved to `failed`)."""
+        at = now_ms()
+        counts: dict[str, int] = dict.fromkeys(("delivered", "retries"), 0)
+        for reason, n in (skipped or {}).items():
+            counts[f"skipped:{reason}"] = n
+        states = {s.outcome.state for s in sent}
+        uniform = batch_id is not None and len(states) <= 1
+        attempt_rows, pending_rows, failed_rows, done = [], [], [], []
+        given_up: list[Sent] = []
+        for s in sent:
+            o = s.outcome
+            if not uniform:
+                attempt_rows.append((destination, s.position, at, o.state, o.status, duration_ms,
+                                     o.detail, s.attempt))
+            if o.state == "delivered":
+                counts["delivered"] += 1
+                done.append((destination, s.position))
+                continue
+            reason = None
+            if o.state == "failed":
+                reason = "terminal"
+            elif policy.exhausted(s.attempt, s.first_attempt_at, at):
+                reason = "retries_exhausted"
+            if reason:
+                counts[f"failed:{reason}"] = counts.get(f"failed:{reason}", 0) + 1
+                failed_rows.append((destination, s.position, s.message_id, at, s.attempt, o.status,
+                                    o.detail, reason, s.received_at))
+                done.append((destination, s.position))
+                given_up.append(s)
+            else:
+                counts["retries"] += 1
+                pending_rows.append((destination, s.position, s.user_key, s.attempt,
+                                     s.first_attempt_at, at + policy.delay_ms(s.attempt, o.retry_after),
+                                     o.status, o.detail, s.received_at))
+        errors = [s.outcome for s in sent if s.outcome.state != "delivered"]
+        db = self._db()
+        with _transaction(db):
+            if batch_id is not None:
+                first = sent[0].outcome if sent else Outcome("delivered")
+                state = first.state if uniform else "mixed"
+                db.execute("UPDATE batches SET state = ?, status = ?, duration_ms = ?, detail = ?,"
+                           " at = ? WHERE id = ?",
+                           (state, first.status if uniform else None, duration_ms,
+                            first.detail if uniform else "", at, batch_id))
+            if attempt_rows:
+                db.executemany("INSERT INTO attempts (destination, position, at, state, status,"
+                               " duration_ms, detail, attempt) VALUES (?,?,?,?,?,?,?,?)", attempt_rows)
+            if done:
+                db.executemany("DELETE FROM pending WHERE destination = ? AND position = ?", done)
+            if pending_rows:
+                db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?)", pending_rows)
+            if failed_rows:
+                db.executemany("INSERT OR REPLACE INTO failed VALUES (?,?,?,?,?,?,?,?,?)", failed_rows)
+            self._count(db, destination, counts)
+            if errors:
+                db.execute("INSERT OR REPLACE INTO last_errors VALUES (?,?,?,?)",
+                           (destination, at, errors[-1].status, errors[-1].detail))
+            if cursor is not None:
+                db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
+                           " DO UPDATE SET position = max(position, excluded.position)",
+                           (destination, cursor))
+        return given_up
+
+    def skip(self, destination: str, cursor: int, skipped: dict[str, int],
+             dropped: Iterable[tuple[int]] = ()) -> None:
+        """Move the cursor past events that were all routed elsewhere (or pending
+        retries that the current routing no longer sends: `dropped` positions)."""
+        db = self._db()
+        with _transaction(db):
+            self._count(db, destination, {f"skipped:{r}": n for r, n in skipped.items()})
+            db.executemany("DELETE FROM pending WHERE destination = ? AND position = ?",
+                           [(destination, p) for (p,) in dropped])
+            if cursor:
+                db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
+                           " DO UPDATE SET position = max(position, excluded.position)",
+                           (destination, cursor))
+
+    def hold(self, destination: str, held: Sequence[tuple[int, str, int]], cursor: int) -> None:
+        """Per-user ordering: park fresh events (position, user_key, received_at) behind their
+        user's retrying event; they go, in order, once it is done."""
+        at = now_ms()
+        db = self._db()
+        with _transaction(db):
+            db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,0,?,?,NULL,'waiting for an"
+                           " earlier event of this user',?)",
+                           [(destination, p, key, at, at, rec) for p, key, rec in held])
+            db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
+                       " DO UPDATE SET position = max(position, excluded.position)",
+                       (destination, cursor))
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, destination: str, counts: dict[str, int]) -> None:
+        db.executemany("INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (destination, name)"
+                       " DO UPDATE SET value = value + excluded.value",
+                       [(destination, k, v) for k, v in counts.items() if v])
+
+    # -- retries ---------------------------------------------------------------
+
+    def due(self, destination: str, limit: int, *, ordered: bool = False) -> list[Retry]:
+        """Pending events whose next attempt is due, oldest position first. With per-user
+        ordering only each user's earliest pending event can be due."""
+        sql = ("SELECT position, user_key, attempts, first_attempt_at FROM pending p"
+               " WHERE destination = ? AND next_at <= ?")
+        if ordered:
+            sql += (" AND (user_key IS NULL OR position = (SELECT min(position) FROM pending q"
+                    " WHERE q.destination = p.destination AND q.user_key = p.user_key))")
+        rows = self._db().execute(sql + " ORDER BY position LIMIT ?",
+                                  (destination, now_ms(), limit)).fetchall()
+        return [Retry(*r) for r in rows]
+
+    def next_due_in(self, destination: str) -> float | None:
+        row = self._db().execute("SELECT min(next_at) FROM pending WHERE destination = ?",
+                                 (destination,)).fetchone()
+        return None if row[0] is None else max(0.0, (row[0] - now_ms()) / 1000)
+
+    def waiting_users(self, destination: str, keys: Iterable[str]) -> set[str]:
+        keys = [k for k in set(keys) if k is not None]
+        if not keys:
+            return set()
+        db = self._db()
+        found = set()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            found.update(r[0] for r in db.execute(
+                f"SELECT DISTINCT user_key FROM pending WHERE destination = ? AND user_key IN"
+                f" ({','.join('?' * len(chunk))})", (destination, *chunk)))
+        return found
+
+    # -- replay ----------------------------------------------------------------
+
+    def replay(self, destination: str, events: Sequence[tuple[int, str | None, int]]) -> int:
+        """Queue (position, user_key, received_at) for delivery now, as fresh attempts."""
+        at = now_ms()
+        db = self._db()
+        with _transaction(db):
+            db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
+                           [(destination, p) for p, _, _ in events])
+            db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)",
+                           [(destination, p, key, at, at, rec) for p, key, rec in events])
+        return len(events)
+
+    def failed_positions(self, destination: str, since: int | None = None,
+                         until: int | None = None) -> list[tuple[int, int]]:
+        sql, args = "SELECT position, received_at FROM failed WHERE destination = ?", [destination]
+        if since is not None:
+            sql, args = sql + " AND received_at >= ?", args + [since]
+        if until is not None:
+            sql, args = sql + " AND received_at < ?", args + [until]
+        return self._db().execute(sql + " ORDER BY position", args).fetchall()
+
+    def cancel(self, positions: Sequence[int]) -> int:
+        """Privacy delete: drop queued deliveries and traces of these events everywhere."""
+        db = self._db()
+        rows = [(p,) for p in positions]
+        with _transaction(db):
+            n = db.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
+            db.executemany("DELETE FROM failed WHERE position = ?", rows)
+            db.executemany("DELETE FROM attempts WHERE position = ?", rows)
+        return n
+
+    def pending_notice(self, destination: str):
+        return erase.pending_notice(self._db(), destination)
+
+    def finish_notice(self, notice_id: int, state: str, detail: str) -> None:
+        erase.finish_notice(self._db(), notice_id, state, detail)
+
+    # -- inspection --------------------------------------------------------------
+
+    def attempts_for(self, position: int) -> dict[str, list[dict]]:
+        """Every recorded attempt to deliver the event at `position`, per destination."""
+        db = self._db()
+        out: dict[str, list[dict]] = {}
+        for dest, at, state, status, dur, detail, attempt in db.execute(
+                "SELECT destination, at, state, status, duration_ms, detail, attempt FROM attempts"
+                " WHERE position = ? ORDER BY id", (position,)):
+            out.setdefault(dest, []).append(_attempt(at, state, status, dur, detail, attempt))
+        for (dest,) in db.execute("SELECT destination FROM cursors").fetchall():
+            row = db.execute("SELECT lo, at, state, status, duration_ms, detail FROM batches"
+                             " WHERE destination = ? AND hi >= ? ORDER BY hi LIMIT 1",
+                             (dest, position)).fetchone()
+            if row and row[0] <= position and row[2] != "mixed":
+                first = _attempt(row[1], row[2], row[3], row[4], row[5], 1)
+                out.setdefault(dest, []).insert(0, first)
+        return out
+
+    def where_is(self, destination: str, position: int) -> str:
+        """The event's state for this destination: pending, retrying, failed or done."""
+        db = self._db()
+        if db.execute("SELECT 1 FROM failed WHERE destination = ? AND position = ?",
+                      (destination, position)).fetchone():
+            return "failed"
+        row = db.execute("SELECT attempts FROM pending WHERE destination = ? AND position = ?",
+                         (destination, position)).fetchone()
+        if row:
+            return "retrying" if row[0] else "queued"
+        return "done" if position <= self.cursor(destination) else "pending"
+
+    def summary(self, destination: str) -> dict:
+        db = self._db()
+        counters = dict(db.execute("SELECT name, value FROM counters WHERE destination = ?",
+                                   (destination,)).fetchall())
+        retrying, oldest = db.execute(
+            "SELECT count(*), min(received_at) FROM pending WHERE destination = ?",
+            (destination,)).fetchone()
+        failed_now = db.execute("SELECT count(*) FROM failed WHERE destination = ?",
+                                (destination,)).fetchone()[0]
+        err = db.execute("SELECT at, status, detail FROM last_errors WHERE destination = ?",
+                         (destination,)).fetchone()
+        return {
+            "cursor": self.cursor(destination),
+            "counters": counters,
+            "retrying": retrying,
+            "oldest_retrying_received_at": oldest,
+            "failed_now": failed_now,
+            "last_error": None if err is None else {"at": err[0], "status": err[1], "detail": err[2]},
+        }
+
+    def failed(self, destination: str, limit: int = 100) -> list[dict]:
+        rows = self._db().execute(
+            "SELECT position, message_id, failed_at, attempts, status, detail, reason FROM failed"
+            " WHERE destination = ? ORDER BY position LIMIT ?", (destination, limit)).fetchall()
+        keys = ("position", "message_id", "failed_at", "attempts", "status", "detail", "reason")
+        return [dict(zip(keys, r)) for r in rows]
+
+
+def _attempt(at, state, status, duration_ms, detail, attempt) -> dict:
+    return {"at": at, "state": state, "status": status,
+            "duration_ms": None if duration_ms is None else round(duration_ms, 1),
+            "detail": detail, "attempt": attempt}
+
+
+class _transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

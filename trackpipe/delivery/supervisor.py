@@ -1,0 +1,68 @@
+"""The server's side of the consumers process: start it, restart it if it dies, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+
+import msgspec
+
+from trackpipe import config
+from trackpipe.pipeline.writer_process import _die_with_parent
+
+log = logging.getLogger("trackpipe.consumers")
+
+MAX_BACKOFF = 30.0
+
+
+class ConsumersProcess:
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._closing = False
+
+    @property
+    def needed(self) -> bool:
+        return self.settings.identity.enabled or any(d.enabled for d in self.settings.destinations)
+
+    def start(self) -> None:
+        """Call on the main thread (PR_SET_PDEATHSIG follows the forking thread)."""
+        if not self.needed:
+            return
+        self.proc = subprocess.Popen([sys.executable, "-m", "trackpipe.delivery.process"],
+                                     stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.proc.stdin.write(msgspec.json.encode(self.settings))
+        self.proc.stdin.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def supervise(self) -> None:
+        backoff = 0.5
+        while not self._closing and self.proc is not None:
+            await asyncio.sleep(0.5)
+            if self._closing or self.proc.poll() is None:
+                backoff = 0.5 if self.proc.poll() is None else backoff
+                continue
+            log.warning("the consumers process exited with %s; restarting in %.1f s",
+                        self.proc.returncode, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            if not self._closing:
+                self.restarts += 1
+                self.start()
+
+    def close(self, timeout: float = 15.0) -> None:
+        self._closing = True
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,224 @@
+"""One destination's delivery loop: read the log past its cursor, route, send, record.
+
+Each destination has its own worker (an asyncio task), its own cursor and its
+own retry queue, so a slow or failing destination only ever delays itself.
+Retries that are due go before fresh events; a fresh batch is recorded as
+'sending' before it goes out, so after a crash exactly that batch is sent
+again (receivers see the same webhook-id) before anything newer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+import msgspec
+
+from trackpipe import config
+from trackpipe.delivery.retry import RetryPolicy
+from trackpipe.delivery.routing import Router, Skipped
+from trackpipe.delivery.state import DeliveryState, Retry, Sent, now_ms
+from trackpipe.destinations.base import Destination, Event, Outcome, retry
+from trackpipe.log.base import Entry, EventLog
+
+log = logging.getLogger("trackpipe.delivery")
+
+SEND_TIMEOUT = 120.0  # a destination that hangs longer than this is failing, retryably
+IDLE_WAIT = 0.05
+
+Resolver = Callable[[Sequence[tuple[str | None, str | None]]], "asyncio.Future[list[str | None]]"]
+
+
+class DestinationWorker:
+    def __init__(self, cfg: config.Destination, destination: Destination, log_: EventLog,
+                 state: DeliveryState, *, readable_up_to: Callable[[], int] | None = None,
+                 resolve=None):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.destination = destination
+        self.log = log_
+        self.state = state
+        self.router = Router(cfg)
+        self.policy = RetryPolicy.of(cfg)
+        self.batch_size = cfg.batch_size or destination.default_batch_size
+        self.readable_up_to = readable_up_to or log_.head  # identity must have seen an event first
+        self.resolve = resolve  # async (user_id, anonymous_id) pairs -> profile ids
+        self.decode = msgspec.json.Decoder().decode
+        self._next_notice_check = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.destination.start()
+        try:
+            unfinished = self.state.unfinished_batch(self.name)
+            if unfinished:
+                await self._resend(*unfinished)
+            while not stop.is_set():
+                try:
+                    worked = await self.step()
+                except Exception:  # a bug must not kill the worker for good; it retries in a while
+                    log.exception("destination %s: delivery step failed", self.name)
+                    worked = False
+                    await _wait(stop, 1.0)
+                if not worked:
+                    await _wait(stop, min(IDLE_WAIT, self.state.next_due_in(self.name) or IDLE_WAIT))
+        finally:
+            await self.destination.close()
+
+    async def step(self) -> bool:
+        if self.destination.supports_delete and time.monotonic() >= self._next_notice_check:
+            self._next_notice_check = time.monotonic() + 1.0
+            await self._forward_delete()
+        due = self.state.due(self.name, self.batch_size, ordered=self.cfg.ordered)
+        if due:
+            await self._send_retries(due)
+            return True
+        return await self._send_fresh()
+
+    # -- fresh events from the log ------------------------------------------------
+
+    async def _send_fresh(self) -> bool:
+        cursor = self.state.cursor(self.name)
+        cap = self.readable_up_to()
+        if cap <= cursor:
+            return False
+        entries = self.log.read(cursor, limit=min(self.batch_size, cap - cursor))
+        if not entries:
+            return False
+        batch, skipped, held, last = self._route_fresh(entries)
+        if held:
+            self.state.hold(self.name, held, last)
+        if not batch:
+            self.state.skip(self.name, last, skipped)
+            return True
+        batch_id = self.state.begin_batch(self.name, entries[0].position, last, len(batch))
+        await self._deliver(batch, batch_id=batch_id, cursor=last, skipped=skipped)
+        return True
+
+    def _route_fresh(self, entries: Sequence[Entry]):
+        batch: list[tuple[Entry, object]] = []
+        skipped: Counter = Counter()
+        held: list[tuple[int, str, int]] = []
+        ordered = self.cfg.ordered
+        waiting = self.state.waiting_users(self.name, (user_key(e) for e in entries)) if ordered else ()
+        in_batch: set[str] = set()
+        last = entries[0].position - 1
+        for entry in entries:
+            key = user_key(entry)
+            if ordered and key in in_batch:
+                break  # one event per user per request, so a retry can never overtake
+            last = entry.position
+            routed = self.router.route(self.decode(entry.body))
+            if isinstance(routed, Skipped):
+                skipped[routed.reason] += 1
+                continue
+            if ordered and key in waiting:
+                held.append((entry.position, key, entry.received_at))
+                continue
+            in_batch.add(key)
+            batch.append((entry, routed))
+        return batch, skipped, held, last
+
+    async def _resend(self, batch_id: int, lo: int, hi: int) -> None:
+        entries = self.log.read(lo - 1, limit=hi - lo + 1)
+        batch = []
+        for entry in entries:
+            routed = self.router.route(self.decode(entry.body))
+            if not isinstance(routed, Skipped):
+                batch.append((entry, routed))
+        if batch:
+            await self._deliver(batch, batch_id=batch_id, cursor=hi)
+        else:
+            self.state.skip(self.name, hi, {})
+
+    # -- retries and replays ------------------------------------------------------
+
+    async def _send_retries(self, due: Sequence[Retry]) -> None:
+        by_position = {e.position: e for e in self.log.get([r.position for r in due])}
+        batch, attempts, gone = [], [], []
+        for r in due:
+            entry = by_position.get(r.position)
+            routed = None if entry is None else self.router.route(self.decode(entry.body))
+            if routed is None or isinstance(routed, Skipped):
+                gone.append((r.position,))  # deleted from the log, or no longer routed here
+                continue
+            batch.append((entry, routed))
+            attempts.append(r)
+        if gone:
+            self.state.skip(self.name, 0, {}, dropped=gone)
+        if batch:
+            await self._deliver(batch, retries=attempts)
+
+    async def _forward_delete(self) -> None:
+        """A privacy delete: pass it on to a destination that can delete a person."""
+        notice = self.state.pending_notice(self.name)
+        if notice is None:
+            return
+        notice_id, user_ids, anon_ids = notice
+        try:
+            outcome = await asyncio.wait_for(self.destination.delete_user(user_ids, anon_ids),
+                                             SEND_TIMEOUT)
+        except Exception as exc:
+            outcome = retry(None, f"{type(exc).__name__}: {exc}")
+        if outcome.state != "retry":
+            self.state.finish_notice(notice_id, outcome.state, outcome.detail)
+        else:
+            self._next_notice_check = time.monotonic() + 30.0
+
+    # -- sending and recording ----------------------------------------------------
+
+    async def _deliver(self, batch, *, batch_id: int | None = None, cursor: int | None = None,
+                       skipped: dict | None = None, retries: Sequence[Retry] | None = None) -> None:
+        profiles = await self._profiles([e for e, _ in batch])
+        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action)
+                  for (e, r), p in zip(batch, profiles)]
+        started = time.perf_counter()
+        outcomes = await self._send(events)
+        duration_ms = (time.perf_counter() - started) * 1000
+        at = now_ms()
+        sent = []
+        for i, ((entry, _), outcome) in enumerate(zip(batch, outcomes)):
+            r = retries[i] if retries else None
+            sent.append(Sent(entry.position, entry.message_id, entry.received_at, user_key(entry),
+                             (r.attempts + 1) if r else 1,
+                             r.first_attempt_at if r and r.attempts else at, outcome))
+        given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
+                                     batch_id=batch_id, cursor=cursor, skipped=skipped)
+        for s in given_up:
+            log.warning("destination %s: event %s failed (%s): %s", self.name, s.message_id,
+                        s.outcome.status, s.outcome.detail)
+
+    async def _send(self, events: list[Event]) -> list[Outcome]:
+        try:
+            result = await asyncio.wait_for(self.destination.send(events), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            return [retry(None, f"no answer within {SEND_TIMEOUT:.0f} s")] * len(events)
+        except Exception as exc:  # the seam says a raise is a retryable failure of the batch
+            log.warning("destination %s: send raised %r", self.name, exc)
+            return [retry(None, f"{type(exc).__name__}: {exc}")] * len(events)
+        if isinstance(result, Outcome):
+            return [result] * len(events)
+        result = list(result)
+        if len(result) != len(events):
+            return [retry(None, f"destination answered {len(result)} outcomes for "
+                                f"{len(events)} events")] * len(events)
+        return result
+
+    async def _profiles(self, entries: Sequence[Entry]) -> list[str | None]:
+        if self.resolve is None:
+            return [None] * len(entries)
+        return await self.resolve([(e.user_id, e.anonymous_id) for e in entries])
+
+
+def user_key(entry: Entry) -> str:
+    """Whose event this is, for per-user ordering."""
+    return f"u:{entry.user_id}" if entry.user_id else f"a:{entry.anonymous_id}"
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
