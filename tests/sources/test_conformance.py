@@ -992,6 +992,8 @@ def test_c43_settings_endpoint(server):
     assert seg["apiKey"] == "WK"
     assert seg["apiHost"] == f"127.0.0.1:{server.port}/v1"
     assert seg["protocol"] == "http"
+    # One key only: any other makes analytics-next fetch vendor code (wire-protocol §6.1).
+    assert list(resp.json()["integrations"]) == ["Segment.io"]
     missing = httpx.get(f"{server.url}/v1/projects/NOPE/settings")
     assert missing.status_code == 404
     body = missing.json()

@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS consumers (
 ) WITHOUT ROWID;
 """
 
+# A privacy erase may delete the newest events; positions must still never be
+# reused (consumers' cursors are past them), so the erase leaves the old head
+# behind as a floor (privacy/erase.py).
+HEAD_FLOOR = "log:head_floor"
+HEAD_SQL = ("SELECT max(coalesce((SELECT max(position) FROM events), 0), coalesce((SELECT position"
+            f" FROM consumers WHERE name = '{HEAD_FLOOR}'), 0))")
+
 COLUMNS = "position, message_id, received_at, type, event, user_id, anonymous_id, source, body"
 
 # Filters the admin API may apply; each maps to a column test.
@@ -140,7 +147,7 @@ class SQLiteLog(EventLog):
             return
         self._write = connect(self.path)
         self._write.executescript(SCHEMA)
-        self._head = self._write.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        self._head = self._write.execute(HEAD_SQL).fetchone()[0]
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="log-checkpoint",
                                               daemon=True)
         self._checkpointer.start()
@@ -181,8 +188,7 @@ class SQLiteLog(EventLog):
             self._write.close()
             self._write = connect(self.path)
         try:  # a commit reported as failed may have landed (an fsync error after the write)
-            self._head = self._write.execute(
-                "SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            self._head = self._write.execute(HEAD_SQL).fetchone()[0]
         except sqlite3.Error:
             pass
 
@@ -211,7 +217,7 @@ class SQLiteLog(EventLog):
     def head(self) -> int:
         if self.writable:
             return self._head
-        return self._reader().execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        return self._reader().execute(HEAD_SQL).fetchone()[0]
 
     def read(self, after: int, limit: int = 1000) -> list[Entry]:
         cur = self._reader().execute(

@@ -8,6 +8,7 @@ time as sent (cio-node sends no sentAt at all).
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class RequestContext:
     batch_sent_at_text: str | None = None
     batch_context: dict | None = None
     batch_integrations: dict | None = None
+    truncate_ip: bool = False
 
 
 def enrich(ev: dict, rc: RequestContext) -> None:
@@ -45,9 +47,22 @@ def enrich(ev: dict, rc: RequestContext) -> None:
     ev["integrations"] = integrations
     if rc.peer_ip is not None and "ip" not in context and _client_side(context):
         context["ip"] = rc.peer_ip
+    if rc.truncate_ip and type(context.get("ip")) is str:
+        context["ip"] = truncate_ip(context["ip"])
 
     _stamp_times(ev, rc)
     ev["version"] = rc.version
+
+
+def truncate_ip(ip: str) -> str:
+    """The network part only: the last octet of IPv4, the last 80 bits of IPv6 zeroed
+    (Google Analytics' convention). Anything that is not an IP address is dropped."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return ""
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False).network_address)
 
 
 def _client_side(context: dict) -> bool:

@@ -1,8 +1,9 @@
 """What the browser SDKs need to run fully self-hosted (wire-protocol.md §6).
 
-The settings body names only the `Segment.io` and `Customer.io Data
-Pipelines` integrations: any other key makes analytics-next download
-third-party code from vendor CDNs. Metrics sampling is off, so the browser
+The settings body names only the `Segment.io` integration: any other key,
+`Customer.io Data Pipelines` included, makes analytics-next load its
+`ajs-destination` chunk and third-party code from vendor CDNs, which fails
+on a machine that reaches only trackpipe. Metrics sampling is off, so the browser
 never posts to a metrics host trackpipe does not serve.
 """
 
@@ -19,7 +20,7 @@ def settings_body(write_key: str, settings: Settings, host_header: bytes | None)
     protocol, host = _public_host(settings, host_header)
     endpoint = {"apiKey": write_key, "apiHost": f"{host}/v1", "protocol": protocol}
     return msgspec.json.encode({
-        "integrations": {"Segment.io": endpoint, "Customer.io Data Pipelines": endpoint},
+        "integrations": {"Segment.io": endpoint},
         "metrics": {"sampleRate": 0},
         "plan": {},
         "remotePlugins": [],

@@ -24,6 +24,17 @@ CREATE TABLE IF NOT EXISTS sources (
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS suppressions (
+    id_hash    TEXT PRIMARY KEY,   -- keyed hash of a userId/anonymousId (privacy/suppress.py)
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS privacy_audit (
+    id       INTEGER PRIMARY KEY,
+    at       INTEGER NOT NULL,
+    action   TEXT NOT NULL,        -- suppress | unsuppress | delete
+    subject  TEXT NOT NULL,        -- keyed hash of the id the action was asked for
+    detail   TEXT NOT NULL         -- JSON: counts of what was done, never the ids
+);
 """
 
 
@@ -84,6 +95,36 @@ class Catalog:
     def set_admin_token(self, token: str) -> None:
         self.db.execute("INSERT INTO secrets VALUES ('admin_token', ?) ON CONFLICT (name)"
                         " DO UPDATE SET value = excluded.value", (hash_token(token),))
+
+    # -- privacy ----------------------------------------------------------------
+
+    def privacy_key(self) -> bytes:
+        row = self.db.execute("SELECT value FROM secrets WHERE name = 'privacy_key'").fetchone()
+        if row is None:
+            self.db.execute("INSERT OR IGNORE INTO secrets VALUES ('privacy_key', ?)",
+                            (secrets.token_hex(32),))
+            row = self.db.execute("SELECT value FROM secrets WHERE name = 'privacy_key'").fetchone()
+        return bytes.fromhex(row[0])
+
+    def suppressed(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id_hash FROM suppressions")]
+
+    def suppress(self, hashes: list[str]) -> None:
+        now = int(time.time() * 1000)
+        self.db.executemany("INSERT OR IGNORE INTO suppressions VALUES (?, ?)",
+                            [(h, now) for h in hashes])
+
+    def unsuppress(self, hashes: list[str]) -> int:
+        return self.db.executemany("DELETE FROM suppressions WHERE id_hash = ?",
+                                   [(h,) for h in hashes]).rowcount
+
+    def audit(self, action: str, subject: str, detail: str) -> None:
+        self.db.execute("INSERT INTO privacy_audit (at, action, subject, detail) VALUES (?,?,?,?)",
+                        (int(time.time() * 1000), action, subject, detail))
+
+    def audit_log(self, limit: int = 100) -> list[tuple]:
+        return self.db.execute("SELECT id, at, action, subject, detail FROM privacy_audit"
+                               " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
 
     def close(self) -> None:
         self.db.close()

@@ -19,6 +19,7 @@ from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
 from trackpipe.pipeline.decode import decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
 from trackpipe.pipeline.ingest import batch_context, items_of, prepare
+from trackpipe.privacy.suppress import Suppressions
 from trackpipe.pipeline.store import Committer
 from trackpipe.sources import responses
 from trackpipe.sources.auth import SourceRegistry
@@ -33,8 +34,10 @@ KNOWN = {**{p: f"/v1/{p}" for p in PATH_TYPES}, **{p: f"/v1/{p}" for p in BATCH_
 
 
 class TrackingAPI:
-    def __init__(self, settings: Settings, registry: SourceRegistry, committer: Committer):
+    def __init__(self, settings: Settings, registry: SourceRegistry, committer: Committer,
+                 suppressions: Suppressions | None = None):
         self.settings = settings
+        self.suppressions = suppressions or Suppressions(b"")
         self.limits = settings.limits
         self.registry = registry
         self.committer = committer
@@ -91,7 +94,7 @@ class TrackingAPI:
                                   "supported; send gzip, deflate or uncompressed JSON.")
         # A compressed body can hardly be larger than what it decompresses to.
         declared = headers.get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise RequestRejected("payload_too_large", f"Exceed payload limit: the request body "
                                   f"is {int(declared)} bytes, more than {limit}.")
         chunks, size = [], 0
@@ -118,7 +121,8 @@ class TrackingAPI:
         type_ = None if kind in BATCH_PATHS else PATH_TYPES[kind]
         received = time.time_ns() // 1_000_000
         rc = RequestContext(received, format_ts(received), source.id,
-                            self._peer_ip(scope, headers), self.settings.ingest.version)
+                            self._peer_ip(scope, headers), self.settings.ingest.version,
+                            truncate_ip=self.settings.privacy.truncate_ip)
         items = items_of(body, type_, self.limits)
         self.limiter.take(source.id, len(items))
         if type_ is None:
@@ -127,6 +131,9 @@ class TrackingAPI:
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict)
         metrics.EVENTS_RECEIVED.add((), len(items))
+        if self.suppressions.hashes:
+            records, dropped = self.suppressions.drop(records)
+            metrics.EVENTS_SUPPRESSED.add((), dropped)
         outcome = await self.committer.submit(records, discards)
         metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:

@@ -1,0 +1,1 @@
+"""Privacy operations: suppress a person at ingest, erase them everywhere, audit both."""
