@@ -11,6 +11,16 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
+# The browser tests drive Debian's chromium through Playwright's executable_path:
+# `playwright install` downloads a browser build, which a closed network refuses.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    # `apt-get update` only when the install fails without it: a fresh image has no lists.
+    apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; } \
+        || echo "could not install chromium: the browser tests will skip" \
+            "(or fail under TRACKPIPE_REQUIRE_SERVICES=1)" >&2
+fi
+
 if command -v npm >/dev/null 2>&1; then
     # `npm install`, not `npm ci`: the lock file leaves out other platforms' optional binaries.
     (cd tests/compat/node && npm install --no-audit --no-fund --loglevel=error)
