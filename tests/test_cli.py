@@ -19,7 +19,7 @@ import uuid
 
 import httpx
 
-from support import ADMIN_TOKEN, free_port
+from support import ADMIN_TOKEN, free_port, wait_for
 
 TIMEOUT = 30
 
@@ -373,3 +373,32 @@ def test_second_server_on_the_same_data_dir_is_refused(tmp_path):
         assert httpx.get(f"{first.url}/health", timeout=5).status_code == 200
     finally:
         first.stop()
+
+
+def test_profile_prints_the_person_and_privacy_suppresses_and_deletes(server):
+    run = uuid.uuid4().hex[:8]
+    person, anon = f"cli-user-{run}", f"cli-anon-{run}"
+    assert server.post("/v1/page", {"anonymousId": anon, "name": "Pricing"}).status_code == 200
+    assert server.post("/v1/identify", {"userId": person, "anonymousId": anon,
+                                        "traits": {"plan": "pro"}}).status_code == 200
+    auth = ("--url", server.url, "--admin-token", server.admin_token)
+
+    def shown():
+        r = cli("profile", anon, *auth)
+        return r if r.returncode == 0 and person in r.stdout else None
+    r = wait_for(shown, what="the profile at the CLI")
+    assert f"userIds:       {person}" in r.stdout and f"anonymousIds:  {anon}" in r.stdout
+    assert '"plan": "pro"' in r.stdout and "Pricing" in r.stdout and "merge" in r.stdout
+    as_json = json.loads(cli("profile", person, "--json", *auth).stdout)
+    assert [e["type"] for e in as_json["events"]] == ["page", "identify"]
+
+    r = cli("privacy", "suppress", person, *auth)
+    assert r.returncode == 0 and "Suppressed 2 identifier(s)" in r.stdout, r.stderr
+    r = cli("privacy", "delete", person, *auth)
+    assert r.returncode == 0 and "Deleted: 2 events, 1 profile(s)" in r.stdout, r.stdout + r.stderr
+    r = cli("profile", person, *auth)
+    assert r.returncode == 1 and "not_found" in r.stderr
+    r = cli("privacy", "unsuppress", person, *auth)
+    assert r.returncode == 0 and "Unsuppressed 1 identifier(s)" in r.stdout, r.stdout + r.stderr
+    r = cli("privacy", "delete", person, "--url", server.url, "--admin-token", "wrong")
+    assert r.returncode == 1 and "admin" in r.stderr.lower()

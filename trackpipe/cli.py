@@ -52,13 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("--event")
     events.add_argument("--user-id")
 
-    from trackpipe.commands import delivery
+    from trackpipe.commands import delivery, people
     delivery.add_parsers(sub, _data_dir_arg)
+    people.add_parsers(sub)
 
     args = parser.parse_args(argv)
     try:
         if args.command in ("destinations", "check", "replay"):
             return delivery.run(args, _settings(args))
+        if args.command in ("profile", "privacy"):
+            return people.run(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "sources":

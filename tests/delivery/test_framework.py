@@ -231,3 +231,19 @@ def test_replay_api_rejects_bad_bodies(fresh_server, tmp_path, body, code):
     srv = start(fresh_server, tmp_path, [f.table()])
     r = api(srv, "/api/v1/destinations/faulty/replay", "POST", content=body)
     assert r.status_code == 400 and r.json()["code"] == code
+
+
+def test_events_carry_the_resolved_profile_id_at_delivery(fresh_server, tmp_path):
+    f = Faulty(tmp_path / "f", "faulty")
+    srv = start(fresh_server, tmp_path, [f.table()], identity=True)
+    [anonymous] = send(srv, 1, user=None, anonymousId="visitor-1")
+    f.wait_delivered([anonymous])
+    r = srv.post("/v1/identify", {"userId": "person-1", "anonymousId": "visitor-1",
+                                  "messageId": "identify-person-1"})
+    assert r.status_code == 200
+    [known] = send(srv, 1, user="person-1")
+    f.wait_delivered([anonymous, "identify-person-1", known])
+    profile_id = api(srv, "/api/v1/profiles/person-1").json()["profile_id"]
+    carried = {a["id"]: a["profile"] for a in f.attempts()}
+    # the oldest identifier's profile id survives the merge, so all three agree
+    assert carried == {anonymous: profile_id, "identify-person-1": profile_id, known: profile_id}

@@ -32,6 +32,7 @@ from trackpipe.privacy.erase import process_requests
 log = logging.getLogger("trackpipe.consumers")
 
 IDENTITY_BATCH = 2000
+STOP_GRACE_SECONDS = 5.0  # how long a stop waits for sends in flight
 
 
 class IdentityConsumer:
@@ -126,6 +127,12 @@ async def run(settings: config.Settings) -> None:
         await stop.wait()
     finally:
         stop.set()
+        # A send that is still waiting on its destination after the grace period is
+        # cancelled: its batch stays recorded as 'sending' and is sent again, with
+        # the same webhook-id, on the next start.
+        _, hung = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS) if tasks else ((), ())
+        for task in hung:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         erasing.close()
         state.close()

@@ -1,0 +1,49 @@
+"""Every destination example in the README is a config trackpipe accepts.
+
+Each ```toml block of README's "Destinations" section is loaded as a config
+file and put through the same validation `trackpipe serve` and `trackpipe
+check` run (settings of the type, routing), so an example cannot drift from
+the code. Every built-in type has at least one example.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from trackpipe import config
+from trackpipe.destinations.build import validate
+from trackpipe.destinations import KINDS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ROUTING = Path(__file__).resolve().parents[2] / "docs" / "routing.md"
+
+
+def blocks(path: Path, section: str | None = None) -> list[str]:
+    text = path.read_text()
+    if section:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```toml\n(.*?)```", text, re.S)
+
+
+EXAMPLES = blocks(README, "Destinations") + blocks(ROUTING)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
+def test_example_is_a_valid_config(tmp_path, example):
+    path = tmp_path / "trackpipe.toml"
+    path.write_text(example)
+    settings = config.load(path, env={})
+    assert settings.destinations
+    validate(settings)
+
+
+def test_every_built_in_type_has_an_example(tmp_path):
+    shown = set()
+    for i, example in enumerate(EXAMPLES):
+        path = tmp_path / f"{i}.toml"
+        path.write_text(example)
+        shown |= {d.type for d in config.load(path, env={}).destinations}
+    assert shown >= set(KINDS), f"no README example for {set(KINDS) - shown}"

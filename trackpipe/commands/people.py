@@ -1,0 +1,126 @@
+"""`trackpipe profile ID` and `trackpipe privacy suppress|unsuppress|delete ID`.
+
+Both talk to a running server's admin API, like `trackpipe events`: the server
+owns the profile store and the suppression list it checks at ingest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from urllib.parse import quote
+
+import httpx
+
+
+def add_parsers(sub) -> None:
+    profile = sub.add_parser("profile", help="print a person: profile, timeline and merges")
+    profile.add_argument("id", help="a profile id, userId or anonymousId")
+    profile.add_argument("--events", type=int, default=50, help="timeline events to show")
+    profile.add_argument("--json", action="store_true", help="one JSON object")
+    _server_args(profile)
+
+    privacy = sub.add_parser("privacy", help="suppress, unsuppress or delete a person")
+    privacy.add_argument("action", choices=("suppress", "unsuppress", "delete"))
+    privacy.add_argument("id", help="a profile id, userId or anonymousId")
+    _server_args(privacy)
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--admin-token", default=os.environ.get("TRACKPIPE_ADMIN_TOKEN"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.admin_token:
+        print("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    client = httpx.Client(base_url=args.url.rstrip("/"), timeout=60,
+                          headers={"authorization": f"Bearer {args.admin_token}"})
+    try:
+        return _profile(client, args) if args.command == "profile" else _privacy(client, args)
+    except httpx.HTTPError as exc:
+        print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _failed(r: httpx.Response) -> bool:
+    if r.status_code < 300:
+        return False
+    try:
+        body = r.json()
+        print(f"trackpipe: {body['message']} ({body['code']})", file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+        print(f"trackpipe: {r.status_code} {r.text[:500]}", file=sys.stderr)
+    return True
+
+
+def _profile(client: httpx.Client, args) -> int:
+    path = f"/api/v1/profiles/{quote(args.id, safe='')}"
+    r = client.get(path)
+    if _failed(r):
+        return 1
+    person = r.json()
+    events = client.get(f"{path}/events", params={"limit": max(1, min(args.events, 1000))})
+    merges = client.get(f"{path}/merges")
+    if _failed(events) or _failed(merges):
+        return 1
+    timeline, history = events.json()["events"], merges.json()["merges"]
+    if args.json:
+        print(json.dumps({"profile": person, "events": timeline, "merges": history}))
+        return 0
+    _print_profile(person, timeline, history, more=events.json()["next"] is not None)
+    return 0
+
+
+def _print_profile(person: dict, timeline: list, history: list, more: bool) -> None:
+    print(f"Profile {person['profile_id']}")
+    print(f"  userIds:       {', '.join(person['user_ids']) or '-'}")
+    print(f"  anonymousIds:  {', '.join(person['anonymous_ids']) or '-'}")
+    others = [f"{i['type']}={i['value']}" for i in person.get("identifiers", ())
+              if i["type"] not in ("user_id", "anonymous_id")]
+    if others:
+        print(f"  other ids:     {', '.join(others)}")
+    print(f"  first seen:    {person.get('first_seen') or '-'}")
+    print(f"  last seen:     {person.get('last_seen') or '-'}")
+    if person.get("traits"):
+        print("  traits:        " + json.dumps(person["traits"], sort_keys=True))
+    for group in person.get("groups", ()):
+        print(f"  group:         {group['group_id']} {json.dumps(group.get('traits') or {})}")
+    counts = person.get("event_counts") or {}
+    if counts:
+        print("  events:        " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    print(f"\nTimeline ({len(timeline)} events{', more with --events N' if more else ''})")
+    for ev in timeline:
+        label = ev.get("event") or ev.get("name") or ev.get("groupId") or ev.get("previousId") or ""
+        who = ev.get("userId") or f"anon {ev.get('anonymousId', '')}"
+        print(f"  {ev.get('timestamp', ''):25} {ev['type']:9} {str(label)[:28]:28} {who}")
+    print(f"\nMerges ({len(history)})")
+    for m in history:
+        print(f"  {m['id']:6} {m['at']:25} {m['kind']:8} {m.get('rule') or '':24}"
+              f" {json.dumps(m.get('edge'))} message {m.get('message_id')}")
+
+
+def _privacy(client: httpx.Client, args) -> int:
+    r = client.post(f"/api/v1/privacy/{args.action}", json={"id": args.id})
+    if _failed(r):
+        return 1
+    body = r.json()
+    if args.action == "delete" and body.get("state") == "queued":
+        print(f"Delete request {body['request_id']} is queued; it completes in the background"
+              " (GET /api/v1/privacy/audit shows when).")
+    elif args.action == "delete":
+        print(f"Deleted: {body['events']} events, {body['profiles']} profile(s),"
+              f" {body['deliveries_cancelled']} queued deliveries cancelled,"
+              f" {body['destinations_notified']} destination(s) notified. New events for"
+              " this person are dropped (unsuppress to allow them again).")
+    elif args.action == "suppress":
+        print(f"Suppressed {body['suppressed']} identifier(s): their new events are answered"
+              " 200 and dropped.")
+    else:
+        print(f"Unsuppressed {body['unsuppressed']} identifier(s).")
+    return 0
