@@ -3,21 +3,23 @@
 Two runs of `python -m trackpipe serve`, the way a user starts it:
 
   solo      no destinations; wrk posts batches of 100 ~1 KB track events for
-            --duration seconds: the ingest rate with nothing to deliver.
-  delivery  the same server with two destinations that consume the log from
-            its first event: a batched `webhook` (signed, to a local receiver
-            that reads each body and answers 200: bench/bare_app.py) and the
-            `postgres` warehouse (a fresh schema on the local PostgreSQL). The
-            same wrk load runs for --duration seconds while they deliver.
+            --duration seconds: the ingest rate with nothing to deliver. What
+            it stores (at least --events) is the backlog for the next run.
+  delivery  the same server and data dir, restarted with two destinations
+            that start from the log's first event, as if they had been down:
+            a batched `webhook` (signed, to a local receiver that reads each
+            body and answers 200: bench/bare_app.py) and the `postgres`
+            warehouse (a fresh schema on the local PostgreSQL). The same wrk
+            load runs for --duration seconds while they drain the backlog.
 
   slow sink the same load with one webhook whose receiver takes 2 s to answer
             each request: ingest must not notice (the issue's target: less
             than 10% slower than solo). Afterwards every stored event must be
             delivered, pending or failed: the ledger.
 
-A destination's rate is --events (100k) divided by the seconds from the first
-ingest request until its delivered count reached --events; ingest is running
-for all of that time as long as the destination gets there within --duration.
+A destination's rate is --events (100k) divided by the seconds from the
+restart until its delivered count reached --events; ingest is running for all
+of that time as long as the destination gets there within --duration.
 For PostgreSQL one event is counted as one row, although a track event writes
 two (`tracks` and its event's own table). After the run the `tracks` rows are
 counted and compared with what trackpipe reports delivered.
@@ -48,6 +50,8 @@ from pathlib import Path
 
 import httpx
 import psycopg
+
+from trackpipe.delivery.state import DeliveryState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import (LOADS, Server, bare_server, body_template, run_wrk,  # noqa: E402
@@ -131,6 +135,10 @@ timeout_seconds = 30
     return path
 
 
+def head(server: Server) -> int:
+    return httpx.get(server.url + "/ready", timeout=10).json()["head"]
+
+
 class Watcher(threading.Thread):
     """Samples each destination's delivered count; notes when it reached the target."""
 
@@ -141,7 +149,7 @@ class Watcher(threading.Thread):
         self.target, self.started = target, time.monotonic()
         self.reached: dict[str, float] = {}
         self.last: dict[str, dict] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         for d in self.client.get("/api/v1/destinations").json()["destinations"]:
@@ -150,14 +158,14 @@ class Watcher(threading.Thread):
                 self.reached[d["name"]] = time.monotonic() - self.started
 
     def run(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._halt.wait(0.1):
             try:
                 self.sample()
             except httpx.HTTPError:
                 pass
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 
@@ -201,23 +209,32 @@ def main(argv: list[str] | None = None) -> int:
         return (w["requests"] - w["errors"]["status"]) * per_request / (w["duration_us"] / 1e6)
 
     try:
-        (root / "solo").mkdir()
-        solo, _ = trackpipe_server(root / "solo", TOKEN)
-        servers.append(solo)
-        solo.start()
-        solo_rate = ingest(solo)
-        solo.stop()
-        print(f"solo ingest                      {solo_rate:10,.0f} events/s")
-
         (root / "delivery").mkdir()
+        server, data = trackpipe_server(root / "delivery", TOKEN)
+        servers.append(server)
+        server.start()
+        solo_rate = ingest(server)
+        backlog = head(server)
+        while backlog < args.events:  # a slow machine: top the backlog up
+            ingest(server)
+            backlog = head(server)
+        server.stop()
+        print(f"solo ingest                      {solo_rate:10,.0f} events/s"
+              f"  ({backlog:,} events stored: the backlog)")
+
+        # The destinations start from the log's first event, as if they had been
+        # configured all along and had been down: they drain the backlog while
+        # the same load keeps coming in.
+        state = DeliveryState(data / "deliveries.db")
+        for name in ("hook", "warehouse"):
+            state.set_cursor(name, 0)
+        state.close()
         receiver = bare_server(root / "delivery")
         servers.append(receiver)
         receiver.start()
-        server, _ = trackpipe_server(root / "delivery", TOKEN)
         config = toml_config(root / "trackpipe.toml", receiver.url, schema,
                              args.webhook_batch, args.postgres_batch)
         server.argv += ["--config", str(config)]
-        servers.append(server)
         server.start()
         watcher = Watcher(server.url, args.events)
         watcher.start()
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         slow_rate = ingest(slow)
         with httpx.Client(base_url=slow.url, timeout=10,
                           headers={"authorization": f"Bearer {TOKEN}"}) as admin:
-            stored = admin.get("/ready").json()["head"]
+            stored = head(slow)
             d = admin.get("/api/v1/destinations/slow").json()
         slow.stop()
         slow_receiver.close()

@@ -6,8 +6,6 @@ destination is delivered or in the failed store — none lost.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
