@@ -45,3 +45,33 @@ def test_admin_routes_send_no_cors_headers(server):
                          headers={"origin": "http://evil.example",
                                   "access-control-request-method": "GET"}
                          ).headers.get("access-control-allow-origin") is None
+
+
+HOSTILE_BODIES = [b"", b"not json", b"[]", b'"x"', b'{"id": 5}', b'{"id": ""}', b'{"id": null}',
+                  b'{"id": "' + b"x" * 5000 + b'"}', b'{"id": "\\ud800"}', b"{" * 100_000,
+                  b'{"merge_id": {"a": 1}}', b'{"since": 1e400}', b'{"failed_only": 1}']
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/privacy/suppress", "/api/v1/privacy/unsuppress", "/api/v1/privacy/delete",
+    "/api/v1/profiles/nobody/unmerge", "/api/v1/destinations/nope/replay",
+])
+@pytest.mark.parametrize("body", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
+def test_people_and_delivery_routes_answer_hostile_bodies_with_json_4xx(server, path, body):
+    with server.admin() as client:
+        r = client.post(path, content=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()) >= {"code", "message"}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/profiles/%00", "/api/v1/profiles/" + "x" * 3000, "/api/v1/profiles/a/events?limit=0",
+    "/api/v1/profiles/a/events?cursor=%F0%9F%98%80", "/api/v1/profiles/a/events?limit=²",
+    "/api/v1/privacy/audit?limit=-1", "/api/v1/destinations/%FF", "/api/v1/events/%00/deliveries",
+    "/api/v1/destinations/nope/failed?limit=abc",
+])
+def test_people_and_delivery_reads_answer_bad_paths_with_json_4xx(server, path):
+    with server.admin() as client:
+        r = client.get(path)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()) >= {"code", "message"}
