@@ -1,4 +1,5 @@
-"""The `trackpipe` command: serve, sources, send, events, and the delivery commands."""
+"""The `trackpipe` command: serve, sources, send, events; destinations, check, replay
+(commands/delivery.py); profile and privacy (commands/people.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from trackpipe.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trackpipe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="trackpipe", description="trackpipe: a self-hosted customer data pipeline that speaks the Segment tracking API.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the collector")
