@@ -64,6 +64,7 @@ class Sink:
         self._broken: str | None = None  # None | "retry" | "terminal"
         self._received: list[str] = []
         self._messages: list[dict] = []
+        self._requests: list[tuple[str, list[str], int]] = []
         self.delay = 0.0  # seconds to wait, after recording a request, before answering it
         self._ids: dict[str, list[str]] = {}
         self._deletes: list[dict] = []
@@ -85,6 +86,11 @@ class Sink:
         """messageIds of accepted deliveries, in arrival order, duplicates kept."""
         with self._lock:
             return list(self._received)
+
+    def requests(self) -> list[tuple[str, list[str], int]]:
+        """Every correctly signed request: (webhook-id, its messageIds, the status answered)."""
+        with self._lock:
+            return list(self._requests)
 
     def messages(self) -> list[dict]:
         """Every accepted event, whole, in arrival order."""
@@ -130,6 +136,9 @@ class Sink:
                 self._errors.append(str(exc))
             return 401, json.dumps({"error": str(exc)}).encode()
         with self._lock:
+            status = {None: 200, "terminal": 400, "retry": 503}[self._broken]
+            self._requests.append((webhook_id, [m["messageId"] for m in messages
+                                                if "messageId" in m], status))
             if self._broken:
                 return (400, b'{"error": "broken for good"}') if self._broken == "terminal" \
                     else (503, b'{"error": "broken for now"}')

@@ -177,6 +177,7 @@ class DeliveryState:
         uniform = batch_id is not None and len(states) <= 1
         attempt_rows, pending_rows, failed_rows, done = [], [], [], []
         given_up: list[Sent] = []
+        delays: dict[tuple, int] = {}
         for s in sent:
             o = s.outcome
             if not uniform:
@@ -199,8 +200,13 @@ class DeliveryState:
                 given_up.append(s)
             else:
                 counts["retries"] += 1
+                # One draw of jitter per send: the events of a failed batch come due
+                # together and are retried as that batch again (same webhook-id).
+                key = (s.attempt, o.retry_after)
+                if key not in delays:
+                    delays[key] = policy.delay_ms(s.attempt, o.retry_after)
                 pending_rows.append((destination, s.position, s.user_key, s.attempt,
-                                     s.first_attempt_at, at + policy.delay_ms(s.attempt, o.retry_after),
+                                     s.first_attempt_at, at + delays[key],
                                      o.status, o.detail, s.received_at))
         errors = [s.outcome for s in sent if s.outcome.state != "delivered"]
         db = self._db()
