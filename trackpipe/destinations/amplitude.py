@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import httpx
 import msgspec
 
-from trackpipe.destinations.base import Destination, DestinationError, Event, Outcome
+from trackpipe.destinations.base import DestinationError, Event, Outcome
 from trackpipe.destinations.base import classify_http, excerpt, fail, parse_retry_after, retry
 from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, worst
-from trackpipe.destinations.httpclient import new_client
+from trackpipe.destinations.httpclient import HttpDestination
 from trackpipe.events import parse_ts
 
 MAX_EVENTS = 2000           # per request, after which Amplitude answers 413
@@ -47,7 +47,7 @@ REVENUE_FIELDS = {  # Amplitude revenue field ← property names, first present 
 }
 
 
-class Amplitude(Destination):
+class Amplitude(HttpDestination):
     kind = "amplitude"
     default_batch_size = 100
     secret_fields = ("api_key",)
@@ -70,16 +70,6 @@ class Amplitude(Destination):
     def __init__(self, name: str, settings: msgspec.Struct):
         super().__init__(name, settings)
         self._url = self.settings.api_url.rstrip("/") + "/2/httpapi"
-        self._client: httpx.AsyncClient | None = None
-
-    async def start(self) -> None:
-        self._client = new_client(allow_private=self.settings.allow_private_targets,
-                                  timeout=self.settings.timeout_seconds)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def send(self, batch: Sequence[Event]) -> list[Outcome]:
         results: list[list[Outcome]] = [[] for _ in batch]

@@ -25,16 +25,16 @@ from typing import Iterable, Sequence
 import httpx
 import msgspec
 
-from trackpipe.destinations.base import DELIVERED, Destination, DestinationError, Event, Outcome
+from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
 from trackpipe.destinations.base import classify_http, fail, retry
-from trackpipe.destinations.httpclient import new_client
+from trackpipe.destinations.httpclient import HttpDestination
 
 MAX_EVENT_BYTES = 32 * 1024     # Segment's and Customer.io's per-event limit
 MAX_REQUEST_BYTES = 475_000     # under the 500 KB request limit, as analytics-python keeps
 LOCAL_FIELDS = ("sourceId", "writeKey", "receivedAt", "sentAt", "originalTimestamp", "_metadata")
 
 
-class SegmentForward(Destination):
+class SegmentForward(HttpDestination):
     kind = "segment"
     default_batch_size = 100
     secret_fields = ("write_key",)
@@ -57,22 +57,12 @@ class SegmentForward(Destination):
 
     def __init__(self, name: str, settings: msgspec.Struct):
         super().__init__(name, settings)
-        self._client: httpx.AsyncClient | None = None
         self._url = self.settings.api_url.rstrip("/") + "/v1/batch"
         token = base64.b64encode(f"{self.settings.write_key}:".encode()).decode()
         self._headers = {"authorization": f"Basic {token}", "content-type": "application/json",
                          "user-agent": "trackpipe"}
         if self.settings.gzip:
             self._headers["content-encoding"] = "gzip"
-
-    async def start(self) -> None:
-        self._client = new_client(allow_private=self.settings.allow_private_targets,
-                                  timeout=self.settings.timeout_seconds)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def send(self, batch: Sequence[Event]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(batch)

@@ -16,7 +16,7 @@ import httpcore
 import httpx
 
 from trackpipe import __version__
-from trackpipe.destinations.base import Outcome, fail, retry
+from trackpipe.destinations.base import Destination, Outcome, fail, retry
 from trackpipe.destinations.netguard import BlockedAddress, Guard, GuardedBackend, Resolver
 
 USER_AGENT = f"trackpipe/{__version__}"
@@ -102,3 +102,19 @@ def _httpx_errors() -> Iterator[None]:
                 and issubclass(mapped, httpx.TransportError)):
             raise
         raise mapped(str(exc)) from exc
+
+
+class HttpDestination(Destination):
+    """A destination that talks to one HTTP API through a guarded client, opened at start.
+    Its Settings carry `allow_private_targets` and `timeout_seconds`."""
+
+    _client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = new_client(allow_private=self.settings.allow_private_targets,
+                                  timeout=self.settings.timeout_seconds)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

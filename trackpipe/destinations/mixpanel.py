@@ -31,10 +31,10 @@ from typing import Any, Sequence
 import httpx
 import msgspec
 
-from trackpipe.destinations.base import DELIVERED, Destination, DestinationError, Event, Outcome
+from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
 from trackpipe.destinations.base import classify_http, excerpt, fail, retry
 from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, worst
-from trackpipe.destinations.httpclient import new_client
+from trackpipe.destinations.httpclient import HttpDestination
 from trackpipe.events import parse_ts
 
 IMPORT_MAX_EVENTS = 2000
@@ -63,7 +63,7 @@ NOT_SENT = {
 }
 
 
-class Mixpanel(Destination):
+class Mixpanel(HttpDestination):
     kind = "mixpanel"
     default_batch_size = 500
     secret_fields = ("project_token", "service_account_secret")
@@ -105,16 +105,6 @@ class Mixpanel(Destination):
             self._import_params["project_id"] = s.project_id
         else:
             self._auth = (s.project_token, "")
-        self._client: httpx.AsyncClient | None = None
-
-    async def start(self) -> None:
-        self._client = new_client(allow_private=self.settings.allow_private_targets,
-                                  timeout=self.settings.timeout_seconds)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def send(self, batch: Sequence[Event]) -> list[Outcome]:
         results: list[list[Outcome]] = [[] for _ in batch]
