@@ -2,7 +2,8 @@
 
 Replayed events join the destination's retry queue as due now, so the running
 worker sends them between fresh batches; the destination's cursor does not
-move. Routing (integrations, filters, actions) applies as for live events.
+move. A replay reaches only up to that cursor: the events past it have not
+been sent yet and go out as fresh ones (queuing them too would send them twice). Routing (integrations, filters, actions) applies as for live events.
 Warehouses load idempotently on messageId, so replaying a range twice adds no rows.
 """
 
@@ -23,6 +24,7 @@ def replay(event_log: EventLog, state: DeliveryState, cfg: config.Destination, *
            since: int | None = None, until: int | None = None, failed_only: bool = False) -> int:
     """Queue the events for `cfg`; returns how many were queued."""
     router = Router(cfg)
+    cap = state.cursor(cfg.name)
     decode = msgspec.json.Decoder().decode
     if failed_only:
         positions = [p for p, _ in state.failed_positions(cfg.name, since, until)]
@@ -32,15 +34,16 @@ def replay(event_log: EventLog, state: DeliveryState, cfg: config.Destination, *
         chosen = [e for e in entries if not isinstance(router.route(decode(e.body)), Skipped)]
         return state.replay(cfg.name, [(e.position, user_key(e), e.received_at) for e in chosen])
     queued, after = 0, 0
-    while True:
-        page = event_log.read(after, PAGE)
+    while after < cap:
+        page = event_log.read(after, min(PAGE, cap - after))
         if not page:
-            return queued
+            break
         after = page[-1].position
         chosen = [(e.position, user_key(e), e.received_at) for e in page
-                  if (since is None or e.received_at >= since)
+                  if e.position <= cap and (since is None or e.received_at >= since)
                   and (until is None or e.received_at < until)
                   and not isinstance(router.route(decode(e.body)), Skipped)]
         if chosen:
             queued += state.replay(cfg.name, chosen)
+    return queued
 

@@ -165,8 +165,10 @@ class DeliveryState:
 
     def record(self, destination: str, sent: Sequence[Sent], *, duration_ms: float,
                policy, batch_id: int | None = None, cursor: int | None = None,
-               skipped: dict[str, int] | None = None) -> list[Sent]:
-        """Commit the outcome of one send (and the cursor move of a fresh batch).
+               skipped: dict[str, int] | None = None,
+               held: Sequence[tuple[int, str, int]] = ()) -> list[Sent]:
+        """Commit the outcome of one send (and, for a fresh batch, the cursor move and the
+        events it held back for per-user ordering).
 
         Returns the events that were given up on (moved to `failed`)."""
         at = now_ms()
@@ -228,6 +230,7 @@ class DeliveryState:
             if failed_rows:
                 db.executemany("INSERT OR REPLACE INTO failed VALUES (?,?,?,?,?,?,?,?,?)", failed_rows)
             self._count(db, destination, counts)
+            self._hold(db, destination, held, at)
             if errors:
                 db.execute("INSERT OR REPLACE INTO last_errors VALUES (?,?,?,?)",
                            (destination, at, errors[-1].status, errors[-1].detail))
@@ -238,12 +241,17 @@ class DeliveryState:
         return given_up
 
     def skip(self, destination: str, cursor: int, skipped: dict[str, int],
-             dropped: Iterable[tuple[int]] = ()) -> None:
-        """Move the cursor past events that were all routed elsewhere (or pending
-        retries that the current routing no longer sends: `dropped` positions)."""
+             dropped: Iterable[tuple[int]] = (), held: Sequence[tuple[int, str, int]] = (),
+             batch_id: int | None = None) -> None:
+        """Move the cursor past events that were all routed elsewhere or held back (or drop
+        pending retries that the current routing no longer sends: `dropped` positions).
+        `batch_id`: an unfinished batch that turned out to have nothing left to send."""
         db = self._db()
         with _transaction(db):
             self._count(db, destination, {f"skipped:{r}": n for r, n in skipped.items()})
+            self._hold(db, destination, held, now_ms())
+            if batch_id is not None:
+                db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             db.executemany("DELETE FROM pending WHERE destination = ? AND position = ?",
                            [(destination, p) for (p,) in dropped])
             if cursor:
@@ -251,18 +259,16 @@ class DeliveryState:
                            " DO UPDATE SET position = max(position, excluded.position)",
                            (destination, cursor))
 
-    def hold(self, destination: str, held: Sequence[tuple[int, str, int]], cursor: int) -> None:
+    @staticmethod
+    def _hold(db: sqlite3.Connection, destination: str,
+              held: Sequence[tuple[int, str, int]], at: int) -> None:
         """Per-user ordering: park fresh events (position, user_key, received_at) behind their
-        user's retrying event; they go, in order, once it is done."""
-        at = now_ms()
-        db = self._db()
-        with _transaction(db):
+        user's retrying event; they go, in order, once it is done. Always in the transaction
+        that moves the cursor past them: held and cursor commit together, or neither does."""
+        if held:
             db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,0,?,?,NULL,'waiting for an"
                            " earlier event of this user',?)",
                            [(destination, p, key, at, at, rec) for p, key, rec in held])
-            db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
-                       " DO UPDATE SET position = max(position, excluded.position)",
-                       (destination, cursor))
 
     @staticmethod
     def _count(db: sqlite3.Connection, destination: str, counts: dict[str, int]) -> None:
@@ -289,6 +295,11 @@ class DeliveryState:
                                  (destination,)).fetchone()
         return None if row[0] is None else max(0.0, (row[0] - now_ms()) / 1000)
 
+    def pending_positions(self, destination: str, lo: int, hi: int) -> set[int]:
+        return {p for (p,) in self._db().execute(
+            "SELECT position FROM pending WHERE destination = ? AND position BETWEEN ? AND ?",
+            (destination, lo, hi))}
+
     def waiting_users(self, destination: str, keys: Iterable[str]) -> set[str]:
         keys = [k for k in set(keys) if k is not None]
         if not keys:
@@ -305,13 +316,18 @@ class DeliveryState:
     # -- replay ----------------------------------------------------------------
 
     def replay(self, destination: str, events: Sequence[tuple[int, str | None, int]]) -> int:
-        """Queue (position, user_key, received_at) for delivery now, as fresh attempts."""
+        """Queue (position, user_key, received_at) for delivery now. A failed event starts
+        over as a fresh attempt; one already waiting for a retry keeps its attempts and
+        only comes due now. Callers keep to positions up to the cursor: past it, the
+        fresh read delivers them anyway."""
         at = now_ms()
         db = self._db()
         with _transaction(db):
             db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
                            [(destination, p) for p, _, _ in events])
-            db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)",
+            db.executemany("INSERT INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)"
+                           " ON CONFLICT (destination, position) DO UPDATE"
+                           " SET next_at = excluded.next_at",
                            [(destination, p, key, at, at, rec) for p, key, rec in events])
         return len(events)
 
@@ -413,5 +429,18 @@ class _transaction:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return False
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        # A failed COMMIT (a full disk) can leave the transaction open; this connection is
+        # shared by the thread's later calls, so it must not stay wedged in it.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")

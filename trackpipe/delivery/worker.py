@@ -3,8 +3,10 @@
 Each destination has its own worker (an asyncio task), its own cursor and its
 own retry queue, so a slow or failing destination only ever delays itself.
 Retries that are due go before fresh events; a fresh batch is recorded as
-'sending' before it goes out, so after a crash exactly that batch is sent
-again (receivers see the same webhook-id) before anything newer.
+'sending' before it goes out, so after a crash, a cancel or a failed commit
+exactly that batch is sent again (receivers see the same webhook-id) before
+anything newer. Nothing about a fresh batch (its cursor move, its events held
+for per-user ordering) commits before its outcome does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger("trackpipe.delivery")
 
 SEND_TIMEOUT = 120.0  # a destination that hangs longer than this is failing, retryably
 IDLE_WAIT = 0.05
+ERROR_WAIT = 1.0  # after an unexpected error (a bug, a locked or full disk), before trying again
 
 Resolver = Callable[[Sequence[tuple[str | None, str | None]]], "asyncio.Future[list[str | None]]"]
 
@@ -48,26 +51,36 @@ class DestinationWorker:
         self.resolve = resolve  # async (user_id, anonymous_id) pairs -> profile ids
         self.decode = msgspec.json.Decoder().decode
         self._next_notice_check = 0.0
+        self._started = False
+        self._resumed = False  # an unfinished fresh batch, if any, has been sent again
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.destination.start()
         try:
-            unfinished = self.state.unfinished_batch(self.name)
-            if unfinished:
-                await self._resend(*unfinished)
             while not stop.is_set():
                 try:
                     worked = await self.step()
-                except Exception:  # a bug must not kill the worker for good; it retries in a while
+                except Exception:  # nothing may end the worker for good; it tries again in a while
                     log.exception("destination %s: delivery step failed", self.name)
+                    self._resumed = False  # a batch may be left 'sending': it goes again first
                     worked = False
-                    await _wait(stop, 1.0)
+                    await _wait(stop, ERROR_WAIT)
                 if not worked:
                     await _wait(stop, min(IDLE_WAIT, self.state.next_due_in(self.name) or IDLE_WAIT))
         finally:
-            await self.destination.close()
+            if self._started:
+                await self.destination.close()
 
     async def step(self) -> bool:
+        if not self._started:
+            await self.destination.start()
+            self._started = True
+        if not self._resumed:
+            unfinished = self.state.unfinished_batch(self.name)
+            if unfinished:
+                await self._resend(*unfinished)
+            self._resumed = True
+            if unfinished:
+                return True
         if self.destination.supports_delete and time.monotonic() >= self._next_notice_check:
             self._next_notice_check = time.monotonic() + 1.0
             await self._forward_delete()
@@ -84,17 +97,17 @@ class DestinationWorker:
         cap = self.readable_up_to()
         if cap <= cursor:
             return False
-        entries = self.log.read(cursor, limit=min(self.batch_size, cap - cursor))
+        # A privacy delete leaves gaps, so `limit` alone could read past the cap.
+        entries = [e for e in self.log.read(cursor, limit=min(self.batch_size, cap - cursor))
+                   if e.position <= cap]
         if not entries:
             return False
         batch, skipped, held, last = self._route_fresh(entries)
-        if held:
-            self.state.hold(self.name, held, last)
         if not batch:
-            self.state.skip(self.name, last, skipped)
+            self.state.skip(self.name, last, skipped, held=held)
             return True
         batch_id = self.state.begin_batch(self.name, entries[0].position, last, len(batch))
-        await self._deliver(batch, batch_id=batch_id, cursor=last, skipped=skipped)
+        await self._deliver(batch, batch_id=batch_id, cursor=last, skipped=skipped, held=held)
         return True
 
     def _route_fresh(self, entries: Sequence[Entry]):
@@ -122,16 +135,20 @@ class DestinationWorker:
         return batch, skipped, held, last
 
     async def _resend(self, batch_id: int, lo: int, hi: int) -> None:
-        entries = self.log.read(lo - 1, limit=hi - lo + 1)
-        batch = []
-        for entry in entries:
-            routed = self.router.route(self.decode(entry.body))
-            if not isinstance(routed, Skipped):
-                batch.append((entry, routed))
+        """Send the fresh batch [lo, hi] again, routed (and held) as the first time; less
+        what a privacy delete removed since, or a replay has queued on its own."""
+        queued = self.state.pending_positions(self.name, lo, hi)
+        entries = [e for e in self.log.read(lo - 1, limit=hi - lo + 1)
+                   if e.position <= hi and e.position not in queued]
+        batch, skipped, held, cursor = [], Counter(), [], hi
+        if entries:
+            batch, skipped, held, last = self._route_fresh(entries)
+            if last < entries[-1].position:  # cut short (routing changed): read the rest fresh
+                cursor = last
         if batch:
-            await self._deliver(batch, batch_id=batch_id, cursor=hi)
+            await self._deliver(batch, batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
         else:
-            self.state.skip(self.name, hi, {})
+            self.state.skip(self.name, cursor, skipped, held=held, batch_id=batch_id)
 
     # -- retries and replays ------------------------------------------------------
 
@@ -170,7 +187,8 @@ class DestinationWorker:
     # -- sending and recording ----------------------------------------------------
 
     async def _deliver(self, batch, *, batch_id: int | None = None, cursor: int | None = None,
-                       skipped: dict | None = None, retries: Sequence[Retry] | None = None) -> None:
+                       skipped: dict | None = None, held: Sequence = (),
+                       retries: Sequence[Retry] | None = None) -> None:
         profiles = await self._profiles([e for e, _ in batch])
         events = [Event(e.position, e.message_id, r.message, p, r.options, r.action)
                   for (e, r), p in zip(batch, profiles)]
@@ -185,7 +203,7 @@ class DestinationWorker:
                              (r.attempts + 1) if r else 1,
                              r.first_attempt_at if r and r.attempts else at, outcome))
         given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
-                                     batch_id=batch_id, cursor=cursor, skipped=skipped)
+                                     batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
         for s in given_up:
             log.warning("destination %s: event %s failed (%s): %s", self.name, s.message_id,
                         s.outcome.status, s.outcome.detail)

@@ -1,0 +1,247 @@
+"""The delivery worker and its state, driven step by step in one process.
+
+A real SQLite log and deliveries.db, and a scripted destination that records
+every send: each test stops a delivery where a crash, a cancel or a failing
+commit would, starts a new worker on the same files, and checks the ledger:
+every routed event delivered exactly once (or failed), none lost, none sent
+twice unless a send's outcome was never recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections import Counter
+
+import msgspec
+import pytest
+
+from trackpipe import config
+from trackpipe.delivery import replay as replays
+from trackpipe.delivery.state import DeliveryState
+from trackpipe.delivery.worker import DestinationWorker
+from trackpipe.destinations.base import DELIVERED, Destination, retry
+from trackpipe.log.base import Record
+from trackpipe.log.sqlite import SQLiteLog
+
+
+def in_loop(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+class Crash(BaseException):
+    """Ends a send the way a SIGKILL or a cancel would: nothing after it runs."""
+
+
+class Scripted(Destination):
+    kind = "scripted"
+
+    class Settings(msgspec.Struct):
+        pass
+
+    def __init__(self, *, retry_ids=(), crash_on_send: int | None = None):
+        super().__init__("scripted", self.Settings())
+        self.sends: list[list[str]] = []
+        self.retry_ids = set(retry_ids)
+        self.crash_on_send = crash_on_send
+
+    async def send(self, batch):
+        self.sends.append([e.message_id for e in batch])
+        if self.crash_on_send == len(self.sends):
+            raise Crash()
+        return [retry(503, "busy") if e.message_id in self.retry_ids else DELIVERED
+                for e in batch]
+
+    def delivered(self) -> Counter:
+        return Counter(m for batch in self.sends for m in batch)
+
+
+@pytest.fixture
+def files(tmp_path):
+    event_log = SQLiteLog(tmp_path / "log.db")
+    state = DeliveryState(tmp_path / "deliveries.db")
+    yield tmp_path, event_log, state
+    state.close()
+    event_log.close()
+
+
+def append(event_log: SQLiteLog, users: list[str]) -> list[str]:
+    """One track event per entry of `users`; returns their messageIds."""
+    records, ids = [], []
+    for user in users:
+        message_id = f"m{event_log.head() + len(records) + 1}"
+        body = msgspec.json.encode({"type": "track", "event": "Tested", "userId": user,
+                                    "messageId": message_id})
+        records.append(Record(message_id, 1_700_000_000_000, "track", "Tested", user, None,
+                              "src", body))
+        ids.append(message_id)
+    event_log.append(records)
+    return ids
+
+
+def worker(state, event_log, destination, **cfg) -> DestinationWorker:
+    cfg = config.Destination(name="scripted", type="scripted", retry_initial_seconds=0.01,
+                             **cfg)
+    return DestinationWorker(cfg, destination, event_log, state)
+
+
+async def drain(w: DestinationWorker, steps: int = 50) -> None:
+    for _ in range(steps):
+        if not await w.step() and w.state.next_due_in(w.name) is None:
+            return  # nothing fresh, nothing waiting for a retry
+        await asyncio.sleep(0.02)
+
+
+def delete_positions(path, positions) -> None:
+    """What a privacy delete leaves in the log: gaps."""
+    with sqlite3.connect(path / "log.db") as db:
+        db.executemany("DELETE FROM events WHERE position = ?", [(p,) for p in positions])
+
+
+@in_loop
+async def test_ordered_batch_cut_short_by_a_crash_is_sent_again(files):
+    path, event_log, state = files
+    ids = append(event_log, ["a", "b"])
+    first = Scripted(retry_ids={ids[0]})
+    w = worker(state, event_log, first, ordered=True, batch_size=10)
+    await w.step()  # a's event fails retryably: user a is now waiting
+    later = append(event_log, ["a", "c", "d"])  # a's next event is held, c and d go
+    crashing = Scripted(crash_on_send=1)
+    with pytest.raises(Crash):
+        await worker(state, event_log, crashing, ordered=True, batch_size=10).step()
+    assert crashing.sends == [[later[1], later[2]]]
+
+    after = Scripted()
+    await drain(worker(state, event_log, after, ordered=True, batch_size=10))
+    assert after.delivered() == Counter([ids[0], *later]), "nothing lost, nothing twice"
+    assert after.sends[0] == [later[1], later[2]], "the cut-short batch goes first, whole"
+
+
+@in_loop
+async def test_resending_a_batch_with_gaps_sends_only_its_own_range(files):
+    path, event_log, state = files
+    ids = append(event_log, list("abcdef"))
+    crashing = Scripted(crash_on_send=1)
+    with pytest.raises(Crash):
+        await worker(state, event_log, crashing, batch_size=3).step()
+    assert crashing.sends == [ids[:3]]
+    delete_positions(path, [2])  # a privacy delete while the process was down
+
+    after = Scripted()
+    await drain(worker(state, event_log, after, batch_size=3))
+    assert after.sends[0] == [ids[0], ids[2]], "the same batch, less the erased event"
+    assert after.delivered() == Counter([ids[0], *ids[2:]])
+
+
+@in_loop
+async def test_a_fresh_read_stops_at_what_identity_has_seen(files):
+    path, event_log, state = files
+    ids = append(event_log, list("abcdef"))
+    delete_positions(path, [1, 2])
+    dest = Scripted()
+    cfg = config.Destination(name="scripted", type="scripted")
+    w = DestinationWorker(cfg, dest, event_log, state, readable_up_to=lambda: 4)
+    await drain(w)
+    assert dest.delivered() == Counter(ids[2:4]), "positions 5 and 6 wait for identity"
+    assert state.cursor("scripted") == 4
+
+
+@in_loop
+async def test_replaying_past_the_cursor_does_not_send_twice(files):
+    path, event_log, state = files
+    ids = append(event_log, list("abcd"))
+    dest = Scripted()
+    w = worker(state, event_log, dest, batch_size=2)
+    await w.step()  # 1-2 delivered; 3-4 not read yet
+    cfg = config.Destination(name="scripted", type="scripted")
+    queued = replays.replay(event_log, state, cfg)
+    await drain(w)
+    assert queued == 2
+    assert dest.delivered() == Counter({ids[0]: 2, ids[1]: 2, ids[2]: 1, ids[3]: 1})
+
+
+@in_loop
+async def test_replaying_an_event_that_is_retrying_keeps_its_attempt_count(files):
+    path, event_log, state = files
+    ids = append(event_log, ["a"])
+    w = worker(state, event_log, Scripted(retry_ids={ids[0]}), batch_size=5)
+    await w.step()
+    replays.replay(event_log, state, config.Destination(name="scripted", type="scripted"))
+    row = state._db().execute("SELECT attempts, next_at <= ? FROM pending",
+                              (state_now(),)).fetchone()
+    assert row == (1, 1), "due now, and the first attempt still counts"
+
+
+def state_now() -> int:
+    from trackpipe.delivery.state import now_ms
+    return now_ms()
+
+
+@in_loop
+async def test_a_failing_resend_at_start_is_retried_not_fatal(files, monkeypatch):
+    path, event_log, state = files
+    ids = append(event_log, list("ab"))
+    with pytest.raises(Crash):
+        await worker(state, event_log, Scripted(crash_on_send=1)).step()
+
+    after = Scripted()
+    w = worker(state, event_log, after)
+    reads = {"n": 0}
+    real_read = event_log.read
+
+    def flaky_read(*args, **kwargs):
+        reads["n"] += 1
+        if reads["n"] == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(event_log, "read", flaky_read)
+    monkeypatch.setattr("trackpipe.delivery.worker.ERROR_WAIT", 0.01)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    for _ in range(200):
+        if after.delivered() == Counter(ids):
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await task
+    assert after.delivered() == Counter(ids)
+    assert after.sends[0] == ids, "resent as the same batch"
+
+
+class FailingCommit:
+    """A connection whose next COMMIT fails, as on a full disk."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db, self.armed = db, True
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+
+@in_loop
+async def test_a_failed_commit_leaves_the_state_usable(files, monkeypatch):
+    path, event_log, state = files
+    ids = append(event_log, list("ab"))
+    dest = Scripted()
+    w = worker(state, event_log, dest)
+    db = state._db()
+    failing = FailingCommit(db)
+    monkeypatch.setattr(state, "_db", lambda: failing)
+    with pytest.raises(sqlite3.OperationalError):
+        await w.step()
+    assert not db.in_transaction, "the failed transaction was rolled back"
+    await drain(w)
+    assert set(dest.delivered()) == set(ids)
+    assert dest.sends[1] == ids, "after the failed record the same batch goes again"
+    assert state.cursor("scripted") == 2
