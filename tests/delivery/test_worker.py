@@ -104,7 +104,7 @@ def delete_positions(path, positions) -> None:
 
 @in_loop
 async def test_ordered_batch_cut_short_by_a_crash_is_sent_again(files):
-    path, event_log, state = files
+    _, event_log, state = files
     ids = append(event_log, ["a", "b"])
     first = Scripted(retry_ids={ids[0]})
     w = worker(state, event_log, first, ordered=True, batch_size=10)
@@ -152,7 +152,7 @@ async def test_a_fresh_read_stops_at_what_identity_has_seen(files):
 
 @in_loop
 async def test_replaying_past_the_cursor_does_not_send_twice(files):
-    path, event_log, state = files
+    _, event_log, state = files
     ids = append(event_log, list("abcd"))
     dest = Scripted()
     w = worker(state, event_log, dest, batch_size=2)
@@ -166,7 +166,7 @@ async def test_replaying_past_the_cursor_does_not_send_twice(files):
 
 @in_loop
 async def test_replaying_an_event_that_is_retrying_keeps_its_attempt_count(files):
-    path, event_log, state = files
+    _, event_log, state = files
     ids = append(event_log, ["a"])
     w = worker(state, event_log, Scripted(retry_ids={ids[0]}), batch_size=5)
     await w.step()
@@ -183,7 +183,7 @@ def state_now() -> int:
 
 @in_loop
 async def test_a_failing_resend_at_start_is_retried_not_fatal(files, monkeypatch):
-    path, event_log, state = files
+    _, event_log, state = files
     ids = append(event_log, list("ab"))
     with pytest.raises(Crash):
         await worker(state, event_log, Scripted(crash_on_send=1)).step()
@@ -231,7 +231,7 @@ class FailingCommit:
 
 @in_loop
 async def test_a_failed_commit_leaves_the_state_usable(files, monkeypatch):
-    path, event_log, state = files
+    _, event_log, state = files
     ids = append(event_log, list("ab"))
     dest = Scripted()
     w = worker(state, event_log, dest)
