@@ -215,3 +215,35 @@ def test_the_documented_error_message_is_the_real_one():
         Router(config.Destination(name="orders-hook", type="webhook", actions=[
             config.Action(name="big order", trigger='type = "track" and and event = "x"')]))
     assert str(caught.value).startswith(documented.group(1))
+
+
+# -- routing a stored body --------------------------------------------------------------
+
+BODIES = [track(), PAGE, IDENTIFY, SCREEN, track(integrations={"All": False}),
+          track(integrations={NAME: {"session_id": 7}}), track(integrations=[NAME]),
+          track(_metadata={"bundled": [NAME]}), track(_metadata=None),
+          {"type": ["track"], "event": "x"}, track(event={"x": 1}),
+          track(properties={"unicode": "caf\u00e9 \U0001f600", "n": 1.5e300, "big": 2 ** 63 - 1})]
+ROUTERS = [{}, {"filter": {"types": ["track"]}}, {"filter": {"mode": "deny", "events": ["Home"]}},
+           {"filter": {"types": ["track"], "events": ["x"]}}, {"actions": ACTIONS}]
+
+
+@pytest.mark.parametrize("fields", ROUTERS)
+def test_routing_a_stored_body_agrees_with_routing_the_message(fields):
+    r = router(**fields)
+    for message in BODIES:
+        body = msgspec.json.encode(message)
+        want, got = r.route(message), r.route_body(body)
+        if isinstance(want, Skipped):
+            assert got == want, message
+            continue
+        assert (got.options, got.action) == (want.options, want.action), message
+        sent = got.message if got.raw is None else msgspec.json.decode(got.raw)
+        assert sent == want.message, message
+        if got.raw is not None:
+            assert got.raw is body, "passed on as the stored bytes, not re-encoded"
+
+
+def test_a_body_with_metadata_is_decoded_to_remove_it():
+    got = router().route_body(msgspec.json.encode(track(_metadata={"bundled": [NAME]})))
+    assert got.raw is None and "_metadata" not in got.message

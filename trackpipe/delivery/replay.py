@@ -9,8 +9,6 @@ Warehouses load idempotently on messageId, so replaying a range twice adds no ro
 
 from __future__ import annotations
 
-import msgspec
-
 from trackpipe import config
 from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.delivery.state import DeliveryState
@@ -25,13 +23,12 @@ def replay(event_log: EventLog, state: DeliveryState, cfg: config.Destination, *
     """Queue the events for `cfg`; returns how many were queued."""
     router = Router(cfg)
     cap = state.cursor(cfg.name)
-    decode = msgspec.json.Decoder().decode
     if failed_only:
         positions = [p for p, _ in state.failed_positions(cfg.name, since, until)]
         entries = []
         for i in range(0, len(positions), PAGE):
             entries.extend(event_log.get(positions[i:i + PAGE]))
-        chosen = [e for e in entries if not isinstance(router.route(decode(e.body)), Skipped)]
+        chosen = [e for e in entries if not isinstance(router.route_body(e.body), Skipped)]
         return state.replay(cfg.name, [(e.position, user_key(e), e.received_at) for e in chosen])
     queued, after = 0, 0
     while after < cap:
@@ -42,7 +39,7 @@ def replay(event_log: EventLog, state: DeliveryState, cfg: config.Destination, *
         chosen = [(e.position, user_key(e), e.received_at) for e in page
                   if e.position <= cap and (since is None or e.received_at >= since)
                   and (until is None or e.received_at < until)
-                  and not isinstance(router.route(decode(e.body)), Skipped)]
+                  and not isinstance(router.route_body(e.body), Skipped)]
         if chosen:
             queued += state.replay(cfg.name, chosen)
     return queued

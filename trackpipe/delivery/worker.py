@@ -17,8 +17,6 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
-import msgspec
-
 from trackpipe import config
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.routing import Router, Skipped
@@ -49,7 +47,6 @@ class DestinationWorker:
         self.batch_size = cfg.batch_size or destination.default_batch_size
         self.readable_up_to = readable_up_to or log_.head  # identity must have seen an event first
         self.resolve = resolve  # async (user_id, anonymous_id) pairs -> profile ids
-        self.decode = msgspec.json.Decoder().decode
         self._next_notice_check = 0.0
         self._started = False
         self._resumed = False  # an unfinished fresh batch, if any, has been sent again
@@ -123,7 +120,7 @@ class DestinationWorker:
             if ordered and key in in_batch:
                 break  # one event per user per request, so a retry can never overtake
             last = entry.position
-            routed = self.router.route(self.decode(entry.body))
+            routed = self.router.route_body(entry.body)
             if isinstance(routed, Skipped):
                 skipped[routed.reason] += 1
                 continue
@@ -157,7 +154,7 @@ class DestinationWorker:
         batch, attempts, gone = [], [], []
         for r in due:
             entry = by_position.get(r.position)
-            routed = None if entry is None else self.router.route(self.decode(entry.body))
+            routed = None if entry is None else self.router.route_body(entry.body)
             if routed is None or isinstance(routed, Skipped):
                 gone.append((r.position,))  # deleted from the log, or no longer routed here
                 continue
@@ -190,7 +187,7 @@ class DestinationWorker:
                        skipped: dict | None = None, held: Sequence = (),
                        retries: Sequence[Retry] | None = None) -> None:
         profiles = await self._profiles([e for e, _ in batch])
-        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action)
+        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action, r.raw)
                   for (e, r), p in zip(batch, profiles)]
         started = time.perf_counter()
         outcomes = await self._send(events)

@@ -23,16 +23,52 @@ import msgspec
 EXCERPT_CHARS = 500
 
 
-class Event(NamedTuple):
-    """One log entry on its way to one destination."""
+class Event:
+    """One log entry on its way to one destination.
 
-    position: int          # in the log; unique and increasing
-    message_id: str
-    message: dict          # the normalized Segment message (`_metadata` removed), or, when a
-                           # mapping action matched, the message that action built
-    profile_id: str | None  # the resolved person (identity), when identity is enabled
-    options: dict | None   # this destination's option object from `integrations`, if any
-    action: str | None     # name of the mapping action that matched, if the destination has actions
+    position    in the log; unique and increasing
+    message_id
+    message     the normalized Segment message (`_metadata` removed), or, when a mapping
+                action matched, the message that action built
+    profile_id  the resolved person (identity), when identity is enabled
+    options     this destination's option object from `integrations`, if any
+    action      name of the mapping action that matched, if the destination has actions
+    json        the message as JSON bytes
+
+    The framework hands over the stored JSON of a message that routing leaves
+    unchanged, and decodes it only when a destination reads `message`; a
+    destination that sends the message as it is (webhook, file) joins `json`
+    and skips a decode and an encode per event. Treat `message` as read-only:
+    `json` does not follow changes made to it.
+    """
+
+    __slots__ = ("position", "message_id", "_message", "profile_id", "options", "action", "_json")
+
+    def __init__(self, position: int, message_id: str, message: dict | None,
+                 profile_id: str | None, options: dict | None, action: str | None,
+                 json: bytes | None = None):
+        if message is None and json is None:
+            raise ValueError("an Event needs its message, as a dict or as JSON")
+        self.position, self.message_id, self._message = position, message_id, message
+        self.profile_id, self.options, self.action, self._json = profile_id, options, action, json
+
+    @property
+    def message(self) -> dict:
+        if self._message is None:
+            self._message = _decode(self._json)
+        return self._message
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = msgspec.json.encode(self._message)
+        return self._json
+
+    def __repr__(self) -> str:
+        return f"Event({self.position}, {self.message_id!r}, action={self.action!r})"
+
+
+_decode = msgspec.json.Decoder().decode
 
 
 class Outcome(NamedTuple):

@@ -61,7 +61,7 @@ class FileDestination(Destination):
             pass  # each send reports the problem with the file it tried to write
 
     async def send(self, batch: Sequence[Event]) -> Outcome:
-        data = b"".join(msgspec.json.encode(e.message) + b"\n" for e in batch)
+        data = b"".join(e.json + b"\n" for e in batch)
         async with self._lock:
             try:
                 await asyncio.to_thread(self._append, data)
