@@ -245,3 +245,22 @@ async def test_a_failed_commit_leaves_the_state_usable(files, monkeypatch):
     assert set(dest.delivered()) == set(ids)
     assert dest.sends[1] == ids, "after the failed record the same batch goes again"
     assert state.cursor("scripted") == 2
+
+
+class Profiled(Scripted):
+    uses_profiles = True
+
+
+def test_only_a_destination_that_uses_profiles_waits_for_identity(files):
+    from trackpipe.delivery.process import IdentityConsumer, worker_for
+    _, event_log, state = files
+    append(event_log, list("abc"))
+    identity = IdentityConsumer(None, event_log)  # has applied nothing yet
+    cfg = config.Destination(name="scripted", type="scripted")
+    try:
+        plain = worker_for(cfg, Scripted(), event_log, state, identity)
+        profiled = worker_for(cfg, Profiled(), event_log, state, identity)
+        assert (plain.readable_up_to(), plain.resolve) == (3, None)
+        assert profiled.readable_up_to() == 0 and profiled.resolve == identity.resolve
+    finally:
+        identity.close()

@@ -29,6 +29,7 @@ from trackpipe.destinations.base import DELIVERED, Destination, classify_http, f
 class FaultyDestination(Destination):
     kind = "faulty"
     default_batch_size = 50
+    uses_profiles = True  # it records each event's profile id for the tests
 
     class Settings(msgspec.Struct, forbid_unknown_fields=True):
         directory: str

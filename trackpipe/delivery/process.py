@@ -1,6 +1,9 @@
 """The consumers process: identity and every destination, beside the collector.
 
-`trackpipe serve` starts it (and restarts it if it dies). It reads the log
+`trackpipe serve` starts it (and restarts it if it dies). A destination that
+puts the person's profile id into what it sends (`uses_profiles`: the
+warehouses) reads only as far as identity has got; the others read to the
+log's head, so identity never slows them. It reads the log
 through its own read-only connections and keeps its own state files
 (identity.db, deliveries.db), so nothing it does — a slow destination, a
 profile rebuild — can take CPU time from the tracking API's event loop, which
@@ -93,6 +96,14 @@ class IdentityConsumer:
             self.store.close()
 
 
+def worker_for(cfg: config.Destination, destination, event_log: SQLiteLog,
+               state: DeliveryState, identity: IdentityConsumer | None) -> DestinationWorker:
+    profiled = identity if identity is not None and destination.uses_profiles else None
+    return DestinationWorker(cfg, destination, event_log, state,
+                             readable_up_to=profiled.position if profiled else None,
+                             resolve=profiled.resolve if profiled else None)
+
+
 async def run(settings: config.Settings) -> None:
     data = settings.data_path
     event_log = SQLiteLog(data / "log.db", writable=False)
@@ -117,10 +128,7 @@ async def run(settings: config.Settings) -> None:
         if not cfg.enabled:
             continue
         state.set_cursor(cfg.name, head)  # a new destination gets events from now on
-        worker = DestinationWorker(
-            cfg, build_destination(cfg), event_log, state,
-            readable_up_to=identity.position if identity else None,
-            resolve=identity.resolve if identity else None)
+        worker = worker_for(cfg, build_destination(cfg), event_log, state, identity)
         tasks.append(asyncio.create_task(worker.run(stop), name=f"destination:{cfg.name}"))
     print("consumers ready", flush=True)
     try:

@@ -139,6 +139,10 @@ class Destination(ABC):
     secret_fields: ClassVar[tuple[str, ...]] = ()
     default_batch_size: ClassVar[int] = 100
     supports_delete: ClassVar[bool] = False
+    uses_profiles: ClassVar[bool] = False
+    """True when send() reads Event.profile_id: the framework then holds each event back
+    until identity has applied it, and resolves its person. A destination that leaves
+    it False is never slowed by identity."""
 
     def __init__(self, name: str, settings: msgspec.Struct):
         self.name = name

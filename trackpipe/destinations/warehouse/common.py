@@ -25,6 +25,7 @@ IDENTITY_CACHE_SIZE = 200_000
 class Warehouse(Destination):
     default_batch_size = 2000
     supports_delete = True
+    uses_profiles = True  # the profile_id column and the identities table
     dialect: ClassVar[Dialect]
     db_errors: ClassVar[tuple[type[Exception], ...]]
 
