@@ -8,13 +8,15 @@ rolls back leaves the in-memory schema as it was; the destination adopts
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import operator
 from typing import Any, NamedTuple, Sequence
 
 from trackpipe.destinations.base import Event, Outcome, fail
 from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.schema import (
-    TEXT, TIMESTAMP, Rejected, convert, parse_timestamp, raw_text, widen)
+    BIGINT, BOOLEAN, DOUBLE, JSON, TEXT, TIMESTAMP, Rejected, convert, parse_timestamp,
+    raw_text, widen)
 
 Schema = dict[str, dict[str, str]]  # table -> column -> logical type
 TABLE = "table"  # new_type of a Change that creates a table
@@ -58,11 +60,11 @@ class Plan(NamedTuple):
 
 
 def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime) -> Plan:
-    by_table: dict[str, list[tuple[str, layout.Row]]] = {}
+    tables: dict[str, _Table] = {}
     users: dict[Any, list[tuple[str, layout.Row]]] = {}
     identities: dict[tuple[str, str], str] = {}
     failed: dict[int, Outcome] = {}
-    typer = _Typer(known)
+    fixed_rejects: dict[tuple[str, str, str], RejectedValue] = {}
     for i, event in enumerate(batch):
         try:
             rows = layout.rows_for(event.message, event.message_id, event.profile_id, loaded_at)
@@ -73,17 +75,24 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime) -> Plan:
         for row in rows:
             if id(row.fixed) not in converted:  # rows of one message share their fixed values
                 converted.add(id(row.fixed))
-                typer.fixed_values(row, event.message_id)
-            group = users.setdefault(row.fixed["id"], []) if row.table == "users" \
-                else by_table.setdefault(row.table, [])
-            group.append((event.message_id, row))
+                fixed_values(row, event.message_id, fixed_rejects)
+            if row.table == "users":
+                users.setdefault(row.fixed["id"], []).append((event.message_id, row))
+                continue
+            table = tables.get(row.table)
+            if table is None:
+                table = tables[row.table] = _Table(row.table, known.get(row.table))
+            table.add(event.message_id, row)
         _identities(event, identities)
-    loads = [typer.load(table, rows, upsert=False) for table, rows in by_table.items()]
     if users:
-        loads.append(typer.load("users", [_merge(rows) for rows in users.values()], upsert=True))
+        table = tables["users"] = _Table("users", known.get("users"), upsert=True)
+        for rows in users.values():
+            table.add(*_merge(rows))
+    schema, changes, rejected = dict(known), [], fixed_rejects
+    loads = [t.load(schema, changes, rejected) for t in tables.values()]
     ids = [(kind, value, profile) for (kind, value), profile in identities.items()]
-    return Plan(loaded_at, typer.changes, loads, list(typer.rejected.values()), ids, failed,
-                typer.schema, len(batch))
+    return Plan(loaded_at, changes, loads, list(rejected.values()), ids, failed, schema,
+                len(batch))
 
 
 def _identities(event: Event, out: dict[tuple[str, str], str]) -> None:
@@ -112,125 +121,127 @@ def _merge(rows: list[tuple[str, layout.Row]]) -> tuple[str, layout.Row]:
                                      dynamic=list(dynamic.values()))
 
 
-class _Typer:
-    """Applies the type policy table by table, collecting changes and rejections."""
+class _Table:
+    """One table's rows of a batch, typed as they arrive: the column types widen as values
+    need, and each row keeps its cells as column -> value as loaded. A value that does not
+    load as its column's final type as it is (an int in a double column, anything but text
+    in a text column) is converted once all rows are in, only in the columns that need it."""
 
-    def __init__(self, known: Schema):
-        self.known = known
-        self.schema: Schema = dict(known)
-        self.changes: list[Change] = []
+    def __init__(self, name: str, known: dict[str, str] | None, upsert: bool = False):
+        self.name, self.known, self.upsert = name, known, upsert
+        self.fixed = layout.fixed_columns(name)
+        self.types = dict(known if known is not None else self.fixed)
+        self.rows: list[tuple[str, dict, dict, list]] = []  # (message id, fixed, cells, dynamic)
+        self.ids: set = set()
+        self.first_cause: dict[str, str] = {}  # column -> the message that (re)typed it
+        self.mixed: set[str] = set()           # columns holding values to convert
         self.rejected: dict[tuple[str, str, str], RejectedValue] = {}
 
-    def load(self, table: str, rows: list[tuple[str, layout.Row]], upsert: bool) -> TableLoad:
-        rows = list(_unique(rows))
-        fixed = layout.fixed_columns(table)
-        known = self.known.get(table)
-        if known is None:
-            self.changes.append(Change(table, None, None, TABLE, rows[0][0]))
-        types = dict(known if known is not None else fixed)
-        cells, first_cause = self._kinds(table, rows, types)
-        for column, message_id in first_cause.items():
-            old = known.get(column) if known else None
-            if types[column] != old:
-                self.changes.append(Change(table, column, old, types[column], message_id))
-        self.schema[table] = types
-        dynamic = _in_order(cells)
-        columns = [*fixed.items(), *((c, types[c]) for c in dynamic)]
-        dynamic_types = [(c, types[c]) for c in dynamic]
-        fixed_of = _getter(fixed)
-        out = [self._row(table, mid, row, cell, fixed_of, dynamic_types)
-               for (mid, row), cell in zip(rows, cells)]
-        return TableLoad(table, columns, out, upsert)
+    def add(self, message_id: str, row: layout.Row) -> None:
+        if row.fixed["id"] in self.ids:  # a messageId sent twice in one batch loads once
+            return
+        self.ids.add(row.fixed["id"])
+        types, cells = self.types, {}
+        for column, got in row.dynamic:
+            if got.__class__ is not tuple or column in cells:
+                self._reject_cell(column, message_id, got)
+                continue
+            kind, cells[column] = got[0], got[1]
+            current = types.get(column)
+            if kind != current:
+                if kind == JSON:  # always stored as text, so turned into text right away
+                    kind, cells[column] = TEXT, raw_text(got[1])
+                new = widen(current, kind)
+                if new != current:
+                    types[column] = new
+                    self.first_cause.setdefault(column, message_id)
+                if kind != new or (current is not None and new != current):
+                    self.mixed.add(column)  # this value, or the ones before, to convert
+        self.rows.append((message_id, row.fixed, cells, row.dynamic))
 
-    def _kinds(self, table, rows, types):
-        """Each row's cells as column -> typed value, widening `types` as values need."""
-        cells, first_cause = [], {}
-        for message_id, row in rows:
-            cell: dict[str, tuple] = {}
-            for column, got in row.dynamic:
-                if got.__class__ is not tuple or column in cell:
-                    self._reject_cell(table, column, message_id, got)
+    def load(self, schema: Schema, changes: list[Change], rejected: dict) -> TableLoad:
+        """The rows as tuples in column order; records the table's changes and rejections."""
+        if self.known is None:
+            changes.append(Change(self.name, None, None, TABLE, self.rows[0][0]))
+        for column, message_id in self.first_cause.items():
+            old = self.known.get(column) if self.known else None
+            if self.types[column] != old:
+                changes.append(Change(self.name, column, old, self.types[column], message_id))
+        schema[self.name] = self.types
+        dynamic = list(dict.fromkeys(itertools.chain.from_iterable(r[2] for r in self.rows)))
+        if self.mixed:
+            self._convert([c for c in dynamic if c in self.mixed])
+        rejected.update((k, v) for k, v in self.rejected.items() if k not in rejected)
+        fixed_of = operator.itemgetter(*self.fixed)
+        rows = [(*fixed_of(fixed), *map(cells.get, dynamic)) for _, fixed, cells, _ in self.rows]
+        columns = [*self.fixed.items(), *((c, self.types[c]) for c in dynamic)]
+        return TableLoad(self.name, columns, rows, self.upsert)
+
+    def _convert(self, mixed: list[str]) -> None:
+        for message_id, _, cells, dynamic in self.rows:
+            for column in mixed:
+                value = cells.get(column)
+                if value is None:
                     continue
-                cell[column] = got
-                kind, current = got[0], types.get(column)
-                if kind != current:
-                    new = widen(current, kind)
-                    if new != current:
-                        types[column] = new
-                        first_cause.setdefault(column, message_id)
-            cells.append(cell)
-        return cells, first_cause
+                kind = _KIND_OF.get(value.__class__, TEXT)
+                column_type = self.types[column]
+                if kind == column_type:
+                    continue
+                raw = _raw(dynamic, column) if kind == TIMESTAMP else value
+                loaded = convert(raw, kind, value, column_type)
+                if loaded.__class__ is Rejected:
+                    self._reject(column, message_id, raw, loaded)
+                    loaded = None
+                cells[column] = loaded
 
-    def _reject_cell(self, table, column, message_id, got) -> None:
+    def _reject_cell(self, column, message_id, got) -> None:
         if got.__class__ is not Rejected:  # a second key naming the same column
             got = Rejected(f"two keys of the message map to column {column!r}; the first one"
                            " was loaded", got[2])
-        self._reject(table, column, message_id, got.value, got)
+        self._reject(column, message_id, got.value, got)
 
-    def _row(self, table, message_id, row, cell, fixed, dynamic) -> tuple:
-        get = cell.get
-        values = fixed(row.fixed)
-        for column, column_type in dynamic:
-            got = get(column)
-            if got is None:
-                values.append(None)
-            elif got[0] == column_type:
-                values.append(got[1])
-            else:
-                loaded = convert(got[2], got[0], got[1], column_type)
-                if loaded.__class__ is Rejected:
-                    self._reject(table, column, message_id, got[2], loaded)
-                    loaded = None
-                values.append(loaded)
-        return tuple(values)
-
-    def fixed_values(self, row: layout.Row, message_id: str) -> None:
-        """Convert a row's fixed values (receivedAt, userId...) to their column types, in place."""
-        fixed = row.fixed
-        for column, value in fixed.items():
-            if value.__class__ is str and "\x00" not in value \
-                    and layout.FIXED_TYPES[column] == TEXT:
-                continue  # the common case, kept cheap
-            if value is not None and value.__class__ is not dt.datetime:
-                fixed[column] = self._fixed(row.table, message_id, column,
-                                            layout.FIXED_TYPES[column], value)
-
-    def _fixed(self, table, message_id, column, type_, value):
-        if type_ == TIMESTAMP:
-            parsed = parse_timestamp(value) if isinstance(value, str) else None
-            if parsed is None:
-                self._reject(table, column, message_id, value,
-                             Rejected("not an ISO-8601 date-time"))
-            return parsed
-        if isinstance(value, str) and "\x00" not in value:
-            return value
-        if isinstance(value, str):
-            self._reject(table, column, message_id, value,
-                         Rejected("text contains a NUL character"))
-            return None
-        return raw_text(value)
-
-    def _reject(self, table, column, message_id, value, why: Rejected) -> None:
-        key = (table, column, message_id)
-        if key not in self.rejected:
-            self.rejected[key] = RejectedValue(table, column, message_id, raw_text(value),
-                                               why.reason)
+    def _reject(self, column, message_id, value, why: Rejected) -> None:
+        _reject(self.rejected, self.name, column, message_id, value, why)
 
 
-def _getter(columns) -> Any:
-    """row.fixed -> a list of its values in `columns` order (itemgetter runs in C)."""
-    get = operator.itemgetter(*columns)
-    return lambda fixed: list(get(fixed))
+# the kind of a value as loaded; JSON values were turned into text when added
+_KIND_OF = {bool: BOOLEAN, int: BIGINT, float: DOUBLE, dt.datetime: TIMESTAMP, str: TEXT}
 
 
-def _unique(rows):
-    """The rows of a table, one per id: a messageId sent twice in one batch loads once."""
-    seen: set = set()
-    for message_id, row in rows:
-        if row.fixed["id"] not in seen:
-            seen.add(row.fixed["id"])
-            yield message_id, row
+def _raw(dynamic: list[tuple[str, Any]], column: str) -> Any:
+    """The value as sent behind a row's cell: the first valid one for its column."""
+    return next(got[2] for c, got in dynamic if c == column and got.__class__ is tuple)
 
 
-def _in_order(cells) -> list[str]:
-    return list(dict.fromkeys(c for cell in cells for c in cell))
+def fixed_values(row: layout.Row, message_id: str, rejected: dict) -> None:
+    """Convert a row's fixed values (receivedAt, userId...) to their column types, in place."""
+    fixed = row.fixed
+    for column, value in fixed.items():
+        if value.__class__ is str and "\x00" not in value \
+                and layout.FIXED_TYPES[column] == TEXT:
+            continue  # the common case, kept cheap
+        if value is not None and value.__class__ is not dt.datetime:
+            fixed[column] = _fixed(rejected, row.table, message_id, column,
+                                   layout.FIXED_TYPES[column], value)
+
+
+def _fixed(rejected, table, message_id, column, type_, value):
+    if type_ == TIMESTAMP:
+        parsed = parse_timestamp(value) if isinstance(value, str) else None
+        if parsed is None:
+            _reject(rejected, table, column, message_id, value,
+                    Rejected("not an ISO-8601 date-time"))
+        return parsed
+    if isinstance(value, str) and "\x00" not in value:
+        return value
+    if isinstance(value, str):
+        _reject(rejected, table, column, message_id, value,
+                Rejected("text contains a NUL character"))
+        return None
+    return raw_text(value)
+
+
+def _reject(rejected: dict, table, column, message_id, value, why: Rejected) -> None:
+    key = (table, column, message_id)
+    if key not in rejected:
+        rejected[key] = RejectedValue(table, column, message_id, raw_text(value), why.reason)
