@@ -16,6 +16,7 @@ the same column in every row.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from trackpipe.destinations.warehouse.schema import TEXT, TIMESTAMP, identifier, typed
@@ -45,8 +46,18 @@ _PAYLOAD = {"track": "properties", "page": "properties", "screen": "properties",
 
 class Row(NamedTuple):
     table: str
-    fixed: dict[str, Any]         # fixed column -> raw value (type from fixed_columns)
-    dynamic: list[tuple[str, Any]]  # (column, typed(value)) in key order
+    fixed: dict[str, Any]  # fixed column -> raw value (type from fixed_columns)
+    dynamic: list[Any]     # per leaf in key order, flat: see `entries`
+
+
+def entries(dynamic: list[Any]) -> Iterator[tuple[str, str | None, Any, Any]]:
+    """A row's leaves as (column, kind, value as loaded, value as sent); kind None when
+    no column can hold the value, with a Rejected in place of the loaded value.
+
+    Kept flat, four items per leaf, because a tuple per leaf that lives until the batch
+    is loaded costs more in garbage collection than in building it."""
+    it = iter(dynamic)
+    return zip(it, it, it, it)
 
 
 class Unloadable(Exception):
@@ -107,10 +118,10 @@ def _fixed(message: dict, message_id: str, profile_id: str | None, loaded_at: dt
     return fixed
 
 
-def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> list[tuple]:
-    """(column, typed value) for every non-null leaf; Segment creates a column only once a
-    non-null value arrives."""
-    out: list[tuple] = []
+def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> list[Any]:
+    """The `entries` of every non-null leaf; Segment creates a column only once a non-null
+    value arrives."""
+    out: list[Any] = []
     names = _NAMES.setdefault((table, clash_prefix), {})
     _walk(obj, prefix + "_" if prefix else "", names, table, clash_prefix, out)
     return out
@@ -130,7 +141,11 @@ def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, ou
         column = names.get(path)
         if column is None:
             column = names[path] = _column(path, table, clash_prefix)
-        out.append((column, typed(value)))
+        got = typed(value)
+        if got.__class__ is tuple:
+            out += (column, *got)
+        else:
+            out += (column, None, got, value)
 
 
 def _column(path: str, table: str, clash_prefix: str) -> str:

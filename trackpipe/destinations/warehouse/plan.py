@@ -107,18 +107,18 @@ def _identities(event: Event, out: dict[tuple[str, str], str]) -> None:
 def _merge(rows: list[tuple[str, layout.Row]]) -> tuple[str, layout.Row]:
     """One `users` row from a user's identifies in this batch: later traits win."""
     rows = sorted(rows, key=lambda r: str(r[1].fixed.get("received_at") or ""))
-    dynamic: dict[str, tuple[str, str, Any]] = {}
+    dynamic: dict[str, tuple] = {}
     profile = None
     for _, row in rows:
         seen: set[str] = set()
-        for cell in row.dynamic:
-            if cell[0] not in seen:
-                seen.add(cell[0])
-                dynamic[cell[0]] = cell
+        for entry in layout.entries(row.dynamic):
+            if entry[0] not in seen:
+                seen.add(entry[0])
+                dynamic[entry[0]] = entry
         profile = row.fixed.get("profile_id") or profile
     message_id, last = rows[-1]
     return message_id, last._replace(fixed={**last.fixed, "profile_id": profile},
-                                     dynamic=list(dynamic.values()))
+                                     dynamic=[x for entry in dynamic.values() for x in entry])
 
 
 class _Table:
@@ -142,15 +142,15 @@ class _Table:
             return
         self.ids.add(row.fixed["id"])
         types, cells = self.types, {}
-        for column, got in row.dynamic:
-            if got.__class__ is not tuple or column in cells:
-                self._reject_cell(column, message_id, got)
+        for column, kind, loaded, raw in layout.entries(row.dynamic):
+            if kind is None or column in cells:
+                self._reject_cell(column, message_id, loaded if kind is None else None, raw)
                 continue
-            kind, cells[column] = got[0], got[1]
+            cells[column] = loaded
             current = types.get(column)
             if kind != current:
                 if kind == JSON:  # always stored as text, so turned into text right away
-                    kind, cells[column] = TEXT, raw_text(got[1])
+                    kind, cells[column] = TEXT, raw_text(loaded)
                 new = widen(current, kind)
                 if new != current:
                     types[column] = new
@@ -173,7 +173,8 @@ class _Table:
             self._convert([c for c in dynamic if c in self.mixed])
         rejected.update((k, v) for k, v in self.rejected.items() if k not in rejected)
         fixed_of = operator.itemgetter(*self.fixed)
-        rows = [(*fixed_of(fixed), *map(cells.get, dynamic)) for _, fixed, cells, _ in self.rows]
+        rows = [fixed_of(fixed) + tuple(map(cells.get, dynamic))
+                for _, fixed, cells, _ in self.rows]
         columns = [*self.fixed.items(), *((c, self.types[c]) for c in dynamic)]
         return TableLoad(self.name, columns, rows, self.upsert)
 
@@ -194,11 +195,11 @@ class _Table:
                     loaded = None
                 cells[column] = loaded
 
-    def _reject_cell(self, column, message_id, got) -> None:
-        if got.__class__ is not Rejected:  # a second key naming the same column
-            got = Rejected(f"two keys of the message map to column {column!r}; the first one"
-                           " was loaded", got[2])
-        self._reject(column, message_id, got.value, got)
+    def _reject_cell(self, column, message_id, why: Rejected | None, raw) -> None:
+        if why is None:  # a second key naming the same column
+            why = Rejected(f"two keys of the message map to column {column!r}; the first one"
+                           " was loaded", raw)
+        self._reject(column, message_id, why.value, why)
 
     def _reject(self, column, message_id, value, why: Rejected) -> None:
         _reject(self.rejected, self.name, column, message_id, value, why)
@@ -208,9 +209,10 @@ class _Table:
 _KIND_OF = {bool: BOOLEAN, int: BIGINT, float: DOUBLE, dt.datetime: TIMESTAMP, str: TEXT}
 
 
-def _raw(dynamic: list[tuple[str, Any]], column: str) -> Any:
+def _raw(dynamic: list[Any], column: str) -> Any:
     """The value as sent behind a row's cell: the first valid one for its column."""
-    return next(got[2] for c, got in dynamic if c == column and got.__class__ is tuple)
+    return next(raw for c, kind, _, raw in layout.entries(dynamic)
+                if c == column and kind is not None)
 
 
 def fixed_values(row: layout.Row, message_id: str, rejected: dict) -> None:
