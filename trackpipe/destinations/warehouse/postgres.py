@@ -132,26 +132,45 @@ class PostgresWarehouse(Warehouse):
                             change.new_type)
 
     async def _load(self, cur, load: TableLoad, table_columns: list[tuple[str, str]]) -> None:
+        if not load.upsert and await self._copy_new(cur, load):
+            return
         stage = await self._stage(cur, load.table, table_columns, load.columns, load.rows)
         names = [c for c, _ in load.columns]
         await cur.execute(insert_from(self.settings.schema, load.table, stage, names, load.upsert))
 
+    async def _copy_new(self, cur, load: TableLoad) -> bool:
+        """COPY the rows straight into their table, in a savepoint; False, with nothing
+        written, when an id is there already (a replay, a retry), which the staging
+        table and ON CONFLICT then sort out. About twice as cheap for the server in the
+        common case, where every id is new."""
+        try:
+            async with cur.connection.transaction():
+                await self._copy(cur, qualified(self.settings.schema, load.table),
+                                 load.columns, load.rows)
+        except psycopg.errors.UniqueViolation:
+            return False
+        return True
+
     async def _stage(self, cur, key: str, stage_columns: list[tuple[str, str]],
                      columns: list[tuple[str, str]], rows) -> str:
         """A temporary table named for `key` holding `rows` (in `columns`, a subset of
-        `stage_columns`), filled by binary COPY (about 5x text COPY)."""
+        `stage_columns`)."""
         stage = "_trackpipe_stage_" + hashlib.sha1(key.encode()).hexdigest()[:16]
         if self._stages.get(key) != tuple(stage_columns):
             cols = ", ".join(f"{quote(c)} {self.dialect.sql_type(t)}" for c, t in stage_columns)
             await cur.execute(f"DROP TABLE IF EXISTS {stage}")
             await cur.execute(f"CREATE TEMP TABLE {stage} ({cols}) ON COMMIT DELETE ROWS")
             self._stages[key] = tuple(stage_columns)
+        await self._copy(cur, stage, columns, rows)
+        return stage
+
+    async def _copy(self, cur, table: str, columns: list[tuple[str, str]], rows) -> None:
+        """Binary COPY (about 5x text COPY) of `rows` into `columns` of `table`."""
         names = ", ".join(quote(c) for c, _ in columns)
-        async with cur.copy(f"COPY {stage} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+        async with cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types([COPY_TYPES[t] for _, t in columns])
             for row in rows:
                 await copy.write_row(row)
-        return stage
 
     async def _meta(self, cur, todo: Plan) -> None:
         s, at = self.settings.schema, todo.loaded_at
