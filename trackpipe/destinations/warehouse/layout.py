@@ -47,15 +47,17 @@ _PAYLOAD = {"track": "properties", "page": "properties", "screen": "properties",
 class Row(NamedTuple):
     table: str
     fixed: dict[str, Any]  # fixed column -> raw value (type from fixed_columns)
-    dynamic: list[Any]     # per leaf in key order, flat: see `entries`
+    dynamic: tuple         # per leaf in key order, flat: see `entries`
 
 
-def entries(dynamic: list[Any]) -> Iterator[tuple[str, str | None, Any, Any]]:
+def entries(dynamic: tuple) -> Iterator[tuple[str, str | None, Any, Any]]:
     """A row's leaves as (column, kind, value as loaded, value as sent); kind None when
     no column can hold the value, with a Rejected in place of the loaded value.
 
-    Kept flat, four items per leaf, because a tuple per leaf that lives until the batch
-    is loaded costs more in garbage collection than in building it."""
+    Kept flat, four items per leaf in one tuple, because what lives until the batch is
+    loaded costs garbage-collection time: a tuple per leaf cost more than building it,
+    and a list stays tracked for good where a tuple of plain values is untracked (never
+    promoted, never scanned again) at the first collection it meets."""
     it = iter(dynamic)
     return zip(it, it, it, it)
 
@@ -80,10 +82,10 @@ def rows_for(message: dict, message_id: str, profile_id: str | None,
                          f"{', '.join(_TABLE_OF_TYPE)}")
     fixed = _fixed(message, message_id, profile_id, loaded_at, _EXTRA[table])
     context = message.get("context")
-    context_cols = _columns(context, "context", table) if isinstance(context, dict) else []
+    context_cols = _columns(context, "context", table) if isinstance(context, dict) else ()
     payload = message.get(_PAYLOAD.get(kind, ""))
     payload_cols = (_columns(payload, "", table, _PAYLOAD[kind])
-                    if isinstance(payload, dict) else [])
+                    if isinstance(payload, dict) else ())
     if kind == "track":
         return _track_rows(message, fixed, context_cols, payload_cols)
     rows = [Row(table, fixed, context_cols + payload_cols)]
@@ -92,11 +94,12 @@ def rows_for(message: dict, message_id: str, profile_id: str | None,
         users_fixed = {"id": user_id, "profile_id": profile_id,
                        "received_at": fixed.get("received_at"), "uuid_ts": loaded_at}
         rows.append(Row("users", users_fixed, _columns(payload, "", "users", "traits")
-                        if isinstance(payload, dict) else []))
+                        if isinstance(payload, dict) else ()))
     return rows
 
 
-def _track_rows(message: dict, fixed: dict, context_cols: list, payload_cols: list) -> list[Row]:
+def _track_rows(message: dict, fixed: dict, context_cols: tuple, payload_cols: tuple
+                ) -> list[Row]:
     event = message.get("event")
     if not isinstance(event, str) or not event.strip():
         raise Unloadable("a track message needs a non-empty `event` name to choose its table")
@@ -118,13 +121,13 @@ def _fixed(message: dict, message_id: str, profile_id: str | None, loaded_at: dt
     return fixed
 
 
-def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> list[Any]:
+def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> tuple:
     """The `entries` of every non-null leaf; Segment creates a column only once a non-null
     value arrives."""
     out: list[Any] = []
     names = _NAMES.setdefault((table, clash_prefix), {})
     _walk(obj, prefix + "_" if prefix else "", names, table, clash_prefix, out)
-    return out
+    return tuple(out)
 
 
 _NAMES: dict[tuple[str, str], dict[str, str]] = {}  # (table, clash prefix) -> key path -> column

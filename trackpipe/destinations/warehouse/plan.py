@@ -118,7 +118,8 @@ def _merge(rows: list[tuple[str, layout.Row]]) -> tuple[str, layout.Row]:
         profile = row.fixed.get("profile_id") or profile
     message_id, last = rows[-1]
     return message_id, last._replace(fixed={**last.fixed, "profile_id": profile},
-                                     dynamic=[x for entry in dynamic.values() for x in entry])
+                                     dynamic=tuple(x for entry in dynamic.values()
+                                                   for x in entry))
 
 
 class _Table:
@@ -131,7 +132,7 @@ class _Table:
         self.name, self.known, self.upsert = name, known, upsert
         self.fixed = layout.fixed_columns(name)
         self.types = dict(known if known is not None else self.fixed)
-        self.rows: list[tuple[str, dict, dict, list]] = []  # (message id, fixed, cells, dynamic)
+        self.rows: list[tuple[str, dict, dict, tuple]] = []  # (message id, fixed, cells, dynamic)
         self.ids: set = set()
         self.first_cause: dict[str, str] = {}  # column -> the message that (re)typed it
         self.mixed: set[str] = set()           # columns holding values to convert
@@ -209,7 +210,7 @@ class _Table:
 _KIND_OF = {bool: BOOLEAN, int: BIGINT, float: DOUBLE, dt.datetime: TIMESTAMP, str: TEXT}
 
 
-def _raw(dynamic: list[Any], column: str) -> Any:
+def _raw(dynamic: tuple, column: str) -> Any:
     """The value as sent behind a row's cell: the first valid one for its column."""
     return next(raw for c, kind, _, raw in layout.entries(dynamic)
                 if c == column and kind is not None)
