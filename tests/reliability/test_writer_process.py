@@ -19,15 +19,18 @@ from trackpipe.pipeline.dedupe import MessageIndex, message_hash
 def writer_pid(server_pid: int) -> int | None:
     """The live writer child (not multiprocessing's resource tracker, not a zombie)."""
     for task in os.listdir(f"/proc/{server_pid}/task"):
-        with open(f"/proc/{server_pid}/task/{task}/children") as f:
-            kids = [int(k) for k in f.read().split()]
+        try:
+            with open(f"/proc/{server_pid}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
         for kid in kids:
             try:
                 with open(f"/proc/{kid}/cmdline", "rb") as f:
                     cmdline = f.read()
                 with open(f"/proc/{kid}/stat") as f:
                     state = f.read().rsplit(")", 1)[1].split()[0]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # the child exited meanwhile
                 continue
             if b"spawn_main" in cmdline and state != "Z":
                 return kid
