@@ -98,6 +98,7 @@ def _serve(args) -> int:
     import uvicorn
 
     from trackpipe.app import Pipeline, create_app
+    from trackpipe.gc_tuning import tune_gc
     from trackpipe.sources.catalog import new_admin_token
 
     _Server = _uvicorn_server()
@@ -106,7 +107,7 @@ def _serve(args) -> int:
     # while the event loop parses; with the default 5 ms switch interval each
     # hand-back can stall a commit that long (measured: 42k -> 118k rows/s at 1 ms).
     sys.setswitchinterval(float(os.environ.get("TRACKPIPE_SWITCH_INTERVAL", "0.001")))
-    _tune_gc()
+    tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     pipeline = Pipeline(settings)
     url = f"http://{settings.server.host}:{settings.server.port}"
@@ -134,17 +135,6 @@ def _serve(args) -> int:
     finally:
         pipeline.close()
     return 0
-
-
-def _tune_gc() -> None:
-    """Decoded events are acyclic and freed by reference counting, but a 100-event batch
-    allocates ~2,000 containers, so the default gen-0 threshold (700) runs a collection
-    several times per request. Collect far less often, and never re-scan startup objects."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(int(os.environ.get("TRACKPIPE_GC_THRESHOLD", "50000")), 50, 100)
 
 
 def _uvicorn_server():

@@ -54,9 +54,15 @@ def start(fresh_server, tmp_path: Path, tables: list[dict], identity: bool = Fal
     return fresh_server(config=path, env={"PYTHONPATH": str(TESTS)}).start()
 
 
-def send(server: ServerProcess, n: int, user: str = "u", **extra) -> list[str]:
-    """n track events in one batch; returns their messageIds."""
-    ids = [f"m-{uuid.uuid4().hex}" for _ in range(n)]
+def new_ids(n: int) -> list[str]:
+    return [f"m-{uuid.uuid4().hex}" for _ in range(n)]
+
+
+def send(server: ServerProcess, n: int, user: str = "u", ids: list[str] | None = None,
+         **extra) -> list[str]:
+    """n track events in one batch; returns their messageIds (`ids` when given: a test
+    that injects a fault for some ids sets it up before they can be delivered)."""
+    ids = ids or new_ids(n)
     batch = [{"type": "track", "event": "Tested", "userId": user, "messageId": i,
               "properties": {"seq": k}, **extra} for k, i in enumerate(ids)]
     for start_at in range(0, n, 500):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from delivery.faulty_rig import Faulty, api, cli, send, start
+from delivery.faulty_rig import Faulty, api, cli, new_ids, send, start
 from support import wait_for, write_config
 
 
@@ -69,9 +69,10 @@ def test_retry_after_is_honoured(fresh_server, tmp_path):
 def test_terminal_failures_fail_only_those_events(fresh_server, tmp_path):
     f = Faulty(tmp_path / "f", "faulty")
     srv = start(fresh_server, tmp_path, [f.table(batch_size=10)])
-    ids = send(srv, 30)
+    ids = new_ids(30)
     bad = ids[3:6]
     f.control(fail_ids=bad)
+    send(srv, 30, ids=ids)
     good = [i for i in ids if i not in bad]
     f.wait_delivered(good)
     wait_for(lambda: api(srv, "/api/v1/destinations/faulty").json()["failed"] == 3,
@@ -173,9 +174,9 @@ def test_per_user_ordering_holds_a_users_later_events_only(fresh_server, tmp_pat
     [a1] = send(srv, 1, user="alice")
     f.wait_delivered([a1])
     # alice's next event fails twice; her later ones must wait for it, bob's must not
-    ids = {}
-    ids["a2"], = send(srv, 1, user="alice")
+    ids = {"a2": new_ids(1)[0]}
     f.control(retry_ids={ids["a2"]: 2})
+    send(srv, 1, user="alice", ids=[ids["a2"]])
     time.sleep(0.05)
     ids["a3"], ids["a4"] = send(srv, 2, user="alice")
     ids["b1"], ids["b2"] = send(srv, 2, user="bob")

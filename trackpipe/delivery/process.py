@@ -29,6 +29,7 @@ from trackpipe.delivery.state import DeliveryState
 from trackpipe.delivery.worker import DestinationWorker
 from trackpipe.destinations import destination_class
 from trackpipe.destinations.build import build_destination
+from trackpipe.gc_tuning import tune_gc
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.privacy.erase import process_requests
 
@@ -151,6 +152,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=config.Settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    tune_gc()  # warehouse batches allocate hundreds of thousands of containers
     asyncio.run(run(settings))
     return 0
 

@@ -272,10 +272,12 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the writer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from trackpipe.gc_tuning import tune_gc
     from trackpipe.log.sqlite import SQLiteLog
     from trackpipe.pipeline.dedupe import MessageIndex
     from trackpipe.pipeline.store import LogWriter
 
+    tune_gc()  # each group unpacks thousands of records
     try:
         event_log = SQLiteLog(Path(data_dir) / "log.db")
         index = MessageIndex(Path(data_dir) / "ids.db", event_log)
