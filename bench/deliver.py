@@ -20,9 +20,12 @@ Two runs of `python -m trackpipe serve`, the way a user starts it:
 A destination's rate is --events (100k) divided by the seconds from the
 restart until its delivered count reached --events; ingest is running for all
 of that time as long as the destination gets there within --duration.
-For PostgreSQL one event is counted as one row, although a track event writes
-two (`tracks` and its event's own table). After the run the `tracks` rows are
-counted and compared with what trackpipe reports delivered.
+A track event writes two warehouse rows: one in `tracks` and one in its
+event's own table. After the run every event table is counted: rows/s is
+events/s times the rows each loaded event wrote (measured, ~2), and the
+`tracks` rows are compared with what trackpipe reports delivered. The
+bookkeeping tables (identities, rejected_values, schema_changes) are not
+counted.
 
     python bench/deliver.py                    # 10 s of ingest per run, 100k events
     python bench/deliver.py --duration 20 --events 200000
@@ -52,6 +55,7 @@ import httpx
 import psycopg
 
 from trackpipe.delivery.state import DeliveryState
+from trackpipe.destinations.warehouse.layout import META_TABLES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import (LOADS, Server, bare_server, body_template, run_wrk,  # noqa: E402
@@ -266,11 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(DSN) as conn:
             rows = conn.execute(f'SELECT count(*), count(DISTINCT id) FROM "{schema}".tracks'
                                 ).fetchone()
+            tables = [t for (t,) in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,)) if t not in META_TABLES and not t.startswith("_")]
+            event_rows = sum(conn.execute(f'SELECT count(*) FROM "{schema}"."{t}"').fetchone()[0]
+                             for t in tables)
+        rows_per_event = event_rows / rows[0] if rows[0] else None
         delivered = watcher.last.get("warehouse", {}).get("delivered", 0)
         if rows[0] != rows[1] or rows[0] < delivered:
             failures.append(f"tracks holds {rows[0]} rows ({rows[1]} distinct) for"
                             f" {delivered} delivered")
-        print(f"postgres tracks rows {rows[0]:,} ({rows[1]:,} distinct ids), delivered {delivered:,}")
+        print(f"postgres tracks rows {rows[0]:,} ({rows[1]:,} distinct ids), delivered {delivered:,};"
+              f" {event_rows:,} rows in {len(tables)} event tables")
+        if rates.get("warehouse") and rows_per_event:
+            print(f"postgres  {rates['warehouse'] * rows_per_event:10,.0f} rows/s"
+                  f"  ({rows_per_event:.2f} rows per event)")
 
         (root / "slow").mkdir()
         slow_receiver = SlowReceiver(2.0)
@@ -296,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, ValueError, httpx.HTTPError, psycopg.Error) as exc:
         failures.append(str(exc))
         print(f"FAILED: {exc}", file=sys.stderr)
-        during_rate = solo_rate = slow_rate = None
+        during_rate = solo_rate = slow_rate = rows_per_event = None
         rates = {}
     finally:
         for s in servers:
@@ -313,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         return None if x is None else round(x)
     summary = {
         "webhook_events_per_s": rnd(rates.get("hook")),
-        "postgres_rows_per_s": rnd(rates.get("warehouse")),
+        "postgres_rows_per_s": rnd(rates.get("warehouse") and rows_per_event
+                                   and rates["warehouse"] * rows_per_event),
+        "postgres_events_per_s": rnd(rates.get("warehouse")),
         "ingest_events_per_s_during_delivery": rnd(during_rate),
         "ingest_events_per_s_solo": rnd(solo_rate),
         "ingest_events_per_s_slow_sink": rnd(slow_rate),
