@@ -19,6 +19,7 @@ import psycopg
 
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse.postgres import PostgresWarehouse
+from trackpipe.gc_tuning import tune_gc
 
 EVENT_NAMES = ("Order Completed", "Product Viewed", "Product Added", "Checkout Started")
 
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=PostgresWarehouse.default_batch_size)
     parser.add_argument("--dsn", default="host=127.0.0.1 user=postgres dbname=test")
     args = parser.parse_args()
+    tune_gc()  # as the consumers process does
     asyncio.run(run(args.dsn, args.events, args.batch))
 
 
