@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import threading
 from collections import Counter
 
 import msgspec
@@ -19,8 +20,8 @@ import pytest
 
 from trackpipe import config
 from trackpipe.delivery import replay as replays
-from trackpipe.delivery.state import DeliveryState
-from trackpipe.delivery.worker import DestinationWorker
+from trackpipe.delivery.state import DeliveryState, Sent
+from trackpipe.delivery.worker import DestinationWorker, user_key
 from trackpipe.destinations.base import DELIVERED, Destination, retry
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
@@ -264,3 +265,42 @@ def test_only_a_destination_that_uses_profiles_waits_for_identity(files):
         assert profiled.readable_up_to() == 0 and profiled.resolve == identity.resolve
     finally:
         identity.close()
+
+
+@in_loop
+async def test_summary_counts_a_batch_recorded_meanwhile_once(files):
+    """GET /api/v1/destinations adds delivered + pending: the summary reads both as of one
+    moment, so a batch whose outcome commits between its queries counts exactly once
+    (read apart, it was missed from both or counted in both, depending on the order)."""
+    _, event_log, state = files
+    append(event_log, ["u1", "u2", "u3"])
+    w = worker(state, event_log, Scripted())
+    entries = event_log.read(0, 3)
+    state.set_cursor(w.name, 0)
+    batch_id = state.begin_batch(w.name, 1, 3, 3)
+    sent = [Sent(e.position, e.message_id, e.received_at, user_key(e), 1, 0, DELIVERED)
+            for e in entries]
+
+    def record_elsewhere():  # another thread's connection: the worker's, in the server
+        state.record(w.name, sent, duration_ms=1.0, policy=w.policy, batch_id=batch_id,
+                     cursor=3)
+
+    db = state._db()
+    fired = []
+
+    def between_queries(statement: str) -> None:
+        if statement.startswith("SELECT count(*), min(received_at) FROM pending") and not fired:
+            fired.append(True)
+            t = threading.Thread(target=record_elsewhere)
+            t.start()
+            t.join()
+
+    db.set_trace_callback(between_queries)
+    try:
+        s = state.summary(w.name)
+    finally:
+        db.set_trace_callback(None)
+    assert fired
+    delivered, backlog = s["counters"].get("delivered", 0), 3 - s["cursor"]
+    assert delivered + backlog + s["retrying"] + s["failed_now"] == 3
+    assert state.summary(w.name)["counters"]["delivered"] == 3

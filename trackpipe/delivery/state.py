@@ -388,7 +388,16 @@ class DeliveryState:
         return "done" if position <= self.cursor(destination) else "pending"
 
     def summary(self, destination: str) -> dict:
+        """Counters, cursor, retries and failures as of one moment: read in one transaction,
+        so an outcome recorded meanwhile is counted once (delivered) and not also as pending."""
         db = self._db()
+        db.execute("BEGIN")
+        try:
+            return self._summary(db, destination)
+        finally:
+            db.execute("COMMIT")
+
+    def _summary(self, db: sqlite3.Connection, destination: str) -> dict:
         counters = dict(db.execute("SELECT name, value FROM counters WHERE destination = ?",
                                    (destination,)).fetchall())
         retrying, oldest = db.execute(
