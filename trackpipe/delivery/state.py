@@ -19,6 +19,7 @@ whole, which re-delivers (at least once), never skips.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -187,7 +188,7 @@ class DeliveryState:
                                      o.detail, s.attempt))
             if o.state == "delivered":
                 counts["delivered"] += 1
-                done.append((destination, s.position))
+                done.append(s.position)
                 continue
             reason = None
             if o.state == "failed":
@@ -198,7 +199,7 @@ class DeliveryState:
                 counts[f"failed:{reason}"] = counts.get(f"failed:{reason}", 0) + 1
                 failed_rows.append((destination, s.position, s.message_id, at, s.attempt, o.status,
                                     o.detail, reason, s.received_at))
-                done.append((destination, s.position))
+                done.append(s.position)
                 given_up.append(s)
             else:
                 counts["retries"] += 1
@@ -223,8 +224,10 @@ class DeliveryState:
             if attempt_rows:
                 db.executemany("INSERT INTO attempts (destination, position, at, state, status,"
                                " duration_ms, detail, attempt) VALUES (?,?,?,?,?,?,?,?)", attempt_rows)
-            if done:
-                db.executemany("DELETE FROM pending WHERE destination = ? AND position = ?", done)
+            if done:  # one statement, not one per event: see log/sqlite.py READ_SQL
+                db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
+                           " (SELECT value FROM json_each(?))",
+                           (destination, json.dumps(done)))
             if pending_rows:
                 db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?)", pending_rows)
             if failed_rows:

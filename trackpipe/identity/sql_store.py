@@ -49,6 +49,14 @@ class Db(ABC):
         if rows:
             self.many(f"{head} VALUES ({marks(len(rows[0]))}) {tail}", rows)
 
+    def relabel(self, moves: dict[str, str]) -> None:
+        """Every node of profile `old` now belongs to profile `moves[old]`."""
+        self.many("UPDATE nodes SET profile = ? WHERE profile = ?",
+                  [(new, old) for old, new in moves.items()])
+
+    def delete_profiles(self, ids: Sequence[str]) -> None:
+        self.many("DELETE FROM profiles WHERE id = ?", [(p,) for p in ids])
+
     def fetch_in(self, sql: str, values: Sequence, before: Sequence = ()) -> list[tuple]:
         """`sql` holds one `{}` where the IN list goes; run it over chunks of `values`."""
         out: list[tuple] = []
@@ -146,9 +154,10 @@ class SQLStore(IdentityStore):
         db = self.db
         db.insert("INSERT INTO nodes (id, kind, value, profile, origin)",
                   [(n.id, n.kind, n.value, n.profile, n.origin) for n in ch.new_nodes])
-        db.many("UPDATE nodes SET profile = ? WHERE profile = ?",
-                [(new, old) for old, new in ch.relabels])
-        db.many("DELETE FROM profiles WHERE id = ?", [(p,) for p in sorted(ch.dead)])
+        # Each absorbed profile's nodes go straight to the profile that survives the batch
+        # (the same end state as replaying the merges in order).
+        db.relabel({old: graph.find(old) for old, _ in ch.relabels})
+        db.delete_profiles(sorted(ch.dead))
         live = [graph.profiles[p] for p in sorted(ch.dirty - ch.dead)]
         db.insert("INSERT INTO profiles (id, head, nodes, users, merges)",
                   [(p.id, p.head, p.nodes, p.users, p.merges) for p in live],

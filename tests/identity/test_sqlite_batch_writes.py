@@ -1,0 +1,52 @@
+"""The SQLite identity store writes a batch as a few set-based statements.
+
+Merges within one batch are written as one relabel to the profile that
+survives the batch (not one UPDATE per merge, in order), so a chain of merges
+in one batch must leave every node where replaying them in order would.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from trackpipe.config import Identity
+from trackpipe.identity.sqlite_store import SQLiteStore
+from trackpipe.log.base import Entry
+
+
+def track(position: int, user: str | None, anon: str | None) -> Entry:
+    body = {"type": "track", "event": "E", "userId": user, "anonymousId": anon,
+            "messageId": f"m{position}", "timestamp": f"2026-01-01T00:00:{position:02d}.000Z"}
+    return Entry(position, f"m{position}", 0, "track", "E", user, anon, "s",
+                 msgspec.json.encode(body))
+
+
+def test_a_chain_of_merges_in_one_batch_ends_in_the_oldest_profile(tmp_path):
+    store = SQLiteStore(tmp_path / "identity.db", Identity())
+    try:
+        # Three visitors, oldest first: each its own profile.
+        store.apply([track(1, None, "z"), track(2, None, "y"), track(3, None, "x")])
+        before = {a: store.resolve(None, a) for a in "zyx"}
+        assert len(set(before.values())) == 3
+        # One batch: u signs in on x's device (u joins x), then on y's (x's profile is
+        # absorbed by y's, the older), then on z's (y's by z's): two merges chained.
+        store.apply([track(4, "u", "x"), track(5, "u", "y"), track(6, "u", "z")])
+    finally:
+        store.close()
+
+    reopened = SQLiteStore(tmp_path / "identity.db", Identity())  # no cache: the tables only
+    try:
+        oldest = before["z"]
+        assert {reopened.resolve(None, a) for a in "zyx"} == {oldest}
+        assert reopened.resolve("u", None) == oldest
+        profile = reopened.profile(oldest)
+        assert sorted((i["type"], i["value"]) for i in profile["identifiers"]) == [
+            ("anonymous_id", "x"), ("anonymous_id", "y"), ("anonymous_id", "z"),
+            ("user_id", "u")]
+        # The absorbed profiles are gone, and their ids still lead to the survivor.
+        rows = reopened.conn.execute("SELECT id FROM profiles").fetchall()
+        assert rows == [(oldest,)]
+        for absorbed in (before["x"], before["y"]):
+            assert reopened.profile(absorbed)["profile_id"] == oldest
+    finally:
+        reopened.close()

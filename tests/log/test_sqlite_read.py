@@ -1,0 +1,82 @@
+"""SQLiteLog.read() fetches a batch as one result row (see READ_SQL in log/sqlite.py):
+it must give back exactly what a plain row-by-row SELECT does."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import msgspec
+
+from trackpipe.log.base import Entry, Record
+from trackpipe.log.sqlite import COLUMNS, SQLiteLog
+
+
+def records() -> list[Record]:
+    odd = ["plain", "naïve 🚀", "line\nbreak", "quote\"back\\slash", "", "\u2028sep"]
+    out = []
+    for i in range(60):
+        text = odd[i % len(odd)]
+        body = msgspec.json.encode({"type": "track", "event": text, "properties": {"n": i,
+                                    "s": text * (i % 4)}, "messageId": f"m{i}"})
+        out.append(Record(f"m{i}-{text}", 1_700_000_000_000 + i, "track",
+                          text if i % 3 else None, f"u{text}" if i % 2 else None,
+                          None if i % 5 == 0 else f"a{i}", "src_1", body))
+    return out
+
+
+def row_by_row(path, after: int, limit: int) -> list[Entry]:
+    conn = sqlite3.connect(path)
+    try:
+        return [Entry(*row) for row in conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit))]
+    finally:
+        conn.close()
+
+
+def test_read_matches_a_row_by_row_select(tmp_path):
+    path = tmp_path / "log.db"
+    log = SQLiteLog(path)
+    try:
+        log.append(records())
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM events WHERE position IN (7, 8, 30)")  # a privacy delete's gaps
+        conn.commit()
+        conn.close()
+        reader = SQLiteLog(path, writable=False)
+        for after, limit in ((0, 1000), (0, 1), (5, 4), (29, 2), (55, 10), (60, 5), (99, 3)):
+            got = reader.read(after, limit)
+            assert got == row_by_row(path, after, limit), (after, limit)
+            assert all(type(e.body) is bytes for e in got)
+        assert reader.read(60, 10) == []
+        reader.close()
+    finally:
+        log.close()
+
+
+def test_a_body_stored_as_text_reads_as_its_utf8_bytes(tmp_path):
+    path = tmp_path / "log.db"
+    log = SQLiteLog(path)
+    try:
+        log.append(records()[:2])
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE events SET body = ? WHERE position = 2", ('{"x":"é"}',))
+        conn.commit()
+        conn.close()
+        entries = SQLiteLog(path, writable=False).read(0, 10)
+        assert [e.body for e in entries][1] == '{"x":"é"}'.encode()
+    finally:
+        log.close()
+
+
+def test_a_batch_over_sqlites_length_limit_is_read_row_by_row(tmp_path):
+    path = tmp_path / "log.db"
+    log = SQLiteLog(path)
+    try:
+        log.append(records())
+        reader = SQLiteLog(path, writable=False)
+        reader._reader().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4000)  # one batch: ~10 KB
+        assert reader.read(0, 100) == row_by_row(path, 0, 100)
+        reader.close()
+    finally:
+        log.close()
