@@ -13,7 +13,10 @@ only computes:
              bench/ingest.py's), in microseconds per entry;
   identity   the SQLite identity store applying those batches when every
              event is a new person (a new userId and anonymousId, so each
-             batch creates, merges and relabels 2000 profiles), events/s.
+             batch creates, merges and relabels 2000 profiles), events/s;
+  record     DeliveryState.record() of a batch of 5000 events that all failed
+             retryably (each gets a retry row), in milliseconds: the
+             destinations' event loop waits for it.
 
 The last line is JSON.
 """
@@ -32,6 +35,9 @@ from pathlib import Path
 import msgspec
 
 from trackpipe.config import Identity
+from trackpipe.delivery.retry import RetryPolicy
+from trackpipe.delivery.state import DeliveryState, Sent
+from trackpipe.destinations.base import retry
 from trackpipe.events import format_ts
 from trackpipe.identity.sqlite_store import SQLiteStore
 from trackpipe.log.base import Record
@@ -101,6 +107,16 @@ def identity_events_per_s(log: SQLiteLog, store: SQLiteStore, events: int) -> fl
     return done / (time.perf_counter() - started)
 
 
+def record_ms(state: DeliveryState, first: int, n: int = 5000) -> float:
+    sent = [Sent(first + i, f"m{first + i}", 1, f"u:{i}", 1, 0, retry(500, "busy"))
+            for i in range(n)]
+    batch_id = state.begin_batch("hook", first, first + n - 1, n)
+    started = time.perf_counter()
+    state.record("hook", sent, duration_ms=1.0, policy=RetryPolicy(4 * 3600_000, 10),
+                 batch_id=batch_id, cursor=first + n - 1)
+    return (time.perf_counter() - started) * 1000
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=40_000)
@@ -110,7 +126,12 @@ def main() -> int:
         fill(Path(tmp) / "log.db", 4 * n).close()
         log = SQLiteLog(Path(tmp) / "log.db", writable=False)
         store = SQLiteStore(Path(tmp) / "identity.db", Identity())
+        state = DeliveryState(Path(tmp) / "deliveries.db")
         try:
+            record_ms(state, 1)  # warm
+            record_alone = record_ms(state, 10_001)
+            with Spinner():
+                record_busy = record_ms(state, 20_001)
             read_alone = read_us_per_entry(log, n)
             with Spinner():
                 read_busy = read_us_per_entry(log, n)
@@ -119,16 +140,21 @@ def main() -> int:
             with Spinner():
                 ident_busy = identity_events_per_s(log, store, n // 4)
         finally:
+            state.close()
             store.close()
             log.close()
     print(f"log read   alone {read_alone:8.2f} us/entry   beside a busy thread "
           f"{read_busy:8.2f} us/entry")
     print(f"identity   alone {ident_alone:8,.0f} events/s beside a busy thread "
           f"{ident_busy:8,.0f} events/s")
+    print(f"record     alone {record_alone:8.1f} ms       beside a busy thread "
+          f"{record_busy:8.1f} ms   (a failed batch of 5000)")
     print(json.dumps({"log_read_us_alone": round(read_alone, 2),
                       "log_read_us_busy": round(read_busy, 2),
                       "identity_events_per_s_alone": round(ident_alone),
-                      "identity_events_per_s_busy": round(ident_busy)}))
+                      "identity_events_per_s_busy": round(ident_busy),
+                      "record_failed_batch_ms_alone": round(record_alone, 1),
+                      "record_failed_batch_ms_busy": round(record_busy, 1)}))
     return 0
 
 

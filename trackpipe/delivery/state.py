@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 from trackpipe.destinations.base import Outcome
-from trackpipe.log.sqlite import PerThread
+from trackpipe.log.sqlite import PerThread, insert_many
 from trackpipe.privacy import erase
 
 SCHEMA = """
@@ -221,17 +221,17 @@ class DeliveryState:
                            " at = ? WHERE id = ?",
                            (state, first.status if uniform else None, duration_ms,
                             first.detail if uniform else "", at, batch_id))
-            if attempt_rows:
-                db.executemany("INSERT INTO attempts (destination, position, at, state, status,"
-                               " duration_ms, detail, attempt) VALUES (?,?,?,?,?,?,?,?)", attempt_rows)
-            if done:  # one statement, not one per event: see log/sqlite.py READ_SQL
+            # Statements per batch, not per event (executemany): each call into SQLite hands
+            # the GIL back, and beside a busy identity thread winning it back can take 5 ms
+            # (bench/gil_convoy.py); recording a failed batch of 5000 took 6-8 s that way.
+            _insert(db, "INSERT INTO attempts (destination, position, at, state, status,"
+                    " duration_ms, detail, attempt) VALUES", attempt_rows)
+            if done:
                 db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
                            " (SELECT value FROM json_each(?))",
                            (destination, json.dumps(done)))
-            if pending_rows:
-                db.executemany("INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?)", pending_rows)
-            if failed_rows:
-                db.executemany("INSERT OR REPLACE INTO failed VALUES (?,?,?,?,?,?,?,?,?)", failed_rows)
+            _insert(db, "INSERT OR REPLACE INTO pending VALUES", pending_rows)
+            _insert(db, "INSERT OR REPLACE INTO failed VALUES", failed_rows)
             self._count(db, destination, counts)
             self._hold(db, destination, held, at)
             if errors:
@@ -255,8 +255,10 @@ class DeliveryState:
             self._hold(db, destination, held, now_ms())
             if batch_id is not None:
                 db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            db.executemany("DELETE FROM pending WHERE destination = ? AND position = ?",
-                           [(destination, p) for (p,) in dropped])
+            positions = [p for (p,) in dropped]
+            if positions:
+                db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
+                           " (SELECT value FROM json_each(?))", (destination, json.dumps(positions)))
             if cursor:
                 db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
                            " DO UPDATE SET position = max(position, excluded.position)",
@@ -268,10 +270,9 @@ class DeliveryState:
         """Per-user ordering: park fresh events (position, user_key, received_at) behind their
         user's retrying event; they go, in order, once it is done. Always in the transaction
         that moves the cursor past them: held and cursor commit together, or neither does."""
-        if held:
-            db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,0,?,?,NULL,'waiting for an"
-                           " earlier event of this user',?)",
-                           [(destination, p, key, at, at, rec) for p, key, rec in held])
+        _insert(db, "INSERT OR IGNORE INTO pending VALUES",
+                [(destination, p, key, 0, at, at, None, "waiting for an earlier event of this user",
+                  rec) for p, key, rec in held])
 
     @staticmethod
     def _count(db: sqlite3.Connection, destination: str, counts: dict[str, int]) -> None:
@@ -456,3 +457,9 @@ class _transaction:
         # shared by the thread's later calls, so it must not stay wedged in it.
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+
+def _insert(db: sqlite3.Connection, head: str, rows: Sequence[tuple]) -> None:
+    """`head` is "INSERT ... VALUES"; 128 rows per statement (see identity/sqlite_store.py)."""
+    if rows:
+        insert_many(db, head, len(rows[0]), rows, max_rows=128)
