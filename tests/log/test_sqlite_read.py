@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import msgspec
+import pytest
 
 from trackpipe.log.base import Entry, Record
 from trackpipe.log.sqlite import COLUMNS, SQLiteLog
@@ -34,49 +35,44 @@ def row_by_row(path, after: int, limit: int) -> list[Entry]:
         conn.close()
 
 
-def test_read_matches_a_row_by_row_select(tmp_path):
+@pytest.fixture
+def log_path(tmp_path):
+    """A log holding records(), its writer open while the test runs."""
     path = tmp_path / "log.db"
     log = SQLiteLog(path)
-    try:
-        log.append(records())
-        conn = sqlite3.connect(path)
-        conn.execute("DELETE FROM events WHERE position IN (7, 8, 30)")  # a privacy delete's gaps
-        conn.commit()
-        conn.close()
-        reader = SQLiteLog(path, writable=False)
-        for after, limit in ((0, 1000), (0, 1), (5, 4), (29, 2), (55, 10), (60, 5), (99, 3)):
-            got = reader.read(after, limit)
-            assert got == row_by_row(path, after, limit), (after, limit)
-            assert all(type(e.body) is bytes for e in got)
-        assert reader.read(60, 10) == []
-        reader.close()
-    finally:
-        log.close()
+    log.append(records())
+    yield path
+    log.close()
 
 
-def test_a_body_stored_as_text_reads_as_its_utf8_bytes(tmp_path):
-    path = tmp_path / "log.db"
-    log = SQLiteLog(path)
-    try:
-        log.append(records()[:2])
-        conn = sqlite3.connect(path)
-        conn.execute("UPDATE events SET body = ? WHERE position = 2", ('{"x":"é"}',))
-        conn.commit()
-        conn.close()
-        entries = SQLiteLog(path, writable=False).read(0, 10)
-        assert [e.body for e in entries][1] == '{"x":"é"}'.encode()
-    finally:
-        log.close()
+def change(path, sql: str, *args) -> None:
+    """Edit the log file behind SQLiteLog's back."""
+    conn = sqlite3.connect(path)
+    conn.execute(sql, args)
+    conn.commit()
+    conn.close()
 
 
-def test_a_batch_over_sqlites_length_limit_is_read_row_by_row(tmp_path):
-    path = tmp_path / "log.db"
-    log = SQLiteLog(path)
-    try:
-        log.append(records())
-        reader = SQLiteLog(path, writable=False)
-        reader._reader().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4000)  # one batch: ~10 KB
-        assert reader.read(0, 100) == row_by_row(path, 0, 100)
-        reader.close()
-    finally:
-        log.close()
+def test_read_matches_a_row_by_row_select(log_path):
+    change(log_path, "DELETE FROM events WHERE position IN (7, 8, 30)")  # a privacy delete's gaps
+    reader = SQLiteLog(log_path, writable=False)
+    for after, limit in ((0, 1000), (0, 1), (5, 4), (29, 2), (55, 10), (60, 5), (99, 3)):
+        got = reader.read(after, limit)
+        assert got == row_by_row(log_path, after, limit), (after, limit)
+        assert all(type(e.body) is bytes for e in got)
+    assert reader.read(60, 10) == []
+    reader.close()
+
+
+def test_a_body_stored_as_text_reads_as_its_utf8_bytes(log_path):
+    change(log_path, "UPDATE events SET body = ? WHERE position = 2", '{"x":"é"}')
+    reader = SQLiteLog(log_path, writable=False)
+    assert reader.read(0, 10)[1].body == '{"x":"é"}'.encode()
+    reader.close()
+
+
+def test_a_batch_over_sqlites_length_limit_is_read_row_by_row(log_path):
+    reader = SQLiteLog(log_path, writable=False)
+    reader._reader().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4000)  # one batch: ~10 KB
+    assert reader.read(0, 100) == row_by_row(log_path, 0, 100)
+    reader.close()
