@@ -16,7 +16,10 @@ only computes:
              batch creates, merges and relabels 2000 profiles), events/s;
   record     DeliveryState.record() of a batch of 5000 events that all failed
              retryably (each gets a retry row), in milliseconds: the
-             destinations' event loop waits for it.
+             destinations' event loop waits for it;
+  retry read those 5000 retries coming due again: DeliveryState.due() and the
+             log's get() of their entries, in milliseconds (the event loop
+             waits for it too).
 
 The last line is JSON.
 """
@@ -37,7 +40,7 @@ import msgspec
 from trackpipe.config import Identity
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.state import DeliveryState, Sent
-from trackpipe.destinations.base import retry
+from trackpipe.destinations.base import DELIVERED, retry
 from trackpipe.events import format_ts
 from trackpipe.identity.sqlite_store import SQLiteStore
 from trackpipe.log.base import Record
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # noqa: E402  (the event the ingest benchmark sends)
 
 BATCH = 2000
+RETRY_AT_ONCE = RetryPolicy(4 * 3600_000, 10, initial_ms=0.0)  # retries due at once
 
 
 class Spinner:
@@ -112,9 +116,20 @@ def record_ms(state: DeliveryState, first: int, n: int = 5000) -> float:
             for i in range(n)]
     batch_id = state.begin_batch("hook", first, first + n - 1, n)
     started = time.perf_counter()
-    state.record("hook", sent, duration_ms=1.0, policy=RetryPolicy(4 * 3600_000, 10),
-                 batch_id=batch_id, cursor=first + n - 1)
+    state.record("hook", sent, duration_ms=1.0, policy=RETRY_AT_ONCE, batch_id=batch_id,
+                 cursor=first + n - 1)
     return (time.perf_counter() - started) * 1000
+
+
+def retry_read_ms(state: DeliveryState, log: SQLiteLog, n: int = 5000) -> float:
+    started = time.perf_counter()
+    due = state.due("hook", n)
+    entries = log.get([r.position for r in due])
+    elapsed = (time.perf_counter() - started) * 1000
+    assert len(due) == len(entries) == n, (len(due), len(entries))
+    state.record("hook", [Sent(e.position, e.message_id, 1, r.user_key, 2, 0, DELIVERED)
+                          for e, r in zip(entries, due)], duration_ms=1.0, policy=RETRY_AT_ONCE)
+    return elapsed
 
 
 def main() -> int:
@@ -129,9 +144,12 @@ def main() -> int:
         state = DeliveryState(Path(tmp) / "deliveries.db")
         try:
             record_ms(state, 1)  # warm
+            retry_read_ms(state, log)
             record_alone = record_ms(state, 10_001)
+            retry_alone = retry_read_ms(state, log)
             with Spinner():
                 record_busy = record_ms(state, 20_001)
+                retry_busy = retry_read_ms(state, log)
             read_alone = read_us_per_entry(log, n)
             with Spinner():
                 read_busy = read_us_per_entry(log, n)
@@ -149,12 +167,16 @@ def main() -> int:
           f"{ident_busy:8,.0f} events/s")
     print(f"record     alone {record_alone:8.1f} ms       beside a busy thread "
           f"{record_busy:8.1f} ms   (a failed batch of 5000)")
+    print(f"retry read alone {retry_alone:8.1f} ms       beside a busy thread "
+          f"{retry_busy:8.1f} ms   (5000 due retries and their entries)")
     print(json.dumps({"log_read_us_alone": round(read_alone, 2),
                       "log_read_us_busy": round(read_busy, 2),
                       "identity_events_per_s_alone": round(ident_alone),
                       "identity_events_per_s_busy": round(ident_busy),
                       "record_failed_batch_ms_alone": round(record_alone, 1),
-                      "record_failed_batch_ms_busy": round(record_busy, 1)}))
+                      "record_failed_batch_ms_busy": round(record_busy, 1),
+                      "retry_read_ms_alone": round(retry_alone, 1),
+                      "retry_read_ms_busy": round(retry_busy, 1)}))
     return 0
 
 

@@ -76,3 +76,17 @@ def test_a_batch_over_sqlites_length_limit_is_read_row_by_row(log_path):
     reader._reader().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4000)  # one batch: ~10 KB
     assert reader.read(0, 100) == row_by_row(log_path, 0, 100)
     reader.close()
+
+
+def test_get_matches_a_row_by_row_select(log_path):
+    change(log_path, "DELETE FROM events WHERE position = 8")
+    reader = SQLiteLog(log_path, writable=False)
+    wanted = [40, 3, 8, 60, 61, 3, 1]  # unsorted, one deleted, one past the head, one twice
+    conn = sqlite3.connect(log_path)
+    expected = [Entry(*row) for row in conn.execute(
+        f"SELECT {COLUMNS} FROM events WHERE position IN (40, 3, 8, 60, 61, 1) ORDER BY position")]
+    conn.close()
+    assert reader.get(wanted) == expected
+    assert [e.position for e in expected] == [1, 3, 40, 60]
+    assert reader.get([]) == [] and reader.get([99]) == []
+    reader.close()

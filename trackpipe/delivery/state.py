@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
+import msgspec
+
 from trackpipe.destinations.base import Outcome
 from trackpipe.log.sqlite import PerThread, insert_many
 from trackpipe.privacy import erase
@@ -123,6 +125,9 @@ class Retry(NamedTuple):
     user_key: str | None
     attempts: int
     first_attempt_at: int
+
+
+_decode_retries = msgspec.json.Decoder(list[Retry]).decode
 
 
 class DeliveryState:
@@ -290,9 +295,12 @@ class DeliveryState:
         if ordered:
             sql += (" AND (user_key IS NULL OR position = (SELECT min(position) FROM pending q"
                     " WHERE q.destination = p.destination AND q.user_key = p.user_key))")
-        rows = self._db().execute(sql + " ORDER BY position LIMIT ?",
-                                  (destination, now_ms(), limit)).fetchall()
-        return [Retry(*r) for r in rows]
+        # One result row for the whole batch (a row-by-row fetch hands the GIL back per
+        # row: see log/sqlite.py READ_SQL).
+        (rows,) = self._db().execute(
+            "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at))"
+            f" FROM ({sql} ORDER BY position LIMIT ?)", (destination, now_ms(), limit)).fetchone()
+        return _decode_retries(rows)
 
     def next_due_in(self, destination: str) -> float | None:
         row = self._db().execute("SELECT min(next_at) FROM pending WHERE destination = ?",

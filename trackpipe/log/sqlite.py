@@ -11,6 +11,7 @@ checkpointed from a background thread so no commit pays for it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from itertools import chain
@@ -71,11 +72,15 @@ COLUMNS = "position, message_id, received_at, type, event, user_id, anonymous_id
 # hand-back can wait out the interpreter's switch interval, and a 2000-row read took
 # ~1 ms per row instead of ~2 us. So SQLite builds the batch in one step: the columns
 # as a JSON array of arrays (with each body's length), the bodies concatenated.
-READ_SQL = (
+# `get` (the retries' read) does the same with its positions as one JSON array.
+_BATCHED = (
     "SELECT json_group_array(json_array(position, message_id, received_at, type, event,"
     " user_id, anonymous_id, source, length(CAST(body AS BLOB)))),"
-    " CAST(group_concat(CAST(body AS BLOB), '') AS BLOB)"
-    " FROM (SELECT * FROM events WHERE position > ? ORDER BY position LIMIT ?)")
+    " CAST(group_concat(CAST(body AS BLOB), '') AS BLOB) FROM (SELECT * FROM events {})")
+READ_WHERE = "WHERE position > ? ORDER BY position LIMIT ?"
+GET_WHERE = "WHERE position IN (SELECT value FROM json_each(?)) ORDER BY position"
+READ_SQL = _BATCHED.format(READ_WHERE)
+GET_SQL = _BATCHED.format(GET_WHERE)
 _decode_meta = msgspec.json.Decoder(list[tuple[int, str, int, str, str | None, str | None,
                                                str | None, str, int]]).decode
 
@@ -237,19 +242,26 @@ class SQLiteLog(EventLog):
 
     def read(self, after: int, limit: int = 1000) -> list[Entry]:
         """Up to `limit` entries past `after`, in one call into SQLite (see READ_SQL)."""
+        return self._batched(READ_SQL, READ_WHERE, (after, limit))
+
+    def get(self, positions: Sequence[int]) -> list[Entry]:
+        if not positions:
+            return []
+        return self._batched(GET_SQL, GET_WHERE, (json.dumps(list(positions)),))
+
+    def _batched(self, sql: str, where: str, params: tuple) -> list[Entry]:
         conn = self._reader()
         try:
-            meta, bodies = conn.execute(READ_SQL, (after, limit)).fetchone()
+            meta, bodies = conn.execute(sql, params).fetchone()
         except sqlite3.DataError:  # over SQLite's length limit (1 GB): row by row instead
             return [Entry(*row) for row in conn.execute(
-                f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
-                (after, limit))]
+                f"SELECT {COLUMNS} FROM events {where}", params)]
         if bodies is None:
             return []
         rows = _decode_meta(meta)
         if sum(row[-1] for row in rows) != len(bodies):  # cannot happen; never guess
             raise sqlite3.DatabaseError("the log's batched read returned inconsistent lengths")
-        entries, offset, last = [], 0, after
+        entries, offset, last = [], 0, -1
         append = entries.append
         for position, message_id, received_at, type_, event, user_id, anonymous_id, source, \
                 size in rows:
@@ -260,15 +272,6 @@ class SQLiteLog(EventLog):
                          source, bodies[offset:end]))
             offset, last = end, position
         return entries
-
-    def get(self, positions: Sequence[int]) -> list[Entry]:
-        if not positions:
-            return []
-        marks = ",".join("?" * len(positions))
-        cur = self._reader().execute(
-            f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
-            list(positions))
-        return [Entry(*row) for row in cur]
 
     def receipts(self, positions: Sequence[int]) -> list[tuple[int, str, int]]:
         """(position, message_id, received_at) at these positions: the dedup check's read."""
