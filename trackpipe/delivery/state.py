@@ -28,7 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import msgspec
 
 from trackpipe.destinations.base import Outcome
-from trackpipe.log.sqlite import PerThread, insert_many
+from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, insert_many
 from trackpipe.privacy import erase
 
 SCHEMA = """
@@ -231,10 +231,7 @@ class DeliveryState:
             # (bench/gil_convoy.py); recording a failed batch of 5000 took 6-8 s that way.
             _insert(db, "INSERT INTO attempts (destination, position, at, state, status,"
                     " duration_ms, detail, attempt) VALUES", attempt_rows)
-            if done:
-                db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
-                           " (SELECT value FROM json_each(?))",
-                           (destination, json.dumps(done)))
+            _delete_pending(db, destination, done)
             _insert(db, "INSERT OR REPLACE INTO pending VALUES", pending_rows)
             _insert(db, "INSERT OR REPLACE INTO failed VALUES", failed_rows)
             self._count(db, destination, counts)
@@ -260,10 +257,7 @@ class DeliveryState:
             self._hold(db, destination, held, now_ms())
             if batch_id is not None:
                 db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            positions = [p for (p,) in dropped]
-            if positions:
-                db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
-                           " (SELECT value FROM json_each(?))", (destination, json.dumps(positions)))
+            _delete_pending(db, destination, [p for (p,) in dropped])
             if cursor:
                 db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
                            " DO UPDATE SET position = max(position, excluded.position)",
@@ -468,6 +462,13 @@ class _transaction:
 
 
 def _insert(db: sqlite3.Connection, head: str, rows: Sequence[tuple]) -> None:
-    """`head` is "INSERT ... VALUES"; 128 rows per statement (see identity/sqlite_store.py)."""
+    """`head` is "INSERT ... VALUES"; CONSUMER_ROWS rows per statement."""
     if rows:
-        insert_many(db, head, len(rows[0]), rows, max_rows=128)
+        insert_many(db, head, len(rows[0]), rows, max_rows=CONSUMER_ROWS)
+
+
+def _delete_pending(db: sqlite3.Connection, destination: str, positions: list[int]) -> None:
+    """One statement for all of them, like _insert."""
+    if positions:
+        db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
+                   " (SELECT value FROM json_each(?))", (destination, json.dumps(positions)))

@@ -29,7 +29,7 @@ from pathlib import Path
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
 from trackpipe.identity.store import new_profile_id
-from trackpipe.log.sqlite import insert_many
+from trackpipe.log.sqlite import CONSUMER_ROWS, insert_many
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -84,9 +84,6 @@ CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
 
 
-INSERT_ROWS = 128
-
-
 class SQLiteDb(Db):
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
@@ -101,17 +98,14 @@ class SQLiteDb(Db):
         if rows:
             self.conn.executemany(sql, rows)
 
-    # A batch's writes as a few statements, not one per row (executemany): Python's
-    # sqlite3 hands the GIL back around each one, and in the consumers process every
-    # hand-back can wait out the switch interval behind the destinations' event loop
-    # (bench/gil_convoy.py). Inserts go 128 rows to a statement: larger statements
-    # cost SQLite more to prepare than they save (measured: 1000 rows per statement
-    # made the timeline insert 2.5x slower than executemany; 128 rows matches it).
+    # A batch's writes as a few statements, not one per row (executemany): identity
+    # runs beside the destinations' event loop (see log/sqlite.py, MAX_VARIABLES and
+    # CONSUMER_ROWS; bench/gil_convoy.py).
 
     def insert(self, head: str, rows: Sequence[Sequence], tail: str = "") -> None:
         if rows:
             insert_many(self.conn, f"{head} VALUES", len(rows[0]), rows, tail,
-                        max_rows=INSERT_ROWS)
+                        max_rows=CONSUMER_ROWS)
 
     def relabel(self, moves: dict[str, str]) -> None:
         if moves:
