@@ -7,6 +7,8 @@ in one batch must leave every node where replaying them in order would.
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from trackpipe.config import Identity
@@ -50,3 +52,27 @@ def test_a_chain_of_merges_in_one_batch_ends_in_the_oldest_profile(tmp_path):
             assert reopened.profile(absorbed)["profile_id"] == oldest
     finally:
         reopened.close()
+
+
+def test_wal_is_reused_while_applies_never_pause(tmp_path, monkeypatch):
+    """Checkpointed beside back-to-back applies, the WAL must still start over
+    (see SQLiteStore._checkpoint_loop), not grow by everything written."""
+    from trackpipe.identity import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
+    store = SQLiteStore(tmp_path / "identity.db", Identity())
+    wal = tmp_path / "identity.db-wal"
+    try:
+        position, deadline, largest = 0, time.monotonic() + 2.0, 0
+        while time.monotonic() < deadline:  # new visitors, back to back, as under load
+            batch = [track(position + i, None, f"visitor-{position + i}") for i in range(1, 201)]
+            store.apply(batch)
+            position += 200
+            largest = max(largest, wal.stat().st_size)
+        assert position >= 4000, "too few applies to tell (a slow machine?)"
+        written = (tmp_path / "identity.db").stat().st_size
+        # Every apply wrote new rows: without restarts the WAL outgrows the database.
+        assert largest < written / 2, f"WAL reached {largest:,} bytes; database {written:,}"
+        assert store.resolve(None, f"visitor-{position}") is not None
+    finally:
+        store.close()

@@ -31,6 +31,8 @@ from trackpipe.identity.sql_store import Db, SQLStore
 from trackpipe.identity.store import new_profile_id
 from trackpipe.log.sqlite import CONSUMER_ROWS, insert_many
 
+CHECKPOINT_EVERY_S = 0.5
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     id      INTEGER PRIMARY KEY,
@@ -155,9 +157,13 @@ class SQLiteStore(SQLStore):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
-            while not self._closed.wait(0.5):
+            while not self._closed.wait(CHECKPOINT_EVERY_S):
                 try:
+                    # Two passes, the second between two applies, so the checkpoint covers
+                    # the whole WAL and SQLite starts it over (see log/sqlite.py).
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    with self.lock:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # busy or disk full: the next round tries again
         finally:
