@@ -304,3 +304,30 @@ async def test_summary_counts_a_batch_recorded_meanwhile_once(files):
     delivered, backlog = s["counters"].get("delivered", 0), 3 - s["cursor"]
     assert delivered + backlog + s["retrying"] + s["failed_now"] == 3
     assert state.summary(w.name)["counters"]["delivered"] == 3
+
+
+def test_the_delivery_state_wal_is_checkpointed(tmp_path):
+    """deliveries.db has no checkpointer thread: its connections must checkpoint after
+    their own commits, or every outcome recorded stays in the WAL for good."""
+    from trackpipe.delivery.retry import RetryPolicy
+
+    state = DeliveryState(tmp_path / "deliveries.db")
+    try:
+        state.set_cursor("hook", 0)
+        detail = "upstream said no: " + "x" * 200
+        position = 0
+        for _ in range(300):  # mixed batches: one attempt row per event, ~15 MB in all
+            sent = []
+            for i in range(100):
+                position += 1
+                outcome = retry(503, detail) if i == 0 else DELIVERED
+                sent.append(Sent(position, f"m{position}", 0, f"u{i}", 1, 0, outcome))
+            batch_id = state.begin_batch("hook", position - 99, position, 100)
+            state.record("hook", sent, duration_ms=1.0, policy=RetryPolicy(4 * 3600_000, 10),
+                         batch_id=batch_id, cursor=position)
+        wal = (tmp_path / "deliveries.db-wal").stat().st_size
+        # SQLite's autocheckpoint starts the WAL over past 1000 pages (4 MB).
+        assert wal < 8 << 20, f"deliveries.db-wal holds {wal:,} bytes"
+        assert state.summary("hook")["counters"]["delivered"] == 300 * 99
+    finally:
+        state.close()

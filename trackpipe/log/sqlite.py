@@ -126,12 +126,16 @@ def insert_many(conn: sqlite3.Connection, head: str, width: int, rows: Sequence[
                      list(chain.from_iterable(chunk)))
 
 
-def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+def connect(path: Path, *, synchronous: str = "FULL", autocheckpoint: int = 0
+            ) -> sqlite3.Connection:
+    """`autocheckpoint` 0 (the default) leaves checkpoints to the file's owner: the log's
+    checkpointer thread, the dedup index's flusher. A file without one must pass
+    SQLite's usual 1000 pages, or its WAL is never copied back and grows for ever."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30,
                            cached_statements=512)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+    conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
 
@@ -140,8 +144,8 @@ class PerThread:
     """One connection per thread to one SQLite file (a connection must not be shared
     between threads mid-transaction); close_all() closes every one of them."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL"):
-        self.path, self.synchronous = path, synchronous
+    def __init__(self, path: Path, synchronous: str = "FULL", autocheckpoint: int = 0):
+        self.path, self.synchronous, self.autocheckpoint = path, synchronous, autocheckpoint
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -149,7 +153,8 @@ class PerThread:
     def get(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.path, synchronous=self.synchronous)
+            conn = self._local.conn = connect(self.path, synchronous=self.synchronous,
+                                              autocheckpoint=self.autocheckpoint)
             with self._lock:
                 self._all.append(conn)
         return conn
