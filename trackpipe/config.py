@@ -115,6 +115,9 @@ class Identity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Identifier values that never join people (compared case-insensitively, trimmed)."""
     max_identifiers_per_profile: int = 1000
     max_merges_per_profile: int = 100
+    cache_identifiers: int = 500_000
+    """Identifiers the SQLite store keeps in memory between batches (~600 bytes each);
+    past it the cache starts afresh and later batches load what they name again."""
 
 
 class Privacy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

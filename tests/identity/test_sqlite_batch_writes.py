@@ -76,3 +76,25 @@ def test_wal_is_reused_while_applies_never_pause(tmp_path, monkeypatch):
         assert store.resolve(None, f"visitor-{position}") is not None
     finally:
         store.close()
+
+
+def test_the_working_set_is_bounded_and_starting_it_afresh_changes_no_answer(tmp_path):
+    """The cached graph holds at most `cache_identifiers` (plus one batch): kept for
+    good it held every identifier ever seen. A person whose nodes were dropped from
+    it is loaded again from the tables when a later event names them."""
+    store = SQLiteStore(tmp_path / "identity.db", Identity(cache_identifiers=10))
+    try:
+        first = [track(i, None, f"visitor-{i}") for i in range(1, 9)]
+        store.apply(first)
+        born = {e.anonymous_id: store.resolve(None, e.anonymous_id) for e in first}
+        for start in range(9, 60, 8):  # new visitors, batch after batch
+            store.apply([track(p, None, f"visitor-{p}") for p in range(start, start + 8)])
+            assert len(store.working_graph().nodes) <= 10 + 8
+        # visitor-1 left the working set long ago; signing in on that device still
+        # joins visitor-1's profile, and a second device of the same person joins it too.
+        store.apply([track(100, "ann", "visitor-1"), track(101, "ann", "visitor-2")])
+        assert store.resolve("ann", None) == born["visitor-1"]
+        assert store.resolve(None, "visitor-2") == born["visitor-1"]
+        assert store.resolve(None, "visitor-3") == born["visitor-3"]
+    finally:
+        store.close()

@@ -126,6 +126,7 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: str | Path, settings, consumer: str = "identity"):
         super().__init__(settings, consumer)
         self.path = Path(path)
+        self.cache_identifiers = settings.cache_identifiers
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout = 10000")
         self.conn.execute("PRAGMA journal_mode = WAL")
@@ -189,7 +190,10 @@ class SQLiteStore(SQLStore):
 
     def working_graph(self) -> Graph:
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if self._graph is None or version != self._version:
+        if (self._graph is None or version != self._version
+                or len(self._graph.nodes) > self.cache_identifiers):
+            # The cache only saves reloading what a batch names; kept for good it held
+            # every identifier ever seen (1M new visitors: ~450 MB).
             self._graph = Graph(self.limits, self._new_node_id, new_profile_id)
             self._next_node = self.conn.execute("SELECT coalesce(max(id), 0) FROM nodes"
                                                 ).fetchone()[0]
