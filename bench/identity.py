@@ -115,7 +115,8 @@ def lookups(store, rng: random.Random, known: int, n: int) -> list[float]:
 
 
 def open_bench_store(args, data_dir: str):
-    settings = Identity(store=args.store, postgres_dsn=args.dsn, trait_identifiers=["email"])
+    settings = Identity(store=args.store, postgres_dsn=args.dsn, trait_identifiers=["email"],
+                        cache_identifiers=args.cache_identifiers)
     if args.store != "postgres":
         return open_store(settings, data_dir), lambda: None
     import psycopg
@@ -139,6 +140,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--lookups", type=int, default=3000)
+    parser.add_argument("--cache-identifiers", type=int, default=Identity().cache_identifiers,
+                        help="[identity] cache_identifiers (SQLite store): below the working "
+                             "set, batches reload what they name")
     args = parser.parse_args()
     rng = random.Random(7)
     log = Log()
@@ -159,7 +163,7 @@ def main() -> None:
             drop()
     print(json.dumps({
         "store": args.store, "profiles": stats["profiles"], "identifiers": stats["identifiers"],
-        "batch": args.batch, "events": len(entries),
+        "batch": args.batch, "events": len(entries), "cache_identifiers": args.cache_identifiers,
         "identity_events_per_s": round(len(entries) / apply_s),
         "load_events_per_s": round(len(people) / load_s),
         "profile_lookup_p50_ms": round(times[len(times) // 2], 3),
