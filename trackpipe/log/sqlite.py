@@ -86,6 +86,7 @@ _decode_meta = msgspec.json.Decoder(list[tuple[int, str, int, str, str | None, s
                                                str | None, str, int]]).decode
 
 CHECKPOINT_EVERY_S = 1.0
+UNHELD_PASSES = 3  # checkpoint passes beside the commits before the one that holds them
 # A WAL larger than this (after a burst) is cut back to it when SQLite starts it over.
 WAL_KEEP_BYTES = 64 << 20
 
@@ -377,14 +378,17 @@ class SQLiteLog(EventLog):
         always lands while the checkpoint runs, so the WAL grew without end:
         ~110 MB after 10 s of /v1/track, and each commit's fsync then also had to
         journal the file's new size (~440 us a commit instead of ~270 us, measured
-        in isolation). So the first pass copies the bulk while commits go on, and a
-        second pass, with commits held, copies the few frames committed meanwhile.
+        in isolation). So passes run while commits go on, each with less to copy than
+        the one before, and a last pass, with commits held, copies the few frames left.
+        One pass before the held one held commits 6-19 ms under /v1/track load (up to
+        42 ms under batches); three held them 0.1-3.3 ms (0.1-7.5 ms).
         """
         conn = connect(self.path)
         try:
             while not self._closed.wait(CHECKPOINT_EVERY_S):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    for _ in range(UNHELD_PASSES):
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                     with self._commit_lock:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
