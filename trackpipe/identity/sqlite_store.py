@@ -29,7 +29,7 @@ from pathlib import Path
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
 from trackpipe.identity.store import new_profile_id
-from trackpipe.log.sqlite import CONSUMER_ROWS, insert_many
+from trackpipe.log.sqlite import CONSUMER_ROWS, checkpoint_all, insert_many
 
 CHECKPOINT_EVERY_S = 0.5
 
@@ -160,11 +160,7 @@ class SQLiteStore(SQLStore):
             conn.execute("PRAGMA busy_timeout = 10000")
             while not self._closed.wait(CHECKPOINT_EVERY_S):
                 try:
-                    # Two passes, the second between two applies, so the checkpoint covers
-                    # the whole WAL and SQLite starts it over (see log/sqlite.py).
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    with self.lock:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    checkpoint_all(conn, self.lock, passes_beside=1)  # the last between applies
                 except sqlite3.Error:
                     pass  # busy or disk full: the next round tries again
         finally:

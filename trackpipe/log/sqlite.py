@@ -7,7 +7,7 @@ clustered key caps SQLite near 40k rows/s. Deduplication lives elsewhere
 (pipeline/dedupe.py). synchronous=FULL makes each commit fsync the WAL, so a
 committed event survives power loss, not only a crash. The WAL is
 checkpointed from a background thread so no commit pays for it; see
-_checkpoint_loop for how it keeps the WAL from growing under steady load.
+checkpoint_all for how it keeps the WAL from growing under steady load.
 """
 
 from __future__ import annotations
@@ -139,6 +139,25 @@ def connect(path: Path, *, synchronous: str = "FULL", autocheckpoint: int = 0
     conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+def checkpoint_all(conn: sqlite3.Connection, writer_lock, passes_beside: int) -> None:
+    """Checkpoint so that the next commit can start the WAL over.
+
+    SQLite starts the WAL over (overwriting it instead of appending) only when a
+    commit finds every frame in it checkpointed. Under steady load a commit always
+    lands while a checkpoint runs, so the log's WAL grew without end: ~110 MB after
+    10 s of /v1/track, and each commit's fsync then also had to journal the file's
+    new size (~440 us a commit instead of ~270 us, measured in isolation). So
+    `passes_beside` passes run while commits go on, each with less to copy than the
+    one before, and a last pass, holding the writer's lock, copies the few frames
+    left. For the log, one pass before the held one held commits 6-19 ms under
+    /v1/track load (up to 42 ms under batches); three held them 0.1-3.3 ms (0.1-7.5 ms).
+    """
+    for _ in range(passes_beside):
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    with writer_lock:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 class PerThread:
@@ -371,26 +390,12 @@ class SQLiteLog(EventLog):
     # -- housekeeping ---------------------------------------------------------
 
     def _checkpoint_loop(self) -> None:
-        """Copy the WAL into the database every CHECKPOINT_EVERY_S, in two steps.
-
-        SQLite starts the WAL over (overwriting it instead of appending) only when
-        a commit finds every frame in it checkpointed. Under steady load a commit
-        always lands while the checkpoint runs, so the WAL grew without end:
-        ~110 MB after 10 s of /v1/track, and each commit's fsync then also had to
-        journal the file's new size (~440 us a commit instead of ~270 us, measured
-        in isolation). So passes run while commits go on, each with less to copy than
-        the one before, and a last pass, with commits held, copies the few frames left.
-        One pass before the held one held commits 6-19 ms under /v1/track load (up to
-        42 ms under batches); three held them 0.1-3.3 ms (0.1-7.5 ms).
-        """
+        """Copy the WAL into the database every CHECKPOINT_EVERY_S (see checkpoint_all)."""
         conn = connect(self.path)
         try:
             while not self._closed.wait(CHECKPOINT_EVERY_S):
                 try:
-                    for _ in range(UNHELD_PASSES):
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    with self._commit_lock:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    checkpoint_all(conn, self._commit_lock, UNHELD_PASSES)
                 except sqlite3.Error:
                     pass  # disk full or busy: the next round tries again
         finally:
