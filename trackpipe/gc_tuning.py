@@ -9,6 +9,7 @@ long-lived object. Collect far less often, and never re-scan what startup made.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -19,3 +20,20 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(int(os.environ.get("TRACKPIPE_GC_THRESHOLD", DEFAULT_THRESHOLD)), 50, 100)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No collections inside: for building something large and acyclic that lives on
+    afterwards (a warehouse batch's rows). Every container it allocates survives, so
+    each collection the allocations set off would scan them all and free nothing; in a
+    5,000-event batch that was a fifth of the planning time. Reference counting still
+    frees what dies."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

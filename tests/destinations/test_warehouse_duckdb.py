@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -105,6 +106,34 @@ def test_rejected_values_and_the_rest_of_the_row(db):
         {"column_name": "n", "message_id": "m1", "value": str(2**64)}]
 
 
+def test_a_table_stops_growing_at_max_columns(db):
+    dest = DuckDBWarehouse("wh", DuckDBWarehouse.Settings(path=str(db), max_columns=20))
+    many = {f"p{j:02d}": j for j in range(30)}
+    assert states(run(dest, send(event(1, properties=many)))[0]) == ["delivered"]
+    columns = types(db, "order_completed")
+    assert len(columns) == 20
+    rejected = query(db, "SELECT column_name, reason FROM rejected_values ORDER BY 1")
+    assert [r["column_name"] for r in rejected] == [c for c in many if c not in columns]
+    assert all("max_columns" in r["reason"] for r in rejected)
+
+
+def test_an_event_the_database_refuses_fails_alone(db, monkeypatch, caplog):
+    real = DuckDBWarehouse._apply
+
+    async def refuse_m3(self, todo):
+        if any(row[0] == "m3" for load in todo.loads for row in load.rows):
+            raise duckdb.ConversionException("Conversion Error: m3 will not load")
+        return await real(self, todo)
+    monkeypatch.setattr(DuckDBWarehouse, "_apply", refuse_m3)
+    with caplog.at_level(logging.INFO, logger="trackpipe.warehouse"):
+        outcomes = run(warehouse(db), send(*[event(n) for n in range(1, 7)]))[0]
+    assert states(outcomes) == ["delivered"] * 2 + ["failed"] + ["delivered"] * 3
+    assert "m3 will not load" in outcomes[2].detail
+    assert [r["id"] for r in query(db, "SELECT id FROM tracks ORDER BY id")] == [
+        "m1", "m2", "m4", "m5", "m6"]
+    assert "loading the batch of 6 in halves" in caplog.text
+
+
 def test_idempotent_on_message_id_and_identities_upserted(db):
     batch = [event(1, profile="p1"), event(2, profile="p1"), event(1, profile="p1")]
     outcomes = run(warehouse(db), send(*batch), send(*batch),
@@ -159,6 +188,8 @@ def test_check_and_delete_user(db):
 def test_settings():
     with pytest.raises(msgspec.ValidationError, match="database file"):
         msgspec.convert({"path": ":memory:"}, DuckDBWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="at least 20"):
+        msgspec.convert({"path": "a.duckdb", "max_columns": 5}, DuckDBWarehouse.Settings)
     assert DuckDBWarehouse.supports_delete and DuckDBWarehouse.default_batch_size == 2000
 
 

@@ -184,6 +184,57 @@ def test_values_that_do_not_fit_go_to_rejected_values_and_the_row_loads(admin, s
     assert "big" not in column_types(admin, schema, "order_completed")
 
 
+def test_a_table_stops_growing_at_max_columns_and_the_values_it_cannot_take_are_kept(
+        admin, schema):
+    dest = PostgresWarehouse("wh", PostgresWarehouse.Settings(dsn=DSN, schema=schema,
+                                                              max_columns=30))
+    many = {f"p{j:02d}": j for j in range(40)}
+    outcomes = run(dest, send(event(1, properties={"early": "x"}),
+                              event(2, properties=many), event(3, properties={"p00": 7})))
+    assert states(outcomes[0]) == ["delivered"] * 3
+    columns = column_types(admin, schema, "order_completed")
+    assert len(columns) == 30 and "early" in columns
+    loaded = [c for c in many if c in columns]
+    rows = {r["id"]: r for r in table(admin, schema, "order_completed")}
+    assert rows["m3"]["p00"] == 7 and all(rows["m2"][c] == many[c] for c in loaded)
+    rejected = table(admin, schema, "rejected_values", "column_name, message_id, value, reason",
+                     order="column_name")
+    assert [(r["column_name"], r["message_id"], r["value"]) for r in rejected] == [
+        (c, "m2", str(v)) for c, v in many.items() if c not in columns]
+    assert "max_columns" in rejected[0]["reason"]
+    # Past PostgreSQL's own limit of 1,600, every value of such an event failed its batch.
+    wide = {f"k{j:04d}": j for j in range(1700)}
+    outcomes = run(warehouse(schema), send(event(4, event="Wide", properties=wide), event(5)))
+    assert states(outcomes[0]) == ["delivered"] * 2
+    assert len(column_types(admin, schema, "wide")) == 1000
+
+
+def test_an_event_the_database_refuses_fails_alone_and_its_batch_loads(admin, schema):
+    # 900 short values make a row wider than PostgreSQL's 8 KB page (SQLSTATE 54000).
+    tall = {f"k{j:04d}": f"value-{j:06d}" for j in range(900)}
+    batch = [event(n) for n in range(1, 4)] + [event(4, properties=tall)] + [event(5)]
+    outcomes = run(warehouse(schema), send(*batch))
+    assert states(outcomes[0]) == ["delivered"] * 3 + ["failed", "delivered"]
+    assert "54000" in outcomes[0][3].detail and "row is too big" in outcomes[0][3].detail
+    assert [r["id"] for r in table(admin, schema, "order_completed", "id")] == [
+        "m1", "m2", "m3", "m5"]
+    assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m1", "m2", "m3", "m5"]
+    # The halves did not each add (and roll back) the wide event's 900 columns: they were
+    # committed once, before the halving, and recorded once.
+    changes = table(admin, schema, "schema_changes", "table_name, column_name",
+                    order="table_name, column_name")
+    assert len(changes) == len({(r["table_name"], r["column_name"]) for r in changes}) > 900
+
+
+def test_a_failure_of_the_whole_load_is_not_split(admin, schema, role, caplog):
+    # Permission denied is the destination's problem, not an event's: no halving.
+    dest = warehouse(schema, f"host=127.0.0.1 port=5432 user={role} dbname=test")
+    with caplog.at_level(logging.INFO, logger="trackpipe.warehouse"):
+        outcomes = run(dest, send(*[event(n) for n in range(8)]))
+    assert states(outcomes[0]) == ["failed"] * 8
+    assert "halves" not in caplog.text
+
+
 def test_sending_a_batch_twice_leaves_one_row_per_message(admin, schema):
     batch = [event(1), event(2), event(2), event(3, "identify", traits={"x": 1})]
     outcomes = run(warehouse(schema), send(*batch), send(*batch))
@@ -309,6 +360,10 @@ def test_settings_are_validated_and_the_dsn_is_secret():
         msgspec.convert({"dsn": "x", "schema": " "}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.convert({"dsn": "x", "table": "t"}, PostgresWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="at most 1600"):
+        msgspec.convert({"dsn": "x", "max_columns": 1601}, PostgresWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="at least 20"):
+        msgspec.convert({"dsn": "x", "max_columns": 10}, PostgresWarehouse.Settings)
     assert PostgresWarehouse.secret_fields == ("dsn",) and PostgresWarehouse.supports_delete
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 
 from trackpipe.destinations.base import DELIVERED, Event
+from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse import schema as s
 from trackpipe.destinations.warehouse.plan import TABLE, plan
 
@@ -173,3 +174,22 @@ def test_identities_come_from_events_with_a_profile():
     p = plan([event({"type": "track", "event": "x", "userId": "u", "anonymousId": "a"}, "p1"),
               event({"type": "track", "event": "x", "userId": "v"}, None, n=2)], {}, NOW)
     assert sorted(p.identities) == [("anonymous_id", "a", "p1"), ("user_id", "u", "p1")]
+
+
+def test_a_full_table_takes_no_new_column_and_a_known_column_still_loads():
+    known = {"tracks": {}, "x": {**layout.fixed_columns("x"), "old": s.BIGINT}}
+    cap = len(known["x"]) + 1
+    p = plan([event({"type": "track", "event": "x", "properties": {"a": 1, "b": 2, "old": 3}})],
+             known, NOW, max_columns=cap)
+    x = next(load for load in p.loads if load.table == "x")
+    row = dict(zip([c for c, _ in x.columns], x.rows[0]))
+    assert (row["old"], row["a"], "b" in row) == (3, 1, False)
+    assert [(r.table, r.column, r.value) for r in p.rejected] == [("x", "b", "2")]
+    assert [(c.column, c.new_type) for c in p.changes] == [("a", s.BIGINT)]
+
+
+def test_the_column_name_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(layout, "NAMES_MAX", 100)
+    for n in range(1000):  # an id used as a property key: a new name in every event
+        plan([event({"type": "track", "event": "x", "properties": {f"id_{n}": 1}}, n=n)], {}, NOW)
+    assert len(layout._NAMES[("tracks", "properties")]) <= 100

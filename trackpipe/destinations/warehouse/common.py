@@ -17,6 +17,7 @@ from typing import ClassVar, Sequence
 from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome
 from trackpipe.destinations.warehouse.plan import TABLE, Change, Plan, Schema, plan
 from trackpipe.destinations.warehouse.sql import Dialect
+from trackpipe.gc_tuning import gc_paused
 
 log = logging.getLogger("trackpipe.warehouse")
 IDENTITY_CACHE_SIZE = 200_000
@@ -39,22 +40,54 @@ class Warehouse(Destination):
 
     async def send(self, batch: Sequence[Event]) -> Sequence[Outcome]:
         async with self._lock:
-            todo: Plan | None = None
-            try:
-                todo = plan(batch, await self._known_schema(), dt.datetime.now(dt.timezone.utc))
-                todo = todo._replace(identities=[
-                    i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
-                await self._apply(todo)
-            except self.db_errors as exc:
+            return await self._send_batch(batch)
+
+    async def _send_batch(self, batch: Sequence[Event], first: bool = True) -> list[Outcome]:
+        todo: Plan | None = None
+        try:
+            known = await self._known_schema()
+            with gc_paused():
+                todo = plan(batch, known, dt.datetime.now(dt.timezone.utc),
+                            self.settings.max_columns)
+            todo = todo._replace(identities=[
+                i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
+            await self._apply(todo)
+        except self.db_errors as exc:
+            refused = self._refused_data(exc)
+            if not refused:  # the tables may have changed under us: read them again
                 self.forget()
-                outcome = self._classify(exc)
-                return todo.outcomes(outcome) if todo else [outcome] * len(batch)
-            self.schema = todo.schema
-            if len(self._identities) > IDENTITY_CACHE_SIZE:
-                self._identities.clear()
-            self._identities.update((i[:2], i[2]) for i in todo.identities)
-            self._log_changes(todo)
-            return todo.outcomes(DELIVERED)
+            outcome = self._classify(exc)
+            if outcome.state == "failed" and len(batch) > 1 and refused:
+                # One event the database will not take (a row wider than a page, a value
+                # it refuses) must not fail its whole batch: load each half on its own,
+                # down to the events at fault. Costs about two loads of the batch, and
+                # only when a load has failed for good.
+                if first:
+                    log.info("warehouse %s: %s; loading the batch of %d in halves to find"
+                             " the events at fault", self.name, outcome.detail, len(batch))
+                if todo is not None and todo.changes:
+                    await self._commit_changes(todo)
+                half = len(batch) // 2
+                return [*await self._send_batch(batch[:half], first=False),
+                        *await self._send_batch(batch[half:], first=False)]
+            return todo.outcomes(outcome) if todo else [outcome] * len(batch)
+        self.schema = todo.schema
+        if len(self._identities) > IDENTITY_CACHE_SIZE:
+            self._identities.clear()
+        self._identities.update((i[:2], i[2]) for i in todo.identities)
+        self._log_changes(todo)
+        return todo.outcomes(DELIVERED)
+
+    async def _commit_changes(self, todo: Plan) -> None:
+        """Commit a plan's schema changes without its rows, so that the halves of a refused
+        batch do not make (and roll back) the same columns again, each of them."""
+        try:
+            await self._apply(todo._replace(loads=[], rejected=[], identities=[]))
+        except self.db_errors:
+            self.forget()  # the halves plan the changes again themselves
+            return
+        self.schema = todo.schema
+        self._log_changes(todo)
 
     def forget(self) -> None:
         """Drop what is cached about the database; the next load reads it again."""
@@ -88,6 +121,11 @@ class Warehouse(Destination):
     @abstractmethod
     def _classify(self, exc: Exception) -> Outcome:
         """A database error as retry (worth another attempt) or fail (needs a person)."""
+
+    @abstractmethod
+    def _refused_data(self, exc: Exception) -> bool:
+        """Whether the database refused something in the rows (so some events of the batch
+        may load without the others), rather than the load as a whole."""
 
 
 def describe(c: Change, dialect: Dialect) -> str:

@@ -25,7 +25,8 @@ import msgspec
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
-from trackpipe.destinations.warehouse.plan import TABLE, Plan, Schema, TableLoad
+from trackpipe.destinations.warehouse.plan import (
+    MAX_COLUMNS, TABLE, Plan, Schema, TableLoad, check_max_columns)
 from trackpipe.destinations.warehouse.schema import quote
 from trackpipe.destinations.warehouse.sql import (
     DUCKDB, add_column, create_meta, create_table, delete_person, insert_from, qualified,
@@ -44,10 +45,14 @@ class DuckDBWarehouse(Warehouse):
         path: str
         """The DuckDB database file, e.g. "/var/lib/trackpipe/analytics.duckdb";
         created (with its directory) when missing."""
+        max_columns: int = MAX_COLUMNS
+        """Columns a table may grow to; past it, values for new columns go to
+        rejected_values."""
 
         def __post_init__(self):
             if not self.path.strip() or self.path.strip() == ":memory:":
                 raise ValueError("path must name a database file, e.g. \"analytics.duckdb\"")
+            check_max_columns(self.max_columns)
 
     # -- the file, open only while a batch loads ----------------------------------------
 
@@ -149,6 +154,10 @@ class DuckDBWarehouse(Warehouse):
         if isinstance(exc, duckdb.CatalogException):
             return retry(None, detail + "; the tables changed under trackpipe, re-reading them")
         return fail(None, detail)
+
+    def _refused_data(self, exc: Exception) -> bool:
+        return isinstance(exc, (duckdb.ConversionException, duckdb.ConstraintException,
+                                duckdb.OutOfRangeException, duckdb.InvalidInputException))
 
     # -- health check and privacy deletes -----------------------------------------------
 

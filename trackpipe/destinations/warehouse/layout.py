@@ -125,12 +125,20 @@ def _columns(obj: dict, prefix: str, table: str, clash_prefix: str = "") -> tupl
     """The `entries` of every non-null leaf; Segment creates a column only once a non-null
     value arrives."""
     out: list[Any] = []
-    names = _NAMES.setdefault((table, clash_prefix), {})
+    names = _NAMES.get((table, clash_prefix))
+    if names is None or len(names) >= NAMES_MAX:
+        if len(_NAMES) >= NAMES_MAX:
+            _NAMES.clear()
+        names = _NAMES[(table, clash_prefix)] = {}
     _walk(obj, prefix + "_" if prefix else "", names, table, clash_prefix, out)
     return tuple(out)
 
 
-_NAMES: dict[tuple[str, str], dict[str, str]] = {}  # (table, clash prefix) -> key path -> column
+# (table, clash prefix) -> key path -> column: a cache, since a name costs a regex or
+# two. Bounded, because keys are the sender's choice (an id used as a key makes one per
+# event) and this process runs for months.
+_NAMES: dict[tuple[str, str], dict[str, str]] = {}
+NAMES_MAX = 50_000
 
 
 def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, out: list) -> None:

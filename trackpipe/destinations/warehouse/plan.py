@@ -20,6 +20,21 @@ from trackpipe.destinations.warehouse.schema import (
 
 Schema = dict[str, dict[str, str]]  # table -> column -> logical type
 TABLE = "table"  # new_type of a Change that creates a table
+# Columns a table may grow to, fixed columns included. PostgreSQL refuses a 1,601st
+# (dropped columns count too), and a table with thousands of sparse columns is one
+# nobody can query; past the limit a value for a new column goes to rejected_values.
+MAX_COLUMNS = 1000
+MIN_COLUMNS = 20  # the widest table's fixed columns, and room for a few more
+
+
+def check_max_columns(value: int, database_limit: int | None = None) -> None:
+    """For a warehouse's `max_columns` setting."""
+    if value < MIN_COLUMNS:
+        raise ValueError(f"max_columns must be at least {MIN_COLUMNS} (the fixed columns of a"
+                         f" table alone take up to 14); it is {value}")
+    if database_limit is not None and value > database_limit:
+        raise ValueError(f"max_columns must be at most {database_limit}, the database's own"
+                         f" limit; it is {value}")
 
 
 class Change(NamedTuple):
@@ -59,7 +74,8 @@ class Plan(NamedTuple):
         return [self.failed.get(i, ok) for i in range(self.size)]
 
 
-def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime) -> Plan:
+def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
+         max_columns: int = MAX_COLUMNS) -> Plan:
     tables: dict[str, _Table] = {}
     users: dict[Any, list[tuple[str, layout.Row]]] = {}
     identities: dict[tuple[str, str], str] = {}
@@ -81,11 +97,13 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime) -> Plan:
                 continue
             table = tables.get(row.table)
             if table is None:
-                table = tables[row.table] = _Table(row.table, known.get(row.table))
+                table = tables[row.table] = _Table(row.table, known.get(row.table),
+                                                   max_columns)
             table.add(event.message_id, row)
         _identities(event, identities)
     if users:
-        table = tables["users"] = _Table("users", known.get("users"), upsert=True)
+        table = tables["users"] = _Table("users", known.get("users"), max_columns,
+                                         upsert=True)
         for rows in users.values():
             table.add(*_merge(rows))
     schema, changes, rejected = dict(known), [], fixed_rejects
@@ -128,8 +146,10 @@ class _Table:
     load as its column's final type as it is (an int in a double column, anything but text
     in a text column) is converted once all rows are in, only in the columns that need it."""
 
-    def __init__(self, name: str, known: dict[str, str] | None, upsert: bool = False):
+    def __init__(self, name: str, known: dict[str, str] | None, max_columns: int,
+                 upsert: bool = False):
         self.name, self.known, self.upsert = name, known, upsert
+        self.max_columns = max_columns
         self.fixed = layout.fixed_columns(name)
         self.types = dict(known if known is not None else self.fixed)
         self.rows: list[tuple[str, dict, dict, tuple]] = []  # (message id, fixed, cells, dynamic)
@@ -147,8 +167,13 @@ class _Table:
             if kind is None or column in cells:
                 self._reject_cell(column, message_id, loaded if kind is None else None, raw)
                 continue
-            cells[column] = loaded
             current = types.get(column)
+            if current is None and len(types) >= self.max_columns:
+                self._reject(column, message_id, raw, Rejected(
+                    f"table {self.name!r} has {len(types)} columns, as many as max_columns"
+                    " allows, so no column was added for this value"))
+                continue
+            cells[column] = loaded
             if kind != current:
                 if kind == JSON:  # always stored as text, so turned into text right away
                     kind, cells[column] = TEXT, raw_text(loaded)

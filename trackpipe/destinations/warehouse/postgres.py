@@ -12,7 +12,9 @@ Classification (by SQLSTATE class): 08 connection, 40 serialization/deadlock,
 53 insufficient resources, 57 operator intervention (admin shutdown), 58 system
 I/O -> retry; a table or column that vanished or appeared under us (42P01, 42703,
 42P07, 42701) -> retry with the schema re-read; anything else, such as 42501
-permission denied -> failed for good.
+permission denied -> failed for good. A failure of class 22 (data exception), 23
+(integrity) or 54 (a row wider than a page) may be one event's doing: the batch is
+then loaded in halves so only the events at fault fail.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import msgspec
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
-from trackpipe.destinations.warehouse.plan import TABLE, Plan, Schema, TableLoad
+from trackpipe.destinations.warehouse.plan import (
+    MAX_COLUMNS, TABLE, Plan, Schema, TableLoad, check_max_columns)
 from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote
 from trackpipe.destinations.warehouse.sql import (
     POSTGRES, add_column, create_meta, create_table, delete_person, insert_from, qualified,
     widen_column)
 
 RETRY_CLASSES = ("08", "40", "53", "57", "58")
+POSTGRES_COLUMN_LIMIT = 1600
+DATA_CLASSES = ("22", "23", "54")  # data exception, integrity, limit exceeded (row too big)
 SCHEMA_MOVED = ("42P01", "42703", "42P07", "42701")
 CONNECT_TIMEOUT = 10
 IDENTITY_COLUMNS = [("identifier_type", TEXT), ("identifier", TEXT), ("profile_id", TEXT),
@@ -53,10 +58,14 @@ class PostgresWarehouse(Warehouse):
         """libpq connection string or URL, e.g. "postgresql://trackpipe@db/analytics"."""
         schema: str = "trackpipe"
         """Schema holding the tables; created when missing."""
+        max_columns: int = MAX_COLUMNS
+        """Columns a table may grow to (PostgreSQL allows 1,600); past it, values for new
+        columns go to rejected_values."""
 
         def __post_init__(self):
             if not self.schema.strip():
                 raise ValueError("schema must not be empty; the default is \"trackpipe\"")
+            check_max_columns(self.max_columns, POSTGRES_COLUMN_LIMIT)
 
     def __init__(self, name, settings):
         super().__init__(name, settings)
@@ -115,8 +124,11 @@ class PostgresWarehouse(Warehouse):
                 for load in todo.loads:
                     await self._load(cur, load, list(todo.schema[load.table].items()))
                 await self._meta(cur, todo)
-        except psycopg.Error:
-            await self.close()  # a fresh connection next time: no half-state survives
+        except psycopg.Error as exc:
+            if self._refused_data(exc) and not conn.closed:
+                self._stages.clear()  # rolled back, staging tables made in it with it
+            else:
+                await self.close()  # a fresh connection next time: no half-state survives
             raise
         except BaseException:
             self._stages.clear()  # rolled back: staging tables made or dropped are unknown
@@ -208,6 +220,9 @@ class PostgresWarehouse(Warehouse):
         if state[:2] in RETRY_CLASSES or state in SCHEMA_MOVED:
             return retry(None, detail)
         return fail(None, detail)
+
+    def _refused_data(self, exc: Exception) -> bool:
+        return (getattr(exc, "sqlstate", None) or "")[:2] in DATA_CLASSES
 
     # -- health check and privacy deletes -----------------------------------------------
 
