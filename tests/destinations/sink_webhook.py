@@ -193,6 +193,7 @@ class Recorder:
 
     def __init__(self, script=()):
         self.script = list(script)
+        self.max_body: int | None = None  # larger bodies get 413, as nginx's limit answers
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _recording_handler(self))
@@ -209,6 +210,8 @@ class Recorder:
     def next_answer(self, request: dict):
         with self._lock:
             self.requests.append(request)
+            if self.max_body is not None and len(request["body"]) > self.max_body:
+                return 413, {}, b"<html><body>413 Request Entity Too Large</body></html>"
             return self.script.pop(0) if self.script else (200, {}, b'{"ok": true}')
 
     def close(self) -> None:

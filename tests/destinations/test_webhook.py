@@ -185,6 +185,24 @@ def test_answers_are_classified(recorder, answer, state, status, retry_after):
         assert outcome.detail == answer[2].decode()
 
 
+def test_a_batch_too_large_for_the_receiver_goes_in_halves_and_later_ones_fit(recorder):
+    recorder.max_body = 700  # a receiver with a body limit (nginx: client_max_body_size)
+    first, second = events(*[f"m{k}" for k in range(8)]), events(*[f"n{k}" for k in range(8)])
+    big = events("huge", pad="x" * 1000)
+    outcomes = run(recorder.url(), [first, second, first[:1] + big])
+    assert [list(o) for o in outcomes[:2]] == [[DELIVERED] * 8] * 2
+    assert [o.state for o in outcomes[2]] == ["delivered", "failed"]
+    assert outcomes[2][1].status == 413  # too large on its own: nothing left to split
+    delivered = [json.loads(r["body"])["batch"] for r in recorder.requests
+                 if len(r["body"]) <= 700]
+    assert [m["messageId"] for b in delivered for m in b] == [
+        *(e.message_id for e in first), *(e.message_id for e in second), "m0"]
+    # Only the first batch was refused whole; the second was cut to fit before sending.
+    refused = [r for r in recorder.requests if len(r["body"]) > 700]
+    assert len(refused) == 2 and json.loads(refused[0]["body"])["batch"][0]["messageId"] == "m0"
+    assert all(len(json.loads(r["body"])["batch"]) == 1 for r in refused[1:])
+
+
 def test_connection_refused_is_retried():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,9 @@ ASCII escaping, i.e. what JavaScript's JSON.stringify gives back.
 Redirects are followed (at most 5) with the same method and body, each hop
 through the SSRF guard; custom headers are not sent on to another host.
 A privacy delete is forwarded as Segment does: `{"type": "delete", "userId": ...}`.
+A batch the receiver refuses as too large (413, e.g. nginx's 1 MB default) goes
+again in halves, and later batches are cut below the size it refused; only an
+event that is too large on its own fails.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 from typing import Literal, Sequence
@@ -42,6 +46,8 @@ from trackpipe.destinations.base import (DELIVERED, Destination, DestinationErro
                                          Outcome, classify_http, fail, retry)
 from trackpipe.destinations.httpclient import error_outcome, new_client, read_capped
 from trackpipe.destinations.netguard import SETTING, BlockedAddress, Guard, host_refusal
+
+log = logging.getLogger("trackpipe.webhook")
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -97,6 +103,8 @@ class Webhook(Destination):
         self._keys = signing_keys(settings.secret)
         self._resolver, self._dialer = resolver, dialer  # tests replace DNS and sockets
         self._client: httpx.AsyncClient | None = None
+        # the largest body the receiver may take: one byte less than one it refused (413)
+        self._max_body: int | None = None
 
     async def start(self) -> None:
         self._client = new_client(allow_private=self.settings.allow_private_targets,
@@ -111,9 +119,33 @@ class Webhook(Destination):
     async def send(self, batch: Sequence[Event]) -> Sequence[Outcome] | Outcome:
         if self.settings.mode == "single":
             return await self._each([(event_webhook_id(e.message_id), e.json) for e in batch])
+        return await self._post_batch(batch, _deadline())
+
+    async def _post_batch(self, batch: Sequence[Event], deadline: float
+                          ) -> Outcome | list[Outcome]:
+        """One request for the batch (its one outcome) or, when the batch is larger than
+        the receiver takes (its 413, remembered for the batches after it), one per half,
+        down to single events (an outcome per event)."""
         # the stored JSON of each event, joined: no decode and encode per event
         body = b'{"batch":[' + b",".join(e.json for e in batch) + b"]}"
-        return await self.post(batch_webhook_id([e.message_id for e in batch]), body, _deadline())
+        if len(batch) > 1 and self._max_body is not None and len(body) > self._max_body:
+            return await self._halves(batch, deadline)
+        outcome = await self.post(batch_webhook_id([e.message_id for e in batch]), body, deadline)
+        if outcome.status == 413 and len(batch) > 1:
+            if self._max_body is None or len(body) <= self._max_body:
+                log.info("webhook %s: the receiver refused a %d-byte body as too large (413);"
+                         " sending smaller batches from now on", self.name, len(body))
+            self._max_body = len(body) - 1
+            return await self._halves(batch, deadline)
+        return outcome
+
+    async def _halves(self, batch: Sequence[Event], deadline: float) -> list[Outcome]:
+        half = len(batch) // 2
+        outcomes: list[Outcome] = []
+        for part in (batch[:half], batch[half:]):
+            got = await self._post_batch(part, deadline)
+            outcomes += [got] * len(part) if isinstance(got, Outcome) else got
+        return outcomes
 
     async def delete_user(self, user_ids: Sequence[str], anonymous_ids: Sequence[str]) -> Outcome:
         now = _iso_now()
