@@ -193,3 +193,24 @@ def test_the_column_name_cache_is_bounded(monkeypatch):
     for n in range(1000):  # an id used as a property key: a new name in every event
         plan([event({"type": "track", "event": "x", "properties": {f"id_{n}": 1}}, n=n)], {}, NOW)
     assert len(layout._NAMES[("tracks", "properties")]) <= 100
+
+
+def test_an_alias_with_an_empty_key_loads():
+    # An alias has no payload object; a message may still carry a "" key (unknown fields
+    # are kept), which was once taken for one and raised, failing its batch on every retry.
+    p = plan([event({"type": "alias", "userId": "u", "previousId": "a", "": {"k": 1}})], {}, NOW)
+    assert [o.state for o in p.outcomes(DELIVERED)] == ["delivered"]
+    assert [load.table for load in p.loads] == ["aliases"]
+
+
+def test_a_message_the_layout_trips_on_fails_alone(monkeypatch, caplog):
+    real = layout.rows_for
+
+    def trips_on_m2(message, *args):
+        if message["messageId"] == "m2":
+            raise KeyError("surprise")
+        return real(message, *args)
+    monkeypatch.setattr(layout, "rows_for", trips_on_m2)
+    p = plan([event({"type": "track", "event": "x"}, n=n) for n in (1, 2, 3)], {}, NOW)
+    assert [o.state for o in p.outcomes(DELIVERED)] == ["delivered", "failed", "delivered"]
+    assert "bug" in p.failed[1].detail and "surprise" in caplog.text

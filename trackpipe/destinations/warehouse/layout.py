@@ -83,8 +83,9 @@ def rows_for(message: dict, message_id: str, profile_id: str | None,
     fixed = _fixed(message, message_id, profile_id, loaded_at, _EXTRA[table])
     context = message.get("context")
     context_cols = _columns(context, "context", table) if isinstance(context, dict) else ()
-    payload = message.get(_PAYLOAD.get(kind, ""))
-    payload_cols = (_columns(payload, "", table, _PAYLOAD[kind])
+    payload_key = _PAYLOAD.get(kind)  # alias has none (a message may still hold a "" key)
+    payload = message.get(payload_key) if payload_key else None
+    payload_cols = (_columns(payload, "", table, payload_key)
                     if isinstance(payload, dict) else ())
     if kind == "track":
         return _track_rows(message, fixed, context_cols, payload_cols)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import operator
 from typing import Any, NamedTuple, Sequence
 
@@ -17,6 +18,8 @@ from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.schema import (
     BIGINT, BOOLEAN, DOUBLE, JSON, TEXT, TIMESTAMP, Rejected, convert, parse_timestamp,
     raw_text, widen)
+
+log = logging.getLogger("trackpipe.warehouse")
 
 Schema = dict[str, dict[str, str]]  # table -> column -> logical type
 TABLE = "table"  # new_type of a Change that creates a table
@@ -86,6 +89,11 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
             rows = layout.rows_for(event.message, event.message_id, event.profile_id, loaded_at)
         except layout.Unloadable as exc:
             failed[i] = fail(None, str(exc))
+            continue
+        except Exception as exc:  # a bug met by one message must not stop its batch for good
+            log.exception("warehouse: message %s could not be laid out", event.message_id)
+            failed[i] = fail(None, f"trackpipe could not lay this message out ({exc!r}); this"
+                                   " is a bug: report it, then replay the event once fixed")
             continue
         converted: set[int] = set()
         for row in rows:
