@@ -126,3 +126,22 @@ def test_the_warehouse_plan_places_any_message_or_fails_it_alone(messages, max_c
                     assert "\x00" not in cell, (column, cell)
                 if kind == s.BIGINT and cell is not None:
                     assert -2**63 <= cell < 2**63
+
+
+@FUZZ
+@given(st.lists(message(), min_size=1, max_size=8))
+def test_vendor_translations_take_any_message(messages):
+    """What the mixpanel, amplitude and forwarding destinations make of a message before
+    any request: a request body that encodes, or an outcome for that event alone."""
+    from trackpipe.destinations import amplitude, forward, mixpanel
+
+    records, updates = [], []
+    for i, m in enumerate(messages):
+        event = Event(i, f"m{i}", m, "p1", None, None)
+        skipped = mixpanel.plan(i, m, "token", records, updates)
+        assert skipped is None or skipped.state in ("delivered", "failed")
+        made = amplitude.amplitude_events(event, "company")
+        if isinstance(made, list):
+            msgspec.json.encode(made)
+        msgspec.json.encode(forward.outgoing(m))
+    msgspec.json.encode([u for _, u in updates])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 import threading
 from collections import Counter
@@ -331,3 +332,88 @@ def test_the_delivery_state_wal_is_checkpointed(tmp_path):
         assert state.summary("hook")["counters"]["delivered"] == 300 * 99
     finally:
         state.close()
+
+
+def test_identity_passes_over_an_entry_it_trips_on_and_keeps_going(files, monkeypatch, caplog):
+    """A bug met by one entry must not stop identity (and every warehouse behind it) for
+    good: after a few failures the batch is applied entry by entry, that one passed over."""
+    from trackpipe.config import Identity
+    from trackpipe.delivery import process
+    from trackpipe.identity.sqlite_store import SQLiteStore
+    tmp, event_log, _ = files
+    append(event_log, ["u1", "u2", "u3"])
+    store = SQLiteStore(tmp / "identity.db", Identity())
+    real = store.reader.fact
+    tripped = []
+
+    def trips_on_u2(entry):
+        if entry.user_id == "u2":
+            tripped.append(entry.position)
+            raise TypeError("a bug this entry trips")
+        return real(entry)
+    monkeypatch.setattr(store.reader, "fact", trips_on_u2)
+    monkeypatch.setattr(process, "IDENTITY_BATCH", 10)
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    identity = process.IdentityConsumer(store, event_log)
+
+    async def run_until_applied():
+        stop = asyncio.Event()
+        task = asyncio.create_task(identity.run(stop))
+        for _ in range(1000):  # up to 10 s
+            if identity.position() == 3:
+                break
+            await _real_sleep(0.01)
+        stop.set()
+        await task
+    try:
+        with caplog.at_level(logging.ERROR, logger="trackpipe.consumers"):
+            asyncio.run(run_until_applied())
+        assert identity.position() == 3 and store.position() == 3
+        assert len(tripped) == process.ENTRY_BY_ENTRY_AFTER + 1  # then passed over once
+        [p1, p2, p3] = store.resolve_many([("u1", None), ("u2", None), ("u3", None)])
+        assert p1 and p3 and p2 is None
+        assert "passing over position 2" in caplog.text
+    finally:
+        identity.close()
+
+
+def test_identity_retries_a_database_failure_without_passing_over(files, monkeypatch):
+    from trackpipe.config import Identity
+    from trackpipe.delivery import process
+    from trackpipe.identity.sqlite_store import SQLiteStore
+    tmp, event_log, _ = files
+    append(event_log, ["u1", "u2"])
+    store = SQLiteStore(tmp / "identity.db", Identity())
+    real, failures = store.apply, []
+
+    def disk_full(entries):
+        if len(failures) < 6:
+            failures.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(entries)
+    monkeypatch.setattr(store, "apply", disk_full)
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    identity = process.IdentityConsumer(store, event_log)
+
+    async def run_until_applied():
+        stop = asyncio.Event()
+        task = asyncio.create_task(identity.run(stop))
+        for _ in range(1000):  # up to 10 s
+            if identity.position() == 2:
+                break
+            await _real_sleep(0.01)
+        stop.set()
+        await task
+    try:
+        asyncio.run(run_until_applied())
+        assert len(failures) == 6 and identity.position() == 2
+        assert all(store.resolve_many([("u1", None), ("u2", None)]))  # nobody passed over
+    finally:
+        identity.close()
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _no_sleep(_seconds, *args):
+    await _real_sleep(0)

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from trackpipe.privacy.erase import process_requests
 log = logging.getLogger("trackpipe.consumers")
 
 IDENTITY_BATCH = 2000
+ENTRY_BY_ENTRY_AFTER = 3  # failures of one batch before it is applied entry by entry
 STOP_GRACE_SECONDS = 5.0  # how long a stop waits for sends in flight
 
 
@@ -55,6 +57,7 @@ class IdentityConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         self._position = await loop.run_in_executor(self.pool, self.store.position)
+        failures, failed_at = 0, -1  # consecutive failures of the batch at failed_at
         while not stop.is_set():
             entries = await loop.run_in_executor(self.pool, self.log.read, self._position,
                                                  IDENTITY_BATCH)
@@ -66,12 +69,38 @@ class IdentityConsumer:
                 continue
             try:
                 await loop.run_in_executor(self.pool, self.store.apply, entries)
-            except Exception:
+                failures = 0
+            except Exception as exc:
+                failures = failures + 1 if entries[0].position == failed_at else 1
+                failed_at = entries[0].position
                 log.exception("identity: applying positions %d-%d failed; retrying",
                               entries[0].position, entries[-1].position)
-                await asyncio.sleep(1.0)
-                continue
+                if failures < ENTRY_BY_ENTRY_AFTER or environmental(exc):
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    await loop.run_in_executor(self.pool, self.apply_each, entries)
+                except Exception:
+                    await asyncio.sleep(1.0)
+                    continue
             self._position = entries[-1].position
+
+    def apply_each(self, entries) -> None:
+        """Apply entries one at a time, passing over one that fails for a reason of its
+        own (a bug it trips): without this, identity would retry that batch forever and
+        every warehouse, which waits for identity, would stop with it. A passed-over
+        entry is applied as if it named nobody and logged with its position. A database
+        error stops this, to be retried."""
+        for entry in entries:
+            try:
+                self.store.apply([entry])
+            except Exception as exc:
+                if environmental(exc):
+                    raise
+                log.error("identity: passing over position %d (message %s), which cannot be"
+                          " applied: %r", entry.position, entry.message_id, exc)
+                self.store.apply([entry._replace(body=b"{}", user_id=None,
+                                                 anonymous_id=None)])
 
     async def erase_requests(self, stop: asyncio.Event, data_dir: Path, destinations) -> None:
         """Queued privacy deletes, run on the identity thread between two batches."""
@@ -95,6 +124,14 @@ class IdentityConsumer:
         self.pool.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
+
+
+def environmental(exc: BaseException) -> bool:
+    """A failure of the machine or the database (disk full, locked, gone), worth retrying
+    as it is; anything else is taken for a bug some entry trips."""
+    if isinstance(exc, (OSError, MemoryError, sqlite3.Error)):
+        return True
+    return type(exc).__module__.split(".")[0] == "psycopg"
 
 
 def worker_for(cfg: config.Destination, destination, event_log: SQLiteLog,
