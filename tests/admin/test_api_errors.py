@@ -21,6 +21,7 @@ def test_bad_parameters_are_400_json(server, path):
 
 @pytest.mark.parametrize("method,path,status", [
     ("GET", "/api/v1/nope", 404), ("POST", "/health", 405), ("GET", "/V1/track", 404),
+    ("GET", "/api/v1/destinations/", 404), ("GET", "/health/", 404), ("GET", "/api/v1/profiles", 404),
 ])
 def test_routing_errors_are_json(server, method, path, status):
     with server.admin() as client:

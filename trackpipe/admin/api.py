@@ -194,5 +194,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def build(pipeline) -> Starlette:
-    return Starlette(routes=AdminAPI(pipeline).routes(),
-                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app = Starlette(routes=AdminAPI(pipeline).routes(),
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    # A path with a slash too many is a 404 in JSON like any unknown path, not Starlette's
+    # bodiless 307 to the path without it.
+    app.router.redirect_slashes = False
+    return app
