@@ -15,6 +15,7 @@ import asyncio
 import time
 import uuid
 
+import msgspec
 import psycopg
 
 from trackpipe.destinations.base import Event
@@ -39,7 +40,9 @@ def track(n: int, run: str) -> Event:
                        "quantity": n % 7, "coupon": "MAY_DEALS_3", "first_order": n % 2 == 0,
                        "products": [{"sku": "SEG-02", "price": 19.99}]},
     }
-    return Event(n, message["messageId"], message, f"profile-{n % 5000}", None, None)
+    # as the delivery framework hands it over: the stored JSON, decoded only if read
+    return Event(n, message["messageId"], None, f"profile-{n % 5000}", None, None,
+                 msgspec.json.encode(message))
 
 
 async def run(dsn: str, events: int, batch_size: int) -> None:

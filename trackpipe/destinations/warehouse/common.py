@@ -16,6 +16,7 @@ from typing import ClassVar, Sequence
 
 from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome
 from trackpipe.destinations.warehouse.plan import TABLE, Change, Plan, Schema, plan
+from trackpipe.destinations.warehouse.shapes import ShapeBook
 from trackpipe.destinations.warehouse.sql import Dialect
 from trackpipe.gc_tuning import gc_paused
 
@@ -37,6 +38,7 @@ class Warehouse(Destination):
         # (assumes this destination is the only writer of its identities table)
         self._identities: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()
+        self._shapes = ShapeBook()  # track events' shapes, to lay them out without a walk
 
     async def send(self, batch: Sequence[Event]) -> Sequence[Outcome]:
         async with self._lock:
@@ -48,7 +50,7 @@ class Warehouse(Destination):
             known = await self._known_schema()
             with gc_paused():
                 todo = plan(batch, known, dt.datetime.now(dt.timezone.utc),
-                            self.settings.max_columns)
+                            self.settings.max_columns, self._shapes)
             todo = todo._replace(identities=[
                 i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
             await self._apply(todo)

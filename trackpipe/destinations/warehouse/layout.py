@@ -104,12 +104,21 @@ def _track_rows(message: dict, fixed: dict, context_cols: tuple, payload_cols: t
     event = message.get("event")
     if not isinstance(event, str) or not event.strip():
         raise Unloadable("a track message needs a non-empty `event` name to choose its table")
-    event_table = identifier(event)
-    if event_table in RESERVED_TABLES:
-        event_table = "_" + event_table
-    fixed = {**fixed, "event": event_table}
+    table = event_table(event)
+    fixed = {**fixed, "event": table}
     return [Row("tracks", fixed, context_cols),
-            Row(event_table, fixed, context_cols + payload_cols)]
+            Row(table, fixed, context_cols + payload_cols)]
+
+
+def event_table(event: str) -> str:
+    """The table of a track event's own row."""
+    table = identifier(event)
+    return "_" + table if table in RESERVED_TABLES else table
+
+
+def column_for(path: str, table: str, clash_prefix: str = "") -> str:
+    """The column of a key path (keys joined with "_"), as the layout names it."""
+    return _column(path, table, clash_prefix)
 
 
 def _fixed(message: dict, message_id: str, profile_id: str | None, loaded_at: dt.datetime,

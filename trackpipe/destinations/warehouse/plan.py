@@ -18,6 +18,7 @@ from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.schema import (
     BIGINT, BOOLEAN, DOUBLE, JSON, TEXT, TIMESTAMP, Rejected, convert, parse_timestamp,
     raw_text, widen)
+from trackpipe.destinations.warehouse.shapes import NO_SHAPE, SLOW, Laid, ShapeBook
 
 log = logging.getLogger("trackpipe.warehouse")
 
@@ -78,13 +79,20 @@ class Plan(NamedTuple):
 
 
 def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
-         max_columns: int = MAX_COLUMNS) -> Plan:
+         max_columns: int = MAX_COLUMNS, shapes: ShapeBook | None = None) -> Plan:
+    """`shapes`, when given, lays out track events of known shapes without the walk
+    (shapes.py) and learns the shapes of the others."""
     tables: dict[str, _Table] = {}
     users: dict[Any, list[tuple[str, layout.Row]]] = {}
     identities: dict[tuple[str, str], str] = {}
     failed: dict[int, Outcome] = {}
     fixed_rejects: dict[tuple[str, str, str], RejectedValue] = {}
     for i, event in enumerate(batch):
+        laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
+        if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid):
+            if event.profile_id:
+                _identity_pairs(event.profile_id, laid.user_id, laid.anonymous_id, identities)
+            continue
         try:
             rows = layout.rows_for(event.message, event.message_id, event.profile_id, loaded_at)
         except layout.Unloadable as exc:
@@ -109,6 +117,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                                                    max_columns)
             table.add(event.message_id, row)
         _identities(event, identities)
+        if laid == NO_SHAPE and rows[0].table == "tracks":
+            shapes.learn(event.message)
     if users:
         table = tables["users"] = _Table("users", known.get("users"), max_columns,
                                          upsert=True)
@@ -122,12 +132,38 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
 
 
 def _identities(event: Event, out: dict[tuple[str, str], str]) -> None:
-    if not event.profile_id:
-        return
-    for kind, field in (("user_id", "userId"), ("anonymous_id", "anonymousId")):
-        value = event.message.get(field)
+    if event.profile_id:
+        _identity_pairs(event.profile_id, event.message.get("userId"),
+                        event.message.get("anonymousId"), out)
+
+
+def _identity_pairs(profile_id: str, user_id, anonymous_id,
+                    out: dict[tuple[str, str], str]) -> None:
+    for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id)):
         if value not in (None, ""):
-            out[(kind, value if isinstance(value, str) else raw_text(value))] = event.profile_id
+            out[(kind, value if isinstance(value, str) else raw_text(value))] = profile_id
+
+
+def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid: Laid) -> bool:
+    """Add a laid-out track event's two rows when both tables have each of its columns,
+    of the kind of its value; False (nothing added) when the slow path must add them."""
+    shape, n = laid.shape, laid.shape.n_context
+    for name, columns, kinds in (("tracks", shape.columns[:n], shape.kinds[:n]),
+                                 (laid.table, shape.columns, shape.kinds)):
+        table = tables.get(name)
+        types = table.types if table is not None else known.get(name)
+        if types is None:
+            return False  # a new table: the slow path records its creation
+        get = types.get
+        for column, kind in zip(columns, kinds):
+            if get(column) != kind:
+                return False
+    for name, cells in (("tracks", laid.context), (laid.table, laid.cells)):
+        table = tables.get(name)
+        if table is None:
+            table = tables[name] = _Table(name, known.get(name), max_columns)
+        table.add_cells(event.message_id, laid.fixed, cells, laid.dynamic)
+    return True
 
 
 def _merge(rows: list[tuple[str, layout.Row]]) -> tuple[str, layout.Row]:
@@ -192,6 +228,13 @@ class _Table:
                 if kind != new or (current is not None and new != current):
                     self.mixed.add(column)  # this value, or the ones before, to convert
         self.rows.append((message_id, row.fixed, cells, row.dynamic))
+
+    def add_cells(self, message_id: str, fixed: dict, cells: dict, dynamic: tuple) -> None:
+        """A row whose cells are each of their column's type already (shapes.py)."""
+        if fixed["id"] in self.ids:
+            return
+        self.ids.add(fixed["id"])
+        self.rows.append((message_id, fixed, cells, dynamic))
 
     def load(self, schema: Schema, changes: list[Change], rejected: dict) -> TableLoad:
         """The rows as tuples in column order; records the table's changes and rejections."""

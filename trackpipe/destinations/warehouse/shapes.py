@@ -1,0 +1,290 @@
+"""Track events of a shape seen before, laid out without walking them.
+
+Most track events of one name carry the same keys with values of the same kinds,
+event after event. For such an event, what the layout (layout.rows_for), the fixed
+values' conversion (plan.fixed_values) and the typing of each cell (plan._Table.add)
+work out follows from its shape alone: the same columns, the same types, nothing to
+reject. So once the slow path has laid out a track event, its shape is compiled into
+msgspec Structs that admit the same keys, the same nesting and values of the same
+kinds: strings, integers within 64 bits, floats (an integer where a float was sends
+the event down the slow path), booleans, arrays. A later event of that name that
+decodes into them (in C) needs only its leaves read out (operator.attrgetter, in C
+too) and a few checks in Python: date-times parse, no NUL anywhere. One that does not
+decode (a new key, a value of another kind, a null where a value was) takes the slow
+path and becomes the name's shape. Where the two could differ is a property test:
+tests/destinations/test_warehouse_shapes.py.
+
+A laid-out event is used as is only when the table already has every one of its
+columns, each of the kind its value has; otherwise the slow path adds the columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import operator
+from typing import Annotated, Any, Literal, NamedTuple, Union
+
+import msgspec
+
+from trackpipe.destinations.base import Event
+from trackpipe.destinations.warehouse import layout
+from trackpipe.destinations.warehouse.schema import (
+    BIGINT, BOOLEAN, DOUBLE, INT64_MAX, INT64_MIN, JSON, TEXT, TIMESTAMP, parse_timestamp,
+    typed)
+
+NO_SHAPE, SLOW = "no shape", "slow"  # what lay_out answers when it lays nothing out
+MAX_NAMES = 64      # event names with a compiled shape, at most
+MAX_LEARNED = 16    # shapes learned per name; a name whose shape keeps changing stays slow
+MAX_LEAVES = 300
+WHEN_CACHE = 4096
+
+# A leaf of text is str, whatever it holds: in a text column (a shape's event is laid out
+# only into columns of its leaves' kinds) the slow path loads a string that looks like a
+# date-time as that same string. Only a NUL (rejected by the slow path) matters, and a
+# message holding one is left to the slow path as a whole (a search of its JSON).
+_INT = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+# msgspec would take an integer for a float field, as a float; the slow path calls it a
+# bigint (which a text column shows as "1", not "1.0"). So a double leaf admits both, as
+# what they are, and an integer sends its event down the slow path.
+_FLOAT = int | Annotated[float, msgspec.Meta(ge=-(2**53 - 1), le=2**53 - 1)]
+_FIXED_TEXT = {"anonymousId": "anonymous_id", "userId": "user_id", "sourceId": "source_id"}
+_FIXED_WHEN = {"receivedAt": "received_at", "sentAt": "sent_at",
+               "originalTimestamp": "original_timestamp", "timestamp": "timestamp"}
+
+
+class Shape(NamedTuple):
+    name: str                       # the event name
+    table: str                      # its table
+    fixed: tuple                    # (column, getter or None, is a date-time)
+    leaves: Any                     # struct -> tuple of leaf values, context's first
+    columns: tuple[str, ...]        # per leaf
+    kinds: tuple[str, ...]          # per leaf, the column type it asks for
+    n_context: int                  # leaves of `context` (the `tracks` row's); then properties
+    special: tuple[tuple[int, str], ...]  # (leaf, "float" | "when" | "[" | "{}"): checked
+                                          # per event
+
+
+class Laid(NamedTuple):
+    shape: Shape
+    table: str
+    fixed: dict
+    context: dict       # column -> value, the `tracks` row's cells
+    cells: dict         # column -> value, the event table row's (context's too)
+    dynamic: tuple      # date-time leaves as layout entries (the value as sent, for
+                        # conversions to text)
+    user_id: str | None
+    anonymous_id: str | None
+
+
+class ShapeBook:
+    """The compiled shapes of one destination's track events, by event name."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[type, Shape] = {}   # top-level struct -> shape
+        self._by_name: dict[str, type] = {}
+        self._learned: dict[str, int] = {}
+        self._compiled = 0
+        self._decode = None
+        self._when: dict[str, dt.datetime] = {}  # receivedAt, sentAt repeat within a request
+
+    def lay_out(self, event: Event, loaded_at: dt.datetime) -> Laid | str:
+        """The event's cells if it has a known shape; else NO_SHAPE (the slow path's turn,
+        and the shape to learn from it) or SLOW (a known shape; a value the slow path
+        must see, such as a date-time that does not parse)."""
+        raw = event._json
+        if raw is None or event._message is not None:
+            return SLOW  # already decoded (an action's message): nothing to gain here
+        if self._decode is None:
+            return NO_SHAPE
+        if b"\\u0000" in raw or b"\x00" in raw:
+            return SLOW  # a NUL somewhere: rejected values, the slow path's work
+        try:
+            obj = self._decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return NO_SHAPE
+        shape = self._shapes[obj.__class__]
+        if "\x00" in event.message_id or (event.profile_id and "\x00" in event.profile_id):
+            return SLOW
+        values = list(shape.leaves(obj))
+        dynamic: list = []
+        for i, check in shape.special:
+            value = values[i]
+            if check == "float":
+                if value.__class__ is not float:
+                    return SLOW
+            elif check == "when":
+                when = parse_timestamp(value)
+                if when is None:
+                    return SLOW
+                dynamic += (shape.columns[i], TIMESTAMP, when, value)
+                values[i] = when
+            else:
+                text = bytes(value)
+                if not (text == b"{}" if check == "{}" else text[:1] == b"["):
+                    return SLOW
+                values[i] = text.decode()
+        fixed: dict[str, Any] = {"id": event.message_id, "profile_id": event.profile_id,
+                                 "uuid_ts": loaded_at}
+        when = self._when
+        for column, get, is_when in shape.fixed:
+            value = get(obj) if get is not None else None
+            if is_when and value is not None:
+                parsed = when.get(value)
+                if parsed is None:
+                    parsed = parse_timestamp(value)
+                    if parsed is None:
+                        return SLOW
+                    if len(when) >= WHEN_CACHE:
+                        when.clear()
+                    when[value] = parsed
+                value = parsed
+            fixed[column] = value
+        fixed["event"], fixed["event_text"] = shape.table, shape.name
+        n = shape.n_context
+        context = dict(zip(shape.columns[:n], values[:n]))
+        cells = {**context, **dict(zip(shape.columns[n:], values[n:]))}
+        return Laid(shape, shape.table, fixed, context, cells, tuple(dynamic),
+                    fixed["user_id"], fixed["anonymous_id"])
+
+    def learn(self, message: dict) -> None:
+        """Compile the shape of a track message the slow path has just laid out."""
+        name = message.get("event")
+        if message.get("type") != "track" or not isinstance(name, str) \
+                or self._learned.get(name, 0) >= MAX_LEARNED:
+            return
+        if name not in self._by_name and len(self._by_name) >= MAX_NAMES:
+            return
+        self._learned[name] = self._learned.get(name, 0) + 1
+        self._compiled += 1
+        try:
+            struct, shape = _compile(message, name, self._compiled)
+        except _NoShape:
+            return
+        old = self._by_name.get(name)
+        if old is not None:
+            del self._shapes[old]
+        self._by_name[name] = struct
+        self._shapes[struct] = shape
+        self._decode = msgspec.json.Decoder(Union[tuple(self._shapes)]).decode  # noqa: UP007
+
+
+class _NoShape(Exception):
+    """The message has something only the slow path handles (or names too many leaves)."""
+
+
+def _compile(message: dict, name: str, serial: int) -> tuple[type, Shape]:
+    if not name.strip() or "\x00" in name:
+        raise _NoShape
+    table = layout.event_table(name)
+    builder = _Builder(serial)
+    fields, fixed = [], []
+    for key, value in message.items():
+        if key == "event":
+            continue
+        if key == "type":
+            fields.append((key, Literal["track"], None))
+        elif key in _FIXED_TEXT or key in _FIXED_WHEN:
+            if value is None:
+                fields.append((key, None, None))
+            elif not isinstance(value, str) or "\x00" in value or (
+                    key in _FIXED_WHEN and parse_timestamp(value) is None):
+                raise _NoShape
+            else:
+                fields.append((key, str, None))
+        elif key in ("context", "properties"):
+            if not isinstance(value, dict):
+                raise _NoShape  # the collector keeps these objects; anything else is odd
+            fields.append((key, builder.struct(value, "context_" if key == "context" else "",
+                                               key), None))
+        else:
+            fields.append((key, msgspec.Raw, None))
+    struct = builder.define(fields, tag=name)
+    attr = {key: a for a, key in builder.names[struct].items()}
+    for key, column in (*_FIXED_TEXT.items(), *_FIXED_WHEN.items()):
+        get = operator.attrgetter(attr[key]) if key in attr and message[key] is not None \
+            else None
+        fixed.append((column, get, key in _FIXED_WHEN))
+    ctx = builder.leaves.get("context", [])
+    props = builder.leaves.get("properties", [])
+    leaves = [*ctx, *props]
+    columns = [c for _, c, _ in leaves]
+    if len(set(columns)) != len(columns) or len(leaves) > MAX_LEAVES:
+        raise _NoShape  # two keys for one column: the slow path rejects the second
+    paths = [f"{attr[key]}.{path}" for key in ("context", "properties")
+             for path, _, _ in builder.leaves.get(key, [])]
+    if not paths:
+        getter = lambda obj: ()
+    elif len(paths) == 1:
+        one = operator.attrgetter(paths[0])
+        getter = lambda obj: (one(obj),)
+    else:
+        getter = operator.attrgetter(*paths)
+    special = tuple((i, check) for i, (_, _, (_, check)) in enumerate(leaves) if check)
+    return struct, Shape(name, table, tuple(fixed), getter, tuple(columns),
+                         tuple(kind for _, _, (kind, _) in leaves), len(ctx), special)
+
+
+class _Builder:
+    """Structs for nested objects, named f0, f1, ... (renamed to the keys), and the leaves
+    they hold in walk order: (attribute path below the top, column, (kind, check))."""
+
+    def __init__(self, serial: int):
+        self.serial, self.count = serial, 0
+        self.names: dict[type, dict[str, str]] = {}
+        self.leaves: dict[str, list] = {}
+
+    def struct(self, obj: dict, prefix: str, top: str, path: str = "") -> type:
+        fields = []
+        for key, value in obj.items():
+            attr = f"f{len(fields)}"
+            if value is None:
+                fields.append((key, None, None))
+                continue
+            here = f"{path}.{attr}" if path else attr
+            column_path = prefix + key
+            if value.__class__ is dict and value:
+                fields.append((key, self.struct(value, column_path + "_", top, here), None))
+                continue
+            kind, field_type, check = _leaf(value)
+            column = layout.column_for(column_path, "tracks",
+                                       "properties" if top == "properties" else "")
+            self.leaves.setdefault(top, []).append((here, column, (kind, check)))
+            fields.append((key, field_type, None))
+        return self.define(fields)
+
+    def define(self, fields: list, tag: str | None = None) -> type:
+        self.count += 1
+        names = {f"f{i}": key for i, (key, _, _) in enumerate(fields)}
+        types = [(f"f{i}", type(None) if t is None else t) for i, (_, t, _) in enumerate(fields)]
+        extra = {"tag_field": "event", "tag": tag} if tag is not None else {}
+        struct = msgspec.defstruct(f"Shape{self.serial}_{self.count}", types, rename=names,
+                                   forbid_unknown_fields=True, gc=False, **extra)
+        self.names[struct] = names
+        return struct
+
+
+def _leaf(value: Any) -> tuple[str, Any, str | None]:
+    """(column type, struct field type, the check each event's value needs) of a leaf."""
+    got = typed(value)
+    if got.__class__ is not tuple:
+        raise _NoShape  # a value no column takes: rejected_values, the slow path's work
+    kind = got[0]
+    if kind == TEXT:
+        return TEXT, str, None
+    if kind == TIMESTAMP:
+        return TIMESTAMP, str, "when"
+    if kind == BIGINT:
+        return BIGINT, _INT, None
+    if kind == DOUBLE:
+        if not (math.isfinite(value) and abs(value) <= 2**53 - 1):
+            raise _NoShape
+        return DOUBLE, _FLOAT, "float"
+    if kind == BOOLEAN:
+        return BOOLEAN, bool, None
+    if kind == JSON and isinstance(value, list):
+        return TEXT, msgspec.Raw, "["
+    if kind == JSON and value == {}:
+        return TEXT, msgspec.Raw, "{}"
+    raise _NoShape
+
