@@ -87,9 +87,10 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     identities: dict[tuple[str, str], str] = {}
     failed: dict[int, Outcome] = {}
     fixed_rejects: dict[tuple[str, str, str], RejectedValue] = {}
+    fits: dict[int, bool] = {}  # id(shape) -> whether its cells fit the tables as they are
     for i, event in enumerate(batch):
         laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
-        if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid):
+        if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid, fits):
             if event.profile_id:
                 _identity_pairs(event.profile_id, laid.user_id, laid.anonymous_id, identities)
             continue
@@ -119,6 +120,7 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
         _identities(event, identities)
         if laid == NO_SHAPE and rows[0].table == "tracks":
             shapes.learn(event.message)
+        fits.clear()  # the slow path may have added or widened columns (or a shape)
     if users:
         table = tables["users"] = _Table("users", known.get("users"), max_columns,
                                          upsert=True)
@@ -144,9 +146,24 @@ def _identity_pairs(profile_id: str, user_id, anonymous_id,
             out[(kind, value if isinstance(value, str) else raw_text(value))] = profile_id
 
 
-def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid: Laid) -> bool:
+def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid: Laid,
+              fits: dict) -> bool:
     """Add a laid-out track event's two rows when both tables have each of its columns,
     of the kind of its value; False (nothing added) when the slow path must add them."""
+    fit = fits.get(id(laid.shape))
+    if fit is None:
+        fit = fits[id(laid.shape)] = _fits(tables, known, laid)
+    if not fit:
+        return False
+    for name, cells in (("tracks", laid.context), (laid.table, laid.cells)):
+        table = tables.get(name)
+        if table is None:
+            table = tables[name] = _Table(name, known.get(name), max_columns)
+        table.add_cells(event.message_id, laid.fixed, cells, laid.dynamic)
+    return True
+
+
+def _fits(tables: dict, known: Schema, laid: Laid) -> bool:
     shape, n = laid.shape, laid.shape.n_context
     for name, columns, kinds in (("tracks", shape.columns[:n], shape.kinds[:n]),
                                  (laid.table, shape.columns, shape.kinds)):
@@ -158,11 +175,6 @@ def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid:
         for column, kind in zip(columns, kinds):
             if get(column) != kind:
                 return False
-    for name, cells in (("tracks", laid.context), (laid.table, laid.cells)):
-        table = tables.get(name)
-        if table is None:
-            table = tables[name] = _Table(name, known.get(name), max_columns)
-        table.add_cells(event.message_id, laid.fixed, cells, laid.dynamic)
     return True
 
 
