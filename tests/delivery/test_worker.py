@@ -355,19 +355,9 @@ def test_identity_passes_over_an_entry_it_trips_on_and_keeps_going(files, monkey
     monkeypatch.setattr(process, "IDENTITY_BATCH", 10)
     monkeypatch.setattr(asyncio, "sleep", _no_sleep)
     identity = process.IdentityConsumer(store, event_log)
-
-    async def run_until_applied():
-        stop = asyncio.Event()
-        task = asyncio.create_task(identity.run(stop))
-        for _ in range(1000):  # up to 10 s
-            if identity.position() == 3:
-                break
-            await _real_sleep(0.01)
-        stop.set()
-        await task
     try:
         with caplog.at_level(logging.ERROR, logger="trackpipe.consumers"):
-            asyncio.run(run_until_applied())
+            asyncio.run(run_identity_until(identity, 3))
         assert identity.position() == 3 and store.position() == 3
         assert len(tripped) == process.ENTRY_BY_ENTRY_AFTER + 1  # then passed over once
         [p1, p2, p3] = store.resolve_many([("u1", None), ("u2", None), ("u3", None)])
@@ -394,22 +384,24 @@ def test_identity_retries_a_database_failure_without_passing_over(files, monkeyp
     monkeypatch.setattr(store, "apply", disk_full)
     monkeypatch.setattr(asyncio, "sleep", _no_sleep)
     identity = process.IdentityConsumer(store, event_log)
-
-    async def run_until_applied():
-        stop = asyncio.Event()
-        task = asyncio.create_task(identity.run(stop))
-        for _ in range(1000):  # up to 10 s
-            if identity.position() == 2:
-                break
-            await _real_sleep(0.01)
-        stop.set()
-        await task
     try:
-        asyncio.run(run_until_applied())
+        asyncio.run(run_identity_until(identity, 2))
         assert len(failures) == 6 and identity.position() == 2
         assert all(store.resolve_many([("u1", None), ("u2", None)]))  # nobody passed over
     finally:
         identity.close()
+
+
+async def run_identity_until(identity, position: int) -> None:
+    """Run the identity consumer until it has applied `position` (10 s at most)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(identity.run(stop))
+    for _ in range(1000):
+        if identity.position() == position:
+            break
+        await _real_sleep(0.01)
+    stop.set()
+    await task
 
 
 _real_sleep = asyncio.sleep
