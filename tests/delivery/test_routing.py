@@ -223,7 +223,14 @@ BODIES = [track(), PAGE, IDENTIFY, SCREEN, track(integrations={"All": False}),
           track(integrations={NAME: {"session_id": 7}}), track(integrations=[NAME]),
           track(_metadata={"bundled": [NAME]}), track(_metadata=None),
           {"type": ["track"], "event": "x"}, track(event={"x": 1}),
-          track(properties={"unicode": "caf\u00e9 \U0001f600", "n": 1.5e300, "big": 2 ** 63 - 1})]
+          track(properties={"unicode": "caf\u00e9 \U0001f600", "n": 1.5e300, "big": 2 ** 63 - 1}),
+          # "integrations" and "_metadata" as text, as nested keys, beside the real ones
+          track(integrations={}), track(properties={"integrations": {}}),
+          track(integrations={NAME: False}, properties={"integrations": {}}),
+          track(integrations={}, properties={"x": {"integrations": {"All": False}}}),
+          track(integrations={NAME: False}, properties={"note": '"integrations":{}'}),
+          track(properties={"note": '"integrations":{"All":false}'}),
+          track(properties={"_metadata": {"bundled": [NAME]}})]
 ROUTERS = [{}, {"filter": {"types": ["track"]}}, {"filter": {"mode": "deny", "events": ["Home"]}},
            {"filter": {"types": ["track"], "events": ["x"]}}, {"actions": ACTIONS}]
 
