@@ -26,6 +26,7 @@ from trackpipe.config import Identity
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse import schema as s
 from trackpipe.destinations.warehouse.plan import plan
+from trackpipe.destinations.warehouse.shapes import ShapeBook
 from trackpipe.identity.sqlite_store import SQLiteStore
 from trackpipe.log.base import Entry
 
@@ -113,7 +114,19 @@ LOADABLE = {s.BOOLEAN: bool, s.BIGINT: int, s.DOUBLE: float, s.TIMESTAMP: dt.dat
 @given(st.lists(message(), min_size=1, max_size=12), st.integers(20, 40))
 def test_the_warehouse_plan_places_any_message_or_fails_it_alone(messages, max_columns):
     batch = [Event(i, f"m{i}", m, None, None, None) for i, m in enumerate(messages)]
-    todo = plan(batch, {}, NOW, max_columns)
+    check_plan(plan(batch, {}, NOW, max_columns), messages, max_columns)
+    # As the framework hands them over (stored JSON), twice: compiled shapes learn from
+    # the first pass and lay out what they can of the second.
+    shapes = ShapeBook()
+    stored = [msgspec.json.encode(m) for m in messages]
+    first = plan([Event(i, f"m{i}", None, "p", None, None, raw) for i, raw in enumerate(stored)],
+                 {}, NOW, max_columns, shapes)
+    check_plan(first, messages, max_columns)
+    again = [Event(i, f"n{i}", None, "p", None, None, raw) for i, raw in enumerate(stored)]
+    check_plan(plan(again, first.schema, NOW, max_columns, shapes), messages, max_columns)
+
+
+def check_plan(todo, messages, max_columns) -> None:
     assert len(todo.outcomes(None)) == len(messages)
     for load in todo.loads:
         assert len(load.columns) <= max_columns

@@ -126,3 +126,16 @@ def test_events_of_a_learned_shape_skip_the_walk(monkeypatch):
     odd_plan = plan(events(batch + odd), first.schema, NOW, shapes=book)
     assert [m["messageId"] for m in walked] == ["m9"]
     assert as_data(odd_plan) == as_data(plan(events(batch + odd), first.schema, NOW))
+
+
+def test_keys_msgspec_cannot_name_leave_the_event_to_the_slow_path():
+    # A quote, a backslash or a control character in a key cannot be a Struct field's
+    # name; learning such a shape once raised out of plan() and failed the batch.
+    book = ShapeBook()
+    for key in ('"', "\\", "\x1f", "a\nb"):
+        batch = [{"type": "track", "event": "Odd", "messageId": f"m{n}", "userId": "u",
+                  "properties": {key: n, "ok": 1}} for n in range(3)]
+        first = plan(events(batch), {}, NOW, shapes=book)
+        assert not first.failed
+        again = plan(events(batch), first.schema, NOW, shapes=book)
+        assert as_data(again) == as_data(plan(events(batch), first.schema, NOW))

@@ -21,8 +21,10 @@ columns, each of the kind its value has; otherwise the slow path adds the column
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import operator
+import re
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import msgspec
@@ -32,6 +34,8 @@ from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.schema import (
     BIGINT, BOOLEAN, DOUBLE, INT64_MAX, INT64_MIN, JSON, TEXT, TIMESTAMP, parse_timestamp,
     typed)
+
+log = logging.getLogger("trackpipe.warehouse")
 
 NO_SHAPE, SLOW = "no shape", "slow"  # what lay_out answers when it lays nothing out
 MAX_NAMES = 64      # event names with a compiled shape, at most
@@ -43,6 +47,7 @@ WHEN_CACHE = 4096
 # only into columns of its leaves' kinds) the slow path loads a string that looks like a
 # date-time as that same string. Only a NUL (rejected by the slow path) matters, and a
 # message holding one is left to the slow path as a whole (a search of its JSON).
+_UNNAMEABLE = re.compile(r'["\\\x00-\x1f]')  # in a key, msgspec cannot use it as a field name
 _INT = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 # msgspec would take an integer for a float field, as a float; the slow path calls it a
 # bigint (which a text column shows as "1", not "1.0"). So a double leaf admits both, as
@@ -161,6 +166,9 @@ class ShapeBook:
             struct, shape = _compile(message, name, self._compiled)
         except _NoShape:
             return
+        except Exception:  # learning is an optimisation: it must never fail a load
+            log.exception("warehouse: the shape of a %r event could not be compiled", name)
+            return
         old = self._by_name.get(name)
         if old is not None:
             del self._shapes[old]
@@ -254,6 +262,8 @@ class _Builder:
         return self.define(fields)
 
     def define(self, fields: list, tag: str | None = None) -> type:
+        if any(_UNNAMEABLE.search(key) for key, _, _ in fields):
+            raise _NoShape  # msgspec cannot rename a field to such a key
         self.count += 1
         names = {f"f{i}": key for i, (key, _, _) in enumerate(fields)}
         types = [(f"f{i}", type(None) if t is None else t) for i, (_, t, _) in enumerate(fields)]
