@@ -116,11 +116,6 @@ def event_table(event: str) -> str:
     return "_" + table if table in RESERVED_TABLES else table
 
 
-def column_for(path: str, table: str, clash_prefix: str = "") -> str:
-    """The column of a key path (keys joined with "_"), as the layout names it."""
-    return _column(path, table, clash_prefix)
-
-
 def _fixed(message: dict, message_id: str, profile_id: str | None, loaded_at: dt.datetime,
            extra: dict[str, str]) -> dict[str, Any]:
     fixed: dict[str, Any] = {"id": message_id, "profile_id": profile_id, "uuid_ts": loaded_at}
@@ -161,7 +156,7 @@ def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, ou
             continue
         column = names.get(path)
         if column is None:
-            column = names[path] = _column(path, table, clash_prefix)
+            column = names[path] = column_for(path, table, clash_prefix)
         got = typed(value)
         if got.__class__ is tuple:
             out += (column, *got)
@@ -169,7 +164,8 @@ def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, ou
             out += (column, None, got, value)
 
 
-def _column(path: str, table: str, clash_prefix: str) -> str:
+def column_for(path: str, table: str, clash_prefix: str = "") -> str:
+    """The column of a key path (keys joined with "_"), as the layout names it."""
     column = identifier(path)
     if clash_prefix and (column in fixed_columns(table) or column.startswith("context_")):
         column = identifier(f"{clash_prefix}_{path}")

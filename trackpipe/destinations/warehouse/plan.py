@@ -92,7 +92,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
         laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
         if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid, fits):
             if event.profile_id:
-                _identity_pairs(event.profile_id, laid.user_id, laid.anonymous_id, identities)
+                _identity_pairs(event.profile_id, laid.fixed["user_id"],
+                                laid.fixed["anonymous_id"], identities)
             continue
         try:
             rows = layout.rows_for(event.message, event.message_id, event.profile_id, loaded_at)
@@ -155,7 +156,7 @@ def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid:
         fit = fits[id(laid.shape)] = _fits(tables, known, laid)
     if not fit:
         return False
-    for name, cells in (("tracks", laid.context), (laid.table, laid.cells)):
+    for name, cells in (("tracks", laid.context), (laid.shape.table, laid.cells)):
         table = tables.get(name)
         if table is None:
             table = tables[name] = _Table(name, known.get(name), max_columns)
@@ -166,7 +167,7 @@ def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid:
 def _fits(tables: dict, known: Schema, laid: Laid) -> bool:
     shape, n = laid.shape, laid.shape.n_context
     for name, columns, kinds in (("tracks", shape.columns[:n], shape.kinds[:n]),
-                                 (laid.table, shape.columns, shape.kinds)):
+                                 (shape.table, shape.columns, shape.kinds)):
         table = tables.get(name)
         types = table.types if table is not None else known.get(name)
         if types is None:

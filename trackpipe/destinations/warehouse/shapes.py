@@ -72,14 +72,11 @@ class Shape(NamedTuple):
 
 class Laid(NamedTuple):
     shape: Shape
-    table: str
-    fixed: dict
+    fixed: dict         # the fixed columns' values, userId and anonymousId among them
     context: dict       # column -> value, the `tracks` row's cells
     cells: dict         # column -> value, the event table row's (context's too)
     dynamic: tuple      # date-time leaves as layout entries (the value as sent, for
                         # conversions to text)
-    user_id: str | None
-    anonymous_id: str | None
 
 
 class ShapeBook:
@@ -102,15 +99,14 @@ class ShapeBook:
             return SLOW  # already decoded (an action's message): nothing to gain here
         if self._decode is None:
             return NO_SHAPE
-        if b"\\u0000" in raw or b"\x00" in raw:
+        if b"\\u0000" in raw or b"\x00" in raw or "\x00" in event.message_id or (
+                event.profile_id and "\x00" in event.profile_id):
             return SLOW  # a NUL somewhere: rejected values, the slow path's work
         try:
             obj = self._decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return NO_SHAPE
         shape = self._shapes[obj.__class__]
-        if "\x00" in event.message_id or (event.profile_id and "\x00" in event.profile_id):
-            return SLOW
         values = list(shape.leaves(obj))
         dynamic: list = []
         for i, check in shape.special:
@@ -149,8 +145,7 @@ class ShapeBook:
         n = shape.n_context
         context = dict(zip(shape.columns[:n], values[:n]))
         cells = {**context, **dict(zip(shape.columns[n:], values[n:]))}
-        return Laid(shape, shape.table, fixed, context, cells, tuple(dynamic),
-                    fixed["user_id"], fixed["anonymous_id"])
+        return Laid(shape, fixed, context, cells, tuple(dynamic))
 
     def learn(self, message: dict) -> None:
         """Compile the shape of a track message the slow path has just laid out."""
