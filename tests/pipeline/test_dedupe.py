@@ -8,15 +8,15 @@ import pytest
 
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
-from trackpipe.pipeline import dedupe
-from trackpipe.pipeline.dedupe import MessageIndex, message_hash
+from trackpipe.pipeline import dedupe, store as store_module
+from trackpipe.pipeline.dedupe import MessageIndex
 from trackpipe.pipeline.store import GroupCommitter
 
 WINDOW_MS = 60_000
 
 
-def record(message_id: str, at: int = 1_000_000) -> tuple[int, Record]:
-    return message_hash(message_id), Record(message_id, at, "track", "E", "u", None, "s", b"{}")
+def record(message_id: str, at: int = 1_000_000) -> Record:
+    return Record(message_id, at, "track", "E", "u", None, "s", b"{}")
 
 
 @pytest.fixture
@@ -68,11 +68,11 @@ def test_repeats_inside_one_request_are_stored_once(store):
 
 
 def test_hash_collision_never_drops_a_different_message(store, monkeypatch):
-    monkeypatch.setattr(dedupe, "message_hash", lambda _mid: 42)
+    monkeypatch.setattr(store_module, "message_hash", lambda _mid: 42)
     committer, index, log = store()
-    submit(committer, [(42, record("first")[1])])
+    submit(committer, [record("first")])
     index.flush()
-    outcome = submit(committer, [(42, record("second")[1]), (42, record("first")[1])])
+    outcome = submit(committer, [record("second"), record("first")])
     assert (outcome.stored, outcome.deduplicated) == (1, 1)
     assert sorted(e.message_id for e in log.read(0)) == ["first", "second"]
 

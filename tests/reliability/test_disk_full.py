@@ -237,7 +237,7 @@ from pathlib import Path
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
-from trackpipe.pipeline.dedupe import MessageIndex, message_hash
+from trackpipe.pipeline.dedupe import MessageIndex
 from trackpipe.pipeline.store import GroupCommitter
 
 d = Path(sys.argv[1])
@@ -256,8 +256,8 @@ def batch(n):
     recs = []
     for i in range(100):
         mid = f"m{n}-{i}"
-        recs.append((message_hash(mid), Record(mid, int(time.time() * 1000), "track", "e", "u",
-                                               None, "src", b'{"type":"track"}')))
+        recs.append(Record(mid, int(time.time() * 1000), "track", "e", "u", None, "src",
+                           b'{"type":"track"}'))
     return recs
 
 async def submit_all(committer, ns):

@@ -9,7 +9,6 @@ from trackpipe.errors import RequestRejected
 from trackpipe.events import canonical_ts, parse_ts
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.decode import check_depth
-from trackpipe.pipeline.dedupe import message_hash
 from trackpipe.pipeline.enrich import RequestContext, enrich
 from trackpipe.pipeline.validate import validate
 
@@ -46,8 +45,8 @@ def batch_context(body: dict, rc: RequestContext) -> None:
 
 
 def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, strict: bool
-            ) -> tuple[list[tuple[int, Record]], list[Discard]]:
-    records: list[tuple[int, Record]] = []
+            ) -> tuple[list[Record], list[Discard]]:
+    records: list[Record] = []
     discards: list[Discard] = []
     errors: list[dict] = []
     max_bytes = limits.max_event_bytes
@@ -78,9 +77,8 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         check_depth(body, ev)
         message_id = ev["messageId"]
         event = ev.get("event") if ev["type"] == "track" else None
-        records.append((message_hash(message_id), Record(
-            message_id, rc.received_at, ev["type"], event, ev.get("userId"),
-            ev.get("anonymousId"), rc.source_id, body)))
+        records.append(Record(message_id, rc.received_at, ev["type"], event, ev.get("userId"),
+                              ev.get("anonymousId"), rc.source_id, body))
     if strict and errors:
         raise RequestRejected("validation_failed", f"{len(errors)} of {len(items)} events are "
                               "invalid; nothing was stored (strict mode).", errors)

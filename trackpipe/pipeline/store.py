@@ -38,8 +38,7 @@ class Committer(Protocol):
     healthy: bool
     last_failed_bytes: int
 
-    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]
-                     ) -> "Outcome": ...
+    async def submit(self, records: list[Record], discards: list[Discard]) -> "Outcome": ...
 
 
 @dataclass(slots=True)
@@ -50,9 +49,10 @@ class Outcome:
 
 @dataclass(slots=True)
 class Submission:
-    records: list[tuple[int, Record]]  # (messageId hash, record)
+    records: list[Record]
     discards: list[Discard]
     future: asyncio.Future
+    size: int = 0  # the records' bodies in bytes
 
 
 class LogWriter:
@@ -67,20 +67,23 @@ class LogWriter:
         self.index = index
         self.window_ms = window_ms
 
-    def commit(self, group: list[tuple[list[tuple[int, Record]], list[Discard]]]
-               ) -> list[Outcome]:
-        """One Outcome per request, after the commit; raises sqlite3.Error / OSError if it fails."""
+    def commit(self, group: list[tuple[list[Record], list[Discard]]]) -> list[Outcome]:
+        """One Outcome per request, after the commit; raises sqlite3.Error / OSError if it fails.
+
+        The messageIds are hashed here, not on the event loop: in `trackpipe serve`
+        this runs in the writer process, which has CPU to spare while the loop has none.
+        """
         if not self.index.accepting():
             raise OSError("the dedup index cannot be written and its memory table is full")
-        hashes = {h for records, _ in group for h, _ in records}
-        stored = self._stored_versions(hashes)
+        hashed = [[(message_hash(rec.message_id), rec) for rec in records] for records, _ in group]
+        stored = self._stored_versions({h for records in hashed for h, _ in records})
         next_position = self.log.head() + 1
         appended: list[Record] = []
         new: list[tuple[int, int]] = []
         repeats: list[Repeat] = []
         discards: list[Discard] = []
         outcomes: list[Outcome] = []
-        for records, request_discards in group:
+        for records, (_, request_discards) in zip(hashed, group):
             outcome = Outcome()
             outcomes.append(outcome)
             discards.extend(request_discards)
@@ -136,7 +139,7 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
-    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]) -> Outcome:
+    async def submit(self, records: list[Record], discards: list[Discard]) -> Outcome:
         if self._closing:
             raise StoreUnavailable("trackpipe is shutting down")
         future = asyncio.get_running_loop().create_future()
@@ -164,7 +167,7 @@ class GroupCommitter:
     def record_failure(self, group: list[Submission], exc: Exception | str, kind: str = "") -> None:
         self.healthy = False
         self.last_error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
+        self.last_failed_bytes = sum(len(r.body) for sub in group for r in sub.records)
         metrics.STORE_ERRORS.labels(kind=kind or error_kind(str(exc))).inc()
         log.error("log commit failed, answering 503: %s", self.last_error)
 

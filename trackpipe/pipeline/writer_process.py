@@ -66,6 +66,7 @@ class WriterProcess:
         self._in_flight: collections.deque[list[Submission]] = collections.deque()
         self._stream: asyncio.StreamWriter | None = None
         self._supervisor: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._up: asyncio.Event | None = None
         self._ever_up = False
         self._spawn()
@@ -167,21 +168,23 @@ class WriterProcess:
 
     # -- requests ---------------------------------------------------------------
 
-    async def submit(self, records: list[tuple[int, Record]], discards: list[Discard]) -> Outcome:
+    async def submit(self, records: list[Record], discards: list[Discard]) -> Outcome:
         if self._closing:
             raise StoreUnavailable("trackpipe is shutting down")
         if self._supervisor is None:
+            # Kept: Python 3.11's get_running_loop() makes a getpid() system call each time.
+            self._loop = asyncio.get_running_loop()
             self._up = asyncio.Event()
-            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+            self._supervisor = self._loop.create_task(self._supervise())
         if not self._up.is_set():
             if self._ever_up:
                 raise StoreUnavailable("the event log writer is restarting")
             await self._up.wait()  # the first request waits for the first connection
-        size = sum(len(r.body) for _, r in records)
+        size = sum(len(r.body) for r in records)
         if self._pending_bytes + size > MAX_PENDING_BYTES:
             raise StoreUnavailable("trackpipe is overloaded: too many events wait for the log")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(Submission(records, discards, future))
+        future = self._loop.create_future()
+        self._pending.append(Submission(records, discards, future, size))
         self._pending_bytes += size
         self._dispatch()
         return await future
@@ -200,8 +203,7 @@ class WriterProcess:
             group = self._take_group()
             data = _pack([(s.records, s.discards) for s in group])
             try:
-                stream.write(struct.pack("!i", len(data)))
-                stream.write(data)
+                stream.writelines((struct.pack("!i", len(data)), data))  # one system call
             except (RuntimeError, OSError) as exc:  # the transport closed under us
                 settle(group, None, StoreUnavailable(f"the event log writer stopped ({exc})"))
                 return
@@ -212,7 +214,7 @@ class WriterProcess:
         events = size = cut = 0
         for cut, sub in enumerate(self._pending, 1):
             events += len(sub.records)
-            size += sum(len(r.body) for _, r in sub.records)
+            size += sub.size
             if events >= GROUP_MAX_EVENTS or size >= GROUP_MAX_BYTES:
                 break
         group, self._pending = self._pending[:cut], self._pending[cut:]
@@ -248,7 +250,7 @@ class WriterProcess:
     def _record_failure(self, group: list[Submission], message: str, kind: str) -> None:
         self.healthy = False
         self.last_error = message
-        self.last_failed_bytes = sum(len(r.body) for sub in group for _, r in sub.records)
+        self.last_failed_bytes = sum(sub.size for sub in group)
         metrics.STORE_ERRORS.labels(kind=kind).inc()
         log.error("log commit failed, answering 503: %s", message)
 
@@ -298,7 +300,7 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
             started = time.perf_counter()
             try:
                 outcomes = writer.commit(
-                    [([(h, Record(*r)) for h, r in records], [Discard(*d) for d in discards])
+                    [([Record(*r) for r in records], [Discard(*d) for d in discards])
                      for records, discards in group])
             except (sqlite3.Error, OSError) as exc:
                 conn.send_bytes(_pack(("error", error_kind(str(exc)), f"{type(exc).__name__}: {exc}")))

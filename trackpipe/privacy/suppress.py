@@ -25,11 +25,11 @@ class Suppressions:
         self.hashes = frozenset(hashes)
 
     def drop(self, records: list) -> tuple[list, int]:
-        """The (hash, Record) pairs whose user is not suppressed, and how many were dropped."""
+        """The Records whose user is not suppressed, and how many were dropped."""
         if not self.hashes:
             return records, 0
         key, hashes = self.key, self.hashes
         kept = [r for r in records
-                if not ((r[1].user_id and id_hash(key, r[1].user_id) in hashes)
-                        or (r[1].anonymous_id and id_hash(key, r[1].anonymous_id) in hashes))]
+                if not ((r.user_id and id_hash(key, r.user_id) in hashes)
+                        or (r.anonymous_id and id_hash(key, r.anonymous_id) in hashes))]
         return kept, len(records) - len(kept)
