@@ -74,7 +74,7 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         enrich(ev, rc)
         body = _encode(ev)
         _check_size(body, max_bytes, index)
-        check_depth(body, ev)
+        # Its depth is checked by the log writer (LogWriter.commit), off the event loop.
         message_id = ev["messageId"]
         event = ev.get("event") if ev["type"] == "track" else None
         records.append(Record(message_id, rc.received_at, ev["type"], event, ev.get("userId"),

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, EventLog, Record, Repeat
+from trackpipe.pipeline.decode import too_deep
 from trackpipe.pipeline.dedupe import MessageIndex, message_hash
 from trackpipe import metrics
 
@@ -45,6 +46,7 @@ class Committer(Protocol):
 class Outcome:
     stored: int = 0
     deduplicated: int = 0
+    too_deep: bool = False  # refused whole: one of its events nests too deep; nothing stored
 
 
 @dataclass(slots=True)
@@ -70,12 +72,16 @@ class LogWriter:
     def commit(self, group: list[tuple[list[Record], list[Discard]]]) -> list[Outcome]:
         """One Outcome per request, after the commit; raises sqlite3.Error / OSError if it fails.
 
-        The messageIds are hashed here, not on the event loop: in `trackpipe serve`
-        this runs in the writer process, which has CPU to spare while the loop has none.
+        The messageIds are hashed and the events' depth checked here, not on the
+        event loop: in `trackpipe serve` this runs in the writer process, which has
+        CPU to spare while the loop has none. A request with an event nested too
+        deep stores nothing (its outcome says too_deep; the API answers 400).
         """
         if not self.index.accepting():
             raise OSError("the dedup index cannot be written and its memory table is full")
-        hashed = [[(message_hash(rec.message_id), rec) for rec in records] for records, _ in group]
+        refused = [any(too_deep(rec.body) for rec in records) for records, _ in group]
+        hashed = [[] if no else [(message_hash(rec.message_id), rec) for rec in records]
+                  for no, (records, _) in zip(refused, group)]
         stored = self._stored_versions({h for records in hashed for h, _ in records})
         next_position = self.log.head() + 1
         appended: list[Record] = []
@@ -83,9 +89,11 @@ class LogWriter:
         repeats: list[Repeat] = []
         discards: list[Discard] = []
         outcomes: list[Outcome] = []
-        for records, (_, request_discards) in zip(hashed, group):
-            outcome = Outcome()
+        for records, (_, request_discards), no in zip(hashed, group, refused):
+            outcome = Outcome(too_deep=no)
             outcomes.append(outcome)
+            if no:
+                continue
             discards.extend(request_discards)
             for h, rec in records:
                 prior = stored.get(rec.message_id)

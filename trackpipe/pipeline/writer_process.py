@@ -308,8 +308,8 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
             except Exception as exc:  # state unknown: answer 503 and let a fresh writer take over
                 conn.send_bytes(_pack(("error", "internal", f"{type(exc).__name__}: {exc}")))
                 return
-            conn.send_bytes(_pack(("ok", [(o.stored, o.deduplicated) for o in outcomes],
-                                   time.perf_counter() - started)))
+            replies = [(o.stored, o.deduplicated, o.too_deep) for o in outcomes]
+            conn.send_bytes(_pack(("ok", replies, time.perf_counter() - started)))
     finally:
         index.close()
         event_log.close()

@@ -16,7 +16,7 @@ from trackpipe import metrics
 from trackpipe.config import Settings
 from trackpipe.errors import RequestRejected, StoreUnavailable
 from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
-from trackpipe.pipeline.decode import decode_object, inflate
+from trackpipe.pipeline.decode import TOO_DEEP, decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
 from trackpipe.pipeline.ingest import batch_context, items_of, prepare
 from trackpipe.privacy.suppress import Suppressions
@@ -135,6 +135,8 @@ class TrackingAPI:
             records, dropped = self.suppressions.drop(records)
             metrics.EVENTS_SUPPRESSED.add((), dropped)
         outcome = await self.committer.submit(records, discards)
+        if outcome.too_deep:
+            raise RequestRejected("too_deep", TOO_DEEP)
         metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:
             metrics.EVENTS_DEDUPLICATED.add((), outcome.deduplicated)
