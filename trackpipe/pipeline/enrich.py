@@ -75,13 +75,14 @@ def _client_side(context: dict) -> bool:
 
 def _stamp_times(ev: dict, rc: RequestContext) -> None:
     received = rc.received_at
-    raw = ev.get("originalTimestamp")
-    original = parse_ts(raw)
+    get = ev.get
+    raw = get("originalTimestamp")
+    original = parse_ts(raw) if raw is not None else None
     if original is None:
-        raw = ev.get("timestamp")
-        original = parse_ts(raw)
-    raw_sent = ev.get("sentAt")
-    sent = parse_ts(raw_sent)
+        raw = get("timestamp")
+        original = parse_ts(raw) if raw is not None else None
+    raw_sent = get("sentAt")
+    sent = parse_ts(raw_sent) if raw_sent is not None else None
     if sent is None:
         sent, sent_text = rc.batch_sent_at, rc.batch_sent_at_text
     else:

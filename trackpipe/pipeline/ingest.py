@@ -73,7 +73,8 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
             continue
         enrich(ev, rc)
         body = _encode(ev)
-        _check_size(body, max_bytes, index)
+        if len(body) > max_bytes:
+            _check_size(body, max_bytes, index)
         # Its depth is checked by the log writer (LogWriter.commit), off the event loop.
         message_id = ev["messageId"]
         event = ev.get("event") if ev["type"] == "track" else None

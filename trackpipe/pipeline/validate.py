@@ -11,6 +11,7 @@ from trackpipe.events import TYPES
 
 Problem = tuple[str, str] | None
 
+_ID_FIELDS = ("userId", "anonymousId", "messageId")
 _OBJECT_FIELDS = (("properties", "properties_not_object"), ("traits", "traits_not_object"),
                   ("context", "context_not_object"), ("integrations", "integrations_not_object"))
 
@@ -25,12 +26,15 @@ def validate(ev: dict, type_: str | None) -> Problem:
             return "type_invalid", f"`type` {_show(type_)} is not one of {', '.join(TYPES)}."
     ev["type"] = type_  # on single-event paths the endpoint wins over the body
 
-    for key in ("userId", "anonymousId", "messageId"):
-        problem = _coerce_id(ev, key)
-        if problem:
-            return problem
+    get = ev.get
+    for key in _ID_FIELDS:
+        value = get(key)
+        if type(value) is not str or not value:  # else already as it should be
+            problem = _coerce_id(ev, key)
+            if problem:
+                return problem
     for key, reason in _OBJECT_FIELDS:
-        value = ev.get(key)
+        value = get(key)
         if value is not None and type(value) is not dict:
             return reason, f"`{key}` must be an object, got {_show(value)}."
 
