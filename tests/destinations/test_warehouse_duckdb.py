@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -117,6 +118,29 @@ def test_a_table_stops_growing_at_max_columns(db):
     assert all("max_columns" in r["reason"] for r in rejected)
 
 
+def test_event_tables_stop_at_max_tables_and_the_rows_they_would_hold_are_kept(db):
+    dest = DuckDBWarehouse("wh", DuckDBWarehouse.Settings(path=str(db), max_tables=2))
+    batch = [event(n, event=f"Viewed /product/{n % 3}", properties={"n": n}) for n in range(6)]
+    assert states(run(dest, send(*batch))[0]) == ["delivered"] * 6
+    tables = {r["table_name"] for r in query(db, "SELECT table_name FROM information_schema.tables")}
+    assert {"viewed_product_0", "viewed_product_1"} <= tables and "viewed_product_2" not in tables
+    assert [r["id"] for r in query(db, "SELECT id FROM tracks ORDER BY id")] == [
+        f"m{n}" for n in range(6)]  # every event is in tracks
+    rejected = query(db, "SELECT table_name, column_name, message_id, value, reason"
+                         " FROM rejected_values ORDER BY message_id")
+    assert [(r["table_name"], r["column_name"], r["message_id"]) for r in rejected] == [
+        ("viewed_product_2", "*", "m2"), ("viewed_product_2", "*", "m5")]
+    assert json.loads(rejected[0]["value"])["n"] == 2
+    assert "max_tables" in rejected[0]["reason"] and "Viewed /product/2" in rejected[0]["reason"]
+    # A known event's table still takes rows, and a later batch still cannot add one.
+    more = [event(7, event="Viewed /product/1"), event(8, event="Signed Up")]
+    assert states(run(dest, send(*more))[0]) == ["delivered"] * 2
+    assert [r["id"] for r in query(db, "SELECT id FROM viewed_product_1 ORDER BY id")] == [
+        "m1", "m4", "m7"]
+    assert query(db, "SELECT count(*) AS n FROM rejected_values WHERE table_name = 'signed_up'"
+                 ) == [{"n": 1}]
+
+
 def test_an_event_the_database_refuses_fails_alone(db, monkeypatch, caplog):
     real = DuckDBWarehouse._apply
 
@@ -190,6 +214,8 @@ def test_settings():
         msgspec.convert({"path": ":memory:"}, DuckDBWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="at least 20"):
         msgspec.convert({"path": "a.duckdb", "max_columns": 5}, DuckDBWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="max_tables must be at least 1"):
+        msgspec.convert({"path": "a.duckdb", "max_tables": 0}, DuckDBWarehouse.Settings)
     assert DuckDBWarehouse.supports_delete and DuckDBWarehouse.default_batch_size == 2000
 
 

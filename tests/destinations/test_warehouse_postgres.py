@@ -7,6 +7,7 @@ reachable PostgreSQL the tests skip, or fail when TRACKPIPE_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -209,6 +210,34 @@ def test_a_table_stops_growing_at_max_columns_and_the_values_it_cannot_take_are_
     assert len(column_types(admin, schema, "wide")) == 1000
 
 
+def test_event_tables_stop_at_max_tables_and_every_event_still_reaches_tracks(admin, schema):
+    dest = PostgresWarehouse("wh", PostgresWarehouse.Settings(dsn=DSN, schema=schema,
+                                                              max_tables=3))
+    names = [f"Viewed /product/{n}" for n in range(5)]
+    outcomes = run(dest, send(*[event(n, event=names[n], properties={"price": n * 1.5})
+                                for n in range(5)]))
+    assert states(outcomes[0]) == ["delivered"] * 5
+    assert [r["id"] for r in table(admin, schema, "tracks")] == [f"m{n}" for n in range(5)]
+    made = [t for (t,) in admin.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+        " AND table_name LIKE 'viewed_product_%%' ORDER BY 1", (schema,))]
+    assert made == ["viewed_product_0", "viewed_product_1", "viewed_product_2"]
+    rejected = table(admin, schema, "rejected_values",
+                     "table_name, column_name, message_id, value, reason", order="message_id")
+    assert [(r["table_name"], r["column_name"], r["message_id"]) for r in rejected] == [
+        ("viewed_product_3", "*", "m3"), ("viewed_product_4", "*", "m4")]
+    assert json.loads(rejected[1]["value"])["price"] == 6.0
+    assert "3 event tables, as many as max_tables allows" in rejected[0]["reason"]
+    changes = table(admin, schema, "schema_changes", "table_name", order="table_name")
+    assert "viewed_product_3" not in {c["table_name"] for c in changes}
+    # With a higher limit, replaying them fills their tables; tracks is not doubled.
+    roomier = PostgresWarehouse("wh", PostgresWarehouse.Settings(dsn=DSN, schema=schema))
+    replay = [event(n, event=names[n], properties={"price": n * 1.5}) for n in (3, 4)]
+    assert states(run(roomier, send(*replay))[0]) == ["delivered"] * 2
+    assert [r["price"] for r in table(admin, schema, "viewed_product_4")] == [6.0]
+    assert len(table(admin, schema, "tracks")) == 5
+
+
 def test_an_event_the_database_refuses_fails_alone_and_its_batch_loads(admin, schema):
     # 900 short values make a row wider than PostgreSQL's 8 KB page (SQLSTATE 54000).
     tall = {f"k{j:04d}": f"value-{j:06d}" for j in range(900)}
@@ -364,6 +393,8 @@ def test_settings_are_validated_and_the_dsn_is_secret():
         msgspec.convert({"dsn": "x", "max_columns": 1601}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="at least 20"):
         msgspec.convert({"dsn": "x", "max_columns": 10}, PostgresWarehouse.Settings)
+    with pytest.raises(msgspec.ValidationError, match="max_tables must be at least 1"):
+        msgspec.convert({"dsn": "x", "max_tables": 0}, PostgresWarehouse.Settings)
     assert PostgresWarehouse.secret_fields == ("dsn",) and PostgresWarehouse.supports_delete
 
 

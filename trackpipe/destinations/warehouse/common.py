@@ -50,7 +50,7 @@ class Warehouse(Destination):
             known = await self._known_schema()
             with gc_paused():
                 todo = plan(batch, known, dt.datetime.now(dt.timezone.utc),
-                            self.settings.max_columns, self._shapes)
+                            self.settings.max_columns, self._shapes, self.settings.max_tables)
             todo = todo._replace(identities=[
                 i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
             await self._apply(todo)

@@ -26,7 +26,8 @@ from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, TABLE, Plan, Schema, TableLoad, check_max_columns)
+    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
+    check_max_tables)
 from trackpipe.destinations.warehouse.schema import quote
 from trackpipe.destinations.warehouse.sql import (
     DUCKDB, add_column, create_meta, create_table, delete_person, insert_from, qualified,
@@ -48,11 +49,15 @@ class DuckDBWarehouse(Warehouse):
         max_columns: int = MAX_COLUMNS
         """Columns a table may grow to; past it, values for new columns go to
         rejected_values."""
+        max_tables: int = MAX_TABLES
+        """Tables of track events' own rows the warehouse may hold; past it, a new
+        event's row loads into tracks only and the rest of it goes to rejected_values."""
 
         def __post_init__(self):
             if not self.path.strip() or self.path.strip() == ":memory:":
                 raise ValueError("path must name a database file, e.g. \"analytics.duckdb\"")
             check_max_columns(self.max_columns)
+            check_max_tables(self.max_tables)
 
     # -- the file, open only while a batch loads ----------------------------------------
 

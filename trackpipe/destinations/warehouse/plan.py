@@ -29,6 +29,11 @@ TABLE = "table"  # new_type of a Change that creates a table
 # nobody can query; past the limit a value for a new column goes to rejected_values.
 MAX_COLUMNS = 1000
 MIN_COLUMNS = 20  # the widest table's fixed columns, and room for a few more
+# Tables of track events' own rows a warehouse may hold. Event names are the sender's
+# choice, and one built from a URL or an id ("Viewed /product/8812") would otherwise
+# create a table per value. Past the limit, a new event's row in `tracks` still loads
+# and the row its own table would have held goes to rejected_values whole.
+MAX_TABLES = 1000
 
 
 def check_max_columns(value: int, database_limit: int | None = None) -> None:
@@ -39,6 +44,12 @@ def check_max_columns(value: int, database_limit: int | None = None) -> None:
     if database_limit is not None and value > database_limit:
         raise ValueError(f"max_columns must be at most {database_limit}, the database's own"
                          f" limit; it is {value}")
+
+
+def check_max_tables(value: int) -> None:
+    """For a warehouse's `max_tables` setting."""
+    if value < 1:
+        raise ValueError(f"max_tables must be at least 1; it is {value}")
 
 
 class Change(NamedTuple):
@@ -79,9 +90,11 @@ class Plan(NamedTuple):
 
 
 def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
-         max_columns: int = MAX_COLUMNS, shapes: ShapeBook | None = None) -> Plan:
+         max_columns: int = MAX_COLUMNS, shapes: ShapeBook | None = None,
+         max_tables: int = MAX_TABLES) -> Plan:
     """`shapes`, when given, lays out track events of known shapes without the walk
     (shapes.py) and learns the shapes of the others."""
+    event_tables = sum(1 for name in known if name not in layout.RESERVED_TABLES)
     tables: dict[str, _Table] = {}
     users: dict[Any, list[tuple[str, layout.Row]]] = {}
     identities: dict[tuple[str, str], str] = {}
@@ -115,6 +128,11 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 continue
             table = tables.get(row.table)
             if table is None:
+                if row.table not in known and row.table not in layout.RESERVED_TABLES:
+                    if event_tables >= max_tables:  # (a new table is always the slow path's)
+                        _reject_row(fixed_rejects, row, event, event_tables)
+                        continue
+                    event_tables += 1
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
             table.add(event.message_id, row)
@@ -331,6 +349,16 @@ def _fixed(rejected, table, message_id, column, type_, value):
                 Rejected("text contains a NUL character"))
         return None
     return raw_text(value)
+
+
+def _reject_row(rejected: dict, row: layout.Row, event: Event, event_tables: int) -> None:
+    """A track event's own row when no table may be created for it: kept whole, as one
+    rejected value (column "*") holding its values by column as JSON."""
+    values = {column: raw for column, _, _, raw in layout.entries(row.dynamic)}
+    _reject(rejected, row.table, "*", event.message_id, values, Rejected(
+        f"the warehouse has {event_tables} event tables, as many as max_tables allows, so no"
+        f" table was created for event {event.message.get('event')!r}; its row in tracks"
+        " was loaded"))
 
 
 def _reject(rejected: dict, table, column, message_id, value, why: Rejected) -> None:

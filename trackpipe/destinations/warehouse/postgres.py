@@ -28,7 +28,8 @@ from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, TABLE, Plan, Schema, TableLoad, check_max_columns)
+    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
+    check_max_tables)
 from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote
 from trackpipe.destinations.warehouse.sql import (
     POSTGRES, add_column, create_meta, create_table, delete_person, insert_from, qualified,
@@ -61,11 +62,15 @@ class PostgresWarehouse(Warehouse):
         max_columns: int = MAX_COLUMNS
         """Columns a table may grow to (PostgreSQL allows 1,600); past it, values for new
         columns go to rejected_values."""
+        max_tables: int = MAX_TABLES
+        """Tables of track events' own rows the warehouse may hold; past it, a new
+        event's row loads into tracks only and the rest of it goes to rejected_values."""
 
         def __post_init__(self):
             if not self.schema.strip():
                 raise ValueError("schema must not be empty; the default is \"trackpipe\"")
             check_max_columns(self.max_columns, POSTGRES_COLUMN_LIMIT)
+            check_max_tables(self.max_tables)
 
     def __init__(self, name, settings):
         super().__init__(name, settings)
