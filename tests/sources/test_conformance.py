@@ -348,6 +348,22 @@ def test_c14c_nesting_64_ok_65_too_deep(server):
     not_stored(server, mid2)
 
 
+def test_c14c_a_batch_too_deep_stores_nothing_and_counts_as_rejected(fresh_server):
+    """The log writer finds it (see LogWriter.commit): the valid events go unstored too."""
+    server = fresh_server().start()
+    ok_mid = uid("m")
+    batch = {"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": ok_mid},
+                       {"type": "track", "userId": "u", "event": "E",
+                        "properties": {"a": json.loads(deep_list(63))}},
+                       {"type": "track", "event": "E"}]}  # a discard: no ids
+    err(server.post("/v1/batch", batch), 400, "too_deep")
+    not_stored(server, ok_mid)
+    assert server.discards() == []
+    metrics = server.metrics_text()
+    assert 'trackpipe_requests_rejected_total{code="too_deep"} 1.0' in metrics
+    assert "trackpipe_events_received_total 0.0" in metrics
+
+
 @pytest.mark.parametrize("levels", [100, 5_000, 100_000])
 def test_c14d_very_deep_nesting_too_deep_not_500(server, levels):
     content = '{"userId":"u","event":"E","properties":{"a":%s}}' % deep_list(levels)

@@ -180,7 +180,7 @@ class WriterProcess:
             if self._ever_up:
                 raise StoreUnavailable("the event log writer is restarting")
             await self._up.wait()  # the first request waits for the first connection
-        size = sum(len(r.body) for r in records)
+        size = sum([len(r.body) for r in records])
         if self._pending_bytes + size > MAX_PENDING_BYTES:
             raise StoreUnavailable("trackpipe is overloaded: too many events wait for the log")
         future = self._loop.create_future()

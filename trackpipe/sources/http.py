@@ -46,6 +46,7 @@ class TrackingAPI:
                         for p in settings.server.trusted_proxies]
         self.limiter = RateLimiter(settings.limits.rate_limit_events_per_second,
                                    settings.limits.rate_limit_burst_seconds)
+        self._received: tuple[int, str] = (-1, "")  # the last receivedAt and its text
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["path"][4:]  # after "/v1/"
@@ -88,7 +89,8 @@ class TrackingAPI:
 
     async def _read_body(self, headers: dict, receive) -> bytes:
         limit = self.limits.max_request_bytes
-        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        encoding = headers.get(b"content-encoding")
+        encoding = "" if encoding is None else encoding.decode("latin-1").strip().lower()
         if encoding not in ENCODINGS and encoding not in ("identity", ""):
             raise RequestRejected("unsupported_encoding", f"Content-Encoding {encoding!r} is not "
                                   "supported; send gzip, deflate or uncompressed JSON.")
@@ -120,7 +122,9 @@ class TrackingAPI:
         source = self.registry.resolve(headers.get(b"authorization"), body)
         type_ = None if kind in BATCH_PATHS else PATH_TYPES[kind]
         received = time.time_ns() // 1_000_000
-        rc = RequestContext(received, format_ts(received), source.id,
+        if received != self._received[0]:  # requests arrive many to a millisecond
+            self._received = (received, format_ts(received))
+        rc = RequestContext(received, self._received[1], source.id,
                             self._peer_ip(scope, headers), self.settings.ingest.version,
                             truncate_ip=self.settings.privacy.truncate_ip)
         items = items_of(body, type_, self.limits)
@@ -135,7 +139,8 @@ class TrackingAPI:
             records, dropped = self.suppressions.drop(records)
             metrics.EVENTS_SUPPRESSED.add((), dropped)
         outcome = await self.committer.submit(records, discards)
-        if outcome.too_deep:
+        if outcome.too_deep:  # found by the log writer: not a well-formed request after all
+            metrics.EVENTS_RECEIVED.add((), -len(items))
             raise RequestRejected("too_deep", TOO_DEEP)
         metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:
