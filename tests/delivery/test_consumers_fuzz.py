@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from trackpipe.config import Identity
 from trackpipe.destinations.base import Event
+from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse import schema as s
 from trackpipe.destinations.warehouse.plan import plan
 from trackpipe.destinations.warehouse.shapes import ShapeBook
@@ -111,10 +112,14 @@ LOADABLE = {s.BOOLEAN: bool, s.BIGINT: int, s.DOUBLE: float, s.TIMESTAMP: dt.dat
 
 
 @FUZZ
-@given(st.lists(message(), min_size=1, max_size=12), st.integers(20, 40))
-def test_the_warehouse_plan_places_any_message_or_fails_it_alone(messages, max_columns):
+@given(st.lists(message(), min_size=1, max_size=12), st.integers(20, 40), st.integers(1, 3))
+def test_the_warehouse_plan_places_any_message_or_fails_it_alone(messages, max_columns,
+                                                                max_tables):
     batch = [Event(i, f"m{i}", m, None, None, None) for i, m in enumerate(messages)]
     check_plan(plan(batch, {}, NOW, max_columns), messages, max_columns)
+    few = plan(batch, {}, NOW, max_columns, max_tables=max_tables)  # rows kept whole instead
+    check_plan(few, messages, max_columns)
+    assert len([t for t in few.schema if t not in layout.RESERVED_TABLES]) <= max_tables
     # As the framework hands them over (stored JSON), twice: compiled shapes learn from
     # the first pass and lay out what they can of the second.
     shapes = ShapeBook()
