@@ -160,6 +160,54 @@ class RSSSampler(threading.Thread):
         return max(self.peak_kb, self.hwm_kb) / 1024
 
 
+class CPUMeter:
+    """CPU time of a server's processes over a run, as shares of one core: the event
+    loop's process ("api"), the log writer, the consumers process, and how busy the
+    whole machine was (1.0 = every core). Read from /proc, so Linux only."""
+
+    ROLES = (("spawn_main", "writer"), ("trackpipe.delivery.process", "consumers"))
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.started = self._snapshot()
+
+    def _processes(self) -> dict[int, str]:
+        roles, todo = {self.pid: "api"}, [self.pid]
+        while todo:
+            parent = todo.pop()
+            for task in Path(f"/proc/{parent}/task").glob("*/children"):
+                for child in task.read_text().split():
+                    try:
+                        argv = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+                    except OSError:
+                        continue
+                    role = next((r for mark, r in self.ROLES if mark.encode() in argv), None)
+                    if role is not None:
+                        roles[int(child)] = role
+                        todo.append(int(child))
+        return roles
+
+    def _snapshot(self) -> tuple[float, dict[str, float], list[int]]:
+        ticks: dict[str, float] = {}
+        for pid, role in self._processes().items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[role] = ticks.get(role, 0) + int(fields[11]) + int(fields[12])  # utime+stime
+        machine = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return time.monotonic(), ticks, machine
+
+    def shares(self) -> dict[str, float]:
+        (t0, a, m0), (t1, b, m1) = self.started, self._snapshot()
+        hz, wall = os.sysconf("SC_CLK_TCK"), t1 - t0
+        out = {role: round((b.get(role, 0) - a.get(role, 0)) / hz / wall, 2) for role in b}
+        total = sum(m1) - sum(m0)
+        idle = (m1[3] + m1[4]) - (m0[3] + m0[4])  # idle + iowait
+        out["machine_busy"] = round(1 - idle / total, 2) if total else None
+        return out
+
+
 @dataclass
 class Server:
     name: str
@@ -323,6 +371,7 @@ class Result:
     warm: list[dict] = field(default_factory=list)
     probe: dict | None = None
     accounting: dict | None = None
+    cpu: dict | None = None  # CPUMeter.shares() over the measured run
 
     @property
     def runs(self) -> list[dict]:
@@ -362,7 +411,9 @@ class Result:
                 f" events/s  p50 {self.ms('p50'):7.2f} ms  p99 {self.ms('p99'):7.2f} ms  "
                 f"max {self.ms('max'):7.1f} ms  non-2xx {self.non2xx}  socket errors "
                 f"{self.socket_errors} (connect {e['connect']} read {e['read']} write "
-                f"{e['write']} timeout {e['timeout']})  peak RSS {self.rss_mb:.1f} MB")
+                f"{e['write']} timeout {e['timeout']})  peak RSS {self.rss_mb:.1f} MB"
+                + (f"\n{'':16}CPU (cores): " + "  ".join(f"{k} {v}" for k, v in self.cpu.items())
+                   if self.cpu else ""))
 
 
 class Bench:
@@ -407,10 +458,12 @@ class Bench:
             warm = [self.wrk(server, load, a.warmup, a.check)] if a.warmup > 0 else []
             profiler = self.start_profiler(server) if (
                 a.profile and which == "trackpipe" and load == (a.only or "batch")) else None
+            meter = CPUMeter(server.proc.pid)
             main = self.wrk(server, load, a.duration, a.check)
+            cpu = meter.shares()
             if profiler:
                 self.finish_profiler(profiler)
-            result = Result(which, load, main, 0.0, LOADS[load][1], warm)
+            result = Result(which, load, main, 0.0, LOADS[load][1], warm, cpu=cpu)
             if any(non2xx(w) for w in result.runs) and not a.check:
                 # wrk only counts them: look again, briefly, recording statuses and bodies.
                 result.probe = self.wrk(server, load, 2, True)
@@ -628,6 +681,7 @@ def print_summary(results: dict, failures: list[str], args, load_before: float) 
         "batch_ratio": rnd(tb.rps / bb.rps, 3) if tb and bb and bb.rps else None,
         "peak_rss_mb": rnd(max(r.rss_mb for r in tp), 1) if tp else None,
         "batch_peak_rss_mb": rnd(tb and tb.rss_mb), "track_peak_rss_mb": rnd(tt and tt.rss_mb),
+        "batch_cpu": tb and tb.cpu, "track_cpu": tt and tt.cpu, "bare_track_cpu": bt and bt.cpu,
         "stored_events": sum(r.accounting["stored_events"] for r in tp),
         "acked_events": sum(r.accounting["acked_events"] for r in tp),
         "server_acked_events": sum(r.accounting["server_acked_events"] for r in tp),
