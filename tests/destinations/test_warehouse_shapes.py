@@ -139,3 +139,14 @@ def test_keys_msgspec_cannot_name_leave_the_event_to_the_slow_path():
         assert not first.failed
         again = plan(events(batch), first.schema, NOW, shapes=book)
         assert as_data(again) == as_data(plan(events(batch), first.schema, NOW))
+
+
+def test_no_shape_is_learned_for_an_event_whose_table_max_tables_refused():
+    book = ShapeBook()
+    batch = [{"type": "track", "event": f"Viewed {n % 2}", "messageId": f"m{n}", "userId": "u",
+              "receivedAt": WHEN, "properties": {"n": n}} for n in range(4)]
+    first = plan(events(batch), {}, NOW, shapes=book, max_tables=1)
+    assert {r.table for r in first.rejected} == {"viewed_1"}
+    assert list(book._by_name) == ["Viewed 0"]  # the names kept to MAX_NAMES are not spent
+    again = plan(events(batch), first.schema, NOW, shapes=book, max_tables=1)
+    assert as_data(again) == as_data(plan(events(batch), first.schema, NOW, max_tables=1))

@@ -119,6 +119,7 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                                    " is a bug: report it, then replay the event once fixed")
             continue
         converted: set[int] = set()
+        no_table = False  # its own table could not be created (max_tables)
         for row in rows:
             if id(row.fixed) not in converted:  # rows of one message share their fixed values
                 converted.add(id(row.fixed))
@@ -131,14 +132,15 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 if row.table not in known and row.table not in layout.RESERVED_TABLES:
                     if event_tables >= max_tables:  # (a new table is always the slow path's)
                         _reject_row(fixed_rejects, row, event, event_tables)
+                        no_table = True
                         continue
                     event_tables += 1
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
             table.add(event.message_id, row)
         _identities(event, identities)
-        if laid == NO_SHAPE and rows[0].table == "tracks":
-            shapes.learn(event.message)
+        if laid == NO_SHAPE and rows[0].table == "tracks" and not no_table:
+            shapes.learn(event.message)  # (a shape for a name with no table is of no use)
         fits.clear()  # the slow path may have added or widened columns (or a shape)
     if users:
         table = tables["users"] = _Table("users", known.get("users"), max_columns,
