@@ -41,17 +41,17 @@ TOO_DEEP = f"A message nests deeper than {MAX_DEPTH} levels."
 
 def check_depth(encoded: bytes, value) -> None:
     """Refuse a message nested deeper than MAX_DEPTH; cheap unless it has many brackets."""
-    if encoded.count(b"{") + encoded.count(b"[") <= MAX_DEPTH:
-        return
-    if _depth(value, 0) > MAX_DEPTH:
+    if _could_be_too_deep(encoded) and _depth(value, 0) > MAX_DEPTH:
         raise RequestRejected("too_deep", TOO_DEEP)
 
 
 def too_deep(encoded: bytes) -> bool:
     """check_depth for an encoded message alone (the log writer has no decoded copy)."""
-    if encoded.count(b"{") + encoded.count(b"[") <= MAX_DEPTH:
-        return False
-    return _depth(_decoder.decode(encoded), 0) > MAX_DEPTH
+    return _could_be_too_deep(encoded) and _depth(_decoder.decode(encoded), 0) > MAX_DEPTH
+
+
+def _could_be_too_deep(encoded: bytes) -> bool:
+    return encoded.count(b"{") + encoded.count(b"[") > MAX_DEPTH
 
 
 def _depth(value, level: int) -> int:

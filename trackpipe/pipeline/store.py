@@ -54,7 +54,7 @@ class Submission:
     records: list[Record]
     discards: list[Discard]
     future: asyncio.Future
-    size: int = 0  # the records' bodies in bytes
+    size: int  # the records' bodies in bytes
 
 
 class LogWriter:
@@ -151,7 +151,7 @@ class GroupCommitter:
         if self._closing:
             raise StoreUnavailable("trackpipe is shutting down")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put(Submission(records, discards, future))
+        self._queue.put(Submission(records, discards, future, sum([len(r.body) for r in records])))
         return await future
 
     def close(self) -> None:
@@ -175,7 +175,7 @@ class GroupCommitter:
     def record_failure(self, group: list[Submission], exc: Exception | str, kind: str = "") -> None:
         self.healthy = False
         self.last_error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        self.last_failed_bytes = sum(len(r.body) for sub in group for r in sub.records)
+        self.last_failed_bytes = sum(sub.size for sub in group)
         metrics.STORE_ERRORS.labels(kind=kind or error_kind(str(exc))).inc()
         log.error("log commit failed, answering 503: %s", self.last_error)
 
