@@ -1,0 +1,137 @@
+"""Large requests take turns at parsing, so the loop polls its sockets between two parses."""
+
+import asyncio
+import base64
+import json
+
+from trackpipe.config import load as load_config
+from trackpipe.log.base import Discard, Record
+from trackpipe.pipeline.store import Outcome
+from trackpipe.sources.auth import SourceRegistry
+from trackpipe.sources.catalog import Source
+from trackpipe.sources.http import TAKES_TURNS_BYTES, TrackingAPI
+from trackpipe.sources.turns import Turns
+
+WRITE_KEY = "turns-key"
+
+
+def test_steps_ready_together_run_one_per_loop_iteration():
+    """Each step's call_soon (standing for I/O the loop would poll) runs before the next step."""
+    seen = []
+
+    async def step(turns, i):
+        await turns.take()
+        try:
+            seen.append(f"step {i}")
+            asyncio.get_running_loop().call_soon(seen.append, f"io {i}")
+        finally:
+            turns.done()
+
+    async def main():
+        turns = Turns()
+        await asyncio.gather(*(step(turns, i) for i in range(4)))
+
+    asyncio.run(main())
+    assert seen == ["step 0", "io 0", "step 1", "io 1", "step 2", "io 2", "step 3", "io 3"]
+
+
+def test_a_step_that_raises_still_hands_the_turn_on():
+    async def failing(turns):
+        await turns.take()
+        try:
+            raise ValueError("a bad request")
+        finally:
+            turns.done()
+
+    async def fine(turns):
+        await turns.take()
+        turns.done()
+        return "parsed"
+
+    async def main():
+        turns = Turns()
+        return await asyncio.wait_for(asyncio.gather(failing(turns), fine(turns),
+                                                     return_exceptions=True), 2)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, ValueError) and good == "parsed"
+
+
+def test_a_waiter_cancelled_after_it_was_handed_the_turn_passes_it_on():
+    async def wants_turn(turns, name, seen):
+        await turns.take()
+        seen.append(name)
+        turns.done()
+
+    async def main():
+        turns, seen = Turns(), []
+        await turns.take()  # this coroutine holds the turn
+        b = asyncio.create_task(wants_turn(turns, "b", seen))
+        c = asyncio.create_task(wants_turn(turns, "c", seen))
+        await asyncio.sleep(0)  # both queue
+        turns._hand_on()  # b is handed the turn...
+        b.cancel()  # ...and cancelled before it could use it
+        await asyncio.wait_for(asyncio.gather(b, c, return_exceptions=True), 2)
+        return seen, b.cancelled()
+
+    seen, b_cancelled = asyncio.run(main())
+    assert b_cancelled and seen == ["c"]
+
+
+class RecordingCommitter:
+    """Answers at once, and stands for the log writer's reply with a callback."""
+
+    healthy = True
+    last_failed_bytes = 0
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    async def submit(self, records: list[Record], discards: list[Discard]) -> Outcome:
+        self.seen.append(f"submit {len(records)}")
+        asyncio.get_running_loop().call_soon(self.seen.append, "writer replied")
+        return Outcome(stored=len(records))
+
+
+def batch_body(tag: str, events: int) -> bytes:
+    return json.dumps({"batch": [{"type": "track", "event": "E", "userId": "u",
+                                  "messageId": f"{tag}-{i}", "properties": {"pad": "x" * 300}}
+                                 for i in range(events)]}).encode()
+
+
+def drive(bodies: list[bytes]) -> list[str]:
+    seen: list[str] = []
+    api = TrackingAPI(load_config(None, {}), SourceRegistry([
+        Source("src", "turns", WRITE_KEY, True, False, 0)]), RecordingCommitter(seen))
+    auth = b"Basic " + base64.b64encode(f"{WRITE_KEY}:".encode())
+
+    async def one(body: bytes) -> None:
+        scope = {"type": "http", "path": "/v1/batch", "method": "POST",
+                 "client": ("127.0.0.1", 5555), "headers": [(b"authorization", auth)]}
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200
+
+        await api(scope, receive, send)
+
+    async def main():
+        await asyncio.gather(*(one(b) for b in bodies))
+
+    asyncio.run(main())
+    return seen
+
+
+def test_large_requests_ready_together_let_the_writer_reply_between_their_parses():
+    bodies = [batch_body(f"r{i}", 100) for i in range(3)]
+    assert all(len(b) >= TAKES_TURNS_BYTES for b in bodies)
+    assert drive(bodies) == ["submit 100", "writer replied"] * 3
+
+
+def test_small_requests_do_not_wait_for_a_turn():
+    bodies = [batch_body(f"s{i}", 1) for i in range(3)]
+    assert all(len(b) < TAKES_TURNS_BYTES for b in bodies)
+    assert drive(bodies) == ["submit 1"] * 3 + ["writer replied"] * 3
