@@ -19,8 +19,8 @@ from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
 from trackpipe.pipeline.decode import TOO_DEEP, decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
 from trackpipe.pipeline.ingest import batch_context, items_of, prepare
-from trackpipe.privacy.suppress import Suppressions
 from trackpipe.pipeline.store import Committer
+from trackpipe.privacy.suppress import Suppressions
 from trackpipe.sources import responses
 from trackpipe.sources.auth import SourceRegistry
 from trackpipe.sources.browser import settings_body
