@@ -98,6 +98,12 @@ def test_wrong_type_missing_file_and_bad_toml_are_errors(tmp_path):
         config.load(write(tmp_path, "[server\n"), env={})
 
 
+@pytest.mark.parametrize("value", [-1, 20])
+def test_consumers_nice_outside_0_to_19_is_an_error(tmp_path, value):
+    with pytest.raises(ConfigError, match="consumers_nice"):
+        config.load(write(tmp_path, f"[server]\nconsumers_nice = {value}\n"), env={})
+
+
 # -- environment -----------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -30,6 +30,9 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Peers (IPs or CIDRs) whose X-Forwarded-For is believed when filling context.ip."""
     cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
     """Origins allowed to send events from a browser; "*" echoes any origin."""
+    consumers_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    """How much lower the CPU priority of identity and delivery is than the collector's
+    (a nice increment, 0-19). On a CPU-bound machine, taking in events comes first."""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

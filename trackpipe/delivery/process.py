@@ -8,7 +8,9 @@ through its own read-only connections and keeps its own state files
 (identity.db, deliveries.db), so nothing it does — a slow destination, a
 profile rebuild — can take CPU time from the tracking API's event loop, which
 only has to answer requests (the same reason the log writer has a process of
-its own; see pipeline/writer_process.py).
+its own; see pipeline/writer_process.py). It also runs at a lower CPU priority
+(`server.consumers_nice`), so that on a busy machine it takes the CPU the
+collector leaves rather than sharing it equally.
 
 The settings arrive as JSON on stdin, so credentials never show in `ps`.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -188,6 +191,10 @@ async def run(settings: config.Settings) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=config.Settings)
+    # Before any thread starts (Linux keeps a nice value per thread; new ones inherit it).
+    # Clients wait for the collector's answer, and an SDK whose queue fills while it
+    # waits drops events; delivery only runs late, and catches up when the load falls.
+    os.nice(settings.server.consumers_nice)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     tune_gc()  # warehouse batches allocate hundreds of thousands of containers
     asyncio.run(run(settings))
