@@ -4,6 +4,9 @@ import asyncio
 import base64
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from trackpipe.config import load as load_config
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.store import Outcome
@@ -76,6 +79,42 @@ def test_a_waiter_cancelled_after_it_was_handed_the_turn_passes_it_on():
 
     seen, b_cancelled = asyncio.run(main())
     assert b_cancelled and seen == ["c"]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=20),
+       st.lists(st.integers(0, 19), max_size=8), st.integers(0, 6))
+def test_any_mix_of_failures_and_cancellations_never_stalls_the_others(raises, cancel, after):
+    """Whichever steps raise and whichever callers are cancelled (waiting, just handed the
+    turn, or done), every other caller gets its turn, in arrival order, one per iteration."""
+    async def caller(turns, i, fails, seen):
+        await turns.take()
+        try:
+            seen.append(i)
+            asyncio.get_running_loop().call_soon(seen.append, f"io {i}")
+            if fails:
+                raise ValueError(i)
+        finally:
+            turns.done()
+
+    async def main():
+        turns, seen = Turns(), []
+        tasks = [asyncio.create_task(caller(turns, i, fails, seen))
+                 for i, fails in enumerate(raises)]
+        for _ in range(after):
+            await asyncio.sleep(0)
+        for i in cancel:
+            if i < len(tasks):
+                tasks[i].cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        return tasks, seen
+
+    tasks, seen = asyncio.run(main())
+    steps = [x for x in seen if type(x) is int]
+    finished = [i for i, t in enumerate(tasks) if not t.cancelled()]
+    assert steps == sorted(steps) and set(finished) <= set(steps)
+    for i in steps[:-1]:  # the loop got round to each step's I/O before the next step
+        assert seen.index(f"io {i}") < seen.index(steps[steps.index(i) + 1])
 
 
 class RecordingCommitter:
