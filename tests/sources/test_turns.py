@@ -117,6 +117,22 @@ def test_any_mix_of_failures_and_cancellations_never_stalls_the_others(raises, c
         assert seen.index(f"io {i}") < seen.index(steps[steps.index(i) + 1])
 
 
+def test_one_turns_object_serves_a_second_event_loop():
+    """A loop that ended while a turn was held must not leave the next loop waiting."""
+    turns = Turns()
+
+    async def hold_and_leave():
+        await turns.take()  # held, and never handed on: the loop ends first
+
+    async def step():
+        await turns.take()
+        turns.done()
+        return "parsed"
+
+    asyncio.run(hold_and_leave())
+    assert asyncio.run(asyncio.wait_for(step(), 2)) == "parsed"
+
+
 class RecordingCommitter:
     """Answers at once, and stands for the log writer's reply with a callback."""
 

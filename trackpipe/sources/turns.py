@@ -30,12 +30,14 @@ class Turns:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def take(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # turns belong to one loop (tests run several in turn)
+            self._loop, self._held = loop, False
+            self._waiting.clear()
         if not self._held:
             self._held = True
             return
-        if self._loop is None:  # kept: get_running_loop() costs a getpid() call on 3.11
-            self._loop = asyncio.get_running_loop()
-        turn = self._loop.create_future()
+        turn = loop.create_future()
         self._waiting.append(turn)
         try:
             await turn
@@ -45,8 +47,6 @@ class Turns:
             raise
 
     def done(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
         self._loop.call_soon(self._hand_on)
 
     def _hand_on(self) -> None:
