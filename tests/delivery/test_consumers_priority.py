@@ -5,22 +5,18 @@ import time
 from pathlib import Path
 
 import pytest
+from support import descendants
 
 
 def consumers_pid(server_pid: int, timeout: float = 20.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        for pid in descendants(server_pid):
             try:
-                children = (task / "children").read_text().split()
+                if b"trackpipe.delivery.process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
             except OSError:
-                continue
-            for child in map(int, children):
-                try:
-                    if b"trackpipe.delivery.process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                        return child
-                except OSError:
-                    continue
+                continue  # it ended meanwhile
         time.sleep(0.1)
     raise AssertionError("no consumers process under the server")
 

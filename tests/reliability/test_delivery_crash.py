@@ -10,23 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 from delivery.faulty_rig import send
 from destinations.sink_webhook import Sink
-from support import wait_for, write_config
-
-
-def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found += [child, *descendants(child)]
-    return found
+from support import descendants, wait_for, write_config
 
 
 def test_sigkill_mid_delivery_loses_nothing_and_repeats_the_webhook_id(fresh_server, tmp_path):
