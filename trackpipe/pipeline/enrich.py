@@ -12,7 +12,7 @@ import ipaddress
 import uuid
 from dataclasses import dataclass
 
-from trackpipe.events import canonical_ts, format_ts, in_range, parse_ts
+from trackpipe.events import format_ts, in_range, read_ts
 
 
 @dataclass(slots=True)
@@ -77,20 +77,20 @@ def _stamp_times(ev: dict, rc: RequestContext) -> None:
     received = rc.received_at
     get = ev.get
     raw = get("originalTimestamp")
-    original = parse_ts(raw) if raw is not None else None
+    original = read_ts(raw) if raw is not None else None
     if original is None:
         raw = get("timestamp")
-        original = parse_ts(raw) if raw is not None else None
+        original = read_ts(raw) if raw is not None else None
     raw_sent = get("sentAt")
-    sent = parse_ts(raw_sent) if raw_sent is not None else None
+    sent = read_ts(raw_sent) if raw_sent is not None else None
     if sent is None:
         sent, sent_text = rc.batch_sent_at, rc.batch_sent_at_text
     else:
-        sent_text = canonical_ts(raw_sent, sent)
+        sent, sent_text = sent
     if original is None:
         ev["originalTimestamp"] = ev["timestamp"] = rc.received_at_text
     else:
-        original_text = canonical_ts(raw, original)
+        original, original_text = original
         ev["originalTimestamp"] = original_text
         if sent is None or sent == received:
             ev["timestamp"] = original_text

@@ -6,7 +6,7 @@ import msgspec
 
 from trackpipe.config import Limits
 from trackpipe.errors import RequestRejected
-from trackpipe.events import canonical_ts, parse_ts
+from trackpipe.events import read_ts
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.decode import check_depth
 from trackpipe.pipeline.enrich import RequestContext, enrich
@@ -35,10 +35,9 @@ def batch_context(body: dict, rc: RequestContext) -> None:
     for key, value in body.items():  # the items themselves are checked one by one
         if key != "batch" and (type(value) is dict or type(value) is list):
             check_depth(_encode(value), value)
-    raw_sent = body.get("sentAt")
-    rc.batch_sent_at = parse_ts(raw_sent)
-    if rc.batch_sent_at is not None:
-        rc.batch_sent_at_text = canonical_ts(raw_sent, rc.batch_sent_at)
+    sent = read_ts(body.get("sentAt"))
+    if sent is not None:
+        rc.batch_sent_at, rc.batch_sent_at_text = sent
     context, integrations = body.get("context"), body.get("integrations")
     rc.batch_context = context if type(context) is dict else None
     rc.batch_integrations = integrations if type(integrations) is dict else None

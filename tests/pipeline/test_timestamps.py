@@ -1,0 +1,49 @@
+"""read_ts: the collector's one-step timestamp read, against parse_ts + canonical_ts."""
+
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trackpipe.events import canonical_ts, parse_ts, read_ts
+
+
+def two_steps(value):
+    """What the collector did before read_ts: parse, then the emitted form."""
+    ms = parse_ts(value)
+    return None if ms is None else (ms, canonical_ts(value, ms))
+
+
+def test_the_shapes_sdks_send():
+    assert read_ts("2024-05-01T12:34:56.789Z") == (1714566896789, "2024-05-01T12:34:56.789Z")
+    assert read_ts("2024-05-01T12:34:56.789+00:00") == (1714566896789, "2024-05-01T12:34:56.789Z")
+    assert read_ts("2024-05-01T12:34:56.789123+00:00") == (1714566896789,
+                                                           "2024-05-01T12:34:56.789Z")
+    assert read_ts("2024-05-01T14:34:56.789+02:00") == (1714566896789, "2024-05-01T12:34:56.789Z")
+    assert read_ts("9999-12-31T23:59:59.999Z") == (253402300799999, "9999-12-31T23:59:59.999Z")
+
+
+def test_what_is_not_a_time_reads_as_absent():
+    for value in (None, 17, "", "yesterday", "2024-02-30T00:00:00.000Z", "2024-13-01T00:00:00.000Z",
+                  "1969-12-31T23:59:59.999Z", "0000-01-01T00:00:00.000Z",
+                  "2024-01-01T00:00:00.\u0661\u0662\u0663Z",  # Arabic-Indic digits
+                  "\u0662\u0660\u0662\u0664-01-01T00:00:00.000Z"):
+        assert read_ts(value) is None, value
+
+
+canonical_like = st.builds(
+    lambda y, mo, d, h, mi, s, ms, z: f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}.{ms:03d}{z}",
+    st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.integers(0, 24),
+    st.integers(0, 60), st.integers(0, 60), st.integers(0, 999), st.sampled_from(["Z", "+00:00"]))
+datetimes = st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(9999, 12, 31),
+                         timezones=st.just(timezone.utc)).map(lambda d: d.isoformat())
+offsets = st.builds(lambda d, h: d.replace(tzinfo=timezone(timedelta(hours=h))).isoformat(),
+                    st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1)),
+                    st.integers(-14, 14))
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.one_of(canonical_like, datetimes, offsets, st.text(max_size=45), st.none(),
+                 st.integers()))
+def test_read_ts_agrees_with_parse_then_canonical(value):
+    assert read_ts(value) == two_steps(value)
