@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from trackpipe.config import Identity
+from trackpipe.events import read_ts
 from trackpipe.identity.postgres_store import PostgresStore
 from trackpipe.identity.sqlite_store import SQLiteStore
 from trackpipe.log.base import Entry
@@ -248,6 +249,28 @@ def test_counts_and_first_and_last_seen(store, log):
     assert profile["type_counts"] == {"page": 1, "screen": 1}
     assert profile["first_seen"] == "2024-05-01T08:00:00.000Z"
     assert profile["last_seen"] == "2024-05-02T08:00:00.000Z"
+
+
+def lean(entry: Entry) -> Entry:
+    """The entry as a lean read gives it: no body, the ts the collector stamped."""
+    return entry._replace(body=b"", ts=read_ts(msgspec.json.decode(entry.body)["timestamp"])[0])
+
+
+def test_entries_read_without_their_bodies_count_and_order_by_their_ts(stores, log):
+    store = stores(trait_identifiers=[])
+    assert set(store.lean_types) == {"track", "page", "screen"}
+    entries = [log("page", anon="a1", ts="2024-05-01T10:00:03.000Z"),
+               log("track", anon="a1", event="E", ts="2024-05-01T10:00:01.000Z"),
+               log("identify", "u1", "a1", ts="2024-05-01T10:00:02.000Z"),
+               log("track", "u1", event="E", ts="2024-05-01T10:00:09.000Z")]
+    store.apply([lean(e) if e.type in store.lean_types else e for e in entries])
+    profile = store.profile("u1")
+    assert (profile["first_seen"], profile["last_seen"]) == ("2024-05-01T10:00:01.000Z",
+                                                             "2024-05-01T10:00:09.000Z")
+    assert profile["event_counts"] == {"E": 2} and profile["type_counts"] == {"page": 1}
+    assert store.timeline("u1", None, 10)[0] == [entries[i].position for i in (1, 2, 0, 3)]
+    # With trait identifiers, a track's context.traits can join people: bodies are needed.
+    assert stores(consumer="other", trait_identifiers=["email"]).lean_types == ()
 
 
 # -- timeline ----------------------------------------------------------------------------

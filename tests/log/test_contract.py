@@ -57,6 +57,20 @@ def test_append_returns_increasing_positions_in_order(reopen):
     assert [e.message_id for e in log.read(0)] == ["m-1", "m-2", "m-3", "m-4"]
 
 
+def test_each_entry_keeps_its_ts_and_a_lean_read_keeps_the_rest(reopen):
+    log = reopen()
+    log.append([rec(1, ts=1_600_000_000_001), rec(2), rec(3, type="identify", event=None,
+                                                        ts=1_600_000_000_003)])
+    for entries in (log.read(0), log.get([1, 2, 3])):
+        assert [e.ts for e in entries] == [1_600_000_000_001, None, 1_600_000_000_003]
+    lean = log.read(0, 10, ("track",))
+    full = log.read(0)
+    # A backend may leave out a named type's body when the entry has its ts; nothing else.
+    assert [e._replace(body=b"") for e in lean] == [e._replace(body=b"") for e in full]
+    assert [e.body for e in lean[1:]] == [e.body for e in full[1:]]
+    assert lean[0].body in (b"", full[0].body)
+
+
 def test_read_from_a_position_and_limit(reopen):
     log = reopen()
     positions = log.append([rec(i) for i in range(10)])

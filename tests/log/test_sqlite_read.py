@@ -90,3 +90,75 @@ def test_get_matches_a_row_by_row_select(log_path):
     assert [e.position for e in expected] == [1, 3, 40, 60]
     assert reader.get([]) == [] and reader.get([99]) == []
     reader.close()
+
+
+# -- lean reads and the ts column ---------------------------------------------------------
+
+def mixed() -> list[Record]:
+    """Records of every kind a lean read must tell apart."""
+    out = []
+    for i in range(40):
+        type_ = ("track", "identify", "page", "group")[i % 4]
+        out.append(Record(f"m{i}", 1_700_000_000_000 + i, type_, "E" if type_ == "track" else None,
+                          "u", None, "src_1", b'{"n":%d}' % i,
+                          None if i % 5 == 0 else 1_600_000_000_000 + i))
+    return out
+
+
+def test_a_lean_read_leaves_out_only_the_named_types_bodies_that_have_a_ts(tmp_path):
+    path = tmp_path / "log.db"
+    log = SQLiteLog(path)
+    log.append(mixed())
+    reader = SQLiteLog(path, writable=False)
+    full = row_by_row(path, 0, 1000)
+    assert [e.ts for e in full] == [r.ts for r in mixed()]
+    for after, limit in ((0, 1000), (3, 7), (39, 5)):
+        expected = [e._replace(body=b"") if e.type in ("track", "page") and e.ts is not None
+                    else e for e in full if e.position > after][:limit]
+        assert reader.read(after, limit, ("track", "page")) == expected
+    assert reader.read(0, 1000) == full  # a plain read keeps every body
+    reader.close()
+    log.close()
+
+
+def test_a_batch_whose_every_body_is_left_out_is_still_read(tmp_path):
+    path = tmp_path / "log.db"
+    log = SQLiteLog(path)
+    log.append([Record(f"m{i}", 1, "track", "E", "u", None, "s", b"{}", 5) for i in range(3)])
+    reader = SQLiteLog(path, writable=False)
+    assert [(e.position, e.body, e.ts) for e in reader.read(0, 10, ("track",))] == [
+        (1, b"", 5), (2, b"", 5), (3, b"", 5)]
+    reader.close()
+    log.close()
+
+
+def test_a_lean_batch_over_sqlites_length_limit_is_read_row_by_row_with_its_bodies(log_path):
+    reader = SQLiteLog(log_path, writable=False)
+    reader._reader().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4000)
+    assert reader.read(0, 100, ("track",)) == row_by_row(log_path, 0, 100)
+    reader.close()
+
+
+OLD_SCHEMA = """CREATE TABLE events (position INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL, type TEXT NOT NULL, event TEXT, user_id TEXT,
+    anonymous_id TEXT, source TEXT NOT NULL, body BLOB NOT NULL)"""
+
+
+def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_bodies(tmp_path):
+    path = tmp_path / "log.db"
+    conn = sqlite3.connect(path)
+    conn.execute(OLD_SCHEMA)
+    conn.execute("INSERT INTO events VALUES (1, 'old', 1, 'track', 'E', 'u', NULL, 's', '{}')")
+    conn.commit()
+    conn.close()
+    log = SQLiteLog(path)
+    log.append([Record("new", 2, "track", "E", "u", None, "s", b'{"a":1}', 7)])
+    reader = SQLiteLog(path, writable=False)
+    got = reader.read(0, 10, ("track",))
+    assert [(e.message_id, e.body, e.ts) for e in got] == [("old", b"{}", None), ("new", b"", 7)]
+    reader.close()
+    log.close()
+    log = SQLiteLog(path)  # opening it again changes nothing
+    assert [e.ts for e in log.read(0, 10)] == [None, 7]
+    log.close()
+

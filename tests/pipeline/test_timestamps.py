@@ -47,3 +47,33 @@ offsets = st.builds(lambda d, h: d.replace(tzinfo=timezone(timedelta(hours=h))).
                  st.integers()))
 def test_read_ts_agrees_with_parse_then_canonical(value):
     assert read_ts(value) == two_steps(value)
+
+
+# -- the ts the log keeps -----------------------------------------------------------------
+
+times = st.one_of(st.none(), datetimes, offsets, canonical_like, st.just("not a time"))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(times, times, times, st.booleans())
+def test_each_record_keeps_the_timestamp_its_body_carries(timestamp, original, sent, batch):
+    """Identity reads track, page and screen events by their ts alone: it must be the
+    body's `timestamp`, whatever the clock-skew rules made of it."""
+    import msgspec
+
+    from trackpipe.config import load
+    from trackpipe.pipeline.enrich import RequestContext
+    from trackpipe.pipeline.ingest import batch_context, prepare
+
+    ev = {"type": "track", "event": "E", "userId": "u"}
+    for key, value in (("timestamp", timestamp), ("originalTimestamp", original)):
+        if value is not None:
+            ev[key] = value
+    rc = RequestContext(1_714_557_600_123, "2024-05-01T10:00:00.123Z", "src", None, 2)
+    if batch:
+        batch_context({"batch": [ev], "sentAt": sent}, rc)
+    elif sent is not None:
+        ev["sentAt"] = sent
+    records, _ = prepare([ev], None if batch else "track", rc, load(None, {}).limits, False)
+    body = msgspec.json.decode(records[0].body)
+    assert records[0].ts == read_ts(body["timestamp"])[0]

@@ -63,7 +63,7 @@ class IdentityConsumer:
         failures, failed_at = 0, -1  # consecutive failures of the batch at failed_at
         while not stop.is_set():
             entries = await loop.run_in_executor(self.pool, self.log.read, self._position,
-                                                 IDENTITY_BATCH)
+                                                 IDENTITY_BATCH, self.store.lean_types)
             if not entries:
                 try:
                     await asyncio.wait_for(stop.wait(), 0.05)

@@ -40,6 +40,11 @@ class _Event(msgspec.Struct):
 _decoders = {t: msgspec.json.Decoder(_Message if t in ("identify", "group", "alias") else _Event)
              for t in ("identify", "group", "alias", "track", "page", "screen")}
 _fallback = msgspec.json.Decoder(_Event)
+_NOTHING = _Event()
+# Types whose facts need only the entry's columns and ts when no trait identifiers
+# are configured (their context.traits is read only to find those): identity reads
+# them without their bodies.
+LEAN_TYPES = ("track", "page", "screen")
 
 
 class Fact(NamedTuple):
@@ -64,13 +69,14 @@ class Reader:
 
     def fact(self, entry: Entry) -> Fact:
         type_ = entry.type
-        msg = _decode(type_, entry.body)
+        # No body: a lean read left it out, as this type needs only the entry's ts.
+        msg = _decode(type_, entry.body) if entry.body else _NOTHING
         ctx_traits = msg.context.traits if msg.context is not None else None
         if not isinstance(ctx_traits, dict):
             ctx_traits = None
         ts = msg.timestamp
-        if not (type(ts) is str and len(ts) == 24):
-            ts = format_ts(entry.received_at)  # the collector always sets one
+        if not (type(ts) is str and len(ts) == 24):  # the collector always sets one
+            ts = format_ts(entry.ts if entry.ts is not None else entry.received_at)
         if type_ == "track":
             count_key = ("event", entry.event) if entry.event else None
         else:

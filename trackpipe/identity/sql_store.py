@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
 from trackpipe.identity import reads, repair
-from trackpipe.identity.facts import ANON, USER, Reader
+from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
 from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile
 from trackpipe.identity.store import Forgotten, IdentityStore, new_profile_id
 from trackpipe.log.base import Entry
@@ -71,6 +71,7 @@ class SQLStore(IdentityStore):
         self.consumer = consumer
         self.limits = Limits.from_settings(settings)
         self.reader = Reader(settings.trait_identifiers)
+        self.lean_types = () if settings.trait_identifiers else LEAN_TYPES
         self.lock = threading.RLock()
         self.db: Db
 

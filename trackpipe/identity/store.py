@@ -55,6 +55,9 @@ def new_profile_id() -> str:
 
 class IdentityStore(ABC):
     consumer: str  # whose log position this store keeps
+    # Message types apply() can take without their bodies when the entries carry their
+    # ts (the consumer then reads them lean; see EventLog.read).
+    lean_types: tuple[str, ...] = ()
 
     @abstractmethod
     def apply(self, entries: Sequence[Entry]) -> None: ...

@@ -26,6 +26,7 @@ class Record(NamedTuple):
     anonymous_id: str | None
     source: str
     body: bytes
+    ts: int | None = None  # the message's `timestamp` in ms, as the collector stamped it
 
 
 class Entry(NamedTuple):
@@ -37,7 +38,8 @@ class Entry(NamedTuple):
     user_id: str | None
     anonymous_id: str | None
     source: str
-    body: bytes
+    body: bytes  # b"" when a lean read left it out (see EventLog.read)
+    ts: int | None = None  # None for entries appended before the log kept it
 
 
 class Discard(NamedTuple):
@@ -68,8 +70,13 @@ class EventLog(ABC):
         """Durably append records (and ledger rows) in one commit; return their positions."""
 
     @abstractmethod
-    def read(self, after: int, limit: int = 1000) -> list[Entry]:
-        """Entries with position > after, oldest first."""
+    def read(self, after: int, limit: int = 1000, lean: Sequence[str] = ()) -> list[Entry]:
+        """Entries with position > after, oldest first.
+
+        `lean` names message types whose body the reader does not need when the
+        entry carries its `ts` (identity, for track, page and screen): such
+        entries may come back with body b"". A backend may return every body.
+        """
 
     @abstractmethod
     def get(self, positions: Sequence[int]) -> list[Entry]:

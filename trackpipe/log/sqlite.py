@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS events (
     user_id      TEXT,
     anonymous_id TEXT,
     source       TEXT NOT NULL,
-    body         BLOB NOT NULL
+    body         BLOB NOT NULL,
+    ts           INTEGER
 );
 CREATE TABLE IF NOT EXISTS discards (
     id          INTEGER PRIMARY KEY,
@@ -66,7 +67,8 @@ HEAD_FLOOR = "log:head_floor"
 HEAD_SQL = ("SELECT max(coalesce((SELECT max(position) FROM events), 0), coalesce((SELECT position"
             f" FROM consumers WHERE name = '{HEAD_FLOOR}'), 0))")
 
-COLUMNS = "position, message_id, received_at, type, event, user_id, anonymous_id, source, body"
+COLUMNS = ("position, message_id, received_at, type, event, user_id, anonymous_id, source, body,"
+           " ts")
 # The consumers' read: a batch of entries as ONE result row. Python's sqlite3 hands
 # the GIL back around every row it steps to; in a process where another thread is
 # busy (the consumers process: identity beside the destinations' event loop) each
@@ -74,16 +76,22 @@ COLUMNS = "position, message_id, received_at, type, event, user_id, anonymous_id
 # ~1 ms per row instead of ~2 us. So SQLite builds the batch in one step: the columns
 # as a JSON array of arrays (with each body's length), the bodies concatenated.
 # `get` (the retries' read) does the same with its positions as one JSON array.
+# A lean read leaves out the bodies of the types it names (bound as a JSON array)
+# when the entry has its ts: identity reads ~2.5x faster without them.
 _BATCHED = (
     "SELECT json_group_array(json_array(position, message_id, received_at, type, event,"
-    " user_id, anonymous_id, source, length(CAST(body AS BLOB)))),"
-    " CAST(group_concat(CAST(body AS BLOB), '') AS BLOB) FROM (SELECT * FROM events {})")
+    " user_id, anonymous_id, source, ts, length(CAST(b AS BLOB)))),"
+    " CAST(group_concat(CAST(b AS BLOB), '') AS BLOB) FROM (SELECT *, {} AS b FROM events {})")
+ALL_BODIES = "body"
+LEAN_BODIES = ("CASE WHEN ts IS NOT NULL AND type IN (SELECT value FROM json_each(?))"
+               " THEN x'' ELSE body END")
 READ_WHERE = "WHERE position > ? ORDER BY position LIMIT ?"
 GET_WHERE = "WHERE position IN (SELECT value FROM json_each(?)) ORDER BY position"
-READ_SQL = _BATCHED.format(READ_WHERE)
-GET_SQL = _BATCHED.format(GET_WHERE)
+READ_SQL = _BATCHED.format(ALL_BODIES, READ_WHERE)
+LEAN_READ_SQL = _BATCHED.format(LEAN_BODIES, READ_WHERE)
+GET_SQL = _BATCHED.format(ALL_BODIES, GET_WHERE)
 _decode_meta = msgspec.json.Decoder(list[tuple[int, str, int, str, str | None, str | None,
-                                               str | None, str, int]]).decode
+                                               str | None, str, int | None, int]]).decode
 
 CHECKPOINT_EVERY_S = 1.0
 UNHELD_PASSES = 3  # checkpoint passes beside the commits before the one that holds them
@@ -160,6 +168,13 @@ def checkpoint_all(conn: sqlite3.Connection, writer_lock, passes_beside: int) ->
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
+def _add_ts_column(conn: sqlite3.Connection) -> None:
+    """Logs written before entries kept their `ts` get the column (NULL for old rows)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    if "ts" not in columns:
+        conn.execute("ALTER TABLE events ADD COLUMN ts INTEGER")
+
+
 class PerThread:
     """One connection per thread to one SQLite file (a connection must not be shared
     between threads mid-transaction); close_all() closes every one of them."""
@@ -204,6 +219,7 @@ class SQLiteLog(EventLog):
         self._write = connect(self.path)
         self._write.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self._write.executescript(SCHEMA)
+        _add_ts_column(self._write)
         self._commit_lock = threading.Lock()  # a commit, or the checkpoint's last step
         self._head = self._write.execute(HEAD_SQL).fetchone()[0]
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="log-checkpoint",
@@ -221,7 +237,7 @@ class SQLiteLog(EventLog):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if rows:
-                    insert_many(conn, f"INSERT INTO events ({COLUMNS}) VALUES", 9, rows)
+                    insert_many(conn, f"INSERT INTO events ({COLUMNS}) VALUES", 10, rows)
                 if discards:
                     conn.executemany(
                         "INSERT INTO discards (received_at, source, message_id, reason, message,"
@@ -279,8 +295,11 @@ class SQLiteLog(EventLog):
             return self._head
         return self._reader().execute(HEAD_SQL).fetchone()[0]
 
-    def read(self, after: int, limit: int = 1000) -> list[Entry]:
+    def read(self, after: int, limit: int = 1000, lean: Sequence[str] = ()) -> list[Entry]:
         """Up to `limit` entries past `after`, in one call into SQLite (see READ_SQL)."""
+        if lean:
+            return self._batched(LEAN_READ_SQL, READ_WHERE, (json.dumps(list(lean)), after, limit),
+                                 fallback=(after, limit))
         return self._batched(READ_SQL, READ_WHERE, (after, limit))
 
     def get(self, positions: Sequence[int]) -> list[Entry]:
@@ -288,13 +307,14 @@ class SQLiteLog(EventLog):
             return []
         return self._batched(GET_SQL, GET_WHERE, (json.dumps(list(positions)),))
 
-    def _batched(self, sql: str, where: str, params: tuple) -> list[Entry]:
+    def _batched(self, sql: str, where: str, params: tuple,
+                 fallback: tuple | None = None) -> list[Entry]:
         conn = self._reader()
         try:
             meta, bodies = conn.execute(sql, params).fetchone()
         except sqlite3.DataError:  # over SQLite's length limit (1 GB): row by row instead
             return [Entry(*row) for row in conn.execute(
-                f"SELECT {COLUMNS} FROM events {where}", params)]
+                f"SELECT {COLUMNS} FROM events {where}", params if fallback is None else fallback)]
         if bodies is None:
             return []
         rows = _decode_meta(meta)
@@ -303,12 +323,12 @@ class SQLiteLog(EventLog):
         entries, offset, last = [], 0, -1
         append = entries.append
         for position, message_id, received_at, type_, event, user_id, anonymous_id, source, \
-                size in rows:
+                ts, size in rows:
             if position <= last:  # SQLite feeds the aggregate in the subquery's order
                 raise sqlite3.DatabaseError("the log's batched read came out of order")
             end = offset + size
             append(Entry(position, message_id, received_at, type_, event, user_id, anonymous_id,
-                         source, bodies[offset:end]))
+                         source, bodies[offset:end], ts))
             offset, last = end, position
         return entries
 

@@ -31,7 +31,8 @@ class RequestContext:
     truncate_ip: bool = False
 
 
-def enrich(ev: dict, rc: RequestContext) -> None:
+def enrich(ev: dict, rc: RequestContext) -> int:
+    """Stamps the event in place; returns its `timestamp` in ms (the log keeps it)."""
     if "messageId" not in ev:
         ev["messageId"] = f"api-{uuid.uuid4()}"
     ev.pop("writeKey", None)  # a credential: never stored or forwarded
@@ -50,8 +51,9 @@ def enrich(ev: dict, rc: RequestContext) -> None:
     if rc.truncate_ip and type(context.get("ip")) is str:
         context["ip"] = truncate_ip(context["ip"])
 
-    _stamp_times(ev, rc)
+    ts = _stamp_times(ev, rc)
     ev["version"] = rc.version
+    return ts
 
 
 def truncate_ip(ip: str) -> str:
@@ -73,8 +75,9 @@ def _client_side(context: dict) -> bool:
     return type(library) is dict and library.get("name") == "analytics.js"
 
 
-def _stamp_times(ev: dict, rc: RequestContext) -> None:
-    received = rc.received_at
+def _stamp_times(ev: dict, rc: RequestContext) -> int:
+    """Returns the `timestamp` it set, in ms."""
+    received = ts = rc.received_at
     get = ev.get
     raw = get("originalTimestamp")
     original = read_ts(raw) if raw is not None else None
@@ -92,16 +95,17 @@ def _stamp_times(ev: dict, rc: RequestContext) -> None:
     else:
         original, original_text = original
         ev["originalTimestamp"] = original_text
-        if sent is None or sent == received:
-            ev["timestamp"] = original_text
+        ts = received - (sent - original) if sent is not None else original
+        if ts == original or not in_range(ts):
+            ev["timestamp"], ts = original_text, original
         else:
-            timestamp = received - (sent - original)
-            ev["timestamp"] = format_ts(timestamp) if in_range(timestamp) else original_text
+            ev["timestamp"] = format_ts(ts)
     if sent_text is not None:
         ev["sentAt"] = sent_text
     elif "sentAt" in ev:
         del ev["sentAt"]  # null or unparseable: dropped rather than passed on as if a time
     ev["receivedAt"] = rc.received_at_text
+    return ts
 
 
 def _merge(base: dict, override: dict) -> dict:

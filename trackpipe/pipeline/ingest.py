@@ -70,7 +70,7 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
                                     problem[0], problem[1],
                                     payload[:DISCARD_PAYLOAD_CHARS].decode("utf-8", "replace")))
             continue
-        enrich(ev, rc)
+        ts = enrich(ev, rc)
         body = _encode(ev)
         if len(body) > max_bytes:
             _check_size(body, max_bytes, index)
@@ -78,7 +78,7 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         message_id = ev["messageId"]
         event = ev.get("event") if ev["type"] == "track" else None
         records.append(Record(message_id, rc.received_at, ev["type"], event, ev.get("userId"),
-                              ev.get("anonymousId"), rc.source_id, body))
+                              ev.get("anonymousId"), rc.source_id, body, ts))
     if strict and errors:
         raise RequestRejected("validation_failed", f"{len(errors)} of {len(items)} events are "
                               "invalid; nothing was stored (strict mode).", errors)
