@@ -1,4 +1,4 @@
-"""SQLiteLog.read() fetches a batch as one result row (see READ_SQL in log/sqlite.py):
+"""SQLiteLog.read() fetches a batch as one result row (see _BATCHED in log/sqlite.py):
 it must give back exactly what a plain row-by-row SELECT does."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from trackpipe.log.base import Entry, Record
-from trackpipe.log.sqlite import COLUMNS, SQLiteLog
+from trackpipe.log.sqlite import COLUMNS, SCHEMA, SQLiteLog
 
 
 def records() -> list[Record]:
@@ -139,15 +139,15 @@ def test_a_lean_batch_over_sqlites_length_limit_is_read_row_by_row_with_its_bodi
     reader.close()
 
 
-OLD_SCHEMA = """CREATE TABLE events (position INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
-    received_at INTEGER NOT NULL, type TEXT NOT NULL, event TEXT, user_id TEXT,
-    anonymous_id TEXT, source TEXT NOT NULL, body BLOB NOT NULL)"""
+# The log's schema as it was before entries kept their ts.
+OLD_SCHEMA = SCHEMA.replace(",\n    ts           INTEGER\n", "\n")
+assert OLD_SCHEMA != SCHEMA
 
 
 def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_bodies(tmp_path):
     path = tmp_path / "log.db"
     conn = sqlite3.connect(path)
-    conn.execute(OLD_SCHEMA)
+    conn.executescript(OLD_SCHEMA)
     conn.execute("INSERT INTO events VALUES (1, 'old', 1, 'track', 'E', 'u', NULL, 's', '{}')")
     conn.commit()
     conn.close()
@@ -161,4 +161,21 @@ def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_
     log = SQLiteLog(path)  # opening it again changes nothing
     assert [e.ts for e in log.read(0, 10)] == [None, 7]
     log.close()
+
+
+def test_a_reader_that_opens_an_old_log_before_any_writer_reads_it_as_it_is(tmp_path):
+    """A CLI command run after an upgrade, before the server's first start."""
+    path = tmp_path / "log.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute("INSERT INTO events VALUES (1, 'old', 1, 'track', 'E', 'u', NULL, 's', '{}')")
+    conn.commit()
+    conn.close()
+    reader = SQLiteLog(path, writable=False)
+    old = Entry(1, "old", 1, "track", "E", "u", None, "s", b"{}", None)
+    assert reader.read(0, 10) == reader.read(0, 10, ("track",)) == reader.get([1]) == [old]
+    assert [e.message_id for e in reader.query({}, limit=10)[0]] == ["old"]
+    assert "ts" not in {row[1] for row in sqlite3.connect(path).execute(
+        "PRAGMA table_info(events)")}  # a reader never changes the file
+    reader.close()
 

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from itertools import chain
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import msgspec
 
@@ -69,6 +69,8 @@ HEAD_SQL = ("SELECT max(coalesce((SELECT max(position) FROM events), 0), coalesc
 
 COLUMNS = ("position, message_id, received_at, type, event, user_id, anonymous_id, source, body,"
            " ts")
+# What a reader selects from a log no writer has opened since it gained `ts`.
+COLUMNS_BEFORE_TS = COLUMNS.replace(" ts", " NULL AS ts")
 # The consumers' read: a batch of entries as ONE result row. Python's sqlite3 hands
 # the GIL back around every row it steps to; in a process where another thread is
 # busy (the consumers process: identity beside the destinations' event loop) each
@@ -81,15 +83,35 @@ COLUMNS = ("position, message_id, received_at, type, event, user_id, anonymous_i
 _BATCHED = (
     "SELECT json_group_array(json_array(position, message_id, received_at, type, event,"
     " user_id, anonymous_id, source, ts, length(CAST(b AS BLOB)))),"
-    " CAST(group_concat(CAST(b AS BLOB), '') AS BLOB) FROM (SELECT *, {} AS b FROM events {})")
+    " CAST(group_concat(CAST(b AS BLOB), '') AS BLOB) FROM (SELECT {columns}, {body} AS b"
+    " FROM events {where})")
 ALL_BODIES = "body"
 LEAN_BODIES = ("CASE WHEN ts IS NOT NULL AND type IN (SELECT value FROM json_each(?))"
                " THEN x'' ELSE body END")
+# Before the column exists every body is read; the placeholder stays, so the
+# parameters are the same either way.
+LEAN_BODIES_BEFORE_TS = "CASE WHEN ? IS NULL THEN body ELSE body END"
 READ_WHERE = "WHERE position > ? ORDER BY position LIMIT ?"
 GET_WHERE = "WHERE position IN (SELECT value FROM json_each(?)) ORDER BY position"
-READ_SQL = _BATCHED.format(ALL_BODIES, READ_WHERE)
-LEAN_READ_SQL = _BATCHED.format(LEAN_BODIES, READ_WHERE)
-GET_SQL = _BATCHED.format(ALL_BODIES, GET_WHERE)
+
+
+class _Reads(NamedTuple):
+    columns: str
+    read: str
+    lean: str
+    get: str
+
+
+def _reads(has_ts: bool) -> _Reads:
+    columns = COLUMNS if has_ts else COLUMNS_BEFORE_TS
+    lean = LEAN_BODIES if has_ts else LEAN_BODIES_BEFORE_TS
+    return _Reads(columns,
+                  _BATCHED.format(columns=columns, body=ALL_BODIES, where=READ_WHERE),
+                  _BATCHED.format(columns=columns, body=lean, where=READ_WHERE),
+                  _BATCHED.format(columns=columns, body=ALL_BODIES, where=GET_WHERE))
+
+
+READS = _reads(True)
 _decode_meta = msgspec.json.Decoder(list[tuple[int, str, int, str, str | None, str | None,
                                                str | None, str, int | None, int]]).decode
 
@@ -168,10 +190,13 @@ def checkpoint_all(conn: sqlite3.Connection, writer_lock, passes_beside: int) ->
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+
+
 def _add_ts_column(conn: sqlite3.Connection) -> None:
     """Logs written before entries kept their `ts` get the column (NULL for old rows)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
-    if "ts" not in columns:
+    if "ts" not in _columns(conn):
         conn.execute("ALTER TABLE events ADD COLUMN ts INTEGER")
 
 
@@ -214,7 +239,14 @@ class SQLiteLog(EventLog):
         self._readers = PerThread(self.path)
         self._closed = threading.Event()
         self._write: sqlite3.Connection | None = None
+        self._sql = READS
         if not writable:
+            # The writer adds `ts` to an older log when it opens it; a reader that
+            # comes first (a CLI command before the server's first start since the
+            # upgrade) reads that log as it is, every ts NULL.
+            columns = _columns(self._reader())
+            if columns and "ts" not in columns:
+                self._sql = _reads(False)
             return
         self._write = connect(self.path)
         self._write.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
@@ -296,16 +328,16 @@ class SQLiteLog(EventLog):
         return self._reader().execute(HEAD_SQL).fetchone()[0]
 
     def read(self, after: int, limit: int = 1000, lean: Sequence[str] = ()) -> list[Entry]:
-        """Up to `limit` entries past `after`, in one call into SQLite (see READ_SQL)."""
+        """Up to `limit` entries past `after`, in one call into SQLite (see _BATCHED)."""
         if lean:
-            return self._batched(LEAN_READ_SQL, READ_WHERE, (json.dumps(list(lean)), after, limit),
-                                 fallback=(after, limit))
-        return self._batched(READ_SQL, READ_WHERE, (after, limit))
+            return self._batched(self._sql.lean, READ_WHERE,
+                                 (json.dumps(list(lean)), after, limit), fallback=(after, limit))
+        return self._batched(self._sql.read, READ_WHERE, (after, limit))
 
     def get(self, positions: Sequence[int]) -> list[Entry]:
         if not positions:
             return []
-        return self._batched(GET_SQL, GET_WHERE, (json.dumps(list(positions)),))
+        return self._batched(self._sql.get, GET_WHERE, (json.dumps(list(positions)),))
 
     def _batched(self, sql: str, where: str, params: tuple,
                  fallback: tuple | None = None) -> list[Entry]:
@@ -314,7 +346,8 @@ class SQLiteLog(EventLog):
             meta, bodies = conn.execute(sql, params).fetchone()
         except sqlite3.DataError:  # over SQLite's length limit (1 GB): row by row instead
             return [Entry(*row) for row in conn.execute(
-                f"SELECT {COLUMNS} FROM events {where}", params if fallback is None else fallback)]
+                f"SELECT {self._sql.columns} FROM events {where}",
+                params if fallback is None else fallback)]
         if bodies is None:
             return []
         rows = _decode_meta(meta)
@@ -376,7 +409,7 @@ class SQLiteLog(EventLog):
         where += ["position > ?", "position < ?"]
         args += [lo, hi]
         cur = self._reader().execute(
-            f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(where)}"
+            f"SELECT {self._sql.columns} FROM events WHERE {' AND '.join(where)}"
             f" ORDER BY position {order} LIMIT ?", (*args, limit))
         entries = [Entry(*row) for row in cur]
         if order == "ASC":
