@@ -144,13 +144,19 @@ OLD_SCHEMA = SCHEMA.replace(",\n    ts           INTEGER\n", "\n")
 assert OLD_SCHEMA != SCHEMA
 
 
-def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_bodies(tmp_path):
+def old_log(tmp_path):
+    """A log file as trackpipe wrote it before entries kept their ts: one entry."""
     path = tmp_path / "log.db"
     conn = sqlite3.connect(path)
     conn.executescript(OLD_SCHEMA)
     conn.execute("INSERT INTO events VALUES (1, 'old', 1, 'track', 'E', 'u', NULL, 's', '{}')")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_bodies(tmp_path):
+    path = old_log(tmp_path)
     log = SQLiteLog(path)
     log.append([Record("new", 2, "track", "E", "u", None, "s", b'{"a":1}', 7)])
     reader = SQLiteLog(path, writable=False)
@@ -165,12 +171,7 @@ def test_a_log_written_before_ts_gets_the_column_and_its_old_entries_keep_their_
 
 def test_a_reader_that_opens_an_old_log_before_any_writer_reads_it_as_it_is(tmp_path):
     """A CLI command run after an upgrade, before the server's first start."""
-    path = tmp_path / "log.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(OLD_SCHEMA)
-    conn.execute("INSERT INTO events VALUES (1, 'old', 1, 'track', 'E', 'u', NULL, 's', '{}')")
-    conn.commit()
-    conn.close()
+    path = old_log(tmp_path)
     reader = SQLiteLog(path, writable=False)
     old = Entry(1, "old", 1, "track", "E", "u", None, "s", b"{}", None)
     assert reader.read(0, 10) == reader.read(0, 10, ("track",)) == reader.get([1]) == [old]
