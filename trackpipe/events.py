@@ -53,11 +53,12 @@ def _second(s: int) -> str:
 
 
 def read_ts(value) -> tuple[int, str] | None:
-    """parse_ts and canonical_ts at once: (ms, emitted text), or None.
+    """A client's timestamp: (ms, its emitted form), or None when absent or unparseable.
 
     The shape clients send most (`toISOString()`, or isoformat with ms and
-    +00:00) is read by slicing, its second looked up in a cache: the events of
-    one batch, and the requests of one moment, share a handful of seconds.
+    +00:00) is read by slicing, its second looked up in a cache (the events of
+    one batch, and the requests of one moment, share a handful of seconds), and
+    kept as it came (with a Z for +00:00); any other shape is emitted anew.
     """
     if type(value) is str and _CANONICAL.match(value):
         base = _second_ms(value[:19])
@@ -77,14 +78,6 @@ def _second_ms(text: str) -> int | None:
     except (ValueError, OverflowError):
         return None
     return ms if ms >= 0 else None
-
-
-def canonical_ts(value: str, ms: int) -> str:
-    """The emitted form of a parsed timestamp, reusing the client's string when it already is."""
-    if _CANONICAL.match(value):
-        # JavaScript's toISOString() as is; Python's isoformat() with ms, given its Z.
-        return value if len(value) == 24 else value[:23] + "Z"
-    return format_ts(ms)
 
 
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:Z|\+00:00)\Z", re.ASCII)

@@ -5,7 +5,15 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trackpipe.events import canonical_ts, parse_ts, read_ts
+from trackpipe.events import _CANONICAL, format_ts, parse_ts, read_ts
+
+
+def canonical_ts(value: str, ms: int) -> str:
+    """The emitted form as the collector made it before read_ts: the client's own text
+    when already canonical, else formatted anew."""
+    if _CANONICAL.match(value):
+        return value if len(value) == 24 else value[:23] + "Z"
+    return format_ts(ms)
 
 
 def two_steps(value):

@@ -78,7 +78,7 @@ COLUMNS_BEFORE_TS = COLUMNS.replace(" ts", " NULL AS ts")
 # ~1 ms per row instead of ~2 us. So SQLite builds the batch in one step: the columns
 # as a JSON array of arrays (with each body's length), the bodies concatenated.
 # `get` (the retries' read) does the same with its positions as one JSON array.
-# A lean read leaves out the bodies of the types it names (bound as a JSON array)
+# A lean read leaves out the bodies of the types it names (:lean, a JSON array)
 # when the entry has its ts: identity reads ~2.5x faster without them.
 _BATCHED = (
     "SELECT json_group_array(json_array(position, message_id, received_at, type, event,"
@@ -86,28 +86,25 @@ _BATCHED = (
     " CAST(group_concat(CAST(b AS BLOB), '') AS BLOB) FROM (SELECT {columns}, {body} AS b"
     " FROM events {where})")
 ALL_BODIES = "body"
-LEAN_BODIES = ("CASE WHEN ts IS NOT NULL AND type IN (SELECT value FROM json_each(?))"
+LEAN_BODIES = ("CASE WHEN ts IS NOT NULL AND type IN (SELECT value FROM json_each(:lean))"
                " THEN x'' ELSE body END")
-# Before the column exists every body is read; the placeholder stays, so the
-# parameters are the same either way.
-LEAN_BODIES_BEFORE_TS = "CASE WHEN ? IS NULL THEN body ELSE body END"
-READ_WHERE = "WHERE position > ? ORDER BY position LIMIT ?"
-GET_WHERE = "WHERE position IN (SELECT value FROM json_each(?)) ORDER BY position"
+READ_WHERE = "WHERE position > :after ORDER BY position LIMIT :limit"
+GET_WHERE = "WHERE position IN (SELECT value FROM json_each(:positions)) ORDER BY position"
 
 
 class _Reads(NamedTuple):
     columns: str
     read: str
-    lean: str
+    lean: str | None  # None before the log has `ts`: every body is read
     get: str
 
 
 def _reads(has_ts: bool) -> _Reads:
     columns = COLUMNS if has_ts else COLUMNS_BEFORE_TS
-    lean = LEAN_BODIES if has_ts else LEAN_BODIES_BEFORE_TS
     return _Reads(columns,
                   _BATCHED.format(columns=columns, body=ALL_BODIES, where=READ_WHERE),
-                  _BATCHED.format(columns=columns, body=lean, where=READ_WHERE),
+                  _BATCHED.format(columns=columns, body=LEAN_BODIES, where=READ_WHERE)
+                  if has_ts else None,
                   _BATCHED.format(columns=columns, body=ALL_BODIES, where=GET_WHERE))
 
 
@@ -329,25 +326,23 @@ class SQLiteLog(EventLog):
 
     def read(self, after: int, limit: int = 1000, lean: Sequence[str] = ()) -> list[Entry]:
         """Up to `limit` entries past `after`, in one call into SQLite (see _BATCHED)."""
-        if lean:
-            return self._batched(self._sql.lean, READ_WHERE,
-                                 (json.dumps(list(lean)), after, limit), fallback=(after, limit))
-        return self._batched(self._sql.read, READ_WHERE, (after, limit))
+        params = {"after": after, "limit": limit}
+        if lean and self._sql.lean:
+            return self._batched(self._sql.lean, READ_WHERE, {**params, "lean": json.dumps(list(lean))})
+        return self._batched(self._sql.read, READ_WHERE, params)
 
     def get(self, positions: Sequence[int]) -> list[Entry]:
         if not positions:
             return []
-        return self._batched(self._sql.get, GET_WHERE, (json.dumps(list(positions)),))
+        return self._batched(self._sql.get, GET_WHERE, {"positions": json.dumps(list(positions))})
 
-    def _batched(self, sql: str, where: str, params: tuple,
-                 fallback: tuple | None = None) -> list[Entry]:
+    def _batched(self, sql: str, where: str, params: dict) -> list[Entry]:
         conn = self._reader()
         try:
             meta, bodies = conn.execute(sql, params).fetchone()
         except sqlite3.DataError:  # over SQLite's length limit (1 GB): row by row instead
             return [Entry(*row) for row in conn.execute(
-                f"SELECT {self._sql.columns} FROM events {where}",
-                params if fallback is None else fallback)]
+                f"SELECT {self._sql.columns} FROM events {where}", params)]
         if bodies is None:
             return []
         rows = _decode_meta(meta)
