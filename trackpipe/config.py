@@ -53,6 +53,14 @@ class Dedup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A repeated messageId within this long of its first receipt is dropped (answered 200)."""
 
 
+class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    retention_seconds: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Delete events older than this once identity and every enabled destination have read
+    them and none holds them for a retry or as failed (0: keep every event)."""
+    prune_every_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """How often the retention looks for events to delete."""
+
+
 class Ingest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: int = 2
     """The `version` stamped on every stored message."""
@@ -139,14 +147,22 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ingest: Ingest = msgspec.field(default_factory=Ingest)
     identity: Identity = msgspec.field(default_factory=Identity)
     privacy: Privacy = msgspec.field(default_factory=Privacy)
+    log: Log = msgspec.field(default_factory=Log)
     destinations: list[Destination] = []
+
+    def __post_init__(self) -> None:
+        retention = self.log.retention_seconds
+        if 0 < retention < self.dedup.window_seconds:
+            # Dedup confirms a repeat against the stored event: it must still be there.
+            raise ValueError(f"log.retention_seconds ({retention}) must be 0 (keep every event)"
+                             f" or at least dedup.window_seconds ({self.dedup.window_seconds})")
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
 
-_SECTIONS = ("server", "limits", "dedup", "ingest", "identity", "privacy")
+_SECTIONS = ("server", "limits", "dedup", "ingest", "identity", "privacy", "log")
 # Variables that belong to the test suite or the benchmark, not to the server.
 _NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL",
                  "TRACKPIPE_GC_THRESHOLD"}
@@ -189,7 +205,7 @@ def _apply_env(raw: dict, env) -> None:
 
 def _section_fields(section: str) -> tuple[str, ...]:
     cls = {"server": Server, "limits": Limits, "dedup": Dedup, "ingest": Ingest,
-           "identity": Identity, "privacy": Privacy}[section]
+           "identity": Identity, "privacy": Privacy, "log": Log}[section]
     return cls.__struct_fields__
 
 

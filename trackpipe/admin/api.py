@@ -103,9 +103,12 @@ class AdminAPI:
         message_id = request.path_params["message_id"]
         answer = await run_in_threadpool(self._status, message_id)
         if answer is None:
+            retention = self.p.settings.log.retention_seconds
             return error(404, "not_found", f"trackpipe has no record of messageId {message_id!r}: "
-                         "it never arrived in a well-formed, authorised request. Check the "
-                         "client's host and write key.")
+                         "it never arrived in a well-formed, authorised request"
+                         + (f", or it was older than the log's retention ({retention} s) and has"
+                            " been deleted" if retention else "")
+                         + ". Check the client's host and write key.")
         return json_response(answer)
 
     def _status(self, message_id: str) -> dict | None:

@@ -24,6 +24,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -34,6 +35,7 @@ from trackpipe.delivery.worker import DestinationWorker
 from trackpipe.destinations import destination_class
 from trackpipe.destinations.build import build_destination
 from trackpipe.gc_tuning import tune_gc
+from trackpipe.log import retention
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.privacy.erase import process_requests
 
@@ -119,6 +121,45 @@ class IdentityConsumer:
             except asyncio.TimeoutError:
                 pass
 
+    async def retain(self, stop: asyncio.Event, data_dir: Path, settings: config.Settings,
+                     state: DeliveryState) -> None:
+        """The log's retention (log/retention.py), on the identity thread between two batches."""
+        loop = asyncio.get_running_loop()
+        after = 0  # where an unfinished prune goes on from; 0 starts over
+        while not stop.is_set():
+            try:  # with more to do, go on once identity has had its turn on the thread
+                await asyncio.wait_for(stop.wait(), 0.05 if after else
+                                       settings.log.prune_every_seconds)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                after = await loop.run_in_executor(self.pool, self.prune_log, data_dir, settings,
+                                                   state, after)
+            except Exception:
+                after = 0
+                log.exception("retention: pruning the log failed; trying again later")
+
+    def prune_log(self, data_dir: Path, settings: config.Settings, state: DeliveryState,
+                  after: int = 0) -> int:
+        """One prune (its time budget's worth) from past `after`; returns where the next
+        one goes on from, or 0 when this one finished."""
+        readers = [state.lowest_cursor(d.name for d in settings.destinations if d.enabled)]
+        if self.store is not None:
+            readers.append(self.store.position())
+        read_up_to = min((r for r in readers if r is not None), default=self.log.head())
+        holders = state.known_destinations()
+        pruned = retention.prune(
+            data_dir / "log.db", read_up_to=read_up_to, after=after,
+            older_than=int(time.time() * 1000) - settings.log.retention_seconds * 1000,
+            held=lambda lo, hi: state.held(holders, lo, hi),
+            forget=lambda positions: state.forget_traces(holders, positions))
+        if pruned.events or pruned.discards or pruned.repeats:
+            log.info("retention: deleted %d events, %d discards and %d repeat records older"
+                     " than %d s", pruned.events, pruned.discards, pruned.repeats,
+                     settings.log.retention_seconds)
+        return pruned.after if pruned.more else 0
+
     async def resolve(self, pairs):
         return await asyncio.get_running_loop().run_in_executor(
             self.pool, self.store.resolve_many, pairs)
@@ -164,6 +205,9 @@ async def run(settings: config.Settings) -> None:
     notified = [d.name for d in settings.destinations
                 if d.enabled and destination_class(d.type).supports_delete]
     tasks.append(asyncio.create_task(erasing.erase_requests(stop, data, notified), name="privacy"))
+    if settings.log.retention_seconds:
+        tasks.append(asyncio.create_task(erasing.retain(stop, data, settings, state),
+                                         name="retention"))
     head = event_log.head()
     for cfg in settings.destinations:
         if not cfg.enabled:

@@ -358,6 +358,41 @@ class DeliveryState:
             db.executemany("DELETE FROM attempts WHERE position = ?", rows)
         return n
 
+    # -- retention (log/retention.py) -------------------------------------------
+
+    def lowest_cursor(self, destinations: Iterable[str]) -> int | None:
+        """How far every one of these destinations has routed the log (None: none named)."""
+        cursors = dict(self._db().execute("SELECT destination, position FROM cursors"))
+        return min((cursors.get(name, 0) for name in destinations), default=None)
+
+    def known_destinations(self) -> list[str]:
+        """Every destination with a cursor, a retry or a failure on record."""
+        return [d for (d,) in self._db().execute(
+            "SELECT destination FROM cursors UNION SELECT destination FROM pending"
+            " UNION SELECT destination FROM failed")]
+
+    def held(self, destinations: Sequence[str], lo: int, hi: int) -> set[int]:
+        """Positions in [lo, hi] a destination still needs: waiting for a retry, or failed
+        (and so replayable)."""
+        db, found = self._db(), set()
+        for destination in destinations:  # the primary keys' prefix: no scan
+            for table in ("pending", "failed"):
+                found.update(p for (p,) in db.execute(
+                    f"SELECT position FROM {table} WHERE destination = ? AND position"
+                    " BETWEEN ? AND ?", (destination, lo, hi)))
+        return found
+
+    def forget_traces(self, destinations: Sequence[str], positions: Sequence[int]) -> None:
+        """The retention deleted these events (ascending): drop their attempts, and the
+        delivered batches that end at or before the last of them."""
+        db = self._db()
+        with _transaction(db):
+            db.execute("DELETE FROM attempts WHERE position IN (SELECT value FROM json_each(?))",
+                       (json.dumps(list(positions)),))
+            db.executemany("DELETE FROM batches WHERE destination = ? AND hi <= ?"
+                           " AND state = 'delivered'",
+                           [(d, positions[-1]) for d in destinations])
+
     def pending_notice(self, destination: str):
         return erase.pending_notice(self._db(), destination)
 

@@ -60,12 +60,16 @@ CREATE TABLE IF NOT EXISTS consumers (
 ) WITHOUT ROWID;
 """
 
-# A privacy erase may delete the newest events; positions must still never be
-# reused (consumers' cursors are past them), so the erase leaves the old head
-# behind as a floor (privacy/erase.py).
+# A privacy erase or the retention may delete the newest events; positions must
+# still never be reused (consumers' cursors are past them), so each delete leaves
+# the old head behind as a floor (privacy/erase.py, log/retention.py).
 HEAD_FLOOR = "log:head_floor"
 HEAD_SQL = ("SELECT max(coalesce((SELECT max(position) FROM events), 0), coalesce((SELECT position"
             f" FROM consumers WHERE name = '{HEAD_FLOOR}'), 0))")
+# Run in the deleting transaction, before the delete (privacy erase, retention).
+KEEP_HEAD_SQL = (f"INSERT INTO consumers VALUES ('{HEAD_FLOOR}', (SELECT coalesce(max(position), 0)"
+                 " FROM events)) ON CONFLICT (name) DO UPDATE SET"
+                 " position = max(position, excluded.position)")
 
 COLUMNS = ("position, message_id, received_at, type, event, user_id, anonymous_id, source, body,"
            " ts")

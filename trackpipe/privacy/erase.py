@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from trackpipe.log.sqlite import HEAD_FLOOR, connect
+from trackpipe.log.sqlite import KEEP_HEAD_SQL, connect
 
 QUEUE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS privacy_requests (
@@ -116,9 +116,7 @@ def _erase_log(path: Path, user_ids: set[str], anon_ids: set[str], positions: se
             "SELECT position, message_id FROM events WHERE position IN (SELECT p FROM gone_positions)"
             " OR user_id IN (SELECT v FROM gone_users) OR anonymous_id IN (SELECT v FROM gone_anons)"
         ).fetchall()
-        db.execute("INSERT INTO consumers VALUES (?, (SELECT coalesce(max(position), 0) FROM events))"
-                   " ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position)",
-                   (HEAD_FLOOR,))
+        db.execute(KEEP_HEAD_SQL)
         db.executemany("DELETE FROM events WHERE position = ?", [(p,) for p, _ in found])
         db.executemany("DELETE FROM repeats WHERE message_id = ?", [(m,) for _, m in found])
         for value in user_ids | anon_ids:  # discarded payloads may name them too
