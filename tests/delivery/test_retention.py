@@ -3,6 +3,7 @@ leave the log; failed ones stay, and can still be replayed."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import msgspec
@@ -66,16 +67,23 @@ def _count(server, name: str) -> int:
 
 
 class _Identity:
+    """What the retention asks of the identity consumer: its position, and its store durable."""
+
     def __init__(self, position: int):
         self._position = position
+        self.store = self
+        self.synced = 0
 
     def position(self) -> int:
         return self._position
 
+    def make_durable(self) -> None:
+        self.synced += 1
+
 
 def test_identity_and_every_enabled_destination_hold_the_log_back(tmp_path):
     from trackpipe.config import Destination, load
-    from trackpipe.delivery.process import IdentityConsumer
+    from trackpipe.delivery.process import LogRetention
     from trackpipe.delivery.state import DeliveryState
     from trackpipe.log.base import Record
     from trackpipe.log.sqlite import SQLiteLog
@@ -93,12 +101,14 @@ def test_identity_and_every_enabled_destination_hold_the_log_back(tmp_path):
     reader = SQLiteLog(tmp_path / "log.db", writable=False)
     try:
         def left(identity) -> list[int]:
-            consumer = IdentityConsumer(identity, reader)
-            consumer.prune_log(tmp_path, settings, state)
-            consumer.pool.shutdown()
+            retaining = LogRetention(tmp_path, settings, state, reader, identity)
+            retaining.prune(0)
+            retaining.close()
             return [e.position for e in reader.read(0, 100)]
 
-        assert left(_Identity(3)) == list(range(4, 11))  # identity is the furthest behind
+        identity = _Identity(3)
+        assert left(identity) == list(range(4, 11))  # identity is the furthest behind
+        assert identity.synced == 1  # its position made durable before anything went
         assert left(_Identity(9)) == [9, 10]  # now the enabled destination is
         settings.destinations = []
         assert left(None) == []  # no reader at all: up to the head
@@ -106,3 +116,49 @@ def test_identity_and_every_enabled_destination_hold_the_log_back(tmp_path):
         reader.close()
         state.close()
         writer.close()
+
+
+def test_the_delivery_state_holds_and_forgets_what_the_retention_asks(tmp_path, monkeypatch):
+    from trackpipe.delivery.state import DeliveryState
+    from trackpipe.log import sqlite as log_sqlite
+
+    state = DeliveryState(tmp_path / "deliveries.db")
+    try:
+        db = state._db()
+        state.set_cursor("a", 100)
+        state.set_cursor("b", 100)
+        db.execute("INSERT INTO pending VALUES ('a', 5, NULL, 1, 0, 0, NULL, '', 0)")
+        db.execute("INSERT INTO failed VALUES ('b', 7, 'm7', 0, 3, 400, '', 'terminal', 0)")
+        db.execute("INSERT INTO failed VALUES ('b', 70, 'm70', 0, 3, 400, '', 'terminal', 0)")
+        assert state.known_destinations() == ["a", "b"]
+        assert state.held(["a", "b"], 1, 10) == {5, 7}
+        assert state.held(["a"], 1, 100) == {5}
+
+        for dest, lo, hi, st in (("a", 1, 4, "delivered"), ("a", 5, 9, "delivered"),
+                                 ("b", 1, 9, "mixed"), ("b", 10, 20, "delivered")):
+            db.execute("INSERT INTO batches (destination, lo, hi, events, at, state)"
+                       " VALUES (?, ?, ?, ?, 0, ?)", (dest, lo, hi, hi - lo + 1, st))
+        for position in (2, 5, 7):
+            db.execute("INSERT INTO attempts (destination, position, at, state, attempt)"
+                       " VALUES ('b', ?, 0, 'failed', 1)", (position,))
+        state.forget_traces(["a", "b"], [1, 2, 3, 4, 6], below=5)
+        assert sorted(db.execute("SELECT destination, lo FROM batches")) == [
+            ("a", 5), ("b", 1), ("b", 10)]  # a delivered batch holding a kept event stays
+        assert sorted(p for (p,) in db.execute("SELECT position FROM attempts")) == [5, 7]
+
+        synced = []
+        monkeypatch.setattr(log_sqlite.os, "fsync",
+                            lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+        state.make_durable()
+        assert sorted(synced) == sorted([str(state.path), f"{state.path}-wal"])
+    finally:
+        state.close()
+
+
+def test_a_retention_alone_starts_the_consumers_process():
+    from trackpipe.config import load
+    from trackpipe.delivery.supervisor import ConsumersProcess
+
+    base = {"TRACKPIPE_IDENTITY_ENABLED": "false", "TRACKPIPE_DEDUP_WINDOW_SECONDS": "60"}
+    assert not ConsumersProcess(load(None, base)).needed
+    assert ConsumersProcess(load(None, {**base, "TRACKPIPE_LOG_RETENTION_SECONDS": "60"})).needed

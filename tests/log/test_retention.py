@@ -70,18 +70,32 @@ def test_keeps_what_a_destination_holds(log):
         asked.append((lo, hi))
         return {3, 17, 44}
 
-    gone = []
-    retention.prune(log.path, read_up_to=100, older_than=CUTOFF, held=held,
-                    forget=gone.extend, chunk=10)
+    gone, lowest = [], []
+
+    def forget(positions, below):
+        gone.extend(positions)
+        lowest.append(below)
+
+    retention.prune(log.path, read_up_to=100, older_than=CUTOFF, held=held, forget=forget,
+                    chunk=10)
     assert positions(log) == [3, 17, 44, *range(51, 101)]
     assert sorted(gone) == [p for p in range(1, 51) if p not in (3, 17, 44)]
     assert asked[0] == (1, 10) and asked[-1][1] == 50
+    assert lowest == [3] * 5  # after each chunk: the lowest position the log still holds
 
 
-def test_a_consumer_position_in_the_log_holds_it_back(log):
-    log.commit("exporter", 12)
-    retention.prune(log.path, read_up_to=100, older_than=CUTOFF)
-    assert positions(log)[0] == 13
+def test_a_query_does_not_scan_what_was_deleted(log):
+    retention.prune(log.path, read_up_to=100, older_than=CUTOFF)  # positions 1-50 go
+    oldest_first, cursor, _ = log.query({}, after=0, limit=100, scan=10)
+    assert [e.position for e in oldest_first] == list(range(51, 61)) and cursor == 60
+    pages, cursor = [], None
+    while True:
+        page, cursor, _ = log.query({}, before=cursor, limit=100, scan=10)
+        pages.append([e.position for e in page])
+        if cursor is None:
+            break
+    # Windows of 9 positions over 51-100; going on down to position 0 would take 11.
+    assert len(pages) == 6 and sorted(sum(pages, [])) == list(range(51, 101))
 
 
 def test_stops_at_the_first_young_event(log):

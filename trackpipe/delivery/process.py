@@ -121,45 +121,6 @@ class IdentityConsumer:
             except asyncio.TimeoutError:
                 pass
 
-    async def retain(self, stop: asyncio.Event, data_dir: Path, settings: config.Settings,
-                     state: DeliveryState) -> None:
-        """The log's retention (log/retention.py), on the identity thread between two batches."""
-        loop = asyncio.get_running_loop()
-        after = 0  # where an unfinished prune goes on from; 0 starts over
-        while not stop.is_set():
-            try:  # with more to do, go on once identity has had its turn on the thread
-                await asyncio.wait_for(stop.wait(), 0.05 if after else
-                                       settings.log.prune_every_seconds)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                after = await loop.run_in_executor(self.pool, self.prune_log, data_dir, settings,
-                                                   state, after)
-            except Exception:
-                after = 0
-                log.exception("retention: pruning the log failed; trying again later")
-
-    def prune_log(self, data_dir: Path, settings: config.Settings, state: DeliveryState,
-                  after: int = 0) -> int:
-        """One prune (its time budget's worth) from past `after`; returns where the next
-        one goes on from, or 0 when this one finished."""
-        readers = [state.lowest_cursor(d.name for d in settings.destinations if d.enabled)]
-        if self.store is not None:
-            readers.append(self.store.position())
-        read_up_to = min((r for r in readers if r is not None), default=self.log.head())
-        holders = state.known_destinations()
-        pruned = retention.prune(
-            data_dir / "log.db", read_up_to=read_up_to, after=after,
-            older_than=int(time.time() * 1000) - settings.log.retention_seconds * 1000,
-            held=lambda lo, hi: state.held(holders, lo, hi),
-            forget=lambda positions: state.forget_traces(holders, positions))
-        if pruned.events or pruned.discards or pruned.repeats:
-            log.info("retention: deleted %d events, %d discards and %d repeat records older"
-                     " than %d s", pruned.events, pruned.discards, pruned.repeats,
-                     settings.log.retention_seconds)
-        return pruned.after if pruned.more else 0
-
     async def resolve(self, pairs):
         return await asyncio.get_running_loop().run_in_executor(
             self.pool, self.store.resolve_many, pairs)
@@ -168,6 +129,66 @@ class IdentityConsumer:
         self.pool.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
+
+
+class LogRetention:
+    """The log's retention (log/retention.py), on a thread of its own: it needs only the
+    readers' positions, so it neither waits for identity's batches nor holds them up."""
+
+    FULL_SWEEP_S = 3600.0  # how often events held at the bottom of the log are looked at again
+
+    def __init__(self, data_dir: Path, settings: config.Settings, state: DeliveryState,
+                 event_log: SQLiteLog, identity: IdentityConsumer | None):
+        self.path = data_dir / "log.db"
+        self.settings = settings
+        self.state = state
+        self.log = event_log
+        self.identity = identity
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retention")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        after, more, swept_at = 0, False, time.monotonic()
+        while not stop.is_set():
+            try:  # an unfinished prune goes on at once: its budget only spreads the work
+                await asyncio.wait_for(stop.wait(), 0.05 if more else
+                                       self.settings.log.prune_every_seconds)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if not more and time.monotonic() - swept_at > self.FULL_SWEEP_S:
+                after, swept_at = 0, time.monotonic()  # what was held may have been let go
+            try:
+                pruned = await loop.run_in_executor(self.pool, self.prune, after)
+                after, more = pruned.after, pruned.more
+            except Exception:
+                more = False
+                log.exception("retention: pruning the log failed; trying again later")
+
+    def prune(self, after: int) -> retention.Pruned:
+        readers = [self.state.lowest_cursor(d.name for d in self.settings.destinations
+                                            if d.enabled)]
+        if self.identity is not None:
+            readers.append(self.identity.position())
+        read_up_to = min((r for r in readers if r is not None), default=self.log.head())
+        # The positions just read must outlive a power cut before what they passed is gone.
+        self.state.make_durable()
+        if self.identity is not None:
+            self.identity.store.make_durable()
+        holders = self.state.known_destinations()
+        seconds = self.settings.log.retention_seconds
+        pruned = retention.prune(
+            self.path, read_up_to=read_up_to, after=after,
+            older_than=int(time.time() * 1000) - seconds * 1000,
+            held=lambda lo, hi: self.state.held(holders, lo, hi),
+            forget=lambda positions, below: self.state.forget_traces(holders, positions, below))
+        if pruned.events or pruned.discards or pruned.repeats:
+            log.info("retention: deleted %d events, %d discards and %d repeat records older"
+                     " than %d s", pruned.events, pruned.discards, pruned.repeats, seconds)
+        return pruned
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def environmental(exc: BaseException) -> bool:
@@ -205,9 +226,10 @@ async def run(settings: config.Settings) -> None:
     notified = [d.name for d in settings.destinations
                 if d.enabled and destination_class(d.type).supports_delete]
     tasks.append(asyncio.create_task(erasing.erase_requests(stop, data, notified), name="privacy"))
+    retaining = None
     if settings.log.retention_seconds:
-        tasks.append(asyncio.create_task(erasing.retain(stop, data, settings, state),
-                                         name="retention"))
+        retaining = LogRetention(data, settings, state, event_log, identity)
+        tasks.append(asyncio.create_task(retaining.run(stop), name="retention"))
     head = event_log.head()
     for cfg in settings.destinations:
         if not cfg.enabled:
@@ -227,6 +249,8 @@ async def run(settings: config.Settings) -> None:
         for task in hung:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if retaining is not None:
+            retaining.close()  # before the state it reads closes
         erasing.close()
         state.close()
         event_log.close()

@@ -28,7 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import msgspec
 
 from trackpipe.destinations.base import Outcome
-from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, insert_many
+from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, durable, insert_many
 from trackpipe.privacy import erase
 
 SCHEMA = """
@@ -366,32 +366,40 @@ class DeliveryState:
         return min((cursors.get(name, 0) for name in destinations), default=None)
 
     def known_destinations(self) -> list[str]:
-        """Every destination with a cursor, a retry or a failure on record."""
-        return [d for (d,) in self._db().execute(
-            "SELECT destination FROM cursors UNION SELECT destination FROM pending"
-            " UNION SELECT destination FROM failed")]
+        """Every destination that ever ran (each has a cursor from its first start)."""
+        return [d for (d,) in self._db().execute("SELECT destination FROM cursors")]
 
     def held(self, destinations: Sequence[str], lo: int, hi: int) -> set[int]:
         """Positions in [lo, hi] a destination still needs: waiting for a retry, or failed
-        (and so replayable)."""
+        (and so replayable). One snapshot: a replay moves an event from failed to pending
+        in one transaction, and it must be seen in one or the other."""
         db, found = self._db(), set()
-        for destination in destinations:  # the primary keys' prefix: no scan
-            for table in ("pending", "failed"):
-                found.update(p for (p,) in db.execute(
-                    f"SELECT position FROM {table} WHERE destination = ? AND position"
-                    " BETWEEN ? AND ?", (destination, lo, hi)))
+        db.execute("BEGIN")
+        try:
+            for destination in destinations:  # the primary keys' prefix: no scan
+                for table in ("pending", "failed"):
+                    found.update(p for (p,) in db.execute(
+                        f"SELECT position FROM {table} WHERE destination = ? AND position"
+                        " BETWEEN ? AND ?", (destination, lo, hi)))
+        finally:
+            db.execute("COMMIT")
         return found
 
-    def forget_traces(self, destinations: Sequence[str], positions: Sequence[int]) -> None:
-        """The retention deleted these events (ascending): drop their attempts, and the
-        delivered batches that end at or before the last of them."""
+    def forget_traces(self, destinations: Sequence[str], positions: Sequence[int],
+                      below: int) -> None:
+        """The retention deleted these events: drop their attempts, and the delivered
+        batches that end below `below`, the lowest position the log still holds."""
         db = self._db()
         with _transaction(db):
             db.execute("DELETE FROM attempts WHERE position IN (SELECT value FROM json_each(?))",
                        (json.dumps(list(positions)),))
-            db.executemany("DELETE FROM batches WHERE destination = ? AND hi <= ?"
-                           " AND state = 'delivered'",
-                           [(d, positions[-1]) for d in destinations])
+            db.executemany("DELETE FROM batches WHERE destination = ? AND hi < ?"
+                           " AND state = 'delivered'", [(d, below) for d in destinations])
+
+    def make_durable(self) -> None:
+        """fsync what is committed: the cursors just read must survive a power cut before
+        the retention deletes what they have passed (this file runs synchronous=NORMAL)."""
+        durable(self.path)
 
     def pending_notice(self, destination: str):
         return erase.pending_notice(self._db(), destination)

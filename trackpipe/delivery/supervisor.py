@@ -27,7 +27,8 @@ class ConsumersProcess:
 
     @property
     def needed(self) -> bool:
-        return self.settings.identity.enabled or any(d.enabled for d in self.settings.destinations)
+        return (self.settings.identity.enabled or self.settings.log.retention_seconds > 0
+                or any(d.enabled for d in self.settings.destinations))
 
     def start(self) -> None:
         """Call on the main thread (PR_SET_PDEATHSIG follows the forking thread)."""

@@ -1,9 +1,11 @@
 """The embedded identity store: data_dir/identity.db.
 
-identity.db is derived data: it can always be rebuilt by replaying the log
-from position 0, so it runs with synchronous=NORMAL (WAL). A power cut may
-lose the last transactions, and with them the position they moved, so the
-consumer simply applies those entries again.
+identity.db is derived data: it can be rebuilt by replaying the log from
+position 0 (all of it, unless a retention has deleted old events), so it runs
+with synchronous=NORMAL (WAL). A power cut may lose the last transactions, and
+with them the position they moved, so the consumer simply applies those
+entries again; the retention makes the file durable before it deletes what
+the position has passed (make_durable).
 
 The consumers process is its only writer in normal operation, so it keeps the
 graph's working set (identifier -> profile, profile sizes, known edges) in
@@ -29,7 +31,7 @@ from pathlib import Path
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
 from trackpipe.identity.store import new_profile_id
-from trackpipe.log.sqlite import CONSUMER_ROWS, checkpoint_all, insert_many
+from trackpipe.log.sqlite import CONSUMER_ROWS, checkpoint_all, durable, insert_many
 
 CHECKPOINT_EVERY_S = 0.5
 
@@ -225,6 +227,9 @@ class SQLiteStore(SQLStore):
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError:
             pass  # a reader holds the WAL: the next checkpoint does it
+
+    def make_durable(self) -> None:
+        durable(self.path)  # synchronous=NORMAL leaves the newest commits to the next checkpoint
 
     def close(self) -> None:
         self._closed.set()

@@ -65,6 +65,10 @@ class IdentityStore(ABC):
     @abstractmethod
     def position(self) -> int: ...
 
+    def make_durable(self) -> None:
+        """Make every applied batch survive a power cut (before the log's retention deletes
+        what the position has passed). A store that commits durably has nothing to do."""
+
     def resolve(self, user_id: str | None, anonymous_id: str | None) -> str | None:
         return self.resolve_many([(user_id, anonymous_id)])[0]
 

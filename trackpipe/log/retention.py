@@ -6,12 +6,11 @@ read past it, and no destination holds it for a retry or in its failed store:
 a failure stays replayable however old it gets. The retention is at least the
 dedup window (config.py checks), so deduplication never looks for a deleted event.
 
-It runs in the consumers process, on the identity thread between two identity
-batches (delivery/process.py), where every reader's position is known, for
-about BUDGET_S at a time, so that a large first prune does not hold identity
-up. It reads outside any transaction and deletes in small ones, so the log
-writer's commits wait for one chunk at most. Freed pages take new events: the
-file stops growing; it does not shrink.
+The consumers process runs it on a thread of its own (delivery/process.py),
+for about BUDGET_S at a time. It reads outside any transaction and deletes in
+small ones, pausing after each as long as it held the log, so the log writer's
+commits wait for one chunk at most. Freed pages take new events: the file
+stops growing; it does not shrink.
 """
 
 from __future__ import annotations
@@ -25,9 +24,12 @@ from pathlib import Path
 
 from trackpipe.log.sqlite import HEAD_FLOOR, KEEP_HEAD_SQL, connect
 
-CHUNK = 2000
-PAUSE_S = 0.005  # between two chunks: the writer's next commit goes first
-BUDGET_S = 0.5  # one prune's work; a prune that runs out says so (`more`) and goes on later
+CHUNK = 500  # events a delete transaction: ~5 ms of the log's write lock for ~1 KB events
+PAUSE_S = 0.005  # at least this long between two chunks: the writer's next commit goes first
+BUDGET_S = 0.5  # one prune's work; a prune that runs out says so (`more`)
+# The lowest position the log still holds; with every event gone, the kept head + 1.
+LOWEST_SQL = ("SELECT coalesce((SELECT min(position) FROM events),"
+              f" (SELECT position + 1 FROM consumers WHERE name = '{HEAD_FLOOR}'))")
 
 
 @dataclass
@@ -35,31 +37,25 @@ class Pruned:
     events: int = 0
     discards: int = 0
     repeats: int = 0
-    more: bool = False  # ran out of its budget with old events left ...
-    after: int = 0  # ... past this position: where the next prune starts
+    after: int = 0  # every old event up to here is deleted or held: the next prune's start
+    more: bool = False  # it ran out of its budget with old events left
 
 
-def prune(path: Path, *, read_up_to: int, older_than: int,
+def prune(path: Path, *, read_up_to: int, older_than: int, after: int = 0,
           held: Callable[[int, int], set[int]] = lambda lo, hi: set(),
-          forget: Callable[[Sequence[int]], None] = lambda positions: None,
-          after: int = 0, chunk: int = CHUNK, budget_s: float = BUDGET_S) -> Pruned:
-    """Delete what is older than `older_than` (ms) from past `after` up to position
-    `read_up_to`, except what `held(lo, hi)` names; `forget(positions)` hears of each
-    chunk deleted. A prune that runs out of budget goes on from its `after`, so events
-    held for good at the bottom of the log are walked past once, not on every prune."""
+          forget: Callable[[Sequence[int], int], None] = lambda positions, below: None,
+          chunk: int = CHUNK, budget_s: float = BUDGET_S) -> Pruned:
+    """Delete the events older than `older_than` (ms) past position `after`, up to
+    `read_up_to`, except those `held(lo, hi)` names. `forget(positions, below)` hears of
+    each chunk deleted, with the lowest position the log still holds (or the head + 1)."""
     deadline = time.monotonic() + budget_s
     db = connect(path)
     try:
-        pruned = Pruned()
-        # Consumers that keep their own position in the log hold it back too.
-        (lowest,) = db.execute("SELECT min(position) FROM consumers WHERE name != ?",
-                               (HEAD_FLOOR,)).fetchone()
-        if lowest is not None:
-            read_up_to = min(read_up_to, lowest)
+        pruned = Pruned(after=after)
         while True:
             rows = db.execute("SELECT position, received_at FROM events WHERE position > ?"
                               " AND position <= ? ORDER BY position LIMIT ?",
-                              (after, read_up_to, chunk)).fetchall()
+                              (pruned.after, read_up_to, chunk)).fetchall()
             # Positions follow arrival, so the old events come first; stop at a young one.
             old = [p for p, _ in takewhile(lambda row: row[1] < older_than, rows)]
             if not old:
@@ -67,19 +63,24 @@ def prune(path: Path, *, read_up_to: int, older_than: int,
             kept = held(old[0], old[-1])
             doomed = [p for p in old if p not in kept]
             if doomed:
+                started = time.monotonic()
                 with _writing(db):
                     db.execute(KEEP_HEAD_SQL)  # the head's position is never handed out again
                     db.execute("DELETE FROM events WHERE position IN"
                                " (SELECT value FROM json_each(?))", (json.dumps(doomed),))
-                forget(doomed)
+                    (below,) = db.execute(LOWEST_SQL).fetchone()
+                hold = time.monotonic() - started
+                forget(doomed, below)
                 pruned.events += len(doomed)
+            else:
+                hold = 0.0
+            pruned.after = old[-1]
             if len(old) < chunk:
                 break
-            after = old[-1]
             if time.monotonic() > deadline:
-                pruned.more, pruned.after = True, after
+                pruned.more = True
                 return pruned
-            time.sleep(PAUSE_S)
+            time.sleep(max(PAUSE_S, hold))
         pruned.discards = _prune_discards(db, older_than, chunk)
         pruned.repeats = _prune_repeats(db, older_than, read_up_to, chunk)
         return pruned

@@ -13,6 +13,7 @@ checkpoint_all for how it keeps the WAL from growing under steady load.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from itertools import chain
@@ -170,6 +171,20 @@ def connect(path: Path, *, synchronous: str = "FULL", autocheckpoint: int = 0
     conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+def durable(path: Path) -> None:
+    """fsync an SQLite file in WAL mode and its WAL: every commit so far survives a power
+    cut, also in a file that runs synchronous=NORMAL (which syncs only at checkpoints)."""
+    for name in (f"{path}-wal", str(path)):
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def checkpoint_all(conn: sqlite3.Connection, writer_lock, passes_beside: int) -> None:
@@ -400,11 +415,15 @@ class SQLiteLog(EventLog):
             where.append(FILTERS[name])
             args.append(value)
         head = self.head()  # read first: anything appended during the query comes next time
+        # Below the oldest event there is nothing to scan (a retention deleted it).
+        (first,) = self._reader().execute("SELECT min(position) FROM events").fetchone()
+        bottom = head if first is None else first - 1
         if after is not None:
+            after = max(after, bottom)
             lo, hi, order = after, min(after + scan, head) + 1, "ASC"
         else:
             hi = (head + 1) if before is None else before
-            lo, order = max(hi - scan, 0), "DESC"
+            lo, order = max(hi - scan, bottom, 0), "DESC"
         where += ["position > ?", "position < ?"]
         args += [lo, hi]
         cur = self._reader().execute(
@@ -416,7 +435,7 @@ class SQLiteLog(EventLog):
             return entries, (scanned if scanned < head else None), scanned
         if len(entries) == limit:
             return entries, entries[-1].position, lo
-        return entries, (lo + 1 if lo > 0 else None), lo
+        return entries, (lo + 1 if lo > bottom else None), lo
 
     # -- the ledger of what was not stored -------------------------------------
 
