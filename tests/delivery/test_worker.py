@@ -409,3 +409,17 @@ _real_sleep = asyncio.sleep
 
 async def _no_sleep(_seconds, *args):
     await _real_sleep(0)
+
+
+@in_loop
+async def test_a_retry_whose_event_was_deleted_is_counted_as_skipped(files):
+    path, event_log, state = files
+    ids = append(event_log, ["a", "b"])
+    w = worker(state, event_log, Scripted(retry_ids={ids[0]}), batch_size=10)
+    await w.step()  # a's event waits for a retry
+    delete_positions(path, [1])  # deleted meanwhile (a privacy delete, or the retention)
+    healed = Scripted()
+    await drain(worker(state, event_log, healed, batch_size=10))
+    assert healed.sends == []
+    assert state.summary("scripted")["counters"]["skipped:deleted"] == 1
+    assert state.next_due_in("scripted") is None, "nothing left waiting for it"

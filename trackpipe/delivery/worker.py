@@ -151,17 +151,20 @@ class DestinationWorker:
 
     async def _send_retries(self, due: Sequence[Retry]) -> None:
         by_position = {e.position: e for e in self.log.get([r.position for r in due])}
-        batch, attempts, gone = [], [], []
+        batch, attempts, gone, why = [], [], [], Counter()
         for r in due:
             entry = by_position.get(r.position)
             routed = None if entry is None else self.router.route_body(entry.body)
             if routed is None or isinstance(routed, Skipped):
-                gone.append((r.position,))  # deleted from the log, or no longer routed here
+                # Deleted from the log (a privacy delete, or a replay of an event the
+                # retention took meanwhile), or no longer routed here: counted as skipped.
+                gone.append((r.position,))
+                why["deleted" if routed is None else routed.reason] += 1
                 continue
             batch.append((entry, routed))
             attempts.append(r)
         if gone:
-            self.state.skip(self.name, 0, {}, dropped=gone)
+            self.state.skip(self.name, 0, why, dropped=gone)
         if batch:
             await self._deliver(batch, retries=attempts)
 
