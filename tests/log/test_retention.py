@@ -72,8 +72,9 @@ def test_keeps_what_a_destination_holds(log):
 
     gone, lowest = [], []
 
-    def forget(positions, below):
-        gone.extend(positions)
+    def forget(pairs, below):
+        gone.extend(p for p, _ in pairs)
+        assert all(message_id == f"m{p - 1}" for p, message_id in pairs)
         lowest.append(below)
 
     retention.prune(log.path, read_up_to=100, older_than=CUTOFF, held=held, forget=forget,
@@ -154,3 +155,25 @@ def test_the_retention_is_at_least_the_dedup_window():
     settings = load(None, {"TRACKPIPE_LOG_RETENTION_SECONDS": "3600",
                            "TRACKPIPE_DEDUP_WINDOW_SECONDS": "3600"})
     assert settings.log.retention_seconds == 3600
+
+
+def test_the_dedup_index_forgets_what_was_deleted(tmp_path):
+    from trackpipe.pipeline.dedupe import MessageIndex, MessageLookup, message_hash
+
+    writer = SQLiteLog(tmp_path / "log.db")
+    index = MessageIndex(tmp_path / "ids.db", writer)
+    lookup = MessageLookup(tmp_path / "ids.db", writer)
+    try:
+        records = [record(i, T0 + (0 if i < 6 else 100)) for i in range(10)]
+        index.add([(message_hash(r.message_id), p) for p, r in
+                   zip(writer.append(records), records)])
+        index.flush()
+        retention.prune(writer.path, read_up_to=10, older_than=CUTOFF,
+                        held=lambda lo, hi: {2}, forget=lambda gone, below: lookup.forget(gone))
+        entries = lookup._db().execute("SELECT position FROM ids ORDER BY position").fetchall()
+        assert [p for (p,) in entries] == [2, 7, 8, 9, 10]
+        assert lookup.positions("m1") == [2] and lookup.positions("m0") == []
+    finally:
+        lookup.close()
+        index.close()
+        writer.close()

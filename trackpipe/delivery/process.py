@@ -37,6 +37,7 @@ from trackpipe.destinations.build import build_destination
 from trackpipe.gc_tuning import tune_gc
 from trackpipe.log import retention
 from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.privacy.erase import process_requests
 
 log = logging.getLogger("trackpipe.consumers")
@@ -144,6 +145,7 @@ class LogRetention:
         self.state = state
         self.log = event_log
         self.identity = identity
+        self.index = MessageLookup(data_dir / "ids.db", event_log)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retention")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -181,14 +183,20 @@ class LogRetention:
             self.path, read_up_to=read_up_to, after=after,
             older_than=int(time.time() * 1000) - seconds * 1000,
             held=lambda lo, hi: self.state.held(holders, lo, hi),
-            forget=lambda positions, below: self.state.forget_traces(holders, positions, below))
+            forget=lambda gone, below: self.forget(holders, gone, below))
         if pruned.events or pruned.discards or pruned.repeats:
             log.info("retention: deleted %d events, %d discards and %d repeat records older"
                      " than %d s", pruned.events, pruned.discards, pruned.repeats, seconds)
         return pruned
 
+    def forget(self, holders: list[str], gone: list[tuple[int, str]], below: int) -> None:
+        """What refers to deleted events goes with them: delivery traces, dedup index entries."""
+        self.state.forget_traces(holders, [position for position, _ in gone], below)
+        self.index.forget(gone)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.index.close()
 
 
 def environmental(exc: BaseException) -> bool:

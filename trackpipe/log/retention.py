@@ -43,38 +43,39 @@ class Pruned:
 
 def prune(path: Path, *, read_up_to: int, older_than: int, after: int = 0,
           held: Callable[[int, int], set[int]] = lambda lo, hi: set(),
-          forget: Callable[[Sequence[int], int], None] = lambda positions, below: None,
+          forget: Callable[[Sequence[tuple[int, str]], int], None] = lambda gone, below: None,
           chunk: int = CHUNK, budget_s: float = BUDGET_S) -> Pruned:
     """Delete the events older than `older_than` (ms) past position `after`, up to
-    `read_up_to`, except those `held(lo, hi)` names. `forget(positions, below)` hears of
-    each chunk deleted, with the lowest position the log still holds (or the head + 1)."""
+    `read_up_to`, except those `held(lo, hi)` names. `forget(gone, below)` hears of each
+    chunk deleted, as (position, messageId) pairs, with the lowest position the log still
+    holds (or the head + 1)."""
     deadline = time.monotonic() + budget_s
     db = connect(path)
     try:
         pruned = Pruned(after=after)
         while True:
-            rows = db.execute("SELECT position, received_at FROM events WHERE position > ?"
-                              " AND position <= ? ORDER BY position LIMIT ?",
+            rows = db.execute("SELECT position, received_at, message_id FROM events"
+                              " WHERE position > ? AND position <= ? ORDER BY position LIMIT ?",
                               (pruned.after, read_up_to, chunk)).fetchall()
             # Positions follow arrival, so the old events come first; stop at a young one.
-            old = [p for p, _ in takewhile(lambda row: row[1] < older_than, rows)]
+            old = list(takewhile(lambda row: row[1] < older_than, rows))
             if not old:
                 break
-            kept = held(old[0], old[-1])
-            doomed = [p for p in old if p not in kept]
+            kept = held(old[0][0], old[-1][0])
+            doomed = [(p, message_id) for p, _, message_id in old if p not in kept]
             if doomed:
                 started = time.monotonic()
                 with _writing(db):
                     db.execute(KEEP_HEAD_SQL)  # the head's position is never handed out again
                     db.execute("DELETE FROM events WHERE position IN"
-                               " (SELECT value FROM json_each(?))", (json.dumps(doomed),))
+                               " (SELECT value ->> 0 FROM json_each(?))", (json.dumps(doomed),))
                     (below,) = db.execute(LOWEST_SQL).fetchone()
                 hold = time.monotonic() - started
                 forget(doomed, below)
                 pruned.events += len(doomed)
             else:
                 hold = 0.0
-            pruned.after = old[-1]
+            pruned.after = old[-1][0]
             if len(old) < chunk:
                 break
             if time.monotonic() > deadline:

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from hashlib import blake2b
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import msgspec
 
@@ -169,7 +169,8 @@ class MessageIndex:
 
 
 class MessageLookup:
-    """Read-only messageId -> positions, for processes other than the writer.
+    """messageId -> positions, for processes other than the writer, which only read the
+    index (and, for the log's retention, delete entries of deleted events).
 
     The writer's in-memory table is not visible here, so ids stored since the
     index's last flush are found by scanning that stretch of the log (at most
@@ -195,3 +196,21 @@ class MessageLookup:
             conn.execute("COMMIT")
         through = row[0] if row else 0
         return sorted(set(found) | set(self.log.tail_positions(message_id, through)))
+
+    def forget(self, gone: Sequence[tuple[int, str]]) -> None:
+        """The log's retention deleted these (position, messageId): their entries go too.
+        Sorted, so neighbouring deletes share pages. An entry still in the writer's memory
+        table lands later; it points at nothing, which costs a lookup, never a wrong answer."""
+        rows = sorted((message_hash(message_id), position) for position, message_id in gone)
+        conn = self._db()
+        conn.executescript(SCHEMA)  # the writer makes it on start; a test may not have one
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM ids WHERE h = ? AND position = ?", rows)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conns.close_all()
