@@ -162,3 +162,40 @@ def test_a_retention_alone_starts_the_consumers_process():
     base = {"TRACKPIPE_IDENTITY_ENABLED": "false", "TRACKPIPE_DEDUP_WINDOW_SECONDS": "60"}
     assert not ConsumersProcess(load(None, base)).needed
     assert ConsumersProcess(load(None, {**base, "TRACKPIPE_LOG_RETENTION_SECONDS": "60"})).needed
+
+
+def test_what_cannot_be_forgotten_now_is_forgotten_after_the_next_prune(tmp_path, caplog):
+    from trackpipe.config import load
+    from trackpipe.delivery.process import LogRetention
+    from trackpipe.delivery.state import DeliveryState
+    from trackpipe.log.base import Record
+    from trackpipe.log.sqlite import SQLiteLog
+
+    writer = SQLiteLog(tmp_path / "log.db")
+    state = DeliveryState(tmp_path / "deliveries.db")
+    settings = load(None, {"TRACKPIPE_DEDUP_WINDOW_SECONDS": "1",
+                           "TRACKPIPE_LOG_RETENTION_SECONDS": "1"})
+    reader = SQLiteLog(tmp_path / "log.db", writable=False)
+    retaining = LogRetention(tmp_path, settings, state, reader, None)
+    forgotten, failures = [], [OSError("disk I/O error")]
+
+    def forget(gone):
+        if failures:
+            raise failures.pop()
+        forgotten.extend(gone)
+
+    retaining.index.forget = forget
+    try:
+        writer.append([Record(f"m{i}", 1, "track", "E", "u", None, "src", b"{}")
+                       for i in range(3)])
+        retaining.prune(0)
+        assert forgotten == [] and "trying again later" in caplog.text
+        writer.append([Record("m3", 1, "track", "E", "u", None, "src", b"{}")])
+        retaining.prune(0)
+        assert forgotten == [(1, "m0"), (2, "m1"), (3, "m2"), (4, "m3")]
+        assert not reader.read(0, 10)
+    finally:
+        retaining.close()
+        reader.close()
+        state.close()
+        writer.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from trackpipe.config import load
@@ -173,6 +175,9 @@ def test_the_dedup_index_forgets_what_was_deleted(tmp_path):
         entries = lookup._db().execute("SELECT position FROM ids ORDER BY position").fetchall()
         assert [p for (p,) in entries] == [2, 7, 8, 9, 10]
         assert lookup.positions("m1") == [2] and lookup.positions("m0") == []
+        with sqlite3.connect(tmp_path / "ids.db") as db:  # the deletes left no WAL to copy
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert frames == copied
     finally:
         lookup.close()
         index.close()

@@ -137,6 +137,7 @@ class LogRetention:
     readers' positions, so it neither waits for identity's batches nor holds them up."""
 
     FULL_SWEEP_S = 3600.0  # how often events held at the bottom of the log are looked at again
+    MAX_UNFORGOTTEN = 2_000_000  # deleted events kept in memory to forget after failures
 
     def __init__(self, data_dir: Path, settings: config.Settings, state: DeliveryState,
                  event_log: SQLiteLog, identity: IdentityConsumer | None):
@@ -146,6 +147,8 @@ class LogRetention:
         self.log = event_log
         self.identity = identity
         self.index = MessageLookup(data_dir / "ids.db", event_log)
+        self._unforgotten: list[tuple[int, str]] = []  # deleted, not yet out of traces/index
+        self._below = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retention")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -179,20 +182,39 @@ class LogRetention:
             self.identity.store.make_durable()
         holders = self.state.known_destinations()
         seconds = self.settings.log.retention_seconds
-        pruned = retention.prune(
-            self.path, read_up_to=read_up_to, after=after,
-            older_than=int(time.time() * 1000) - seconds * 1000,
-            held=lambda lo, hi: self.state.held(holders, lo, hi),
-            forget=lambda gone, below: self.forget(holders, gone, below))
+
+        def deleted(gone: list[tuple[int, str]], below: int) -> None:
+            self._unforgotten.extend(gone)
+            self._below = below
+
+        try:
+            pruned = retention.prune(
+                self.path, read_up_to=read_up_to, after=after,
+                older_than=int(time.time() * 1000) - seconds * 1000,
+                held=lambda lo, hi: self.state.held(holders, lo, hi), forget=deleted)
+        finally:
+            self.forget(holders)
         if pruned.events or pruned.discards or pruned.repeats:
             log.info("retention: deleted %d events, %d discards and %d repeat records older"
                      " than %d s", pruned.events, pruned.discards, pruned.repeats, seconds)
         return pruned
 
-    def forget(self, holders: list[str], gone: list[tuple[int, str]], below: int) -> None:
-        """What refers to deleted events goes with them: delivery traces, dedup index entries."""
-        self.state.forget_traces(holders, [position for position, _ in gone], below)
-        self.index.forget(gone)
+    def forget(self, holders: list[str]) -> None:
+        """What refers to the deleted events goes with them: delivery traces and dedup index
+        entries, once a prune (sorted and many at a time, for the index's random keys).
+        What fails is tried again after the next prune; left for good it only takes space."""
+        gone = self._unforgotten
+        if not gone:
+            return
+        try:
+            self.state.forget_traces(holders, [position for position, _ in gone], self._below)
+            self.index.forget(gone)
+            self._unforgotten = []
+        except Exception:
+            log.exception("retention: forgetting %d deleted events failed; trying again later",
+                          len(gone))
+            if len(gone) > self.MAX_UNFORGOTTEN:
+                self._unforgotten = []  # stale entries cost space, not correctness
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

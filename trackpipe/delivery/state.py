@@ -29,6 +29,7 @@ import msgspec
 
 from trackpipe.destinations.base import Outcome
 from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, durable, insert_many
+from trackpipe.log.sqlite import immediate as _transaction
 from trackpipe.privacy import erase
 
 SCHEMA = """
@@ -387,14 +388,15 @@ class DeliveryState:
 
     def forget_traces(self, destinations: Sequence[str], positions: Sequence[int],
                       below: int) -> None:
-        """The retention deleted these events: drop their attempts, and the delivered
-        batches that end below `below`, the lowest position the log still holds."""
+        """The retention deleted these events: drop their attempts, and the batches that
+        end below `below`, the lowest position the log still holds (an event that is
+        still retrying or failed is still in the log: a batch below it is all done)."""
         db = self._db()
         with _transaction(db):
             db.execute("DELETE FROM attempts WHERE position IN (SELECT value FROM json_each(?))",
                        (json.dumps(list(positions)),))
-            db.executemany("DELETE FROM batches WHERE destination = ? AND hi < ?"
-                           " AND state = 'delivered'", [(d, below) for d in destinations])
+            db.executemany("DELETE FROM batches WHERE destination = ? AND hi < ?",
+                           [(d, below) for d in destinations])
 
     def make_durable(self) -> None:
         """fsync what is committed: the cursors just read must survive a power cut before
@@ -479,31 +481,6 @@ def _attempt(at, state, status, duration_ms, detail, attempt) -> dict:
     return {"at": at, "state": state, "status": status,
             "duration_ms": None if duration_ms is None else round(duration_ms, 1),
             "detail": detail, "attempt": attempt}
-
-
-class _transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self.db.execute("COMMIT")
-                return False
-            except sqlite3.Error:
-                self._rollback()
-                raise
-        self._rollback()
-        return False
-
-    def _rollback(self) -> None:
-        # A failed COMMIT (a full disk) can leave the transaction open; this connection is
-        # shared by the thread's later calls, so it must not stay wedged in it.
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
 
 
 def _insert(db: sqlite3.Connection, head: str, rows: Sequence[tuple]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 
-from trackpipe.log.sqlite import HEAD_FLOOR, KEEP_HEAD_SQL, connect
+from trackpipe.log.sqlite import HEAD_FLOOR, KEEP_HEAD_SQL, connect, immediate
 
 CHUNK = 500  # events a delete transaction: ~5 ms of the log's write lock for ~1 KB events
 PAUSE_S = 0.005  # at least this long between two chunks: the writer's next commit goes first
@@ -65,7 +65,7 @@ def prune(path: Path, *, read_up_to: int, older_than: int, after: int = 0,
             doomed = [(p, message_id) for p, _, message_id in old if p not in kept]
             if doomed:
                 started = time.monotonic()
-                with _writing(db):
+                with immediate(db):
                     db.execute(KEEP_HEAD_SQL)  # the head's position is never handed out again
                     db.execute("DELETE FROM events WHERE position IN"
                                " (SELECT value ->> 0 FROM json_each(?))", (json.dumps(doomed),))
@@ -97,7 +97,7 @@ def _prune_discards(db, older_than: int, chunk: int) -> int:
         old = [i for i, _ in takewhile(lambda row: row[1] < older_than, rows)]
         if not old:
             return deleted
-        with _writing(db):
+        with immediate(db):
             db.execute("DELETE FROM discards WHERE id <= ?", (old[-1],))
         deleted += len(old)
         if len(old) < chunk:
@@ -110,20 +110,8 @@ def _prune_repeats(db, older_than: int, read_up_to: int, chunk: int) -> int:
     ids = [m for (m,) in db.execute("SELECT message_id FROM repeats WHERE last_repeat_at < ?"
                                     " AND position <= ?", (older_than, read_up_to))]
     for i in range(0, len(ids), chunk):
-        with _writing(db):
+        with immediate(db):
             db.execute("DELETE FROM repeats WHERE message_id IN (SELECT value FROM json_each(?))"
                        " AND last_repeat_at < ?", (json.dumps(ids[i:i + chunk]), older_than))
         time.sleep(PAUSE_S)
     return len(ids)
-
-
-class _writing:
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        return False

@@ -12,6 +12,7 @@ checkpoint_all for how it keeps the WAL from growing under steady load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -171,6 +172,21 @@ def connect(path: Path, *, synchronous: str = "FULL", autocheckpoint: int = 0
     conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any failure. A failed COMMIT (a full
+    disk) can leave the transaction open, and the connection would go on holding the
+    file's write lock, so that is rolled back too."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def durable(path: Path) -> None:

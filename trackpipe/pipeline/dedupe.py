@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import msgspec
 
 from trackpipe.log.base import EventLog
-from trackpipe.log.sqlite import PerThread, connect, insert_many
+from trackpipe.log.sqlite import WAL_KEEP_BYTES, PerThread, connect, immediate, insert_many
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (
@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) 
 """
 
 FLUSH_AT = 50_000
+FORGET_CHUNK = 10_000  # index entries a delete transaction, when the retention drops them
 FLUSH_EVERY_S = 2.0
 
 
@@ -181,6 +182,7 @@ class MessageLookup:
         self.path = Path(path)
         self.log = log
         self._conns = PerThread(self.path, synchronous="NORMAL")
+        self._schema_ready = False
 
     def _db(self) -> sqlite3.Connection:
         return self._conns.get()
@@ -198,19 +200,24 @@ class MessageLookup:
         return sorted(set(found) | set(self.log.tail_positions(message_id, through)))
 
     def forget(self, gone: Sequence[tuple[int, str]]) -> None:
-        """The log's retention deleted these (position, messageId): their entries go too.
-        Sorted, so neighbouring deletes share pages. An entry still in the writer's memory
-        table lands later; it points at nothing, which costs a lookup, never a wrong answer."""
+        """The log's retention deleted these (position, messageId): their entries go too,
+        sorted so that neighbouring deletes share pages. An entry still in the writer's
+        memory table lands later; it points at nothing, which costs a lookup, never a
+        wrong answer. The deletes dirty pages all over the file (the keys are random), so
+        the WAL is checkpointed after each chunk: nothing else does while no events arrive."""
         rows = sorted((message_hash(message_id), position) for position, message_id in gone)
         conn = self._db()
-        conn.executescript(SCHEMA)  # the writer makes it on start; a test may not have one
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("DELETE FROM ids WHERE h = ? AND position = ?", rows)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        if not self._schema_ready:
+            conn.executescript(SCHEMA)  # the writer makes it on start; a test may not have
+            conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+            self._schema_ready = True
+        for i in range(0, len(rows), FORGET_CHUNK):
+            with immediate(conn):
+                conn.executemany("DELETE FROM ids WHERE h = ? AND position = ?",
+                                 rows[i:i + FORGET_CHUNK])
+            # PASSIVE never waits for (or holds up) the writer's flusher. Once it copies
+            # everything, the next transaction starts the WAL over instead of growing it.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         self._conns.close_all()
