@@ -5,6 +5,7 @@ into counters only when /metrics is scraped: a prometheus_client Counter takes
 a lock on every increment, a measurable share of a one-event request.
 """
 
+import time
 from collections import Counter as _Counts
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -71,6 +72,35 @@ READY = Gauge("trackpipe_ready", "1 when the log accepts writes", registry=REGIS
 
 def count_request(endpoint: str, status: int) -> None:
     HTTP_REQUESTS.counts[(endpoint, str(status))] += 1
+
+
+class _LogExtent:
+    """How far the log reaches, read at scrape time. With a retention the oldest event's
+    age stays near log.retention_seconds; growing past it, something holds the log back
+    (a destination behind or failing, identity catching up)."""
+
+    def __init__(self):
+        self.log = None  # the server's log reader, once it has one
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        if self.log is None:
+            return
+        from prometheus_client.core import GaugeMetricFamily
+
+        oldest = self.log.oldest_received_at()
+        yield GaugeMetricFamily("trackpipe_log_head_position",
+                                "Position of the newest event stored", value=self.log.head())
+        yield GaugeMetricFamily(
+            "trackpipe_log_oldest_event_age_seconds",
+            "Age of the oldest event the log still holds (0 when it holds none)",
+            value=0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+
+
+LOG_EXTENT = _LogExtent()
+REGISTRY.register(LOG_EXTENT)
 
 
 def exposition() -> bytes:

@@ -31,6 +31,8 @@ def test_retention_deletes_delivered_events_and_keeps_failed_ones(fresh_server, 
                           and set(ids) == set(failed) and ids, timeout=30,
                           what="the delivered events pruned, the failed ones kept")
         assert sorted(stored) == sorted(failed)
+        # The failed events stay past the retention: the oldest event's age shows the hold.
+        assert _metric(server, "trackpipe_log_oldest_event_age_seconds") > 1
         gone = server.status(delivered[0])
         assert gone.status_code == 404 and "older than the log's retention (1 s)" in gone.text
         assert "retention: deleted" in server.log_path.read_text()
@@ -57,8 +59,17 @@ def test_retention_waits_for_a_destination_that_has_not_read_the_events(fresh_se
         assert {e["messageId"] for e in server.events()} == set(ids)
         wait_for(lambda: set(ids) <= set(sink.received()), what="delivered")
         wait_for(lambda: not server.events(), timeout=30, what="pruned once delivered")
+        assert _metric(server, "trackpipe_log_head_position") == 4  # positions are not reused
+        assert _metric(server, "trackpipe_log_oldest_event_age_seconds") == 0  # holds none
     finally:
         sink.close()
+
+
+def _metric(server, name: str) -> float:
+    for line in server.metrics_text().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def _count(server, name: str) -> int:

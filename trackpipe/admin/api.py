@@ -27,6 +27,7 @@ MAX_LIMIT = 1000
 class AdminAPI:
     def __init__(self, pipeline):
         self.p = pipeline
+        metrics.LOG_EXTENT.log = pipeline.log
         if pipeline.settings.destinations:
             from trackpipe.admin.destinations import destination_summary
             metrics.register_delivery(lambda: [destination_summary(pipeline, d)

@@ -405,6 +405,12 @@ class SQLiteLog(EventLog):
             (msgspec.json.encode(list(positions)),))
         return cur.fetchall()
 
+    def oldest_received_at(self) -> int | None:
+        """When the oldest event the log still holds arrived (ms), or None when it holds none."""
+        row = self._reader().execute(
+            "SELECT received_at FROM events ORDER BY position LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
     def tail_positions(self, message_id: str, after: int) -> list[int]:
         """Positions after `after` holding this messageId (a scan: keep the stretch short)."""
         return [p for (p,) in self._reader().execute(
