@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trackpipe.config import load
 from trackpipe.errors import ConfigError
@@ -181,4 +183,44 @@ def test_the_dedup_index_forgets_what_was_deleted(tmp_path):
     finally:
         lookup.close()
         index.close()
+        writer.close()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ages=st.lists(st.integers(0, 99), min_size=0, max_size=60),
+       held=st.sets(st.integers(1, 60), max_size=15),
+       read_up_to=st.integers(0, 70), chunk=st.integers(1, 12),
+       cutoff=st.integers(0, 100))
+def test_a_prune_never_takes_what_must_stay(tmp_path_factory, ages, held, read_up_to, chunk,
+                                            cutoff):
+    """Whatever the log, the readers and the holds: nothing held, unread or young goes;
+    every old, unheld, read event before the first young one does; no position comes back."""
+    path = tmp_path_factory.mktemp("log") / "log.db"
+    writer = SQLiteLog(path)
+    try:
+        writer.append([record(i, T0 + age) for i, age in enumerate(ages)])
+        received = {p: T0 + age for p, age in enumerate(ages, 1)}
+        pruned, rounds = retention.prune(path, read_up_to=read_up_to, older_than=T0 + cutoff,
+                                         held=lambda lo, hi: {p for p in held if lo <= p <= hi},
+                                         chunk=chunk, budget_s=0), 1
+        while pruned.more and rounds < 100:
+            pruned = retention.prune(path, read_up_to=read_up_to, older_than=T0 + cutoff,
+                                     held=lambda lo, hi: {p for p in held if lo <= p <= hi},
+                                     after=pruned.after, chunk=chunk, budget_s=0)
+            rounds += 1
+        assert not pruned.more
+        left = set(positions(writer))
+        gone = set(received) - left
+        assert not gone & held
+        assert all(p <= read_up_to and received[p] < T0 + cutoff for p in gone)
+        first_young = next((p for p in sorted(received) if received[p] >= T0 + cutoff
+                            and p <= read_up_to), None)
+        expected = {p for p in received if p <= read_up_to and p not in held
+                    and (first_young is None or p < first_young)}
+        assert gone == expected
+        writer.close()
+        writer = SQLiteLog(path)  # a restart works its head out from the file
+        assert writer.append([record(999, T0)]) == [len(ages) + 1]  # no position reused
+    finally:
         writer.close()
