@@ -28,8 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import msgspec
 
 from trackpipe.destinations.base import Outcome
-from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, durable, insert_many
-from trackpipe.log.sqlite import immediate as _transaction
+from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, durable, immediate, insert_many
 from trackpipe.privacy import erase
 
 SCHEMA = """
@@ -221,7 +220,7 @@ class DeliveryState:
                                      o.status, o.detail, s.received_at))
         errors = [s.outcome for s in sent if s.outcome.state != "delivered"]
         db = self._db()
-        with _transaction(db):
+        with immediate(db):
             if batch_id is not None:
                 first = sent[0].outcome if sent else Outcome("delivered")
                 state = first.state if uniform else "mixed"
@@ -255,7 +254,7 @@ class DeliveryState:
         pending retries that the current routing no longer sends: `dropped` positions).
         `batch_id`: an unfinished batch that turned out to have nothing left to send."""
         db = self._db()
-        with _transaction(db):
+        with immediate(db):
             self._count(db, destination, {f"skipped:{r}": n for r, n in skipped.items()})
             self._hold(db, destination, held, now_ms())
             if batch_id is not None:
@@ -331,7 +330,7 @@ class DeliveryState:
         fresh read delivers them anyway."""
         at = now_ms()
         db = self._db()
-        with _transaction(db):
+        with immediate(db):
             db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
                            [(destination, p) for p, _, _ in events])
             db.executemany("INSERT INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)"
@@ -353,7 +352,7 @@ class DeliveryState:
         """Privacy delete: drop queued deliveries and traces of these events everywhere."""
         db = self._db()
         rows = [(p,) for p in positions]
-        with _transaction(db):
+        with immediate(db):
             n = db.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
             db.executemany("DELETE FROM failed WHERE position = ?", rows)
             db.executemany("DELETE FROM attempts WHERE position = ?", rows)
@@ -392,7 +391,7 @@ class DeliveryState:
         end below `below`, the lowest position the log still holds (an event that is
         still retrying or failed is still in the log: a batch below it is all done)."""
         db = self._db()
-        with _transaction(db):
+        with immediate(db):
             db.execute("DELETE FROM attempts WHERE position IN (SELECT value FROM json_each(?))",
                        (json.dumps(list(positions)),))
             db.executemany("DELETE FROM batches WHERE destination = ? AND hi < ?",
