@@ -39,9 +39,10 @@ log = logging.getLogger("trackpipe.writer")
 
 PR_SET_PDEATHSIG = 1
 IN_FLIGHT = 1  # one group commits while the next gathers (a second in flight only added fsyncs)
-# A commit takes longer than this (measured: 0.5-1.5 ms): a request handed over sooner
-# after the group in flight does not look for its reply.
-POLL_AFTER_S = 0.0002
+# A request handed over while a group commits looks for that group's reply once the group
+# is as old as 80% of a recent commit (at least 0.1 ms): sooner, the reply is rarely there.
+POLL_AFTER_COMMIT = 0.8
+POLL_AFTER_MIN_S = 0.0001
 
 
 GROUP_MAX_BYTES = 16 << 20  # event bodies per group: bounds the message and the commit
@@ -68,6 +69,8 @@ class WriterProcess:
         self._pending_bytes = 0
         self._in_flight: collections.deque[list[Submission]] = collections.deque()
         self._sent_at = 0.0  # perf_counter() when the group in flight was sent
+        self._commit_s = 0.0  # the writer's recent commit time (a moving average)
+        self._poll_after = POLL_AFTER_MIN_S
         self._link: _Link | None = None
         self._supervisor: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +144,8 @@ class WriterProcess:
         if reply[0] == "ok":
             self.healthy = True
             metrics.COMMIT_SECONDS.observe(reply[2])
+            self._commit_s = 0.8 * self._commit_s + 0.2 * reply[2]
+            self._poll_after = max(POLL_AFTER_MIN_S, POLL_AFTER_COMMIT * self._commit_s)
             settle(group, [Outcome(*o) for o in reply[1]], None)
         else:
             _, kind, message = reply
@@ -188,10 +193,12 @@ class WriterProcess:
         self._pending.append(Submission(records, discards, future, size))
         self._pending_bytes += size
         self._dispatch()
-        if self._in_flight and time.perf_counter() - self._sent_at >= POLL_AFTER_S:
+        if self._in_flight and time.perf_counter() - self._sent_at >= self._poll_after:
             # The commit in flight may be done while the loop is still busy with the
             # requests that arrived together with this one: its reply read now sends
-            # the writer this group at once, instead of after the whole batch of callbacks.
+            # the writer this group at once, instead of after the loop's whole batch of
+            # callbacks (the writer idled meanwhile). Each look costs a recv() system
+            # call, hence the wait for most of a commit's time first.
             self._link.poll()
         return await future
 
