@@ -9,12 +9,16 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import msgspec
 import pytest
 import uvloop
 
-from trackpipe.pipeline.writer_process import _Link
+from trackpipe.errors import StoreUnavailable
+from trackpipe.log.base import Record
+from trackpipe.pipeline.store import Submission
+from trackpipe.pipeline.writer_process import WriterProcess, _Link
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -74,18 +78,38 @@ def test_a_group_larger_than_the_socket_buffer_arrives_whole_and_replies_split_a
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_the_writer_going_away_ends_the_link_and_a_later_send_raises(loop_name):
+def test_the_writer_going_away_ends_the_link(loop_name):
     ours, writers = multiprocessing.Pipe()
 
     async def main():
         link = _Link(asyncio.get_running_loop(), ours.fileno(), lambda reply: None)
+        assert not link.closing()
         writers.close()
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(link.lost, 5)
         assert link.closing()
         link.poll()  # after the end: nothing to read, nothing raised
-        with pytest.raises(OSError):
+        link.close()
+
+    try:
+        run(loop_name, main())
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_send_to_a_writer_that_went_away_raises_and_ends_the_link(loop_name):
+    ours, writers = multiprocessing.Pipe()
+
+    async def main():
+        link = _Link(asyncio.get_running_loop(), ours.fileno(), lambda reply: None)
+        writers.close()  # and no await: the loop has not seen it
+        assert not link.closing()
+        with pytest.raises(OSError):  # EPIPE from the live socket
             link.send(b"a group")
+        assert link.closing()
+        with pytest.raises(OSError):
+            link.lost.result()
         link.close()
 
     try:
@@ -119,3 +143,63 @@ def test_a_reply_the_loop_has_not_polled_for_yet_is_read_by_poll(loop_name):
     finally:
         ours.close()
         writers.close()
+
+
+def test_a_request_handed_over_once_the_commit_is_done_reads_its_reply_and_goes_at_once(tmp_path):
+    """submit() itself reads the reply of the group in flight (the loop has not polled its
+    sockets since), settles that group and sends the writer its own group straight away."""
+    writer = WriterProcess(tmp_path, 3_600_000)
+
+    def records(message_id):
+        return [Record(message_id, 1_000_000, "track", "E", "u", None, "s", b'{"type":"track"}')]
+
+    def in_flight():
+        return [sub.records[0].message_id for group in writer._in_flight for sub in group]
+
+    async def main():
+        assert (await writer.submit(records("m0"), [])).stored == 1  # the link is up
+        first = asyncio.ensure_future(writer.submit(records("m1"), []))
+        await asyncio.sleep(0)  # `first` hands its group over
+        assert in_flight() == ["m1"]
+        time.sleep(1.0)  # the writer commits it; the loop does not poll meanwhile
+        second = writer.submit(records("m2"), [])
+        waiting_on = second.send(None)  # runs submit() up to its wait for the commit
+        assert in_flight() == ["m2"]  # m1's reply was read and settled, m2 went at once
+        assert (await first).stored == 1
+        for _ in range(500):  # (not `await waiting_on`: submit() is awaiting it already)
+            if waiting_on.done():
+                break
+            await asyncio.sleep(0.01)
+        try:
+            second.send(None)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            await writer.drain()  # as the server does on its way out
+
+    try:
+        outcome = asyncio.run(main())
+    finally:
+        writer.close()
+    assert outcome.stored == 1
+
+
+def test_a_reply_that_does_not_fit_its_group_still_answers_every_request_of_it(tmp_path):
+    """A reply with fewer outcomes than its group must not leave a request hanging."""
+    writer = WriterProcess(tmp_path, 3_600_000)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        group = [Submission([], [], loop.create_future(), 0) for _ in range(3)]
+        writer._in_flight.append(group)
+        with pytest.raises(IndexError):
+            writer._on_reply(("ok", [[1, 0, False]], 0.001))  # one outcome for three
+        assert not writer._in_flight
+        return [sub.future for sub in group]
+
+    try:
+        futures = asyncio.run(main())
+    finally:
+        writer.close()
+    assert futures[0].result().stored == 1
+    assert all(isinstance(f.exception(), StoreUnavailable) for f in futures[1:])

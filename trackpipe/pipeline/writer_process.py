@@ -122,6 +122,7 @@ class WriterProcess:
                 self._ever_up = True
                 self._dispatch()
                 await self._link.lost  # raises why the writer went away
+                raise ConnectionError("the link to the log writer was closed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any way the writer can stop: answer 503, start another
@@ -141,16 +142,20 @@ class WriterProcess:
         if reply[0] not in ("ok", "error"):
             raise RuntimeError(f"the writer said {reply[0]!r}")
         group = self._in_flight.popleft()
-        if reply[0] == "ok":
-            self.healthy = True
-            metrics.COMMIT_SECONDS.observe(reply[2])
-            self._commit_s = 0.8 * self._commit_s + 0.2 * reply[2]
-            self._poll_after = max(POLL_AFTER_MIN_S, POLL_AFTER_COMMIT * self._commit_s)
-            settle(group, [Outcome(*o) for o in reply[1]], None)
-        else:
-            _, kind, message = reply
-            self._record_failure(group, message, kind)
-            settle(group, None, StoreUnavailable(f"the event log could not commit: {message}"))
+        try:
+            if reply[0] == "ok":
+                self.healthy = True
+                metrics.COMMIT_SECONDS.observe(reply[2])
+                self._commit_s = 0.8 * self._commit_s + 0.2 * reply[2]
+                self._poll_after = max(POLL_AFTER_MIN_S, POLL_AFTER_COMMIT * self._commit_s)
+                settle(group, [Outcome(*o) for o in reply[1]], None)
+            else:
+                _, kind, message = reply
+                self._record_failure(group, message, kind)
+                settle(group, None, StoreUnavailable(f"the event log could not commit: {message}"))
+        except Exception:  # a reply that does not fit its group: no request may hang on it
+            settle(group, None, StoreUnavailable("the event log writer answered out of turn"))
+            raise
         self._dispatch()
 
     def _writer_down(self) -> None:
@@ -214,12 +219,15 @@ class WriterProcess:
             if link is None or link.closing():
                 return  # the supervisor answers what is waiting
             group = self._take_group()
-            data = _pack([(s.records, s.discards) for s in group])
             try:
-                link.send(data)
-            except (RuntimeError, OSError) as exc:  # the transport closed under us
+                link.send(_pack([(s.records, s.discards) for s in group]))
+            except OSError as exc:  # the writer went away
                 settle(group, None, StoreUnavailable(f"the event log writer stopped ({exc})"))
                 return
+            except Exception as exc:  # whatever it was, the group's requests are answered
+                log.exception("could not hand a group to the log writer")
+                settle(group, None, StoreUnavailable(f"the event log writer was not reached ({exc!r})"))
+                continue
             self._in_flight.append(group)
             self._sent_at = time.perf_counter()
 
@@ -294,6 +302,7 @@ class _Link:
         self._sock.setblocking(False)
         self._fd = self._sock.fileno()
         self._received = bytearray()
+        self._chunk = bytearray(1 << 16)  # recv_into() it: a recv() that finds nothing allocates none
         self._unsent: collections.deque[memoryview] = collections.deque()
         self.lost = loop.create_future()  # the reason the link ended; the supervisor awaits it
         loop.add_reader(self._fd, self.poll)
@@ -347,16 +356,17 @@ class _Link:
         if self.lost.done():
             return
         try:
+            chunk = self._chunk
             while True:
                 try:
-                    data = self._sock.recv(1 << 16)
+                    n = self._sock.recv_into(chunk)
                 except (BlockingIOError, InterruptedError):
                     return
-                if not data:
+                if not n:
                     raise ConnectionError("the log writer closed its end")
-                self._received += data
+                self._received += memoryview(chunk)[:n]
                 self._replies()
-                if len(data) < 1 << 16:
+                if n < len(chunk):
                     return  # drained: spare the recv that would only say so
         except Exception as exc:  # the writer is gone, or said something unexpected
             self._end(exc)
