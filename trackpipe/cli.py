@@ -100,6 +100,7 @@ def _serve(args) -> int:
     from trackpipe.app import Pipeline, create_app
     from trackpipe.gc_tuning import tune_gc
     from trackpipe.sources.catalog import new_admin_token
+    from trackpipe.sources.oneshot import OneWriteHttpToolsProtocol
 
     _Server = _uvicorn_server()
     settings = _settings(args)
@@ -127,7 +128,8 @@ def _serve(args) -> int:
           f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {url}/v1/track", flush=True)
     server = _Server(uvicorn.Config(
         create_app(pipeline), host=settings.server.host, port=settings.server.port,
-        loop="uvloop", http="httptools", lifespan="on", access_log=False, log_level="warning",
+        loop="uvloop", http=OneWriteHttpToolsProtocol, lifespan="on", access_log=False,
+        log_level="warning",
         proxy_headers=False,  # X-Forwarded-For is trusted only via server.trusted_proxies
         timeout_keep_alive=5, timeout_graceful_shutdown=10))
     try:
