@@ -8,8 +8,9 @@ write key) and drives it with wrk over loopback:
 
 Every event carries a messageId never sent before (bench/wrk/ingest.lua), so
 dedup drops nothing. The same loads then hit bench/bare_app.py, a read-the-body,
-answer-200 ASGI app on the same uvicorn/httptools/uvloop stack, and the ratio
-trackpipe/bare is printed. After each trackpipe run the events stored (the log's
+answer-200 ASGI app on the same uvicorn/httptools/uvloop stack (with trackpipe's
+one-write protocol, sources/oneshot.py; --bare-stock serves it with uvicorn's own),
+and the ratio trackpipe/bare is printed. After each trackpipe run the events stored (the log's
 head, the accepted counter and a row count of log.db after shutdown) are compared
 with the events acknowledged. The last line of stdout is one JSON object.
 
@@ -279,8 +280,9 @@ def trackpipe_server(workdir: Path, token: str) -> tuple[Server, Path]:
     return server, data
 
 
-def bare_server(workdir: Path) -> Server:
-    return Server("bare", [sys.executable, str(BARE_APP)], workdir)
+def bare_server(workdir: Path, stock: bool = False) -> Server:
+    return Server("bare", [sys.executable, str(BARE_APP), *(["--stock"] if stock else [])],
+                  workdir)
 
 
 # -- wrk ------------------------------------------------------------------------
@@ -451,7 +453,7 @@ class Bench:
         if which == "trackpipe":
             server, data = trackpipe_server(workdir, uuid.uuid4().hex)
         else:
-            server = bare_server(workdir)
+            server = bare_server(workdir, self.args.bare_stock)
         self.servers.append(server)
         server.start()
         try:
@@ -616,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
                         "process and leaves it the other core)")
     p.add_argument("--only", choices=list(LOADS), help="run only this load")
     p.add_argument("--skip-bare", action="store_true", help="do not run the bare-app ceiling")
+    p.add_argument("--bare-stock", action="store_true",
+                   help="serve the bare app with uvicorn's own httptools protocol (two writes"
+                        " per answer) instead of trackpipe's (sources/oneshot.py)")
     p.add_argument("--check", action="store_true",
                    help="inspect every response in Lua to record non-2xx statuses and sample "
                         "bodies (a little wrk CPU; off: wrk only counts them)")

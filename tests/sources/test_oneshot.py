@@ -1,5 +1,6 @@
 """uvicorn's protocol with each response's head held for its body: one write per answer,
-and the same bytes on the wire as stock uvicorn in every case (HEAD, streamed, closing)."""
+and every answer still whole on the wire (keep-alive, HEAD, streamed, closing, a client
+that half-closes)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,18 @@ def test_keep_alive_answers_head_requests_and_streamed_bodies_arrive_whole(serve
     closing = exchange(server, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                        until=b"\r\n\r\nok")
     assert b"connection: close" in closing and closing.endswith(b"ok")
+
+
+@pytest.mark.parametrize("path", ["HEAD /a", "GET /stream"])
+def test_a_client_that_half_closes_after_its_request_still_gets_the_head(server, path):
+    """uvloop closes the connection as soon as it reads the client's FIN, which comes
+    before a lone head's callback would run: the head must be on its way by then."""
+    method, target = path.split()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
+            s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n")

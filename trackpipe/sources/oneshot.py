@@ -8,7 +8,8 @@ the body follows (in the same step of the request's task, as every trackpipe
 answer does) and both go out in one writev. A head that no body follows in
 that step (a HEAD request, a streamed body) goes out on its own a moment
 later, from a callback scheduled when it was held, and before anything else
-written on the connection.
+written on the connection, or before the connection closes (including the
+close uvloop makes when the client half-closes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ _HEAD_START, _HEAD_END = b"HTTP/1.1 ", b"\r\n\r\n"
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_HeldHeadTransport(transport, self.loop))
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request: uvloop closes the connection
+        # right after this returns, before a held head's callback would run.
+        self.transport.flush()
+        return super().eof_received()
 
 
 class _HeldHeadTransport:
@@ -40,18 +47,19 @@ class _HeldHeadTransport:
             self._transport.writelines((head, data))
         elif data.startswith(_HEAD_START) and data.endswith(_HEAD_END):
             self._head = data
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send a held head now."""
         head = self._head
         if head is not None:
             self._head = None
             self._transport.write(head)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     # What uvicorn's protocol and flow control call on every request, spelled out
