@@ -17,6 +17,7 @@ with the events acknowledged. The last line of stdout is one JSON object.
     python bench/ingest.py                       # 15 s per run, 50 connections
     python bench/ingest.py --duration 3 --only track --skip-bare
     python bench/ingest.py --only batch --profile  # + py-spy flamegraph of the batch load
+    python bench/ingest.py --only track --skip-bare --profile --profile-all --profile-format raw
 
 Exit status: 0 when every run had no errors and the accounting matched, 1 otherwise.
 """
@@ -563,6 +564,7 @@ class Bench:
                    Path(tempfile.gettempdir()) / f"trackpipe-batch-{time.strftime('%H%M%S')}.{ext}")
         argv = [exe, "record", "--pid", str(server.proc.pid), "--duration",
                 str(self.args.duration), "--rate", "250", "--nonblocking", "--threads",
+                *(["--subprocesses"] if self.args.profile_all else []),
                 "--format", fmt, "--output", str(out)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -578,7 +580,7 @@ class Bench:
         if proc.returncode != 0 or not out.exists():
             print(f"--profile: py-spy failed ({proc.returncode}): {text.strip()[-500:]}")
             return
-        print(f"profile of trackpipe under the batch load: {out}")
+        print(f"profile of trackpipe under load: {out}")
         if self.args.profile_format == "raw":
             print_top(out)
 
@@ -626,10 +628,14 @@ def main(argv: list[str] | None = None) -> int:
                         "bodies (a little wrk CPU; off: wrk only counts them)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, logs)")
     p.add_argument("--profile", action="store_true",
-                   help="record the trackpipe batch run with py-spy (pip install py-spy)")
+                   help="record the trackpipe run of the batch load (or of --only) with py-spy"
+                        " (pip install py-spy)")
     p.add_argument("--profile-format", choices=["flamegraph", "raw", "speedscope"],
                    default="flamegraph", help="flamegraph = svg; raw also prints a top table")
     p.add_argument("--profile-out", help="profile file (default in the system temp dir)")
+    p.add_argument("--profile-all", action="store_true",
+                   help="--profile the log writer and consumers processes too (py-spy"
+                        " --subprocesses; their stacks sit under a frame naming each process)")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         print("ingest.py needs wrk (apt-get install wrk)", file=sys.stderr)
