@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import time
 
 import pytest
@@ -91,7 +92,8 @@ def test_missing_paths_and_type_mismatches_are_false_never_errors(text, expected
     ("not a = 1 and b = 1", "(not a = 1 and b = 1)"),
     ("not (a = 1 and b = 1)", "not (a = 1 and b = 1)"),
     ("a = 1 and (b = 1 or c = 1)", "(a = 1 and (b = 1 or c = 1))"),
-    ("a = 1 or b = 1 or c = 1", "((a = 1 or b = 1) or c = 1)"),
+    ("a = 1 or b = 1 or c = 1", "(a = 1 or b = 1 or c = 1)"),  # one node for a chain
+    ("(a = 1 or b = 1) or c = 1", "((a = 1 or b = 1) or c = 1)"),
     ("not not a exists", "not not a exists"),
     ('TYPE = "x" AND Not b exists OR c = 1', '((TYPE = "x" and not b exists) or c = 1)'),
 ])
@@ -173,6 +175,110 @@ def test_parse_path():
         c.parse_path("properties.")
 
 
+@pytest.mark.parametrize("text, column", [
+    ("properties.x = " + "1" * 5000, 16),
+    ("properties.x in [1, -" + "2" * 5000 + "]", 21),
+    ("properties.list." + "0" * 5000 + " exists", 17),       # a list index
+    ('properties.list."' + "0" * 5000 + '" exists', 17),     # quoted, still an index
+])
+def test_numbers_too_long_to_convert_are_syntax_errors(text, column):
+    # Python refuses to convert integers over 4,300 digits (a bare ValueError).
+    with pytest.raises(ConfigError) as caught:
+        c.compile(text)
+    message = str(caught.value)
+    assert f"number too long (5000 digits; at most {sys.get_int_max_str_digits()})" in message
+    assert f"at column {column}:" in message
+
+
+def test_long_numbers_that_convert_are_fine():
+    big = "9" * 4000
+    assert c.compile(f"properties.x = {big}")({"properties": {"x": int(big)}})
+    assert c.compile(f'properties."{big}" = 1')({"properties": {big: 1}})
+
+
+def nested(levels: int) -> str:
+    """`levels` parentheses inside one another, alternating or/and; with b = 2 it is
+    true exactly when a = 1, so every level is evaluated."""
+    text = "a = 1"
+    for level in range(levels):
+        text = f"b != 2 or ({text})" if level % 2 else f"b = 2 and ({text})"
+    return text
+
+
+def chain(terms: int, word: str = "and") -> str:
+    return f" {word} ".join(f"properties.n != {i}" for i in range(terms))
+
+
+def frames_in_use() -> int:
+    frame, count = sys._getframe(), 0
+    while frame is not None:
+        frame, count = frame.f_back, count + 1
+    return count
+
+
+def on_a_nearly_full_stack(run, headroom: int = 200):
+    """run() with only `headroom` frames to spare, as when the consumers process builds
+    its routers deep inside asyncio.run."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames_in_use() + headroom)
+    try:
+        return run()
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("text, message, expected", [
+    (chain(c.MAX_TERMS), {"properties": {"n": -1}}, True),
+    (chain(c.MAX_TERMS, "or"), {"properties": {"n": 0}}, True),
+    (chain(c.MAX_TERMS), {"properties": {"n": c.MAX_TERMS - 1}}, False),
+    (nested(c.MAX_NESTING), {"a": 1, "b": 2}, True),
+    (nested(c.MAX_NESTING), {"a": 0, "b": 2}, False),
+    ("not " * c.MAX_NESTING + "a = 1", {"a": 1}, True),
+    ("(" * c.MAX_NESTING + "true" + ")" * c.MAX_NESTING, {}, True),
+])
+def test_the_largest_allowed_conditions_compile_and_run_on_a_nearly_full_stack(
+        text, message, expected):
+    assert on_a_nearly_full_stack(lambda: c.compile(text)(message)) is expected
+
+
+TOO_DEEP = nested(c.MAX_NESTING + 1)
+
+
+@pytest.mark.parametrize("text, column, words", [
+    (chain(c.MAX_TERMS + 1), len(chain(c.MAX_TERMS)) + 6, f"more than {c.MAX_TERMS} in one"),
+    (chain(999, "or"), len(chain(c.MAX_TERMS, "or")) + 5, "use `in [...]`"),
+    (TOO_DEEP, TOO_DEEP.rfind("(") + 1,   # the caret is at the parenthesis too many
+     f"more than {c.MAX_NESTING} levels of parentheses and `not`"),
+    ("(" * 250 + "true" + ")" * 250, c.MAX_NESTING + 1, "nesting too deep"),
+    ("not " * 1000 + "true", 4 * c.MAX_NESTING + 1, "nesting too deep"),
+    ("not (" * 20 + "true" + ")" * 20, 5 * 16 + 1, "nesting too deep"),  # 2 levels each
+])
+def test_conditions_over_the_limits_are_syntax_errors(text, column, words):
+    with pytest.raises(ConfigError) as caught:
+        c.compile(text)
+    message = str(caught.value)
+    assert words in message
+    assert f"at column {column}:" in message
+
+
+@pytest.mark.parametrize("left, right, equal", [
+    ([1], [True], False),                       # true is not 1, inside a list too
+    ({"k": 1.0}, {"k": True}, False),
+    ([[0]], [[False]], False),
+    ({"k": [1, {"z": None}]}, {"k": [1, {"z": False}]}, False),
+    ([1], [1.0], True),                         # numbers compare numerically at every level
+    ({"k": [3, {"z": "x"}]}, {"k": [3.0, {"z": "x"}]}, True),
+    ([1, 2], [1], False),
+    ({"a": 1}, {"a": 1, "b": 2}, False),
+    ([], [], True),
+])
+def test_lists_and_objects_compare_by_the_scalar_rule_at_every_level(left, right, equal):
+    message = {"properties": {"a": left, "b": right, "list": [right]}}
+    assert c.compile("properties.a = properties.b")(message) is equal
+    assert c.compile("properties.a != properties.b")(message) is not equal
+    assert c.compile("properties.list contains properties.a")(message) is equal
+
+
 def test_matches_takes_a_glob_that_cannot_backtrack_catastrophically():
     condition = c.compile('event matches "*a*a*a*a*a*a*a*a*b"')
     started = time.perf_counter()
@@ -201,7 +307,9 @@ comparisons = (
     | st.builds(c.Literal, st.booleans())
 )
 trees = st.recursive(comparisons, lambda inner: (
-    st.builds(c.Not, inner) | st.builds(c.And, inner, inner) | st.builds(c.Or, inner, inner)),
+    st.builds(c.Not, inner)
+    | st.builds(c.And, st.lists(inner, min_size=2, max_size=3).map(tuple))
+    | st.builds(c.Or, st.lists(inner, min_size=2, max_size=3).map(tuple))),
     max_leaves=8)
 json_values = st.recursive(
     scalars,
@@ -231,15 +339,21 @@ def reference(node, message) -> bool:
         return "number" if type(v) in (int, float) else type(v).__name__
 
     def equal(a, b):
-        return kind(a) == kind(b) and a == b
+        if kind(a) != kind(b):
+            return False
+        if isinstance(a, list):
+            return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+        return a == b
 
     match node:
         case c.Not(x):
             return not reference(x, message)
-        case c.And(x, y):
-            return reference(x, message) and reference(y, message)
-        case c.Or(x, y):
-            return reference(x, message) or reference(y, message)
+        case c.And(operands):
+            return all(reference(x, message) for x in operands)
+        case c.Or(operands):
+            return any(reference(x, message) for x in operands)
         case c.Literal(v):
             return v is True
         case c.Exists(p):

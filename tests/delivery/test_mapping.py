@@ -110,13 +110,37 @@ def test_the_input_message_is_not_changed():
     ({"a": "$.x y"}, "is not a valid path"),
     ({"a": ["$.ok", "$.bad path"]}, "'a[1]'"),
     ({"a": {"$path": "$.x", "defualt": 1}}, "'a': write a path with a default as"),
-    ({"a": {"$path": "x"}}, "write a path with a default"),
+    ({"a": {"$path": "x"}}, "'a': 'x' is not a path; a \"$path\" is \"$\""),
     ({"a": {"$path": 5}}, "write a path with a default"),
 ])
 def test_configuration_errors_name_the_key(mapping, words):
     with pytest.raises(ConfigError) as caught:
         compile_mapping(mapping)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", [
+    {"$path": "$userId"}, {"$path": "$userId", "default": "anonymous"},
+    {"$path": "$ userId"}, {"$path": "$$.userId"}, {"$path": ""},
+])
+def test_a_path_with_a_default_must_start_with_dollar_dot(spec):
+    # Plain string values already need "$.": "$userId" is a literal there. Here it used
+    # to be read as a path with its first letter cut off (the key "serId").
+    with pytest.raises(ConfigError) as caught:
+        compile_mapping({"user": spec})
+    assert f"'user': {spec['$path']!r} is not a path" in str(caught.value)
+    assert 'starts with "$."' in str(caught.value)
+
+
+@pytest.mark.parametrize("mapping", [
+    {"x": "$.properties.products." + "0" * 5000},
+    {"x": {"$path": "$.properties." + "1" * 5000, "default": 0}},
+])
+def test_a_path_index_too_long_to_convert_is_a_configuration_error(mapping):
+    with pytest.raises(ConfigError) as caught:
+        compile_mapping(mapping)
+    assert "'x': " in str(caught.value)
+    assert "Invalid path: number too long (5000 digits" in str(caught.value)
 
 
 json_values = st.recursive(

@@ -35,6 +35,9 @@ def recorder():
     ("64:ff9b::a00:1", "private, embedded IPv4 10.0.0.1"),
     ("2002:7f00:1::", "loopback, embedded IPv4 127.0.0.1"),
     ("::7f00:1", "IPv4-compatible"),
+    # site-local, deprecated: ipaddress calls it global, so only an allow-list of
+    # 2000::/3 catches it
+    ("fec0::1", "non-public (outside 2000::/3"), ("feff:1::2", "non-public (outside 2000::/3"),
 ])
 def test_non_public_addresses_are_refused(address, kind):
     assert refusal(address).startswith(kind)
@@ -50,6 +53,7 @@ def test_public_addresses_pass(address):
     ("localhost", "loopback"), ("api.localhost", "loopback"), ("LOCALHOST.", "loopback"),
     ("2130706433", "loopback"), ("0x7f.1", "loopback"), ("0177.0.0.1", "loopback"),
     ("[::1]", "loopback"), ("0.0.0.0", "unspecified"), ("169.254.169.254", "link-local"),
+    ("[fec0::1]", "non-public (outside 2000::/3, the IPv6 global unicast range)"),
 ])
 def test_host_refusal_without_dns(host, kind):
     assert host_refusal(host) == kind

@@ -15,6 +15,7 @@ import fnmatch
 import json
 import operator
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn
 
@@ -26,6 +27,10 @@ KEYWORDS = frozenset({"and", "or", "not", "in", "contains", "matches", "exists",
                       "true", "false", "null"})
 COMPARISONS = ("=", "==", "!=", "<", "<=", ">", ">=")
 _NUMBER = (int, float)  # not bool: `true` is never equal to 1
+# The parser and `build` recurse once per level of nesting, so nesting is what must
+# stay small; a chain's length only costs time. Both limits are in docs/routing.md.
+MAX_NESTING = 32  # parentheses and `not`s, one inside another
+MAX_TERMS = 256   # comparisons (and bare true/false) in one condition
 
 _TOKEN = re.compile(r"""
     (?P<string>"(?:[^"\\\x00-\x1f]|\\.)*")
@@ -100,22 +105,22 @@ class Not:
         return f"not {self.operand}"
 
 
+# And and Or hold a whole chain (`a and b and c`), not a pair: a tree of pairs is as
+# deep as the chain is long, and everything that walks it recursively would be too.
 @dataclass(frozen=True, slots=True)
 class And:
-    left: Node
-    right: Node
+    operands: tuple[Node, ...]
 
     def __str__(self) -> str:
-        return f"({self.left} and {self.right})"
+        return f"({' and '.join(map(str, self.operands))})"
 
 
 @dataclass(frozen=True, slots=True)
 class Or:
-    left: Node
-    right: Node
+    operands: tuple[Node, ...]
 
     def __str__(self) -> str:
-        return f"({self.left} or {self.right})"
+        return f"({' or '.join(map(str, self.operands))})"
 
 
 Node = Literal | Compare | In | Matches | Exists | Not | And | Or
@@ -150,27 +155,36 @@ class _Parser:
         self.text, self.kind = text, kind
         self.tokens = _tokenize(text, kind)
         self.i = 0
+        self.nesting = self.terms = 0
 
     def expression(self) -> Node:
-        node = self.conjunction()
+        nodes = [self.conjunction()]
         while self.keyword("or"):
-            node = Or(node, self.conjunction())
-        return node
+            nodes.append(self.conjunction())
+        return nodes[0] if len(nodes) == 1 else Or(tuple(nodes))
 
     def conjunction(self) -> Node:
-        node = self.negation()
+        nodes = [self.negation()]
         while self.keyword("and"):
-            node = And(node, self.negation())
-        return node
+            nodes.append(self.negation())
+        return nodes[0] if len(nodes) == 1 else And(tuple(nodes))
 
     def negation(self) -> Node:
-        return Not(self.negation()) if self.keyword("not") else self.atom()
+        if not self.keyword("not"):
+            return self.atom()
+        self.enter()
+        node = Not(self.negation())
+        self.nesting -= 1
+        return node
 
     def atom(self) -> Node:
         if self.symbol("("):
+            self.enter()
             node = self.expression()
             self.expect(")", "a closing parenthesis")
+            self.nesting -= 1
             return node
+        self.count_term()
         left = self.operand()
         kind, value, _ = self.tokens[self.i]
         if kind == "op" and value in COMPARISONS:
@@ -207,9 +221,11 @@ class _Parser:
         keys = [value]
         self.i += 1
         while self.symbol("."):
-            kind, value, _ = self.tokens[self.i]
+            kind, value, pos = self.tokens[self.i]
             if kind not in ("segment", "string"):
                 self.fail("a key after the dot (quote it if it has spaces: \"order id\")")
+            if _is_index(value):  # `getter` turns it into an int: it must convert
+                _integer(value, self.text, pos, self.kind)
             keys.append(value)
             self.i += 1
         return Path(tuple(keys))
@@ -255,12 +271,28 @@ class _Parser:
         if self.tokens[self.i][0] != "end":
             self.fail(what)
 
+    def enter(self) -> None:
+        """Called just after a `(` or a `not`, which nest what follows one level deeper."""
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            self.refuse(f"nesting too deep: more than {MAX_NESTING} levels of parentheses "
+                        "and `not` inside one another", back=1)
+
+    def count_term(self) -> None:
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            self.refuse(f"too many comparisons: more than {MAX_TERMS} in one condition "
+                        "(to test one value against many, use `in [...]`)")
+
     def fail(self, expected: str, back: int = 0) -> NoReturn:
         at = self.i - back
         kind, _, pos = self.tokens[at]
         found = "the end" if kind == "end" else repr(
             self.text[pos:self.tokens[at + 1][2]].strip()[:40])
-        raise _syntax_error(self.text, pos, f"expected {expected}, found {found}", self.kind)
+        self.refuse(f"expected {expected}, found {found}", back)
+
+    def refuse(self, message: str, back: int = 0) -> NoReturn:
+        raise _syntax_error(self.text, self.tokens[self.i - back][2], message, self.kind)
 
 
 def _tokenize(text: str, kind: str) -> list[tuple[str, Any, int]]:
@@ -288,7 +320,9 @@ def _tokenize(text: str, kind: str) -> list[tuple[str, Any, int]]:
 
 def _token_value(group: str, token: str, text: str, pos: int, kind: str) -> Any:
     if group == "number":
-        return float(token) if any(c in token for c in ".eE") else int(token)
+        if any(c in token for c in ".eE"):
+            return float(token)
+        return _integer(token, text, pos, kind)
     if group == "string":
         try:
             return json.loads(token)
@@ -296,6 +330,19 @@ def _token_value(group: str, token: str, text: str, pos: int, kind: str) -> Any:
             raise _syntax_error(text, pos, "bad escape in string (use \\\" \\\\ \\n \\t \\uXXXX)",
                                 kind) from None
     return token
+
+
+def _integer(digits: str, text: str, pos: int, kind: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # over sys.get_int_max_str_digits() (4,300 unless changed)
+        limit = sys.get_int_max_str_digits()
+        raise _syntax_error(text, pos, f"number too long ({len(digits.lstrip('-'))} digits; "
+                            f"at most {limit})", kind) from None
+
+
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()
 
 
 _EXAMPLES = {
@@ -326,12 +373,10 @@ def compile(text: str) -> Condition:  # noqa: A001 - the natural name, as in re.
 
 def build(node: Node) -> Condition:
     match node:
-        case Or(left, right):
-            a, b = build(left), build(right)
-            return lambda m: a(m) or b(m)
-        case And(left, right):
-            a, b = build(left), build(right)
-            return lambda m: a(m) and b(m)
+        case Or(operands):
+            return _any(tuple(map(build, operands)))
+        case And(operands):
+            return _all(tuple(map(build, operands)))
         case Not(operand):
             f = build(operand)
             return lambda m: not f(m)
@@ -359,7 +404,7 @@ def getter(keys: tuple[str, ...], missing: Any = None) -> Callable[[dict], Any]:
     if len(keys) == 1:
         key = keys[0]
         return lambda m: m.get(key, missing)
-    steps = tuple((k, int(k) if k.isascii() and k.isdigit() else None) for k in keys)
+    steps = tuple((k, int(k) if _is_index(k) else None) for k in keys)
 
     def get(message: dict) -> Any:
         value: Any = message
@@ -376,6 +421,24 @@ def getter(keys: tuple[str, ...], missing: Any = None) -> Callable[[dict], Any]:
     return get
 
 
+def _any(tests: tuple[Condition, ...]) -> Condition:
+    def test(message: dict) -> bool:
+        for one in tests:
+            if one(message):
+                return True
+        return False
+    return test
+
+
+def _all(tests: tuple[Condition, ...]) -> Condition:
+    def test(message: dict) -> bool:
+        for one in tests:
+            if not one(message):
+                return False
+        return True
+    return test
+
+
 def _operand(node: Path | Literal) -> Callable[[dict], Any]:
     if isinstance(node, Path):
         return getter(node.keys)
@@ -384,9 +447,17 @@ def _operand(node: Path | Literal) -> Callable[[dict], Any]:
 
 
 def _equal(a: Any, b: Any) -> bool:
+    """One rule at every level of a list or object: numbers compare numerically (3 = 3.0),
+    anything else must have the same type, so `true` is never 1, even inside [true]."""
     if type(a) in _NUMBER:
         return type(b) in _NUMBER and a == b
-    return type(a) is type(b) and a == b
+    if type(a) is not type(b):
+        return False
+    if type(a) is list:  # recursion is bounded: ingest refuses messages over 64 levels
+        return len(a) == len(b) and all(map(_equal, a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_equal(v, b[k]) for k, v in a.items())
+    return a == b
 
 
 def _ordered(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:

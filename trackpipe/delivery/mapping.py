@@ -74,13 +74,17 @@ def _object(tree: dict[str, Any]) -> Callable[[dict], dict]:
 
 
 def _value(value: Any, where: str) -> Producer:
-    if isinstance(value, str) and (value == "$" or value.startswith("$.")):
+    if _is_path(value):
         return _path(value, where, MISSING)
     if isinstance(value, dict):  # not _is_object: the {"$path": ...} form
         return _path_with_default(value, where)
     if isinstance(value, list):
         return _list(value, where)
     return lambda message: value  # a literal; "$5 off" is one too
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and (value == "$" or value.startswith("$."))
 
 
 def _path(text: str, where: str, missing: Any) -> Producer:
@@ -95,9 +99,12 @@ def _path(text: str, where: str, missing: Any) -> Producer:
 
 def _path_with_default(spec: dict, where: str) -> Producer:
     path = spec["$path"]
-    if set(spec) - _PATH_KEYS or not isinstance(path, str) or not path.startswith("$"):
+    if set(spec) - _PATH_KEYS or not isinstance(path, str):
         raise ConfigError(f"Mapping key {where!r}: write a path with a default as "
                           '{"$path": "$.properties.x", "default": 0} (no other keys).')
+    if not _is_path(path):  # _path drops the two characters "$.": "$userId" would read "serId"
+        raise ConfigError(f"Mapping key {where!r}: {path!r} is not a path; a \"$path\" is "
+                          '"$" (the whole message) or starts with "$." (such as "$.userId").')
     if "default" not in spec:
         return _path(path, where, MISSING)
     get, default = _path(path, where, None), spec["default"]

@@ -27,6 +27,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SETTING = "allow_private_targets"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
 class BlockedAddress(httpx.ConnectError):
@@ -48,12 +49,27 @@ def refusal(address: str | IPAddress) -> str | None:
         if hit:
             return kind
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None:  # the packet ends up at the IPv4 address, so judge that
-            why = refusal(embedded)
-            return f"{why}, embedded IPv4 {embedded}" if why else None
-        if int(ip) >> 32 == 0:
-            return "IPv4-compatible IPv6"
+        return _ipv6_refusal(ip)
+    return _registry_refusal(ip)
+
+
+def _ipv6_refusal(ip: ipaddress.IPv6Address) -> str | None:
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:  # the packet ends up at the IPv4 address, so judge that
+        why = refusal(embedded)
+        return f"{why}, embedded IPv4 {embedded}" if why else None
+    if int(ip) >> 32 == 0:
+        return "IPv4-compatible IPv6"
+    why = _registry_refusal(ip)
+    # An allow-list, because ipaddress calls some non-public space global (the
+    # deprecated site-local fec0::/10): only global unicast is ever public.
+    if why is None and ip not in _GLOBAL_UNICAST:
+        return "non-public (outside 2000::/3, the IPv6 global unicast range)"
+    return why
+
+
+def _registry_refusal(ip: IPAddress) -> str | None:
+    """What the IANA special-purpose registries, as ipaddress knows them, say."""
     if ip.is_private:
         return "private"
     if ip.is_reserved or not ip.is_global:
