@@ -1,9 +1,11 @@
 """Every admin answer is JSON {code, message}, including routing errors and bad parameters."""
 
 import gzip
+import uuid
 
 import httpx
 import pytest
+from support import wait_for
 
 
 @pytest.mark.parametrize("path", [
@@ -76,3 +78,37 @@ def test_people_and_delivery_reads_answer_bad_paths_with_json_4xx(server, path):
         r = client.get(path)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert set(r.json()) >= {"code", "message"}
+
+
+def _person(server) -> str:
+    """A userId with a profile (identity applies it in the background)."""
+    user = f"errors-{uuid.uuid4().hex[:8]}"
+    assert server.post("/v1/identify", {"userId": user, "anonymousId": f"a-{user}"}
+                       ).status_code == 200
+    with server.admin() as client:
+        wait_for(lambda: client.get(f"/api/v1/profiles/{user}").status_code == 200,
+                 what="the profile")
+    return user
+
+
+def test_numbers_past_sqlite_integers_in_cursor_and_merge_id_are_400(server):
+    """They used to reach SQLite and come back as 500 (OverflowError), closing the connection."""
+    user = _person(server)
+    with server.admin() as client:
+        page = client.get(f"/api/v1/profiles/{user}/events",
+                          params={"cursor": "2026-12-07T04:49:25.162Z~99999999999999999999"})
+        assert page.status_code == 400 and page.json()["code"] == "invalid_parameter", page.text
+        for merge_id in ("m99999999999999999999", 99999999999999999999, "m" + "9" * 5000,
+                         [1], {}, True, 1.5, "m-1"):
+            r = client.post(f"/api/v1/profiles/{user}/unmerge", json={"merge_id": merge_id})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_parameter", r.text
+            assert "set_int_max_str_digits" not in r.text
+        r = client.post(f"/api/v1/profiles/{user}/unmerge", json={"merge_id": "m123456"})
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_event_order_other_than_asc_or_desc_is_400(server):
+    with server.admin() as client:
+        for order in ("ASC", "xyz", ""):
+            r = client.get("/api/v1/events", params={"order": order})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_parameter", r.text

@@ -224,12 +224,27 @@ def test_check_and_destinations_commands(tmp_path, fresh_server):
 @pytest.mark.parametrize("body, code", [
     (b"not json", "invalid_json"), (b'{"bogus": 1}', "invalid_parameter"),
     (b'{"since": "yesterday"}', "invalid_parameter"), (b'{"failed_only": "yes"}', "invalid_parameter"),
+    # a bound that is not a time used to mean "no bound": everything was replayed
+    (b'{"until": false}', "invalid_parameter"), (b'{"until": []}', "invalid_parameter"),
+    (b'{"until": {}}', "invalid_parameter"), (b'{"since": true}', "invalid_parameter"),
+    (b'{"since": 1.5}', "invalid_parameter"), (b'{"until": ""}', "invalid_parameter"),
 ])
 def test_replay_api_rejects_bad_bodies(fresh_server, tmp_path, body, code):
     f = Faulty(tmp_path / "f", "faulty")
     srv = start(fresh_server, tmp_path, [f.table()])
     r = api(srv, "/api/v1/destinations/faulty/replay", "POST", content=body)
     assert r.status_code == 400 and r.json()["code"] == code
+
+
+def test_replay_until_epoch_zero_replays_nothing(fresh_server, tmp_path):
+    """`until: 0` is a bound (before 1970), not a missing one; `null` is no bound."""
+    f = Faulty(tmp_path / "f", "faulty")
+    srv = start(fresh_server, tmp_path, [f.table()])
+    f.wait_delivered(send(srv, 3))
+    r = api(srv, "/api/v1/destinations/faulty/replay", "POST", json={"until": 0})
+    assert r.status_code == 200 and r.json()["queued"] == 0, r.text
+    r = api(srv, "/api/v1/destinations/faulty/replay", "POST", json={"until": None})
+    assert r.status_code == 200 and r.json()["queued"] == 3, r.text
 
 
 def test_events_carry_the_resolved_profile_id_at_delivery(fresh_server, tmp_path):

@@ -71,7 +71,10 @@ class AdminAPI:
             if name in q:
                 filters[name] = time_param(q, name) if name in ("since", "until") else q[name]
         limit = int_param(q, "limit", 100, 1, MAX_LIMIT)
-        ascending = q.get("order", "desc") == "asc"
+        order = q.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ValueError(f"`order` is \"asc\" or \"desc\", not {order!r}.")
+        ascending = order == "asc"
         position = cursor_param(q)
         if ascending and position is None:
             position = 0

@@ -94,7 +94,11 @@ class DestinationsAPI:
         if not isinstance(body, dict) or set(body) - {"since", "until", "failed_only"}:
             return error(400, "invalid_parameter", "The replay body takes `since`, `until` "
                          "(ISO-8601 or epoch ms) and `failed_only` (boolean).")
-        times = {k: time_param({k: str(body[k])}, k) for k in ("since", "until") if body.get(k)}
+        bounds = {k: body[k] for k in ("since", "until") if body.get(k) is not None}
+        if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in bounds.values()):
+            return error(400, "invalid_parameter", "`since` and `until` are ISO-8601 strings or"
+                         " epoch milliseconds.")
+        times = {k: time_param({k: str(v)}, k) for k, v in bounds.items()}
         failed_only = body.get("failed_only", False)
         if not isinstance(failed_only, bool):
             return error(400, "invalid_parameter", "`failed_only` must be true or false.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import msgspec
@@ -93,9 +94,9 @@ class PeopleAPI:
         if isinstance(body, Response):
             return body
         merge_id = body.get("merge_id")
-        if merge_id is None:
-            return error(400, "invalid_parameter", "Send {\"merge_id\": ...}: an `id` from "
-                         f"GET /api/v1/profiles/{ident}/merges.")
+        if not _is_merge_id(merge_id):
+            return error(400, "invalid_parameter", "Send {\"merge_id\": ...}: an `id` such as"
+                         f" \"m12\" from GET /api/v1/profiles/{ident}/merges.")
         found = await run_in_threadpool(self.identity.profile, ident)
         if found is None:
             return self._missing(ident)
@@ -195,3 +196,15 @@ async def _ident(request: Request):
         return error(400, "invalid_parameter", "Send {\"id\": ...}: a profile id, userId or "
                      "anonymousId.")
     return ident
+
+
+MERGE_ID = re.compile(r"[mM]?[0-9]{1,18}")
+
+
+def _is_merge_id(value) -> bool:
+    """The shape of a merge's `id` ("m12", or 12): anything else is a malformed request."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 <= value < 10**18
+    return isinstance(value, str) and MERGE_ID.fullmatch(value.strip()) is not None

@@ -40,7 +40,7 @@ def unmerge(db, limits: Limits, profile_id: str, merge_id: str | int,
 def _edge_id(merge_id: str | int) -> int:
     text = str(merge_id).strip()
     text = text[1:] if text[:1] in ("m", "M") else text
-    if not (text.isascii() and text.isdigit()):
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:  # beyond any SQLite id
         raise LookupError(f"{merge_id!r} is not a merge id; use an `id` such as \"m12\" from "
                           "the profile's merges")
     return int(text)
