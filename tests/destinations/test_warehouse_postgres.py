@@ -386,15 +386,15 @@ def test_delete_user_removes_the_person_everywhere(admin, schema):
 
 def test_settings_are_validated_and_the_dsn_is_secret():
     with pytest.raises(msgspec.ValidationError, match="schema must not be empty"):
-        msgspec.convert({"dsn": "x", "schema": " "}, PostgresWarehouse.Settings)
+        msgspec.convert({"dsn": "host=x", "schema": " "}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
-        msgspec.convert({"dsn": "x", "table": "t"}, PostgresWarehouse.Settings)
+        msgspec.convert({"dsn": "host=x", "table": "t"}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="at most 1600"):
-        msgspec.convert({"dsn": "x", "max_columns": 1601}, PostgresWarehouse.Settings)
+        msgspec.convert({"dsn": "host=x", "max_columns": 1601}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="at least 20"):
-        msgspec.convert({"dsn": "x", "max_columns": 10}, PostgresWarehouse.Settings)
+        msgspec.convert({"dsn": "host=x", "max_columns": 10}, PostgresWarehouse.Settings)
     with pytest.raises(msgspec.ValidationError, match="max_tables must be at least 1"):
-        msgspec.convert({"dsn": "x", "max_tables": 0}, PostgresWarehouse.Settings)
+        msgspec.convert({"dsn": "host=x", "max_tables": 0}, PostgresWarehouse.Settings)
     assert PostgresWarehouse.secret_fields == ("dsn",) and PostgresWarehouse.supports_delete
 
 

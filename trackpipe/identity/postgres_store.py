@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import psycopg
 
+from trackpipe.dsn import scrub
 from trackpipe.errors import ConfigError
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
@@ -101,7 +102,8 @@ class PostgresStore(SQLStore):
                 else psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as exc:
             raise ConfigError(f"Cannot connect to the identity store at [identity] postgres_dsn: "
-                              f"{exc}. Check the host, database and credentials.") from None
+                              f"{scrub(str(exc), dsn)}. Check the host, database and"
+                              " credentials.") from None
         self.db = PostgresDb(self.conn)
         with self.write_tx():
             for statement in SCHEMA:

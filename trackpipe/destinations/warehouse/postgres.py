@@ -34,6 +34,7 @@ from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEX
 from trackpipe.destinations.warehouse.sql import (
     POSTGRES, add_column, create_meta, create_table, delete_person, insert_from, qualified,
     widen_column)
+from trackpipe.dsn import check as check_dsn, scrub
 
 RETRY_CLASSES = ("08", "40", "53", "57", "58")
 POSTGRES_COLUMN_LIMIT = 1600
@@ -67,6 +68,7 @@ class PostgresWarehouse(Warehouse):
         event's row loads into tracks only and the rest of it goes to rejected_values."""
 
         def __post_init__(self):
+            check_dsn(self.dsn, "dsn")
             if not self.schema.strip():
                 raise ValueError("schema must not be empty; the default is \"trackpipe\"")
             check_max_columns(self.max_columns, POSTGRES_COLUMN_LIMIT)
@@ -214,6 +216,7 @@ class PostgresWarehouse(Warehouse):
     def _classify(self, exc: Exception) -> Outcome:
         state = getattr(exc, "sqlstate", None)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = scrub(text, self.settings.dsn)
         if state is None:  # no answer from the server: connection refused, dropped, timed out
             if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
                 return retry(None, f"PostgreSQL unreachable: {text}")
