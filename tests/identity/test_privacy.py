@@ -10,9 +10,9 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from delivery.faulty_rig import TESTS, Faulty, api
 from destinations.sink_webhook import Sink
 from support import wait_for, write_config
@@ -147,3 +147,23 @@ def test_truncate_ip_keeps_only_the_network_part(fresh_server, tmp_path):
     assert ips[browser] == "127.0.0.0"
     raw = b"".join(p.read_bytes() for p in server.data_dir.glob("log.db*"))
     assert b"203.0.113.77" not in raw and b"127.0.0.1" not in raw
+
+
+def test_concurrent_deletes_each_report_what_they_erased(fresh_server, tmp_path):
+    """With no consumers process, each delete request's own thread carries out the queue;
+    two of them used to take the same requests, and the later one recorded zeros over the
+    counts of the first."""
+    config = write_config(tmp_path / "t.toml", [], identity={"enabled": False})
+    server = fresh_server(config=config).start()
+    people = [f"e{i}-{uuid.uuid4().hex[:6]}" for i in range(5)]
+    for person in people:
+        for _ in range(4):
+            track(server, userId=person)
+    with ThreadPoolExecutor(7) as pool:
+        answers = list(pool.map(
+            lambda person: api(server, "/api/v1/privacy/delete", "POST", json={"id": person}),
+            [*people, people[0], people[1]]))
+    assert all(r.status_code == 200 and r.json()["state"] == "done" for r in answers), \
+        [r.text for r in answers]
+    assert sum(r.json()["events"] for r in answers) == 20, [r.json() for r in answers]
+    assert server.events() == []

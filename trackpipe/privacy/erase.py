@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -53,7 +54,18 @@ def result(db: sqlite3.Connection, request_id: int) -> dict | None:
 
 
 def process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> int:
-    """Carry out every queued delete; `identity` is the store or None. Returns how many."""
+    """Carry out every queued delete; `identity` is the store or None. Returns how many.
+
+    One call at a time: two admin requests' threads would each take the whole queue,
+    and the second would find the people gone and record zero counts over the first's."""
+    with _PROCESSING:
+        return _process_requests(data_dir, identity, destinations)
+
+
+_PROCESSING = threading.Lock()
+
+
+def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> int:
     db = connect(data_dir / "deliveries.db", synchronous="NORMAL")
     try:
         db.executescript(QUEUE_SCHEMA)
