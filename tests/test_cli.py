@@ -228,6 +228,28 @@ def test_sources_add_list_and_duplicate(tmp_path):
     assert rows["web"][1].startswith("src_")
 
 
+def test_sources_add_refuses_an_empty_name_and_keys_basic_auth_cannot_carry(tmp_path):
+    data = str(tmp_path / "data")
+    r = cli("sources", "add", " ", "--data-dir", data)
+    assert r.returncode == 1 and "name" in r.stderr, r.stderr
+    for key in ("ab:cd", "kéy", " "):  # Basic auth splits at the first colon
+        r = cli("sources", "add", "web", "--write-key", key, "--data-dir", data)
+        assert r.returncode == 1 and "no colon" in r.stderr, (key, r.stderr)
+    assert cli("sources", "list", "--data-dir", data).stdout.count("\n") == 1  # the header
+
+
+def test_bad_port_and_a_data_dir_that_is_a_file_exit_2_with_a_message(tmp_path):
+    for port in ("99999", "-5", "0", "http"):
+        r = cli("serve", "--port", port, "--data-dir", str(tmp_path / "data"))
+        assert r.returncode == 2 and "is not a TCP port" in r.stderr, (port, r.stderr)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (("serve",), ("sources", "list")):
+        r = cli(*args, "--data-dir", str(afile))
+        assert r.returncode == 2 and "is a file, not a directory" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_sources_add_is_picked_up_by_a_running_server(server):
     name = f"cli-{uuid.uuid4().hex[:8]}"
     r = cli("sources", "add", name, "--data-dir", str(server.data_dir))
@@ -317,6 +339,18 @@ def test_events_needs_a_valid_admin_token(server):
     assert r.returncode == 2 and "--admin-token" in r.stderr
     r = cli("events", "--url", server.url, "--admin-token", "wrong")
     assert r.returncode != 0 and "401" in r.stderr
+
+
+def test_admin_commands_explain_a_token_or_an_answer_they_cannot_use(server):
+    for args in (("events",), ("profile", "someone"), ("privacy", "suppress", "someone")):
+        r = cli(*args, "--url", server.url, "--admin-token", "pässwort")
+        assert r.returncode == 2 and "printable ASCII" in r.stderr, r.stderr
+    for args in (("events",), ("profile", "someone")):
+        # a 200 that is not the admin API's JSON, as a proxy's page would be
+        r = cli(*args, "--url", f"{server.url}/metrics?", "--admin-token", server.admin_token)
+        assert r.returncode == 1 and "did not answer like trackpipe's admin API" in r.stderr, \
+            r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_events_follow_streams_new_events_once(server):

@@ -98,6 +98,47 @@ def test_wrong_type_missing_file_and_bad_toml_are_errors(tmp_path):
         config.load(write(tmp_path, "[server\n"), env={})
 
 
+@pytest.mark.parametrize("text, key", [
+    # NaN reached the consumers process as JSON null: it crash-looped while /ready said ok
+    ("[limits]\nrate_limit_burst_seconds = nan\n", "rate_limit_burst_seconds"),
+    ("[limits]\nrate_limit_events_per_second = inf\n", "rate_limit_events_per_second"),
+    ("[limits]\nmax_request_bytes = -1\n", "max_request_bytes"),
+    ("[log]\nprune_every_seconds = nan\n", "prune_every_seconds"),
+    ("[server]\nport = 99999\n", "port"),
+    ("[server]\nport = 0\n", "port"),
+    ("[[destinations]]\nname = 'w'\ntype = 'file'\nretry_initial_seconds = nan\n",
+     "retry_initial_seconds"),
+    ("[[destinations]]\nname = 'w'\ntype = 'file'\nretry_max_delay_seconds = -inf\n",
+     "retry_max_delay_seconds"),
+])
+def test_nan_infinite_and_out_of_range_numbers_are_errors(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        config.load(write(tmp_path, text), env={})
+
+
+@pytest.mark.parametrize("token", ["pässwort", " padded ", "tab\tinside"])
+def test_admin_token_that_no_http_header_can_carry_is_an_error(token):
+    with pytest.raises(ConfigError, match="admin_token"):
+        config.load(env={"TRACKPIPE_ADMIN_TOKEN": token})
+
+
+def test_unreadable_config_files_are_errors(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[server]\n")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        config.load(binary, env={})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        config.load(tmp_path, env={})  # a directory
+
+
+def test_a_data_dir_that_is_a_file_is_an_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        config.make_data_dir(tmp_path / "afile")
+    with pytest.raises(ConfigError, match="data dir"):
+        config.make_data_dir(tmp_path / "afile" / "below")
+
+
 @pytest.mark.parametrize("value", [-1, 20])
 def test_consumers_nice_outside_0_to_19_is_an_error(tmp_path, value):
     with pytest.raises(ConfigError, match="consumers_nice"):

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 
 from trackpipe.admin import api as admin_api
-from trackpipe.config import Settings
+from trackpipe.config import Settings, make_data_dir
 from trackpipe.delivery.state import DeliveryState
 from trackpipe.delivery.supervisor import ConsumersProcess
 from trackpipe.destinations import build as destinations
@@ -37,7 +37,7 @@ class Pipeline:
         self.settings = settings
         destinations.validate(settings)  # a bad destination stops the start, not the first event
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        make_data_dir(data)
         self._lock = _lock_data_dir(data)
         self.catalog = Catalog(data)
         if settings.admin_token:

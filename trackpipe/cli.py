@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the collector")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port)
     _data_dir_arg(serve)
     serve.add_argument("--config", help="TOML settings file")
 
@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
 
 
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -197,16 +203,12 @@ def _send(args) -> int:
 
 
 def _events(args) -> int:
-    import httpx
+    from trackpipe.commands import admin_api
 
-    if not args.admin_token:
-        print("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN", file=sys.stderr)
-        return 2
     params = {k: v for k, v in (("type", args.type), ("event", args.event),
                                 ("user_id", args.user_id)) if v}
-    client = httpx.Client(base_url=args.url.rstrip("/"), timeout=10,
-                          headers={"authorization": f"Bearer {args.admin_token}"})
-    try:
+
+    def work(client) -> int:
         r = client.get("/api/v1/events", params={**params, "limit": args.limit})
         if r.status_code != 200:
             print(f"trackpipe: {r.status_code} {r.text}", file=sys.stderr)
@@ -228,11 +230,8 @@ def _events(args) -> int:
             cursor = page["next"] if page["next"] is not None else page["scanned"]
             if page["next"] is None:
                 time.sleep(0.5)  # caught up: poll again shortly
-    except httpx.HTTPError as exc:
-        print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
+
+    return admin_api.run(args.url, args.admin_token, 10, work)
 
 
 def _print_event(ev: dict, as_json: bool) -> None:

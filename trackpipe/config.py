@@ -18,11 +18,18 @@ import msgspec
 
 from trackpipe.errors import ConfigError
 
+# Bounded types: a NaN, an infinity or a negative size would pass a plain float or int,
+# then stop deliveries or refuse every request long after the start said "ok".
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=10**9)]
+Rate = Annotated[float, msgspec.Meta(ge=0, le=10**9)]
+
 
 class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     """Address to listen on."""
-    port: int = 8080
+    port: Port = 8080
     """TCP port of the tracking API and the admin API."""
     public_url: str = ""
     """URL the SDKs reach trackpipe at, if not http://host:port (used in the browser settings)."""
@@ -36,20 +43,20 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    max_event_bytes: int = 32 * 1024
+    max_event_bytes: Count = 32 * 1024
     """Largest single event, as re-encoded JSON."""
-    max_request_bytes: int = 500 * 1024
+    max_request_bytes: Count = 500 * 1024
     """Largest request body after gzip decompression."""
-    max_batch_events: int = 2500
+    max_batch_events: Count = 2500
     """Most events in one batch request."""
-    rate_limit_events_per_second: float = 0
+    rate_limit_events_per_second: Rate = 0
     """Events per second one source may send (0: no limit); over it, 429 with Retry-After."""
-    rate_limit_burst_seconds: float = 1.0
+    rate_limit_burst_seconds: Seconds = 1.0
     """How many seconds of the rate a source may send at once after a quiet spell."""
 
 
 class Dedup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    window_seconds: int = 12 * 3600
+    window_seconds: Count = 12 * 3600
     """A repeated messageId within this long of its first receipt is dropped (answered 200)."""
 
 
@@ -57,7 +64,7 @@ class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retention_seconds: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Delete events older than this once identity and every enabled destination have read
     them and none holds them for a retry or as failed (0: keep every event)."""
-    prune_every_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    prune_every_seconds: Seconds = 300.0
     """How often the retention looks for events to delete."""
 
 
@@ -92,15 +99,15 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: str
     """webhook, postgres, duckdb, file, mixpanel, amplitude or segment."""
     enabled: bool = True
-    batch_size: int = 0
+    batch_size: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Most events per request; 0 takes the destination type's default."""
-    retry_window_seconds: int = 4 * 3600
+    retry_window_seconds: Annotated[int, msgspec.Meta(ge=0)] = 4 * 3600
     """Keep retrying a failing event this long from its first attempt ..."""
-    max_attempts: int = 10
+    max_attempts: Count = 10
     """... and at least this many attempts; only when both are spent does it fail."""
-    retry_initial_seconds: float = 1.0
+    retry_initial_seconds: Seconds = 1.0
     """First wait before a retry; each later wait doubles (with jitter)."""
-    retry_max_delay_seconds: float = 300.0
+    retry_max_delay_seconds: Seconds = 300.0
     """Longest wait between two attempts (also caps a Retry-After)."""
     ordered: bool = False
     """Per-user ordering: a user's later events wait while an earlier one is retrying."""
@@ -124,9 +131,9 @@ class Identity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "", "0", "-1", "null", "undefined", "none", "nil", "anonymous", "unknown", "guest",
         "n/a", "[object object]"])
     """Identifier values that never join people (compared case-insensitively, trimmed)."""
-    max_identifiers_per_profile: int = 1000
-    max_merges_per_profile: int = 100
-    cache_identifiers: int = 500_000
+    max_identifiers_per_profile: Count = 1000
+    max_merges_per_profile: Annotated[int, msgspec.Meta(ge=0)] = 100
+    cache_identifiers: Count = 500_000
     """Identifiers the SQLite store keeps in memory between batches (~600 bytes each);
     past it the cache starts afresh and later batches load what they name again."""
 
@@ -151,6 +158,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     destinations: list[Destination] = []
 
     def __post_init__(self) -> None:
+        token = self.admin_token
+        if token and not (token.isascii() and token.isprintable() and token.strip() == token):
+            # HTTP headers carry ASCII; a space at either end is lost on the way.
+            raise ValueError("admin_token must be printable ASCII without spaces at either end")
         retention = self.log.retention_seconds
         if 0 < retention < self.dedup.window_seconds:
             # Dedup confirms a repeat against the stored event: it must still be there.
@@ -172,9 +183,11 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     raw: dict = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"Config file {path} does not exist.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Config file {path} cannot be read: {exc}.") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
     _apply_env(raw, os.environ if env is None else env)
@@ -215,3 +228,14 @@ def _parse_env_value(value: str):
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return value
+
+
+def make_data_dir(path: Path) -> None:
+    """Create the data dir; a ConfigError (not a traceback) when the path cannot be one."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"Cannot use {path} as the data dir: it is a file, not a"
+                          " directory.") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot use {path} as the data dir: {exc.strerror or exc}.") from None

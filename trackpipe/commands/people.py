@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
+from trackpipe.commands import admin_api
+
 
 def add_parsers(sub) -> None:
     profile = sub.add_parser("profile", help="print a person: profile, timeline and merges")
@@ -34,18 +36,8 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.admin_token:
-        print("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN", file=sys.stderr)
-        return 2
-    client = httpx.Client(base_url=args.url.rstrip("/"), timeout=60,
-                          headers={"authorization": f"Bearer {args.admin_token}"})
-    try:
-        return _profile(client, args) if args.command == "profile" else _privacy(client, args)
-    except httpx.HTTPError as exc:
-        print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
+    work = _profile if args.command == "profile" else _privacy
+    return admin_api.run(args.url, args.admin_token, 60, lambda client: work(client, args))
 
 
 def _failed(r: httpx.Response) -> bool:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trackpipe.config import make_data_dir
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources (
     id         TEXT PRIMARY KEY,
@@ -56,7 +58,7 @@ class Source:
 class Catalog:
     def __init__(self, data_dir: Path | str):
         path = Path(data_dir) / "catalog.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_data_dir(path.parent)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -68,6 +70,12 @@ class Catalog:
         return [Source(r[0], r[1], r[2], bool(r[3]), bool(r[4]), r[5]) for r in rows]
 
     def add_source(self, name: str, write_key: str | None = None, strict: bool = False) -> Source:
+        if not name.strip():
+            raise ValueError("A source needs a name that is not empty.")
+        if write_key is not None and (":" in write_key or not write_key.strip()
+                                      or not (write_key.isascii() and write_key.isprintable())):
+            # Basic auth splits "key:" at the first colon; HTTP headers carry ASCII.
+            raise ValueError("A write key is printable ASCII, not empty, and has no colon.")
         source = Source(f"src_{secrets.token_hex(8)}", name, write_key or new_write_key(),
                         True, strict, int(time.time() * 1000))
         try:

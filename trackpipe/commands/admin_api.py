@@ -1,0 +1,33 @@
+"""What the CLI commands that talk to a running server's admin API share: the client,
+and what they print when the token, the server or its answer is not usable."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import httpx
+
+
+def run(url: str, token: str | None, timeout: float, work: Callable[[httpx.Client], int]) -> int:
+    """`work(client)`'s exit status, or 1/2 with a message instead of a traceback."""
+    if not token:
+        print("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    if not (token.isascii() and token.isprintable()):
+        print("trackpipe: the admin token must be printable ASCII (it travels in an HTTP"
+              " header)", file=sys.stderr)
+        return 2
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                          headers={"authorization": f"Bearer {token}"})
+    try:
+        return work(client)
+    except httpx.HTTPError as exc:
+        print(f"trackpipe: could not reach {url}: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError) as exc:  # JSON that is not the admin API's
+        print(f"trackpipe: {url} did not answer like trackpipe's admin API ({exc!r}); check"
+              " --url", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
