@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from trackpipe.admin.common import error, int_param, json_response, time_param
+from trackpipe.admin.common import error, int_param, json_body, json_response, time_param
 from trackpipe.delivery.replay import replay
 from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.destinations.build import masked
@@ -86,12 +86,10 @@ class DestinationsAPI:
         cfg = self._cfg(request)
         if isinstance(cfg, Response):
             return cfg
-        try:
-            body = msgspec.json.decode(await request.body() or b"{}")
-        except msgspec.DecodeError:
-            return error(400, "invalid_json", "The replay body must be a JSON object, e.g. "
-                         '{"since": "2026-11-01T00:00:00Z", "failed_only": true}.')
-        if not isinstance(body, dict) or set(body) - {"since", "until", "failed_only"}:
+        body = await json_body(request, '{"since": "2026-11-01T00:00:00Z", "failed_only": true}')
+        if isinstance(body, Response):
+            return body
+        if set(body) - {"since", "until", "failed_only"}:
             return error(400, "invalid_parameter", "The replay body takes `since`, `until` "
                          "(ISO-8601 or epoch ms) and `failed_only` (boolean).")
         bounds = {k: body[k] for k in ("since", "until") if body.get(k) is not None}

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from trackpipe.admin.common import error, int_param, json_response
+from trackpipe.admin.common import error, int_param, json_body, json_response
 from trackpipe.events import format_ts
 from trackpipe.log.sqlite import connect
 from trackpipe.privacy import erase
@@ -90,7 +90,7 @@ class PeopleAPI:
         if self.identity is None:
             return self._disabled()
         ident = request.path_params["ident"]
-        body = await _body(request)
+        body = await json_body(request, '{"merge_id": "m12"}')
         if isinstance(body, Response):
             return body
         merge_id = body.get("merge_id")
@@ -177,18 +177,8 @@ class PeopleAPI:
         self.p.catalog.audit(action, subject, json.dumps(detail))
 
 
-async def _body(request: Request):
-    try:
-        body = msgspec.json.decode(await request.body() or b"{}")
-    except msgspec.DecodeError:
-        return error(400, "invalid_json", "The body must be a JSON object.")
-    if not isinstance(body, dict):
-        return error(400, "invalid_json", "The body must be a JSON object.")
-    return body
-
-
 async def _ident(request: Request):
-    body = await _body(request)
+    body = await json_body(request, '{"id": "user-1"}')
     if isinstance(body, Response):
         return body
     ident = body.get("id")
