@@ -2,6 +2,7 @@
 
 import gzip
 import uuid
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -127,3 +128,22 @@ def test_a_large_admin_body_is_refused_before_it_is_read(server, path):
         for content in (big, chunks()):
             r = client.post(path, content=content)
             assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
+
+
+def test_ids_holding_a_slash_are_found_when_it_is_sent_as_percent_2f(server):
+    """/profiles/team%2Fmerges is the person "team/merges", not the merges of "team"."""
+    run = uuid.uuid4().hex[:6]
+    user, message_id = f"team-{run}/merges", f"50%off-{run}/deliveries"
+    assert server.post("/v1/identify", {"userId": user, "messageId": message_id}
+                       ).status_code == 200
+    profile = f"/api/v1/profiles/{quote(user, safe='')}"
+    with server.admin() as client:
+        wait_for(lambda: client.get(profile).status_code == 200, what="the profile")
+        assert client.get(profile).json()["user_ids"] == [user]
+        assert client.get(profile + "/merges").json() == {"merges": []}
+        assert [e["messageId"] for e in client.get(profile + "/events").json()["events"]] \
+            == [message_id]
+        event = client.get(f"/api/v1/events/{quote(message_id, safe='')}")
+        assert event.status_code == 200 and event.json()["userId"] == user, event.text
+        status = client.get(f"/api/v1/messages/{quote(message_id, safe='')}/status")
+        assert status.status_code == 200 and status.json()["status"] == "stored", status.text

@@ -5,10 +5,13 @@ No permissive CORS here: only the ingest paths are meant for browsers.
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -56,6 +59,9 @@ class AdminAPI:
                 return error(401, "unauthorized", "The admin API needs `Authorization: Bearer "
                              "<admin token>` (printed when trackpipe first started, or set "
                              "with TRACKPIPE_ADMIN_TOKEN).")
+            if request.scope.get(ESCAPED_SLASHES):
+                params = request.path_params
+                params.update((k, unquote(v)) for k, v in params.items())
             try:
                 return await handler(request)
             except ValueError as exc:
@@ -200,8 +206,30 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
                  "log has the details.")
 
 
+ESCAPED_SLASHES = "trackpipe.escaped_slashes"
+
+
+class _EncodedSlashes:
+    """An id may hold a slash (userId "team/merges", a messageId "a/deliveries"). Sent as
+    %2F it belongs to its segment, but the server decodes the path before routing, and
+    /profiles/team%2Fmerges would be team's merges. So when the raw path holds a %2F,
+    routing sees each segment with its "%" and "/" escaped again, and the guarded
+    routes unescape their parameters."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and b"%2f" in raw.lower():
+            segments = raw.split(b"?", 1)[0].decode("latin-1").split("/")
+            path = "/".join(unquote(s).replace("%", "%25").replace("/", "%2F") for s in segments)
+            scope = {**scope, "path": path, ESCAPED_SLASHES: True}
+        await self.app(scope, receive, send)
+
+
 def build(pipeline) -> Starlette:
-    app = Starlette(routes=AdminAPI(pipeline).routes(),
+    app = Starlette(routes=AdminAPI(pipeline).routes(), middleware=[Middleware(_EncodedSlashes)],
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     # A path with a slash too many is a 404 in JSON like any unknown path, not Starlette's
     # bodiless 307 to the path without it.
