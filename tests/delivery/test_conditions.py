@@ -155,11 +155,7 @@ def test_syntax_error_shows_the_text_and_a_caret():
     ('a = "unterminated', 5, "unexpected character '\"'"),
 ])
 def test_syntax_errors_point_at_the_problem(text, column, words):
-    with pytest.raises(ConfigError) as caught:
-        c.compile(text)
-    message = str(caught.value)
-    assert words in message
-    assert f"at column {column}:" in message
+    message = syntax_error(text, column, words)
     caret_line = message.splitlines()[2]
     assert caret_line == " " * (4 + column - 1) + "^"
 
@@ -254,11 +250,17 @@ TOO_DEEP = nested(c.MAX_NESTING + 1)
     ("not (" * 20 + "true" + ")" * 20, 5 * 16 + 1, "nesting too deep"),  # 2 levels each
 ])
 def test_conditions_over_the_limits_are_syntax_errors(text, column, words):
+    syntax_error(text, column, words)
+
+
+def syntax_error(text: str, column: int, words: str) -> str:
+    """The ConfigError's message for `text`, checked to name `words` at `column`."""
     with pytest.raises(ConfigError) as caught:
         c.compile(text)
     message = str(caught.value)
     assert words in message
     assert f"at column {column}:" in message
+    return message
 
 
 @pytest.mark.parametrize("left, right, equal", [

@@ -422,21 +422,11 @@ def getter(keys: tuple[str, ...], missing: Any = None) -> Callable[[dict], Any]:
 
 
 def _any(tests: tuple[Condition, ...]) -> Condition:
-    def test(message: dict) -> bool:
-        for one in tests:
-            if one(message):
-                return True
-        return False
-    return test
+    return lambda message: any(test(message) for test in tests)
 
 
 def _all(tests: tuple[Condition, ...]) -> Condition:
-    def test(message: dict) -> bool:
-        for one in tests:
-            if not one(message):
-                return False
-        return True
-    return test
+    return lambda message: all(test(message) for test in tests)
 
 
 def _operand(node: Path | Literal) -> Callable[[dict], Any]:
