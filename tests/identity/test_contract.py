@@ -376,6 +376,22 @@ def test_unmerge_replays_the_rules_over_the_remaining_edges(store, log):
     assert store_ids(store, "a3") == {"u1", "a3"}
 
 
+def test_unmerge_replays_the_edges_in_their_order_however_many_identifiers(store, log):
+    """The edges are read in chunks of identifiers (an IN list has a limit); past 500 of
+    them, replaying each chunk's edges in turn applied u1-a9 after the alias that needs it
+    and split u1 off for good."""
+    store.apply([log("identify", "u2", f"z{i}") for i in range(501)])
+    store.apply([log("identify", "u1", "a9"), log("alias", "u2", previousId="a9")])
+    pid = store.profile("u1")["profile_id"]
+    assert store.profile("u2")["profile_id"] == pid
+    [z5] = [m for m in store.merges("u1") if {"type": "anonymous_id", "value": "z5"}
+            in m["identifiers"]]
+    store.unmerge(pid, z5["id"])
+    assert store.profile("u1")["profile_id"] == store.profile("u2")["profile_id"]
+    assert store_ids(store, "z5") == {"z5"}
+    assert not [m for m in store.merges("u1") if m["kind"] == "refused"]
+
+
 def test_forget_removes_the_person_and_returns_what_to_delete(store, log):
     entries = [log("page", anon="a1"), log("identify", "u1", "a1",
                                            traits={"email": "ada@example.com"}),

@@ -28,8 +28,10 @@ def unmerge(db, limits: Limits, profile_id: str, merge_id: str | int,
                           f"list them with GET /api/v1/profiles/{pid}/merges")
     db.run("UPDATE edges SET state = ?, unmerged_at = ? WHERE id = ?",
            (UNMERGED, int(time.time() * 1000), edge_id))
-    edges = db.fetch_in("SELECT id, a, b, rule, joined FROM edges WHERE state = 'applied' "
-                        "AND a IN ({}) ORDER BY id", sorted(ids))
+    # Sorted here: fetch_in runs one query per chunk of identifiers, each in its own order,
+    # and the rules must see the edges in the order they were recorded.
+    edges = sorted(db.fetch_in("SELECT id, a, b, rule, joined FROM edges"
+                               " WHERE state = 'applied' AND a IN ({})", sorted(ids)))
     components, merges, refused = rebuild(
         limits, [(n[0], n[1]) for n in nodes], [e for e in edges if e[2] in ids])
     db.many("UPDATE edges SET state = ?, refusal = ? WHERE id = ?",
