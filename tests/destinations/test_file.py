@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -116,25 +117,132 @@ def test_gzip_file_cut_mid_batch_keeps_the_earlier_batches(tmp_path):
     assert [m["messageId"] for m in read_messages(path)] == ["m-0", "m-1"]
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-def test_disk_full_is_retried_and_the_next_batch_goes_to_a_new_file(tmp_path):
+def fsync_fails(code: int):
+    def fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+    return fsync
+
+
+def test_disk_full_is_retried_and_the_next_batch_goes_to_a_new_file(tmp_path, monkeypatch):
     dest = make(tmp_path)
+    real_fsync = os.fsync
 
     async def go():
         await dest.start()
         first = await dest.send(events(1))
-        [path] = files(tmp_path)
-        path.unlink()
-        path.symlink_to("/dev/full")  # writing there fails with ENOSPC, a real full disk
+        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
         full = await dest.send(events(1, start=1))
-        path.unlink()
+        monkeypatch.setattr(os, "fsync", real_fsync)
         after = await dest.send(events(1, start=2))
+        await dest.close()
         return first, full, after
     first, full, after = asyncio.run(go())
     assert first.state == "delivered" and after.state == "delivered"
     assert full.state == "retry"
     assert "ENOSPC" in full.detail and "Free disk space" in full.detail
-    assert ids(tmp_path) == ["m-2"]
+    assert [len(read_messages(p)) for p in files(tmp_path)] == [1, 1]
+    assert ids(tmp_path) == ["m-0", "m-2"]  # the failed batch was cut back out
+
+
+def test_a_timed_out_write_that_fails_later_cuts_back_only_its_own_lines(tmp_path, monkeypatch):
+    # Batch A's fsync stalls, so the worker's timeout cancels its send while the write
+    # thread goes on; A then fails. Batch B, sent meanwhile, must neither write beside A
+    # nor lose its lines to A's cut back.
+    dest = make(tmp_path)
+    real_fsync = os.fsync
+    b_wrote = threading.Event()
+    calls = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # A's: it fails once B has written, or after a while
+            b_wrote.wait(timeout=0.5)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        b_wrote.set()
+        real_fsync(fd)
+
+    async def go():
+        await dest.start()
+        await dest.send(events(2))
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(dest.send(events(3, start=100)), 0.1)
+        b = await dest.send(events(3, start=200))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        a_again = await dest.send(events(3, start=100))
+        await dest.close()
+        return b, a_again
+    b, a_again = asyncio.run(go())
+    assert b.state == "delivered" and a_again.state == "delivered"
+    assert ids(tmp_path) == ["m-0", "m-1", "m-200", "m-201", "m-202",
+                             "m-100", "m-101", "m-102"]
+
+
+def test_a_file_moved_away_is_not_recreated_and_a_failed_write_leaves_no_padding(
+        tmp_path, monkeypatch):
+    dest = make(tmp_path / "out")
+    real_fsync = os.fsync
+
+    async def go():
+        await dest.start()
+        await dest.send(events(5, pad=200))
+        [active] = files(tmp_path / "out")
+        (tmp_path / "shipped").mkdir()
+        active.rename(tmp_path / "shipped" / active.name)  # a shipper takes the file
+        moved = await dest.send(events(1, start=10))
+        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
+        full = await dest.send(events(1, start=20))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        again = await dest.send(events(1, start=20))
+        await dest.close()
+        return active.name, moved, full, again
+    name, moved, full, again = asyncio.run(go())
+    assert [moved.state, full.state, again.state] == ["delivered", "retry", "delivered"]
+    assert all(b"\0" not in p.read_bytes() for p in files(tmp_path / "out"))
+    assert ids(tmp_path / "out") == ["m-10", "m-20"]
+    assert ids(tmp_path / "shipped") == [f"m-{k}" for k in range(5)]
+    assert name not in [p.name for p in files(tmp_path / "out")]  # a new name, not its own
+
+
+def test_a_file_emptied_under_trackpipe_gets_no_padding_from_a_failed_write(
+        tmp_path, monkeypatch):
+    dest = make(tmp_path)
+    real_fsync = os.fsync
+
+    async def go():
+        await dest.start()
+        await dest.send(events(5, pad=200))
+        [active] = files(tmp_path)
+        os.truncate(active, 0)  # logrotate's copytruncate: same file, emptied
+        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
+        full = await dest.send(events(1, start=10))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        again = await dest.send(events(1, start=10))
+        await dest.close()
+        return active, full, again
+    active, full, again = asyncio.run(go())
+    assert full.state == "retry" and again.state == "delivered"
+    assert active.read_bytes() == b""
+    assert ids(tmp_path) == ["m-10"]
+
+
+def test_a_file_replaced_under_trackpipe_is_left_alone(tmp_path):
+    dest = make(tmp_path)
+
+    async def go():
+        await dest.start()
+        await dest.send(events(1))
+        [active] = files(tmp_path)
+        active.unlink()
+        active.write_bytes(b"someone else's file\n")
+        after = await dest.send(events(1, start=1))
+        await dest.close()
+        return active, after
+    active, after = asyncio.run(go())
+    assert after.state == "delivered"
+    assert active.read_bytes() == b"someone else's file\n"
+    [new] = [p for p in files(tmp_path) if p != active]
+    assert [m["messageId"] for m in read_messages(new)] == ["m-1"]
 
 
 def test_a_vanished_directory_is_retried(tmp_path):

@@ -5,7 +5,9 @@ A new file starts when the current one reaches `max_bytes`, is `max_age_seconds`
 old, or the server starts, so a file is never appended to by two runs. Each
 batch is fsynced before it counts as delivered. With gzip every batch is its
 own gzip member (gzip readers concatenate members), so a crash can cut at most
-the batch being written and everything before it stays readable.
+the batch being written and everything before it stays readable. A batch that
+fails is cut back out of the file. A file moved away or replaced while trackpipe
+runs is left alone: the next batch starts a new file.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class FileDestination(Destination):
 
     def __init__(self, name: str, settings: msgspec.Struct):
         super().__init__(name, settings)
-        self._path: Path | None = None
+        self._fd: int | None = None  # the current file, held open from creation to rotation
+        self._path: Path | None = None  # its name
         self._size = 0
         self._opened_at = 0.0
         self._lock = asyncio.Lock()
@@ -62,12 +65,26 @@ class FileDestination(Destination):
 
     async def send(self, batch: Sequence[Event]) -> Outcome:
         data = b"".join(e.json + b"\n" for e in batch)
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._append, data)
-            except OSError as exc:
-                return os_error_outcome(exc, self.settings.directory)
+        await self._lock.acquire()
+        # The lock is released when the write thread ends, not when this call does: a send
+        # cancelled by the worker's timeout leaves its thread running, and the next batch
+        # must wait for it (on the event loop, holding no thread) rather than write beside it.
+        write = asyncio.ensure_future(asyncio.to_thread(self._append, data))
+        write.add_done_callback(self._write_done)
+        try:
+            await asyncio.shield(write)
+        except OSError as exc:
+            return os_error_outcome(exc, self.settings.directory)
         return DELIVERED
+
+    def _write_done(self, write: asyncio.Future) -> None:
+        self._lock.release()
+        if not write.cancelled():
+            write.exception()  # seen by send, or by nobody after a timeout: not an error to log
+
+    async def close(self) -> None:
+        async with self._lock:  # a write still running after a timeout ends first
+            self._release_file()
 
     async def check(self) -> str:
         directory = self.settings.directory
@@ -83,45 +100,84 @@ class FileDestination(Destination):
     # -- runs in a worker thread, one batch at a time (the lock) -------------------
 
     def _append(self, data: bytes) -> None:
-        if self._due_for_rotation():
-            self._path, self._size, self._opened_at = self._create(), 0, time.monotonic()
         payload = gzip.compress(data, mtime=0) if self.settings.gzip else data
+        fd = self._current_file()
+        start = os.fstat(fd).st_size  # the real size, what a failed write must cut back to
         try:
-            # Opened per batch, so a directory that was moved or replaced is noticed.
-            with open(self._path, "ab") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_all(fd, payload)
+            os.fsync(fd)
         except OSError:
-            self._cut_back()
+            self._cut_back(fd, start)
             raise
-        self._size += len(payload)
+        self._size = start + len(payload)
+
+    def _current_file(self) -> int:
+        """The open file to append to; a new one when rotation is due or when the name no
+        longer leads to the file we hold (moved away or replaced: someone else's now)."""
+        if self._fd is None or self._due_for_rotation() or not self._still_at_path(self._fd):
+            return self._create()
+        return self._fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        # The name is looked up each batch, so a file or directory moved away is noticed.
+        # Holding the file open keeps its inode number from being reused: equal numbers
+        # mean the very same file, not a new one created where ours was.
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False  # a vanished directory: _create says so, and ours waits for it
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def _due_for_rotation(self) -> bool:
-        return (self._path is None or self._size >= self.settings.max_bytes
+        return (self._size >= self.settings.max_bytes
                 or time.monotonic() - self._opened_at >= self.settings.max_age_seconds)
 
-    def _create(self) -> Path:
+    def _create(self) -> int:
         directory = Path(self.settings.directory)
         suffix = ".ndjson.gz" if self.settings.gzip else ".ndjson"
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
         while True:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
             path = directory / f"{self.settings.prefix}-{stamp}{suffix}"
             try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                fd = os.open(path, flags, 0o644)
             except FileExistsError:
                 continue  # another writer took this microsecond
-            _fsync_dir(directory)  # the new name must survive a crash too
-            return path
+            try:
+                _fsync_dir(directory)  # the new name must survive a crash too
+            except OSError:
+                os.close(fd)
+                raise
+            self._release_file()
+            self._fd, self._path = fd, path
+            self._size, self._opened_at = 0, time.monotonic()
+            return fd
 
-    def _cut_back(self) -> None:
-        """After a failed write: drop the partial batch so the file holds whole lines
-        (or whole gzip members) only, and start a fresh file next time."""
-        path, self._path = self._path, None
+    def _cut_back(self, fd: int, size: int) -> None:
+        """After a failed write: drop what this write added, so the file holds whole lines
+        (or whole gzip members) only, and start a fresh file next time. Cut through the
+        descriptor: the name may lead to another file by now."""
         try:
-            os.truncate(path, self._size)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
         except OSError:
-            pass  # the file is gone or unwritable; the next batch starts a new one
+            pass  # the disk is failing; the next batch starts a new file
+        self._release_file()
+
+    def _release_file(self) -> None:
+        fd, self._fd, self._path = self._fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # every batch written to it was fsynced; nothing is left to lose
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _fsync_dir(directory: Path) -> None:
