@@ -122,7 +122,8 @@ def test_event_tables_stop_at_max_tables_and_the_rows_they_would_hold_are_kept(d
     dest = DuckDBWarehouse("wh", DuckDBWarehouse.Settings(path=str(db), max_tables=2))
     batch = [event(n, event=f"Viewed /product/{n % 3}", properties={"n": n}) for n in range(6)]
     assert states(run(dest, send(*batch))[0]) == ["delivered"] * 6
-    tables = {r["table_name"] for r in query(db, "SELECT table_name FROM information_schema.tables")}
+    tables = {r["table_name"]
+              for r in query(db, "SELECT table_name FROM information_schema.tables")}
     assert {"viewed_product_0", "viewed_product_1"} <= tables and "viewed_product_2" not in tables
     assert [r["id"] for r in query(db, "SELECT id FROM tracks ORDER BY id")] == [
         f"m{n}" for n in range(6)]  # every event is in tracks
@@ -163,10 +164,12 @@ def test_idempotent_on_message_id_and_identities_upserted(db):
     outcomes = run(warehouse(db), send(*batch), send(*batch),
                    send(event(3, profile="p2", anonymousId="a1", userId=None)))
     assert states(outcomes[1]) == ["delivered"] * 3
-    assert query(db, "SELECT id FROM tracks ORDER BY id") == [{"id": "m1"}, {"id": "m2"}, {"id": "m3"}]
+    assert query(db, "SELECT id FROM tracks ORDER BY id") == [
+        {"id": "m1"}, {"id": "m2"}, {"id": "m3"}]
     rows = query(db, "SELECT identifier, profile_id FROM identities ORDER BY identifier")
-    assert rows == [{"identifier": "a1", "profile_id": "p2"}, {"identifier": "a2", "profile_id": "p1"},
-                    {"identifier": "u1", "profile_id": "p1"}, {"identifier": "u2", "profile_id": "p1"}]
+    assert rows == [
+        {"identifier": "a1", "profile_id": "p2"}, {"identifier": "a2", "profile_id": "p1"},
+        {"identifier": "u1", "profile_id": "p1"}, {"identifier": "u2", "profile_id": "p1"}]
 
 
 def test_a_file_held_by_another_process_is_retried(db, monkeypatch):
@@ -240,3 +243,58 @@ def test_the_conformance_sink_breaks_and_heals_as_promised(tmp_path, monkeypatch
         assert sink.received() == ["m1", "m2", "m3", "m4"]
     finally:
         sink.close()
+
+
+def test_keys_named_like_postgres_system_columns_get_the_columns_postgres_gets(db):
+    # DuckDB takes a column named xmin, PostgreSQL does not; one layout serves both.
+    run(warehouse(db), send(event(1, properties={"xmin": 1, "ctid": "c", "tableoid": 2.5})))
+    columns = types(db, "order_completed")
+    assert {"properties_xmin", "properties_ctid", "properties_tableoid"} <= set(columns)
+    assert not {"xmin", "ctid", "tableoid"} & set(columns)
+    assert query(db, "SELECT properties_xmin, properties_ctid FROM order_completed") == [
+        {"properties_xmin": 1, "properties_ctid": "c"}]
+
+
+def test_a_date_time_finer_than_a_microsecond_loads_whole_as_text(db):
+    nanos = "2024-05-01T10:00:00.123456789Z"
+    run(warehouse(db), send(event(1, properties={"at": nanos})))
+    assert types(db, "order_completed")["at"] == "VARCHAR"
+    assert query(db, "SELECT \"at\" FROM order_completed") == [{"at": nanos}]
+
+
+def test_widening_to_double_keeps_the_exact_integers_it_rounds(db):
+    first = [event(1, properties={"n": 2**53 + 1}), event(2, properties={"n": -2**63}),
+             event(3, properties={"n": 2**53}),
+             event(4, "identify", userId="big", traits={"n": 2**60 + 1}),
+             event(5, properties={"firstName": 2**60 + 3, "first_name": 7})]
+    later = [event(6, properties={"n": 1.5, "first_name": 0.5}),
+             event(7, "identify", userId="other", traits={"n": 0.5})]
+    outcomes = run(warehouse(db), send(*first), send(*later))
+    assert states(outcomes[1]) == ["delivered"] * 2
+    assert types(db, "users")["n"] == "DOUBLE"
+    rejected = query(db, "SELECT * FROM rejected_values"
+                         " ORDER BY table_name, column_name, message_id")
+    assert [(r["table_name"], r["column_name"], r["message_id"], r["value"])
+            for r in rejected] == [
+        ("identifies", "n", "m4", str(2**60 + 1)),
+        ("order_completed", "first_name", "m5", str(2**60 + 3)),
+        ("order_completed", "n", "m1", str(2**53 + 1)),
+        ("order_completed", "n", "m2", str(-2**63)),
+        ("users", "n", "big", str(2**60 + 1))]
+    assert all("rounded" in r["reason"] and r["rejected_at"] for r in rejected)
+    assert "value 7 was rejected" in rejected[1]["reason"]
+    run(warehouse(db), lambda d: d.delete_user(["big"], []))
+    assert {r["message_id"] for r in query(db, "SELECT message_id FROM rejected_values")} == {
+        "m1", "m2", "m5"}
+
+
+def test_an_over_long_message_id_loads_under_the_stand_in_postgres_needs(db):
+    long_id = "x" * 3000
+    outcomes = run(warehouse(db), send(event(1, messageId=long_id), event(2)),
+                   send(event(1, messageId=long_id)))
+    assert [states(o) for o in outcomes] == [["delivered"] * 2, ["delivered"]]
+    ids = [r["id"] for r in query(db, "SELECT id FROM tracks ORDER BY length(id)")]
+    assert ids[0] == "m2" and ids[1].startswith("x" * 64 + "...sha256:") and len(ids) == 2
+    assert query(db, "SELECT table_name, column_name, message_id, value FROM rejected_values"
+                 ) == [{"table_name": "tracks", "column_name": "id", "message_id": ids[1],
+                        "value": long_id}]

@@ -3,7 +3,8 @@
 Track events are drawn from a few templates whose values vary in kind from event to
 event (text, text that looks like a date-time, NUL, integers past 64 bits or past
 2**53, floats, booleans, nulls, lists, empty and non-empty objects, missing and extra
-keys), so some events fit a learned shape and others must take the slow path. Each
+keys, keys naming a PostgreSQL system column, messageIds too long for the id column),
+so some events fit a learned shape and others must take the slow path. Each
 batch is planned twice against the same known schema, with shapes and without: the
 plans must be the same, row for row and value for value (types included).
 """
@@ -26,6 +27,7 @@ WHEN = "2024-05-01T10:00:00.123Z"
 
 value = st.one_of(
     st.sampled_from(["web", "", "2024-05-01T10:00:00Z", "2024-05-01 10:00", "2024-13-45T99:99",
+                     "2024-05-01T10:00:00.123456789Z", "2024-05-01T10:00:00.123456000Z",
                      "abcd-efghijklmnopq", "a\x00b", "é" * 3, 0, 1, -1, 2**53 + 1, 2**63, 2**70,
                      1.5, -0.0, 1e300, True, False, None, [], [1, "a"], {}, {"x": 1},
                      {"x": {"y": None}}]),
@@ -49,11 +51,13 @@ def track(draw, n: int):
     name = draw(st.sampled_from(["Order Completed"] * 4 + ["Product Viewed", "users"]))
     props = {key: draw(usual_or_odd(key)) for key in USUAL}
     props["nested"] = {"a": draw(usual_or_odd("count")), "b": 1}
-    if draw(st.integers(0, 9)) == 0:
-        props["extra"] = draw(value)
+    if draw(st.integers(0, 9)) == 0:  # a PostgreSQL system column's name among them
+        props[draw(st.sampled_from(["extra", "xmin", "ctid"]))] = draw(value)
     if draw(st.integers(0, 9)) == 0:
         del props["total"]
-    message = {"type": "track", "event": name, "messageId": f"m{n}",
+    # now and then an id longer than SHORT_ID_CHARS, or than the id column holds
+    message_id = f"m{n}" + draw(st.sampled_from([""] * 18 + ["x" * 600, "é" * 1100]))
+    message = {"type": "track", "event": name, "messageId": message_id,
                "userId": draw(st.sampled_from(["u1", "u2", "u3"] * 6 + [None, "u\x00"])),
                "anonymousId": "a1", "receivedAt": WHEN,
                "timestamp": draw(st.sampled_from([WHEN] * 18 + ["yesterday", None])),
@@ -126,6 +130,28 @@ def test_events_of_a_learned_shape_skip_the_walk(monkeypatch):
     odd_plan = plan(events(batch + odd), first.schema, NOW, shapes=book)
     assert [m["messageId"] for m in walked] == ["m9"]
     assert as_data(odd_plan) == as_data(plan(events(batch + odd), first.schema, NOW))
+
+
+def test_system_column_names_and_over_long_ids_come_out_as_the_slow_path_lays_them(
+        monkeypatch):
+    walked = []
+    real = layout.rows_for
+    monkeypatch.setattr(layout, "rows_for", lambda m, *a: walked.append(m) or real(m, *a))
+    base = {"type": "track", "event": "Order Completed", "userId": "u1", "receivedAt": WHEN,
+            "context": {"library": {"name": "analytics-python"}, "xmin": "c"},
+            "properties": {"xmin": 1, "ctid": "a", "tableoid": 2.5, "cmax": True}}
+    book = ShapeBook()
+    first = plan(events([{**base, "messageId": "m0"}]), {}, NOW, shapes=book)
+    batch = [{**base, "messageId": m} for m in ("m1", "m2", "m" * 3000, "é" * 1001, "m3")]
+    walked.clear()
+    fast = plan(events(batch), first.schema, NOW, shapes=book)
+    assert [len(m["messageId"]) for m in walked] == [3000, 1001]  # the rest: no walk
+    assert as_data(fast) == as_data(plan(events(batch), first.schema, NOW))
+    table = next(load for load in fast.loads if load.table == "order_completed")
+    columns = {c for c, _ in table.columns}
+    assert {"properties_xmin", "properties_ctid", "properties_tableoid", "properties_cmax",
+            "context_xmin"} <= columns and not {"xmin", "ctid", "tableoid", "cmax"} & columns
+    assert [row[0] for row in table.rows] == [layout.row_id(m["messageId"]) for m in batch]
 
 
 def test_keys_msgspec_cannot_name_leave_the_event_to_the_slow_path():

@@ -15,9 +15,10 @@ from abc import abstractmethod
 from typing import ClassVar, Sequence
 
 from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome
+from trackpipe.destinations.warehouse.layout import fixed_columns
 from trackpipe.destinations.warehouse.plan import TABLE, Change, Plan, Schema, plan
 from trackpipe.destinations.warehouse.shapes import ShapeBook
-from trackpipe.destinations.warehouse.sql import Dialect
+from trackpipe.destinations.warehouse.sql import Dialect, add_column, create_table, widen_column
 from trackpipe.gc_tuning import gc_paused
 
 log = logging.getLogger("trackpipe.warehouse")
@@ -105,6 +106,16 @@ class Warehouse(Destination):
         for c in done.changes:
             log.info("warehouse %s: %s (message %s)", self.name, describe(c, self.dialect),
                      c.message_id)
+
+    def _ddl(self, schema: str, change: Change, at: dt.datetime) -> list[tuple[str, tuple]]:
+        """The statements of a schema change, with their parameters, in the order to run."""
+        d = self.dialect
+        if change.new_type == TABLE:
+            return [(create_table(d, schema, change.table, fixed_columns(change.table)), ())]
+        if change.old_type is None:
+            return [(add_column(d, schema, change.table, change.column, change.new_type), ())]
+        return widen_column(d, schema, change.table, change.column, change.old_type,
+                            change.new_type, at)
 
     def change_row(self, c: Change, at: dt.datetime) -> tuple:
         """A Change as a `schema_changes` row, types spelled in this database's SQL."""

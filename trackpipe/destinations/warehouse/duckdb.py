@@ -24,14 +24,12 @@ import msgspec
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
+from trackpipe.destinations.warehouse.layout import META_TABLES
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
-    check_max_tables)
+    MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables)
 from trackpipe.destinations.warehouse.schema import quote
 from trackpipe.destinations.warehouse.sql import (
-    DUCKDB, add_column, create_meta, create_table, delete_person, insert_from, qualified,
-    widen_column)
+    DUCKDB, create_meta, delete_person, insert_from, qualified)
 
 SCHEMA = "main"
 LOCK_WAIT_SECONDS = 3.0
@@ -104,7 +102,8 @@ class DuckDBWarehouse(Warehouse):
 
     def _apply_sync(self, con, todo: Plan) -> None:
         for change in todo.changes:
-            con.execute(self._ddl(change))
+            for sql, params in self._ddl(SCHEMA, change, todo.loaded_at):
+                con.execute(sql, params or None)
         for load in todo.loads:
             self._insert(con, load)
         at = todo.loaded_at
@@ -121,14 +120,6 @@ class DuckDBWarehouse(Warehouse):
         if todo.changes:
             self._insert_rows(con, "schema_changes", CHANGE_COLUMNS,
                               [self.change_row(c, at) for c in todo.changes], "")
-
-    def _ddl(self, change) -> str:
-        if change.new_type == TABLE:
-            return create_table(self.dialect, SCHEMA, change.table, fixed_columns(change.table))
-        if change.old_type is None:
-            return add_column(self.dialect, SCHEMA, change.table, change.column, change.new_type)
-        return widen_column(self.dialect, SCHEMA, change.table, change.column, change.old_type,
-                            change.new_type)
 
     def _insert(self, con, load: TableLoad) -> None:
         names = [c for c, _ in load.columns]
@@ -231,7 +222,8 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
          " AND list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
          " AND list_contains($2::VARCHAR[], identifier)) RETURNING 1", [users, anons]),
         (f"DELETE FROM {qualified(SCHEMA, 'rejected_values')}"
-         " WHERE list_contains($1::VARCHAR[], message_id) RETURNING 1", [ids])]
+         " WHERE list_contains($1::VARCHAR[], message_id) OR (table_name = 'users'"
+         " AND list_contains($2::VARCHAR[], message_id)) RETURNING 1", [ids, users])]
     if "users" in tables:
         statements.append((f"DELETE FROM {qualified(SCHEMA, 'users')}"
                            " WHERE list_contains($1::VARCHAR[], id) RETURNING 1", [users]))

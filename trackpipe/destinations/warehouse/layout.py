@@ -8,14 +8,19 @@
 
 Every row has the common columns (id = messageId, the ids, the four timestamps,
 uuid_ts = load time, profile_id) and `context` flattened as context_* columns.
-A property or trait whose column would clash with a common column or a context_*
-column is prefixed (`properties_id`, `traits_timestamp`), always, so it lands in
-the same column in every row.
+A property or trait whose column would clash with a common column, a context_*
+column or one of PostgreSQL's system columns (`xmin`, `ctid`...: ADD COLUMN refuses
+them) is prefixed (`properties_id`, `traits_timestamp`, `properties_xmin`), always
+and in every warehouse, so it lands in the same column in every row.
+
+The id column holds the messageId, or when that is longer than MAX_ID_BYTES (more
+than PostgreSQL can index), a shorter stand-in: see `row_id`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -38,6 +43,15 @@ FIXED_TYPES = {**COMMON, **USERS_FIXED,
                **{c: TEXT for extra in _EXTRA.values() for c in extra}}
 META_TABLES = ("identities", "rejected_values", "schema_changes")
 RESERVED_TABLES = frozenset(_EXTRA) | {"users"} | set(META_TABLES)
+# PostgreSQL's system columns, which every table has: a column of the name cannot be
+# added (42701). DuckDB would take them; they are avoided there too so that both
+# warehouses lay an event out in the same columns.
+SYSTEM_COLUMNS = frozenset({"xmin", "xmax", "cmin", "cmax", "ctid", "tableoid"})
+# The longest messageId the id column holds as it is, in UTF-8 bytes. PostgreSQL cannot
+# index a key past about 2.7 KB (54000); the primary keys of the tables and of
+# rejected_values (with a table and a column name of up to 63 bytes each) hold this.
+MAX_ID_BYTES = 2000
+SHORT_ID_CHARS = MAX_ID_BYTES // 4  # so many characters never take more bytes than that
 _TABLE_OF_TYPE = {"track": "tracks", "identify": "identifies", "page": "pages",
                   "screen": "screens", "group": "groups", "alias": "aliases"}
 _PAYLOAD = {"track": "properties", "page": "properties", "screen": "properties",
@@ -64,6 +78,19 @@ def entries(dynamic: tuple) -> Iterator[tuple[str, str | None, Any, Any]]:
 
 class Unloadable(Exception):
     """The message has no shape the warehouse layout knows; it fails for good."""
+
+
+def row_id(message_id: str) -> str:
+    """The id column's value for a messageId: the messageId itself, or when it is longer
+    than MAX_ID_BYTES, its first 64 characters, "...sha256:" and the SHA-256 of the whole
+    (unique, and the same on a replay). The planner keeps such a messageId whole in
+    rejected_values."""
+    if len(message_id) <= SHORT_ID_CHARS:
+        return message_id
+    encoded = message_id.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_ID_BYTES:
+        return message_id
+    return f"{message_id[:64]}...sha256:{hashlib.sha256(encoded).hexdigest()}"
 
 
 def fixed_columns(table: str) -> dict[str, str]:
@@ -165,8 +192,10 @@ def _walk(obj: dict, prefix: str, names: dict, table: str, clash_prefix: str, ou
 
 
 def column_for(path: str, table: str, clash_prefix: str = "") -> str:
-    """The column of a key path (keys joined with "_"), as the layout names it."""
+    """The column of a key path (keys joined with "_"), as the layout names it. The one
+    place a property, trait or context column is named (shapes.py calls it too)."""
     column = identifier(path)
-    if clash_prefix and (column in fixed_columns(table) or column.startswith("context_")):
+    if clash_prefix and (column in fixed_columns(table) or column in SYSTEM_COLUMNS
+                         or column.startswith("context_")):
         column = identifier(f"{clash_prefix}_{path}")
     return column

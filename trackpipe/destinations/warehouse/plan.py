@@ -108,8 +108,9 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 _identity_pairs(event.profile_id, laid.fixed["user_id"],
                                 laid.fixed["anonymous_id"], identities)
             continue
+        message_id = layout.row_id(event.message_id)  # itself, unless too long to index
         try:
-            rows = layout.rows_for(event.message, event.message_id, event.profile_id, loaded_at)
+            rows = layout.rows_for(event.message, message_id, event.profile_id, loaded_at)
         except layout.Unloadable as exc:
             failed[i] = fail(None, str(exc))
             continue
@@ -118,26 +119,28 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
             failed[i] = fail(None, f"trackpipe could not lay this message out ({exc!r}); this"
                                    " is a bug: report it, then replay the event once fixed")
             continue
+        if message_id != event.message_id:
+            _reject_long_id(fixed_rejects, rows[0].table, message_id, event.message_id)
         converted: set[int] = set()
         no_table = False  # its own table could not be created (max_tables)
         for row in rows:
             if id(row.fixed) not in converted:  # rows of one message share their fixed values
                 converted.add(id(row.fixed))
-                fixed_values(row, event.message_id, fixed_rejects)
+                fixed_values(row, message_id, fixed_rejects)
             if row.table == "users":
-                users.setdefault(row.fixed["id"], []).append((event.message_id, row))
+                users.setdefault(row.fixed["id"], []).append((message_id, row))
                 continue
             table = tables.get(row.table)
             if table is None:
                 if row.table not in known and row.table not in layout.RESERVED_TABLES:
                     if event_tables >= max_tables:  # (a new table is always the slow path's)
-                        _reject_row(fixed_rejects, row, event, event_tables)
+                        _reject_row(fixed_rejects, row, event, message_id, event_tables)
                         no_table = True
                         continue
                     event_tables += 1
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
-            table.add(event.message_id, row)
+            table.add(message_id, row)
         _identities(event, identities)
         if laid == NO_SHAPE and rows[0].table == "tracks" and not no_table:
             shapes.learn(event.message)  # (a shape for a name with no table is of no use)
@@ -342,7 +345,7 @@ def _fixed(rejected, table, message_id, column, type_, value):
         parsed = parse_timestamp(value) if isinstance(value, str) else None
         if parsed is None:
             _reject(rejected, table, column, message_id, value,
-                    Rejected("not an ISO-8601 date-time"))
+                    Rejected("not an ISO-8601 date-time exact to the microsecond"))
         return parsed
     if isinstance(value, str) and "\x00" not in value:
         return value
@@ -353,14 +356,24 @@ def _fixed(rejected, table, message_id, column, type_, value):
     return raw_text(value)
 
 
-def _reject_row(rejected: dict, row: layout.Row, event: Event, event_tables: int) -> None:
+def _reject_row(rejected: dict, row: layout.Row, event: Event, message_id: str,
+                event_tables: int) -> None:
     """A track event's own row when no table may be created for it: kept whole, as one
     rejected value (column "*") holding its values by column as JSON."""
     values = {column: raw for column, _, _, raw in layout.entries(row.dynamic)}
-    _reject(rejected, row.table, "*", event.message_id, values, Rejected(
+    _reject(rejected, row.table, "*", message_id, values, Rejected(
         f"the warehouse has {event_tables} event tables, as many as max_tables allows, so no"
         f" table was created for event {event.message.get('event')!r}; its row in tracks"
         " was loaded"))
+
+
+def _reject_long_id(rejected: dict, table: str, row_id: str, message_id: str) -> None:
+    """A messageId too long for the id column, kept whole; its rows load under `row_id`."""
+    size = len(message_id.encode("utf-8", "surrogatepass"))
+    _reject(rejected, table, "id", row_id, message_id, Rejected(
+        f"the messageId is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id column"
+        " holds (PostgreSQL cannot index a longer key), so its rows have as id its first 64"
+        " characters and the SHA-256 of the whole; this value is the whole messageId"))
 
 
 def _reject(rejected: dict, table, column, message_id, value, why: Rejected) -> None:

@@ -11,10 +11,13 @@ writes that, per batch, weighed as much as a tenth of the load.
 Classification (by SQLSTATE class): 08 connection, 40 serialization/deadlock,
 53 insufficient resources, 57 operator intervention (admin shutdown), 58 system
 I/O -> retry; a table or column that vanished or appeared under us (42P01, 42703,
-42P07, 42701) -> retry with the schema re-read; anything else, such as 42501
-permission denied -> failed for good. A failure of class 22 (data exception), 23
-(integrity) or 54 (a row wider than a page) may be one event's doing: the batch is
-then loaded in halves so only the events at fault fail.
+42P07) -> retry with the schema re-read; anything else, such as 42501 permission
+denied -> failed for good. A failure of class 22 (data exception), 23 (integrity)
+or 54 (a row wider than a page) may be one event's doing: the batch is then loaded
+in halves so only the events at fault fail. So may 42701 (duplicate column), which
+no race causes (columns are added IF NOT EXISTS): it means a column name the
+database refuses, such as a system column's (layout.py prefixes those), and a retry
+would meet it again, forever.
 """
 
 from __future__ import annotations
@@ -26,20 +29,19 @@ import msgspec
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES, fixed_columns
+from trackpipe.destinations.warehouse.layout import META_TABLES
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
-    check_max_tables)
+    MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables)
 from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote
 from trackpipe.destinations.warehouse.sql import (
-    POSTGRES, add_column, create_meta, create_table, delete_person, insert_from, qualified,
-    widen_column)
+    POSTGRES, create_meta, delete_person, insert_from, qualified)
 from trackpipe.dsn import check as check_dsn, scrub
 
 RETRY_CLASSES = ("08", "40", "53", "57", "58")
 POSTGRES_COLUMN_LIMIT = 1600
 DATA_CLASSES = ("22", "23", "54")  # data exception, integrity, limit exceeded (row too big)
-SCHEMA_MOVED = ("42P01", "42703", "42P07", "42701")
+REFUSED_NAMES = ("42701",)  # a column name the database will not take, now or on a retry
+SCHEMA_MOVED = ("42P01", "42703", "42P07")
 CONNECT_TIMEOUT = 10
 IDENTITY_COLUMNS = [("identifier_type", TEXT), ("identifier", TEXT), ("profile_id", TEXT),
                     ("updated_at", TIMESTAMP)]
@@ -127,7 +129,8 @@ class PostgresWarehouse(Warehouse):
         try:
             async with conn.transaction(), conn.cursor() as cur:
                 for change in todo.changes:
-                    await cur.execute(self._ddl(change, todo.schema))
+                    for sql, params in self._ddl(self.settings.schema, change, todo.loaded_at):
+                        await cur.execute(sql, params or None)
                 for load in todo.loads:
                     await self._load(cur, load, list(todo.schema[load.table].items()))
                 await self._meta(cur, todo)
@@ -140,15 +143,6 @@ class PostgresWarehouse(Warehouse):
         except BaseException:
             self._stages.clear()  # rolled back: staging tables made or dropped are unknown
             raise
-
-    def _ddl(self, change, schema: Schema) -> str:
-        s = self.settings.schema
-        if change.new_type == TABLE:
-            return create_table(self.dialect, s, change.table, fixed_columns(change.table))
-        if change.old_type is None:
-            return add_column(self.dialect, s, change.table, change.column, change.new_type)
-        return widen_column(self.dialect, s, change.table, change.column, change.old_type,
-                            change.new_type)
 
     async def _load(self, cur, load: TableLoad, table_columns: list[tuple[str, str]]) -> None:
         if not load.upsert and await self._copy_new(cur, load):
@@ -230,7 +224,8 @@ class PostgresWarehouse(Warehouse):
         return fail(None, detail)
 
     def _refused_data(self, exc: Exception) -> bool:
-        return (getattr(exc, "sqlstate", None) or "")[:2] in DATA_CLASSES
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in DATA_CLASSES or state in REFUSED_NAMES
 
     # -- health check and privacy deletes -----------------------------------------------
 
@@ -280,8 +275,8 @@ class PostgresWarehouse(Warehouse):
                 (f"DELETE FROM {qualified(s, 'identities')} WHERE (identifier_type = 'user_id'"
                  " AND identifier = ANY(%s)) OR (identifier_type = 'anonymous_id'"
                  " AND identifier = ANY(%s))", (users, anons)),
-                (f"DELETE FROM {qualified(s, 'rejected_values')} WHERE message_id = ANY(%s)",
-                 (ids,))]
+                (f"DELETE FROM {qualified(s, 'rejected_values')} WHERE message_id = ANY(%s)"
+                 " OR (table_name = 'users' AND message_id = ANY(%s))", (ids, users))]
             if "users" in tables:
                 statements.append((f"DELETE FROM {qualified(s, 'users')} WHERE id = ANY(%s)",
                                    (users,)))

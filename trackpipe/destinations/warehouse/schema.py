@@ -12,7 +12,9 @@ Types. A column's type comes from the first non-null value it sees:
 
     bool -> boolean      int -> bigint      float -> double
     ISO-8601 date-time string (`2024-05-01T10:00:00Z`, offset optional, naive = UTC)
-                         -> timestamp (timestamptz)
+                         -> timestamp (timestamptz), when it is exact to the microsecond:
+                            digits past the 6th of the fraction must be zeros, since a
+                            timestamp column holds microseconds (`...00.123456789Z` is text)
     other string -> text       object or array -> text holding JSON
 
 A later value that does not fit WIDENS the column, never narrows it:
@@ -22,6 +24,10 @@ A later value that does not fit WIDENS the column, never narrows it:
 (bigint meeting double becomes double; any other pair becomes text.) Widening is
 `ALTER COLUMN ... TYPE ... USING` a cast, logged and recorded in `schema_changes`.
 Text is the end of every path, so a column never fails a row for being too narrow.
+Widening bigint to double rounds the integers already stored beyond +/-2^53, so in
+the same transaction, just before the ALTER, each of them is copied to
+`rejected_values` as its exact digits (message_id = the row's id: its messageId, or
+in `users` its userId); the column keeps the rounded double.
 
 Rejected values. A value that no column type of the policy can hold faithfully is
 written to `rejected_values` (table, column, messageId, the value as text, the
@@ -34,8 +40,6 @@ reason) and its cell is left NULL; the rest of the row is loaded:
   - a value for a fixed column (receivedAt, userId...) that its type cannot hold;
   - a second key that maps to a column already filled in the same row
     (`firstName` and `first_name` both name `first_name`).
-
-Known limit: widening bigint to double rounds integers already stored beyond 2^53.
 """
 
 from __future__ import annotations
@@ -104,8 +108,16 @@ _TIMESTAMP_SHAPE = re.compile(
 
 
 def parse_timestamp(value: str) -> dt.datetime | None:
-    """An aware datetime for an ISO-8601 date-time string, else None (naive means UTC)."""
-    if len(value) < 16 or value[4] != "-" or not _TIMESTAMP_SHAPE.fullmatch(value):
+    """An aware datetime for an ISO-8601 date-time string, else None (naive means UTC).
+    None too when the fraction has non-zero digits past the microsecond, which a
+    timestamp column would drop: such a string is text, kept whole."""
+    if len(value) < 16 or value[4] != "-":
+        return None
+    shape = _TIMESTAMP_SHAPE.fullmatch(value)
+    if shape is None:
+        return None
+    fraction = shape[2]  # "." and up to 9 digits
+    if fraction is not None and len(fraction) > 7 and fraction[7:].strip("0"):
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)  # 3.11: takes "Z"; digits past µs dropped

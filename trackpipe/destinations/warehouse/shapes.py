@@ -102,6 +102,8 @@ class ShapeBook:
         if b"\\u0000" in raw or b"\x00" in raw or "\x00" in event.message_id or (
                 event.profile_id and "\x00" in event.profile_id):
             return SLOW  # a NUL somewhere: rejected values, the slow path's work
+        if len(event.message_id) > layout.SHORT_ID_CHARS:
+            return SLOW  # maybe longer than an id column holds (layout.row_id): likewise
         try:
             obj = self._decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -216,16 +218,20 @@ def _compile(message: dict, name: str, serial: int) -> tuple[type, Shape]:
         raise _NoShape  # two keys for one column: the slow path rejects the second
     paths = [f"{attr[key]}.{path}" for key in ("context", "properties")
              for path, _, _ in builder.leaves.get(key, [])]
-    if not paths:
-        getter = lambda obj: ()
-    elif len(paths) == 1:
-        one = operator.attrgetter(paths[0])
-        getter = lambda obj: (one(obj),)
-    else:
-        getter = operator.attrgetter(*paths)
+    getter = _leaf_getter(paths)
     special = tuple((i, check) for i, (_, _, (_, check)) in enumerate(leaves) if check)
     return struct, Shape(name, table, tuple(fixed), getter, tuple(columns),
                          tuple(kind for _, _, (kind, _) in leaves), len(ctx), special)
+
+
+def _leaf_getter(paths: list[str]) -> Any:
+    """obj -> the tuple of the values at `paths` (attrgetter of one path gives no tuple)."""
+    if len(paths) > 1:
+        return operator.attrgetter(*paths)
+    if not paths:
+        return lambda obj: ()
+    one = operator.attrgetter(paths[0])
+    return lambda obj: (one(obj),)
 
 
 class _Builder:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Callable
 
 from trackpipe.destinations.warehouse.schema import (
-    BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote)
+    BIGINT, BOOLEAN, DOUBLE, EXACT_IN_DOUBLE, TEXT, TIMESTAMP, quote)
 
 META_DDL = {  # every name quoted: `at` is a keyword in DuckDB
     "identities": '("identifier_type" {text} NOT NULL, "identifier" {text} NOT NULL,'
@@ -25,6 +26,7 @@ META_DDL = {  # every name quoted: `at` is a keyword in DuckDB
 class Dialect:
     types: dict[str, str]                      # logical type -> SQL type
     to_text_from_timestamp: Callable[[str], str]  # USING expression keeping ISO-8601 form
+    param: str                                 # a positional parameter's placeholder
 
     def sql_type(self, logical: str) -> str:
         return self.types[logical]
@@ -48,12 +50,13 @@ class Dialect:
 POSTGRES = Dialect(
     {BOOLEAN: "boolean", BIGINT: "bigint", DOUBLE: "double precision",
      TIMESTAMP: "timestamp with time zone", TEXT: "text"},
-    lambda q: f"""to_char({q} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""")
+    lambda q: f"""to_char({q} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
+    "%s")
 
 DUCKDB = Dialect(
     {BOOLEAN: "BOOLEAN", BIGINT: "BIGINT", DOUBLE: "DOUBLE",
      TIMESTAMP: "TIMESTAMP WITH TIME ZONE", TEXT: "VARCHAR"},
-    lambda q: f"strftime({q} AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ')")
+    lambda q: f"strftime({q} AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ')", "?")
 
 
 def qualified(schema: str, table: str) -> str:
@@ -75,9 +78,38 @@ def add_column(d: Dialect, schema: str, table: str, column: str, logical: str) -
             f" {quote(column)} {d.sql_type(logical)}")
 
 
-def widen_column(d: Dialect, schema: str, table: str, column: str, old: str, new: str) -> str:
-    return (f"ALTER TABLE {qualified(schema, table)} ALTER COLUMN {quote(column)}"
-            f" TYPE {d.sql_type(new)} USING {d.widen_using(column, old, new)}")
+def widen_column(d: Dialect, schema: str, table: str, column: str, old: str, new: str,
+                 at: dt.datetime) -> list[tuple[str, tuple]]:
+    """The statements (with their parameters) that widen a column, to run in one
+    transaction: bigint -> double first keeps the integers it would round."""
+    alter = (f"ALTER TABLE {qualified(schema, table)} ALTER COLUMN {quote(column)}"
+             f" TYPE {d.sql_type(new)} USING {d.widen_using(column, old, new)}")
+    if (old, new) != (BIGINT, DOUBLE):
+        return [(alter, ())]
+    return [keep_rounded(d, schema, table, column, at), (alter, ())]
+
+
+def keep_rounded(d: Dialect, schema: str, table: str, column: str,
+                 at: dt.datetime) -> tuple[str, tuple]:
+    """Copy to rejected_values, as exact text, each integer of a bigint column that a double
+    rounds (beyond +/-2^53; compared, not abs(), which overflows on -2^63). message_id is
+    the row's id: the messageId, or in `users` the userId. A row may have had a value for
+    the column rejected already (a second key naming it): that one moves to the reason."""
+    q, p, text = quote(column), d.param, d.sql_type(TEXT)
+    reason = (f"integer beyond +/-2^53, rounded in its column when {table}.{column} was"
+              " widened from bigint to double; this is its exact value")
+    if table == "users":
+        reason += " (message_id is the users row's id, its userId)"
+    sql = (f"INSERT INTO {qualified(schema, 'rejected_values')} AS r"
+           f" SELECT CAST({p} AS {text}), CAST({p} AS {text}), \"id\", CAST({q} AS {text}),"
+           f" CAST({p} AS {text}), CAST({p} AS {d.sql_type(TIMESTAMP)})"
+           f" FROM {qualified(schema, table)}"
+           f" WHERE {q} > {EXACT_IN_DOUBLE} OR {q} < -{EXACT_IN_DOUBLE}"
+           " ON CONFLICT (table_name, column_name, message_id) DO UPDATE"
+           " SET value = EXCLUDED.value, reason = EXCLUDED.reason"
+           " || '; before that, this row''s value ' || COALESCE(r.value, 'null')"
+           " || ' was rejected for the column: ' || COALESCE(r.reason, '')")
+    return sql, (table, column, reason, at)
 
 
 def insert_from(schema: str, table: str, source: str, columns: list[str], upsert: bool) -> str:
