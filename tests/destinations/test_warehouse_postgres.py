@@ -440,6 +440,16 @@ def test_keys_named_like_system_columns_load_into_prefixed_columns(admin, schema
     assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m1", "m2", "m4"]
 
 
+def test_an_event_named_like_a_primary_key_index_gets_a_table_of_its_own(admin, schema):
+    # "Tracks Pkey" -> tracks_pkey, the name of tracks' primary key index: refused for good,
+    # and with it every event of its batch.
+    outcomes = run(warehouse(schema), send(event(1)), send(
+        event(2, event="Tracks Pkey"), event(3), event(4, event="Order Completed Pkey")))
+    assert states(outcomes[1]) == ["delivered"] * 3
+    assert [r["id"] for r in table(admin, schema, "tracks_pkey_table", "id")] == ["m2"]
+    assert [r["id"] for r in table(admin, schema, "order_completed_pkey_table", "id")] == ["m4"]
+
+
 def test_a_column_name_postgresql_refuses_fails_its_event_alone(admin, schema, monkeypatch):
     # Were a name to slip past layout.py, a 42701 (duplicate column) is no race (columns
     # are added IF NOT EXISTS): retrying met it again forever and held up its batch.

@@ -140,6 +140,10 @@ def _track_rows(message: dict, fixed: dict, context_cols: tuple, payload_cols: t
 def event_table(event: str) -> str:
     """The table of a track event's own row."""
     table = identifier(event)
+    if table.endswith("_pkey"):
+        # PostgreSQL names a table's primary key index <table>_pkey, and indexes share
+        # the tables' namespace: "Tracks Pkey" would be refused for good.
+        return identifier(table + "_table")
     return "_" + table if table in RESERVED_TABLES else table
 
 
