@@ -20,24 +20,31 @@ BATCH_PATHS = ("batch", "b")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
+# Any RFC 3339 time Python can hold, before 1970 too (a backfill's history is real).
+_MIN_MS = -62135596800000  # 0001-01-01T00:00:00.000Z
 _MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_LEAP_SECOND = re.compile(r"(T\d\d:\d\d:)60", re.ASCII)
 
 
 def parse_ts(value) -> int | None:
     """ISO-8601 / RFC 3339 string -> ms since the epoch; None when absent or unparseable."""
     if type(value) is not str or len(value) > 40:
         return None
+    text = value.upper()  # RFC 3339 allows "t" and "z"
+    leap = _LEAP_SECOND.search(text)
+    if leap:  # 23:59:60, a leap second: Python has none; it is the next second's start
+        text = text[:leap.end(1)] + "59" + text[leap.end():]
     try:
-        dt = datetime.fromisoformat(value)
+        dt = datetime.fromisoformat(text)
     except ValueError:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     try:
-        ms = (dt - _EPOCH) // _MS
+        ms = (dt - _EPOCH) // _MS + (1000 if leap else 0)
     except OverflowError:
         return None
-    return ms if 0 <= ms <= _MAX_MS else None
+    return ms if in_range(ms) else None
 
 
 def format_ts(ms: int) -> str:
@@ -72,16 +79,15 @@ def read_ts(value) -> tuple[int, str] | None:
 
 @lru_cache(maxsize=8192)
 def _second_ms(text: str) -> int | None:
-    """"YYYY-MM-DDTHH:MM:SS" (UTC) -> ms since the epoch; None if not a valid time >= 1970."""
+    """"YYYY-MM-DDTHH:MM:SS" (UTC) -> ms since the epoch; None if not a valid time."""
     try:
-        ms = (datetime.fromisoformat(text).replace(tzinfo=timezone.utc) - _EPOCH) // _MS
+        return (datetime.fromisoformat(text).replace(tzinfo=timezone.utc) - _EPOCH) // _MS
     except (ValueError, OverflowError):
         return None
-    return ms if ms >= 0 else None
 
 
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:Z|\+00:00)\Z", re.ASCII)
 
 
 def in_range(ms: int) -> bool:
-    return 0 <= ms <= _MAX_MS
+    return _MIN_MS <= ms <= _MAX_MS

@@ -31,9 +31,19 @@ def test_the_shapes_sdks_send():
     assert read_ts("9999-12-31T23:59:59.999Z") == (253402300799999, "9999-12-31T23:59:59.999Z")
 
 
+def test_every_rfc_3339_time_is_read_before_1970_lower_case_and_leap_seconds_too():
+    """The reference: accept any RFC 3339 value. These read as absent (receivedAt) before."""
+    assert read_ts("1969-12-31T23:59:59.000Z") == (-1000, "1969-12-31T23:59:59.000Z")
+    assert read_ts("0001-01-01T00:00:00Z") == (-62135596800000, "0001-01-01T00:00:00.000Z")
+    assert read_ts("2024-01-01t00:00:00z") == (1704067200000, "2024-01-01T00:00:00.000Z")
+    # a leap second is the start of the next second, the way clocks that smear it count
+    assert read_ts("2016-12-31T23:59:60Z") == (1483228800000, "2017-01-01T00:00:00.000Z")
+    assert read_ts("2016-12-31T23:59:60.5+01:00") == (1483225200500, "2016-12-31T23:00:00.500Z")
+
+
 def test_what_is_not_a_time_reads_as_absent():
     for value in (None, 17, "", "yesterday", "2024-02-30T00:00:00.000Z", "2024-13-01T00:00:00.000Z",
-                  "1969-12-31T23:59:59.999Z", "0000-01-01T00:00:00.000Z",
+                  "0000-01-01T00:00:00.000Z", "9999-12-31T23:59:60Z",
                   "2024-01-01T00:00:00.\u0661\u0662\u0663Z",  # Arabic-Indic digits
                   "\u0662\u0660\u0662\u0664-01-01T00:00:00.000Z"):
         assert read_ts(value) is None, value

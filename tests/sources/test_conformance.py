@@ -881,7 +881,13 @@ def test_c36b_batch_integrations_nested_merge(server):
     ({}, {}, None),
     # X-Forwarded-For from a peer that is not a trusted proxy is ignored
     ({"library": {"name": "analytics.js"}}, {"x-forwarded-for": "203.0.113.7"}, "127.0.0.1"),
-], ids=["ajs", "ajs-explicit", "python", "direct", "direct-explicit", "none", "xff-untrusted"])
+    # the mobile libraries are client-side too (§4.2: analytics.js, iOS, Android, Xamarin)
+    ({"library": {"name": "analytics-ios", "version": "4.1.8"}}, {}, "127.0.0.1"),
+    ({"library": {"name": "analytics-kotlin", "version": "1.15.0"}}, {}, "127.0.0.1"),
+    ({"library": {"name": "analytics-xamarin"}}, {}, "127.0.0.1"),
+    ({"library": {"name": "analytics.js"}, "ip": None}, {}, "127.0.0.1"),  # null is unset
+], ids=["ajs", "ajs-explicit", "python", "direct", "direct-explicit", "none", "xff-untrusted",
+        "ios", "kotlin", "xamarin", "ajs-null"])
 def test_c37_context_ip(server, context, headers, expected):
     mid = uid("m")
     ok(server.post("/v1/t", track(mid, context=context), headers=headers))

@@ -46,7 +46,7 @@ def enrich(ev: dict, rc: RequestContext) -> int:
     if rc.batch_integrations:
         integrations = _merge(rc.batch_integrations, integrations)
     ev["integrations"] = integrations
-    if rc.peer_ip is not None and "ip" not in context and _client_side(context):
+    if rc.peer_ip is not None and context.get("ip") is None and _client_side(context):
         context["ip"] = rc.peer_ip
     if rc.truncate_ip and type(context.get("ip")) is str:
         context["ip"] = truncate_ip(context["ip"])
@@ -67,12 +67,19 @@ def truncate_ip(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False).network_address)
 
 
+# The libraries that run on the person's own device, by the name they send in
+# context.library.name: Segment's browser and mobile ones (wire-protocol.md §4.2).
+CLIENT_LIBRARIES = frozenset({
+    "analytics.js", "analytics-ios", "analytics-swift", "analytics-android",
+    "analytics-kotlin", "analytics-xamarin", "analytics-react-native", "analytics-flutter"})
+
+
 def _client_side(context: dict) -> bool:
     """Segment fills context.ip for browser/mobile events, and for direct:true HTTP events."""
     if context.get("direct") is True:
         return True
     library = context.get("library")
-    return type(library) is dict and library.get("name") == "analytics.js"
+    return type(library) is dict and library.get("name") in CLIENT_LIBRARIES
 
 
 def _stamp_times(ev: dict, rc: RequestContext) -> int:
