@@ -10,8 +10,9 @@ from trackpipe.events import _CANONICAL, format_ts, parse_ts, read_ts
 
 def canonical_ts(value: str, ms: int) -> str:
     """The emitted form as the collector made it before read_ts: the client's own text
-    when already canonical, else formatted anew."""
-    if _CANONICAL.match(value):
+    when already canonical (but a leap second's :60, emitted as the next second), else
+    formatted anew."""
+    if _CANONICAL.match(value) and value[17:19] != "60":
         return value if len(value) == 24 else value[:23] + "Z"
     return format_ts(ms)
 
