@@ -16,6 +16,7 @@ from trackpipe.admin.common import error, int_param, json_body, json_response
 from trackpipe.events import format_ts
 from trackpipe.log.sqlite import connect
 from trackpipe.privacy import erase
+from trackpipe.privacy import suppress as suppression
 from trackpipe.privacy.suppress import id_hash
 
 ERASE_WAIT_SECONDS = 30.0
@@ -109,35 +110,34 @@ class PeopleAPI:
 
     # -- privacy --------------------------------------------------------------------
 
-    def _identifiers(self, ident: str) -> list[str]:
-        """The person's ids as far as trackpipe knows them: all of a profile's, or the id given."""
+    def _identifiers(self, ident: str) -> list[suppression.Identifier]:
+        """The person's identifiers with their kinds (see privacy/suppress.py)."""
         found = self.identity.profile(ident) if self.identity is not None else None
-        ids = {ident}
-        if found:
-            ids.update(found.get("user_ids", ()))
-            ids.update(found.get("anonymous_ids", ()))
-        return sorted(ids)
+        return suppression.identifiers(found, ident, self.p.settings.identity.trait_identifiers)
 
     async def suppress(self, request: Request) -> Response:
         ident = await _ident(request)
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        key = self.p.catalog.privacy_key()
-        await run_in_threadpool(self.p.catalog.suppress, [id_hash(key, i) for i in ids])
+        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
+        await run_in_threadpool(self.p.catalog.suppress, _all(by_value))
         self.p.reload_catalog(force=True)
-        self._audit("suppress", ident, {"identifiers": len(ids)})
-        return json_response({"suppressed": len(ids)})
+        self._audit("suppress", ident, {"identifiers": len(by_value)})
+        return json_response({"suppressed": len(by_value)})
 
     async def unsuppress(self, request: Request) -> Response:
         ident = await _ident(request)
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        key = self.p.catalog.privacy_key()
-        n = await run_in_threadpool(self.p.catalog.unsuppress, [id_hash(key, i) for i in ids])
+        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
+
+        def lift() -> int:  # how many identifiers were suppressed, not how many hashes
+            return sum(1 for hs in by_value.values() if self.p.catalog.unsuppress(hs))
+        n = await run_in_threadpool(lift)
         self.p.reload_catalog(force=True)
-        self._audit("unsuppress", ident, {"identifiers": len(ids), "lifted": n})
+        self._audit("unsuppress", ident, {"identifiers": len(by_value), "lifted": n})
         return json_response({"unsuppressed": n})
 
     async def delete(self, request: Request) -> Response:
@@ -145,9 +145,9 @@ class PeopleAPI:
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        key = self.p.catalog.privacy_key()
+        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
         # Delete implies suppress (Segment's "delete and suppress"): no new events meanwhile.
-        await run_in_threadpool(self.p.catalog.suppress, [id_hash(key, i) for i in ids])
+        await run_in_threadpool(self.p.catalog.suppress, _all(by_value))
         self.p.reload_catalog(force=True)
         db = connect(self.p.settings.data_path / "deliveries.db", synchronous="NORMAL")
         try:
@@ -186,6 +186,10 @@ async def _ident(request: Request):
         return error(400, "invalid_parameter", "Send {\"id\": ...}: a profile id, userId or "
                      "anonymousId.")
     return ident
+
+
+def _all(by_value: dict[str, list[str]]) -> list[str]:
+    return [h for hs in by_value.values() for h in hs]
 
 
 MERGE_ID = re.compile(r"[mM]?[0-9]{1,18}")

@@ -130,9 +130,76 @@ class Retry(NamedTuple):
 _decode_retries = msgspec.json.Decoder(list[Retry]).decode
 
 
+class _Rows:
+    """The rows the outcomes of one send leave (DeliveryState.record)."""
+
+    def __init__(self, erased: set[int]):
+        self.erased = erased
+        self.counts: dict[str, int] = dict.fromkeys(("delivered", "retries"), 0)
+        self.attempts: list[tuple] = []
+        self.pending: list[tuple] = []
+        self.failed: list[tuple] = []
+        self.done: list[int] = []
+        self.given_up: list[Sent] = []
+        self.last_error: Outcome | None = None
+
+    def detail(self, text: str) -> str:
+        """What the destination answered, unless the send held an erased event: the answer
+        may quote it (an error body echoing the batch)."""
+        return erase.REMOVED if self.erased and text else text
+
+    @classmethod
+    def of(cls, destination: str, sent: Sequence[Sent], at: int, duration_ms: float, policy,
+           uniform: bool, erased: set[int]) -> "_Rows":
+        rows = cls(erased)
+        counts = rows.counts
+        delays: dict[tuple, int] = {}
+        for s in sent:
+            o = s.outcome
+            if o.state != "delivered":
+                rows.last_error = o
+            if s.position in erased:
+                rows.done.append(s.position)
+                reason = "delivered" if o.state == "delivered" else "skipped:deleted"
+                counts[reason] = counts.get(reason, 0) + 1
+                continue
+            if not uniform:
+                rows.attempts.append((destination, s.position, at, o.state, o.status,
+                                      duration_ms, rows.detail(o.detail), s.attempt))
+            if o.state == "delivered":
+                counts["delivered"] += 1
+                rows.done.append(s.position)
+                continue
+            reason = None
+            if o.state == "failed":
+                reason = "terminal"
+            elif policy.exhausted(s.attempt, s.first_attempt_at, at):
+                reason = "retries_exhausted"
+            if reason:
+                counts[f"failed:{reason}"] = counts.get(f"failed:{reason}", 0) + 1
+                rows.failed.append((destination, s.position, s.message_id, at, s.attempt,
+                                    o.status, rows.detail(o.detail), reason, s.received_at))
+                rows.done.append(s.position)
+                rows.given_up.append(s)
+            else:
+                counts["retries"] += 1
+                # One draw of jitter per send: the events of a failed batch come due
+                # together and are retried as that batch again (same webhook-id).
+                key = (s.attempt, o.retry_after)
+                if key not in delays:
+                    delays[key] = policy.delay_ms(s.attempt, o.retry_after)
+                rows.pending.append((destination, s.position, s.user_key, s.attempt,
+                                     s.first_attempt_at, at + delays[key],
+                                     o.status, rows.detail(o.detail), s.received_at))
+        return rows
+
+
 class DeliveryState:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, log_path: Path | str | None = None):
         self.path = Path(path)
+        # The log whose positions this file's rows name (see _erased).
+        self._log_path = Path(log_path) if log_path else self.path.with_name("log.db")
+        self._log = PerThread(self._log_path)
         # The committing connection checkpoints after its own commit (SQLite's default
         # every 1000 pages); without it the WAL grew by ~270 bytes per delivered event.
         self._conns = PerThread(self.path, synchronous="NORMAL", autocheckpoint=1000)
@@ -143,6 +210,7 @@ class DeliveryState:
 
     def close(self) -> None:
         self._conns.close_all()
+        self._log.close_all()
 
     # -- cursors and in-flight batches -----------------------------------------
 
@@ -165,7 +233,8 @@ class DeliveryState:
 
     def begin_batch(self, destination: str, lo: int, hi: int, events: int) -> int:
         cur = self._db().execute(
-            "INSERT INTO batches (destination, lo, hi, events, at, state) VALUES (?,?,?,?,?,'sending')",
+            "INSERT INTO batches (destination, lo, hi, events, at, state)"
+            " VALUES (?,?,?,?,?,'sending')",
             (destination, lo, hi, events, now_ms()))
         return cur.lastrowid
 
@@ -178,74 +247,61 @@ class DeliveryState:
         """Commit the outcome of one send (and, for a fresh batch, the cursor move and the
         events it held back for per-user ordering).
 
-        Returns the events that were given up on (moved to `failed`)."""
+        An event a privacy delete erased while it was being sent leaves no row (it is
+        counted as skipped:deleted), and no detail of this send is kept: the
+        destination's answer may quote it. Returns the events that were given up on
+        (moved to `failed`)."""
         at = now_ms()
-        counts: dict[str, int] = dict.fromkeys(("delivered", "retries"), 0)
-        for reason, n in (skipped or {}).items():
-            counts[f"skipped:{reason}"] = n
         states = {s.outcome.state for s in sent}
         uniform = batch_id is not None and len(states) <= 1
-        attempt_rows, pending_rows, failed_rows, done = [], [], [], []
-        given_up: list[Sent] = []
-        delays: dict[tuple, int] = {}
-        for s in sent:
-            o = s.outcome
-            if not uniform:
-                attempt_rows.append((destination, s.position, at, o.state, o.status, duration_ms,
-                                     o.detail, s.attempt))
-            if o.state == "delivered":
-                counts["delivered"] += 1
-                done.append(s.position)
-                continue
-            reason = None
-            if o.state == "failed":
-                reason = "terminal"
-            elif policy.exhausted(s.attempt, s.first_attempt_at, at):
-                reason = "retries_exhausted"
-            if reason:
-                counts[f"failed:{reason}"] = counts.get(f"failed:{reason}", 0) + 1
-                failed_rows.append((destination, s.position, s.message_id, at, s.attempt, o.status,
-                                    o.detail, reason, s.received_at))
-                done.append(s.position)
-                given_up.append(s)
-            else:
-                counts["retries"] += 1
-                # One draw of jitter per send: the events of a failed batch come due
-                # together and are retried as that batch again (same webhook-id).
-                key = (s.attempt, o.retry_after)
-                if key not in delays:
-                    delays[key] = policy.delay_ms(s.attempt, o.retry_after)
-                pending_rows.append((destination, s.position, s.user_key, s.attempt,
-                                     s.first_attempt_at, at + delays[key],
-                                     o.status, o.detail, s.received_at))
-        errors = [s.outcome for s in sent if s.outcome.state != "delivered"]
         db = self._db()
         with immediate(db):
+            # Only a send that leaves rows naming its events needs to ask the log.
+            erased = self._erased([*(s.position for s in sent), *(p for p, _, _ in held)]) \
+                if held or not uniform or states - {"delivered"} else set()
+            rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased)
+            for reason, n in (skipped or {}).items():
+                rows.counts[f"skipped:{reason}"] = rows.counts.get(f"skipped:{reason}", 0) + n
             if batch_id is not None:
                 first = sent[0].outcome if sent else Outcome("delivered")
                 state = first.state if uniform else "mixed"
                 db.execute("UPDATE batches SET state = ?, status = ?, duration_ms = ?, detail = ?,"
                            " at = ? WHERE id = ?",
                            (state, first.status if uniform else None, duration_ms,
-                            first.detail if uniform else "", at, batch_id))
+                            rows.detail(first.detail) if uniform else "", at, batch_id))
             # Statements per batch, not per event (executemany): each call into SQLite hands
             # the GIL back, and beside a busy identity thread winning it back can take 5 ms
             # (bench/gil_convoy.py); recording a failed batch of 5000 took 6-8 s that way.
             _insert(db, "INSERT INTO attempts (destination, position, at, state, status,"
-                    " duration_ms, detail, attempt) VALUES", attempt_rows)
-            _delete_pending(db, destination, done)
-            _insert(db, "INSERT OR REPLACE INTO pending VALUES", pending_rows)
-            _insert(db, "INSERT OR REPLACE INTO failed VALUES", failed_rows)
-            self._count(db, destination, counts)
-            self._hold(db, destination, held, at)
-            if errors:
+                    " duration_ms, detail, attempt) VALUES", rows.attempts)
+            _delete_pending(db, destination, rows.done)
+            _insert(db, "INSERT OR REPLACE INTO pending VALUES", rows.pending)
+            _insert(db, "INSERT OR REPLACE INTO failed VALUES", rows.failed)
+            self._count(db, destination, rows.counts)
+            self._hold(db, destination, [h for h in held if h[0] not in erased], at)
+            if rows.last_error is not None:
                 db.execute("INSERT OR REPLACE INTO last_errors VALUES (?,?,?,?)",
-                           (destination, at, errors[-1].status, errors[-1].detail))
+                           (destination, at, rows.last_error.status,
+                            rows.detail(rows.last_error.detail)))
             if cursor is not None:
                 db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
                            " DO UPDATE SET position = max(position, excluded.position)",
                            (destination, cursor))
-        return given_up
+        return rows.given_up
+
+    def _erased(self, positions: Sequence[int]) -> set[int]:
+        """Of these positions, those the log no longer holds: a privacy delete erased them
+        while they were being sent. Asked inside the transaction that would write their
+        rows: the erase deletes from the log before it takes this file's write lock to
+        delete their rows (privacy/erase.py), so either it finds the rows written here or
+        this finds the events gone; no row can slip in after it."""
+        if not positions or not self._log_path.exists():
+            return set()  # no log beside this file (a test's bare delivery state)
+        wanted = set(positions)
+        found = {p for (p,) in self._log.get().execute(
+            "SELECT position FROM events WHERE position IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(wanted)),)).fetchall()}
+        return wanted - found
 
     def skip(self, destination: str, cursor: int, skipped: dict[str, int],
              dropped: Iterable[tuple[int]] = (), held: Sequence[tuple[int, str, int]] = (),
@@ -255,8 +311,9 @@ class DeliveryState:
         `batch_id`: an unfinished batch that turned out to have nothing left to send."""
         db = self._db()
         with immediate(db):
+            erased = self._erased([p for p, _, _ in held])
             self._count(db, destination, {f"skipped:{r}": n for r, n in skipped.items()})
-            self._hold(db, destination, held, now_ms())
+            self._hold(db, destination, [h for h in held if h[0] not in erased], now_ms())
             if batch_id is not None:
                 db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             _delete_pending(db, destination, [p for (p,) in dropped])
@@ -331,6 +388,8 @@ class DeliveryState:
         at = now_ms()
         db = self._db()
         with immediate(db):
+            erased = self._erased([p for p, _, _ in events])  # deleted meanwhile: not queued
+            events = [e for e in events if e[0] not in erased]
             db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
                            [(destination, p) for p, _, _ in events])
             db.executemany("INSERT INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)"
@@ -352,7 +411,7 @@ class DeliveryState:
         """Privacy delete: drop queued deliveries and traces of these events everywhere."""
         db = self._db()
         rows = [(p,) for p in positions]
-        with immediate(db):
+        with erase.secure_delete(db), immediate(db):  # their rows name them (user_key)
             n = db.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
             db.executemany("DELETE FROM failed WHERE position = ?", rows)
             db.executemany("DELETE FROM attempts WHERE position = ?", rows)
@@ -465,7 +524,8 @@ class DeliveryState:
             "retrying": retrying,
             "oldest_retrying_received_at": oldest,
             "failed_now": failed_now,
-            "last_error": None if err is None else {"at": err[0], "status": err[1], "detail": err[2]},
+            "last_error": None if err is None else {"at": err[0], "status": err[1],
+                                                    "detail": err[2]},
         }
 
     def failed(self, destination: str, limit: int = 100) -> list[dict]:

@@ -12,19 +12,26 @@ linger in free pages or old WAL frames.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
+import msgspec
+
+from trackpipe.identity.facts import ANON, USER, normalize_trait
 from trackpipe.log.sqlite import KEEP_HEAD_SQL, connect
+from trackpipe.privacy import names
+from trackpipe.privacy.suppress import PROFILE, is_trait
 
 QUEUE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS privacy_requests (
     id         INTEGER PRIMARY KEY,
-    ids        TEXT NOT NULL,            -- JSON list of ids; emptied once done
+    ids        TEXT NOT NULL,            -- JSON [[kind, id], ...]; emptied once done
     created_at INTEGER NOT NULL,
     done_at    INTEGER,
     result     TEXT                      -- JSON counts, never ids
@@ -41,10 +48,11 @@ CREATE TABLE IF NOT EXISTS delete_notices (
 """
 
 
-def queue(db: sqlite3.Connection, ids: list[str]) -> int:
+def queue(db: sqlite3.Connection, ids: list[tuple[str | None, str]]) -> int:
+    """Queue a delete of these identifiers, (kind, value) as privacy/suppress.py has them."""
     db.executescript(QUEUE_SCHEMA)
     return db.execute("INSERT INTO privacy_requests (ids, created_at) VALUES (?, ?)",
-                      (json.dumps(ids), int(time.time() * 1000))).lastrowid
+                      (json.dumps([list(i) for i in ids]), int(time.time() * 1000))).lastrowid
 
 
 def result(db: sqlite3.Connection, request_id: int) -> dict | None:
@@ -68,12 +76,13 @@ _PROCESSING = threading.Lock()
 def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> int:
     db = connect(data_dir / "deliveries.db", synchronous="NORMAL")
     try:
+        db.execute("PRAGMA secure_delete=ON")  # every write here removes someone's ids
         db.executescript(QUEUE_SCHEMA)
         todo = db.execute("SELECT id, ids FROM privacy_requests WHERE done_at IS NULL").fetchall()
         for request_id, ids in todo:
-            counts = erase(data_dir, identity, json.loads(ids), db, list(destinations))
-            db.execute("UPDATE privacy_requests SET ids = '[]', done_at = ?, result = ? WHERE id = ?",
-                       (int(time.time() * 1000), json.dumps(counts), request_id))
+            counts = erase(data_dir, identity, _identifiers(ids), db, list(destinations))
+            db.execute("UPDATE privacy_requests SET ids = '[]', done_at = ?, result = ?"
+                       " WHERE id = ?", (int(time.time() * 1000), json.dumps(counts), request_id))
         if todo:
             _scrub(db)
         return len(todo)
@@ -81,20 +90,84 @@ def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> 
         db.close()
 
 
-def erase(data_dir: Path, identity, ids: list[str], deliveries: sqlite3.Connection,
-          destinations: list[str]) -> dict:
-    user_ids, anon_ids, positions = set(ids), set(ids), set()
+def _identifiers(queued: str) -> list[tuple[str | None, str]]:
+    """(kind, value) pairs; a request queued by an older version holds bare ids."""
+    return [(None, i) if isinstance(i, str) else (i[0], i[1]) for i in json.loads(queued)]
+
+
+class Person:
+    """The identifiers of the person being deleted, by kind. `unknown`: ids given with no
+    profile to say what they are, taken as a userId and as an anonymousId both."""
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.anons: set[str] = set()
+        self.unknown: set[str] = set()
+        self.traits: dict[str, set[str]] = {}  # trait name -> normalised values
+
+    def add(self, kind: str | None, value: str) -> None:
+        if kind == USER:
+            self.users.add(value)
+        elif kind == ANON:
+            self.anons.add(value)
+        elif kind is None:
+            self.unknown.add(value)
+        elif is_trait(kind):
+            self.traits.setdefault(kind, set()).add(normalize_trait(value))
+
+    @property
+    def as_users(self) -> set[str]:
+        return self.users | self.unknown
+
+    @property
+    def as_anons(self) -> set[str]:
+        return self.anons | self.unknown
+
+    def trait_values(self) -> set[str]:
+        return set().union(*self.traits.values())
+
+    def values(self) -> set[str]:
+        return self.users | self.anons | self.unknown | self.trait_values()
+
+    def named_in(self, named: names.Names) -> bool:
+        """Whether an event naming these (id field, id) and (trait, value) is theirs."""
+        ids, traits = named
+        for field, value in ids:
+            if value in self.unknown or value in (
+                    self.users if field == "userId" else self.anons if field == "anonymousId"
+                    else self.users | self.anons):  # previousId: either kind
+                return True
+        return any(value in self.traits.get(name, ()) for name, value in traits)
+
+
+def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
+          deliveries: sqlite3.Connection, destinations: list[str]) -> dict:
+    person = Person()
+    for kind, value in ids:
+        person.add(kind, value)
+    positions: set[int] = set()
     profiles = 0
     if identity is not None:
-        for ident in ids:
-            gone = identity.forget(ident)
+        # The profile id first: forgetting a bare value picks whichever profile has it, and
+        # that may be another person's (their userId spelt like this one's anonymousId).
+        gone_values: set[str] = set()
+        for kind, value in sorted(ids, key=lambda i: i[0] != PROFILE):
+            if kind not in (PROFILE, USER, ANON, None) or value in gone_values:
+                continue  # a trait reading of an unknown id, or an id its profile took along
+            gone = identity.forget(value)
             if gone is None:
                 continue
             profiles += 1
             positions.update(gone.positions)
-            for kind, value in gone.identifiers:
-                (user_ids if kind == "user_id" else anon_ids).add(value)
-    events, message_ids = _erase_log(data_dir / "log.db", user_ids, anon_ids, positions)
+            person.unknown.discard(value)
+            for k, v in gone.identifiers:
+                person.add(k, v)
+                gone_values.add(v)
+        person.unknown -= person.users | person.anons
+    # The log first, then this file's rows under its write lock: a delivery recording its
+    # outcome meanwhile (delivery/state.py record) either finds the event gone, or wrote
+    # its rows before, and they are deleted here.
+    events, message_ids = _erase_log(data_dir / "log.db", person, positions)
     positions.update(p for p, _ in message_ids)
     rows = [(p,) for p in positions]
     deliveries.execute("PRAGMA secure_delete=ON")
@@ -102,42 +175,85 @@ def erase(data_dir: Path, identity, ids: list[str], deliveries: sqlite3.Connecti
     cancelled = deliveries.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
     deliveries.executemany("DELETE FROM failed WHERE position = ?", rows)
     deliveries.executemany("DELETE FROM attempts WHERE position = ?", rows)
+    _scrub_details(deliveries, person.values())
     now = int(time.time() * 1000)
+    users, anons = sorted(person.as_users), sorted(person.as_anons)
+    notify = destinations if users or anons else []
     deliveries.executemany(
         "INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at, state)"
         " VALUES (?, ?, ?, ?, 'pending')",
-        [(d, json.dumps(sorted(user_ids)), json.dumps(sorted(anon_ids)), now) for d in destinations])
+        [(d, json.dumps(users), json.dumps(anons), now) for d in notify])
     deliveries.execute("COMMIT")
     return {"profiles": profiles, "events": events, "deliveries_cancelled": cancelled,
-            "identifiers": len(user_ids | anon_ids), "destinations_notified": len(destinations)}
+            "identifiers": len(person.values()), "destinations_notified": len(notify)}
 
 
-def _erase_log(path: Path, user_ids: set[str], anon_ids: set[str], positions: set[int]):
+def _erase_log(path: Path, person: Person, positions: set[int]):
     db = connect(path)
     try:
         db.execute("PRAGMA secure_delete=ON")
         db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_users (v TEXT PRIMARY KEY)")
         db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_anons (v TEXT PRIMARY KEY)")
         db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_positions (p INTEGER PRIMARY KEY)")
+        trait_names = tuple(person.traits)
+        db.create_function("names_person", 1, lambda payload: person.named_in(
+            names.of_payload(payload, trait_names)), deterministic=True)
         db.execute("BEGIN IMMEDIATE")
-        for table, values in (("gone_users", user_ids), ("gone_anons", anon_ids),
+        for table, values in (("gone_users", person.as_users), ("gone_anons", person.as_anons),
                               ("gone_positions", positions)):
             db.execute(f"DELETE FROM {table}")
             db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?)", [(v,) for v in values])
         found = db.execute(
-            "SELECT position, message_id FROM events WHERE position IN (SELECT p FROM gone_positions)"
-            " OR user_id IN (SELECT v FROM gone_users) OR anonymous_id IN (SELECT v FROM gone_anons)"
+            "SELECT position, message_id FROM events"
+            " WHERE position IN (SELECT p FROM gone_positions)"
+            " OR user_id IN (SELECT v FROM gone_users)"
+            " OR anonymous_id IN (SELECT v FROM gone_anons)"
         ).fetchall()
         db.execute(KEEP_HEAD_SQL)
         db.executemany("DELETE FROM events WHERE position = ?", [(p,) for p, _ in found])
         db.executemany("DELETE FROM repeats WHERE message_id = ?", [(m,) for _, m in found])
-        for value in user_ids | anon_ids:  # discarded payloads may name them too
-            db.execute("DELETE FROM discards WHERE instr(payload, ?) > 0", (value,))
+        # Invalid events are kept with their payload: theirs go, matched on the ids the
+        # payload names, not on a substring (user "7" is not in "17").
+        db.execute("DELETE FROM discards WHERE names_person(payload)")
         db.execute("COMMIT")
         _scrub(db)
         return len(found), found
     finally:
         db.close()
+
+
+# Free text a destination answered (an error body may quote a whole batch, other people's
+# events with theirs), kept per batch, attempt, retry, failure and delete notice.
+DETAILS = (("batches", "detail"), ("attempts", "detail"), ("pending", "last_detail"),
+           ("failed", "detail"), ("last_errors", "detail"), ("delete_notices", "detail"))
+REMOVED = "(removed by a privacy delete: it named a deleted person)"
+
+
+def _scrub_details(db: sqlite3.Connection, values: Iterable[str]) -> None:
+    """Replace every stored detail that names one of `values`; in the caller's transaction,
+    on a connection with secure_delete on."""
+    found = mentions(values)
+    db.create_function("names_person", 1, lambda text: bool(text) and found(text),
+                       deterministic=True)
+    for table, column in DETAILS:
+        db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} NOT IN ('', ?)"
+                   f" AND names_person({column})", (REMOVED, REMOVED))
+
+
+def mentions(values: Iterable[str]):
+    """A test of free text for any of `values`, as written or JSON-escaped, standing on its
+    own (not inside a longer word or number: "7" is not in "17" nor "u7"). Case-insensitive,
+    as trait identifiers (emails) are compared."""
+    forms = set()
+    for value in values:
+        if value:
+            forms.update((value, msgspec.json.encode(value).decode()[1:-1],
+                          json.dumps(value)[1:-1]))
+    if not forms:
+        return lambda text: False
+    alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![0-9A-Za-z_])(?:{alternatives})(?![0-9A-Za-z_])", re.IGNORECASE)
+    return lambda text: pattern.search(text) is not None
 
 
 def _scrub(db: sqlite3.Connection) -> None:
@@ -156,5 +272,26 @@ def pending_notice(db: sqlite3.Connection, destination: str):
 
 
 def finish_notice(db: sqlite3.Connection, notice_id: int, state: str, detail: str) -> None:
-    db.execute("UPDATE delete_notices SET state = ?, detail = ?, user_ids = '[]', anon_ids = '[]'"
-               " WHERE id = ?", (state, detail, notice_id))
+    """Record the notice's outcome and forget whom it named: the ids' old bytes are zeroed
+    (secure_delete) and the WAL that held them emptied. A destination's answer that
+    quotes them is not kept either."""
+    row = db.execute("SELECT user_ids, anon_ids FROM delete_notices WHERE id = ?",
+                     (notice_id,)).fetchone()
+    if row is not None and detail and mentions(json.loads(row[0]) + json.loads(row[1]))(detail):
+        detail = REMOVED
+    with secure_delete(db):
+        db.execute("UPDATE delete_notices SET state = ?, detail = ?, user_ids = '[]',"
+                   " anon_ids = '[]' WHERE id = ?", (state, detail, notice_id))
+    _scrub(db)
+
+
+@contextlib.contextmanager
+def secure_delete(db: sqlite3.Connection):
+    """secure_delete on for a shared connection, then back as it was (some SQLite builds
+    have it on by default, most not: never rely on the default)."""
+    (before,) = db.execute("PRAGMA secure_delete").fetchone()
+    db.execute("PRAGMA secure_delete=ON")
+    try:
+        yield db
+    finally:
+        db.execute(f"PRAGMA secure_delete={int(before)}")

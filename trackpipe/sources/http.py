@@ -160,8 +160,9 @@ class TrackingAPI:
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict)
         metrics.EVENTS_RECEIVED.add((), len(items))
-        if self.suppressions.hashes:
-            records, dropped = self.suppressions.drop(records)
+        if self.suppressions.hashes:  # invalid events too: a discard keeps the payload
+            records, discards, dropped = self.suppressions.drop(
+                records, discards, self.settings.identity.trait_identifiers)
             metrics.EVENTS_SUPPRESSED.add((), dropped)
         return records, discards, len(items)
 
