@@ -394,15 +394,33 @@ def test_c15_event_over_32kb_rejected(server):
     assert len(one(server, mid2)["properties"]["blob"]) == 30_000
 
 
-def test_c15b_event_over_32kb_after_enrichment_rejected(server):
-    # 32,700 bytes as sent; the stored form adds receivedAt, sourceId, timestamps, ...
+def sized_track(mid: str, size: int) -> dict:
+    """A track event whose compact JSON is `size` bytes."""
+    ev = {**track(mid), "type": "track", "properties": {"blob": ""}}
+    ev["properties"]["blob"] = "x" * (size - len(json.dumps(ev, separators=(",", ":"))))
+    assert len(json.dumps(ev, separators=(",", ":"))) == size
+    return ev
+
+
+def test_c15b_the_32kb_limit_is_on_the_event_as_sent(server):
+    """An SDK measures its events before sending; one that fits must not be refused for
+    what trackpipe adds (receivedAt, sourceId, timestamps...): it used to lose its batch."""
+    fits, over, small = uid("m"), uid("m"), uid("m")
+    ok(server.post("/v1/batch", {"batch": [sized_track(fits, 32_768), {**track(small),
+                                                                     "type": "track"}]}))
+    assert len(json.dumps(one(server, fits), separators=(",", ":"))) > 32_768  # as stored
+    one(server, small)
+    err(server.post("/v1/batch", {"batch": [sized_track(over, 32_769)]}), 400,
+        "payload_too_large")
+    not_stored(server, over)
+
+
+def test_c15c_a_batch_context_cannot_swell_its_items_past_the_allowance(server):
+    # Merged into every item, a batch's context could turn 500 KB into gigabytes stored.
     mid = uid("m")
-    ev = track(mid)
-    ev["properties"] = {"blob": ""}
-    ev["properties"]["blob"] = "x" * (32_700 - len(json.dumps(ev, separators=(",", ":"))))
-    content = json.dumps(ev, separators=(",", ":")).encode()
-    assert len(content) == 32_700
-    err(server.post("/v1/track", content=content), 400, "payload_too_large")
+    body = {"batch": [sized_track(mid, 30_000)], "context": {"pad": "c" * 12_000}}
+    answer = err(server.post("/v1/batch", body), 400, "payload_too_large")
+    assert "batch's context" in answer["message"]
     not_stored(server, mid)
 
 
@@ -743,6 +761,15 @@ def test_c29b_dedup_survives_restart_and_crash(fresh_server):
     ok(srv.post("/v1/t", track(mid, context=ctx),
                 headers={"x-forwarded-for": "203.0.113.7, 127.0.0.1"}))
     assert one(srv, mid)["context"]["ip"] == "203.0.113.7"
+    # entries that are not addresses are passed over and ports dropped: they were stored
+    # as the ip ("unknown", "<script>", "", "203.0.113.9:5555")
+    for forwarded, expected in (("unknown, 203.0.113.8", "203.0.113.8"),
+                                ("203.0.113.9:5555", "203.0.113.9"),
+                                ("<script>", "127.0.0.1"),
+                                ("203.0.113.10 , ,203.0.113.11", "203.0.113.11")):
+        mid = uid("m")
+        ok(srv.post("/v1/t", track(mid, context=ctx), headers={"x-forwarded-for": forwarded}))
+        assert one(srv, mid)["context"]["ip"] == expected, forwarded
 
 
 def test_c30_generated_message_ids_unique(server):
@@ -990,6 +1017,8 @@ def test_c42b_post_with_origin_gets_acao_admin_does_not(server):
                                                      "content-type": "text/plain"})
     ok(resp)
     assert resp.headers["access-control-allow-origin"] in (origin, "*")
+    # so that a browser's script can read a 429's wait
+    assert "Retry-After" in resp.headers["access-control-expose-headers"]
     bad = server.post("/v1/t", content=b"{", headers={"origin": origin})
     err(bad, 400, "invalid_json")
     assert bad.headers["access-control-allow-origin"] in (origin, "*")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from trackpipe.config import Limits
 from trackpipe.errors import RequestRejected
 from trackpipe.events import read_ts
 from trackpipe.log.base import Discard, Record
-from trackpipe.pipeline.decode import check_depth
+from trackpipe.pipeline.decode import check_depth, decode_object
 from trackpipe.pipeline.enrich import RequestContext, enrich
 from trackpipe.pipeline.validate import validate
 
 DISCARD_PAYLOAD_CHARS = 2048
+# The 32 KB limit is on an event as the client sent it (the SDKs measure it so; one
+# that fits must not be refused for what trackpipe adds). What trackpipe adds is a
+# few hundred bytes; a batch's context merged into each item can be more, so the
+# stored form may exceed the limit by this much and no more.
+STORED_ALLOWANCE = 8 * 1024
 
 _encode = msgspec.json.encode
 
@@ -43,8 +50,10 @@ def batch_context(body: dict, rc: RequestContext) -> None:
     rc.batch_integrations = integrations if type(integrations) is dict else None
 
 
-def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, strict: bool
-            ) -> tuple[list[Record], list[Discard]]:
+def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, strict: bool,
+            sent: Callable[[int], bytes] | None = None) -> tuple[list[Record], list[Discard]]:
+    """`sent(index)` is that event as the client sent it, encoded (see as_sent); it is
+    asked for only when an event's stored form is over the limit."""
     records: list[Record] = []
     discards: list[Discard] = []
     errors: list[dict] = []
@@ -73,7 +82,7 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         ts = enrich(ev, rc)
         body = _encode(ev)
         if len(body) > max_bytes:
-            _check_size(body, max_bytes, index)
+            _check_stored_size(body, sent, max_bytes, index)
         # Its depth is checked by the log writer (LogWriter.commit), off the event loop.
         message_id = ev["messageId"]
         event = ev.get("event") if ev["type"] == "track" else None
@@ -83,6 +92,22 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
         raise RequestRejected("validation_failed", f"{len(errors)} of {len(items)} events are "
                               "invalid; nothing was stored (strict mode).", errors)
     return records, discards
+
+
+def as_sent(raw: bytes, batch: bool, index: int) -> bytes:
+    """The event at `index` as the client sent it, encoded again: decoded anew from the
+    request, because enrichment changed the one in hand (a rare path: see prepare)."""
+    body = decode_object(raw)
+    return _encode(body["batch"][index] if batch else body)
+
+
+def _check_stored_size(body: bytes, sent: Callable[[int], bytes] | None, limit: int,
+                       index: int) -> None:
+    if len(body) > limit + STORED_ALLOWANCE:
+        raise RequestRejected("payload_too_large", f"Exceed payload limit: event {index} is "
+                              f"{len(body)} bytes once stored with the batch's context, more"
+                              f" than {limit + STORED_ALLOWANCE}.")
+    _check_size(body if sent is None else sent(index), limit, index)
 
 
 def _check_size(encoded: bytes, limit: int, index: int) -> None:

@@ -18,7 +18,7 @@ from trackpipe.errors import RequestRejected, StoreUnavailable
 from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
 from trackpipe.pipeline.decode import TOO_DEEP, decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
-from trackpipe.pipeline.ingest import batch_context, items_of, prepare
+from trackpipe.pipeline.ingest import as_sent, batch_context, items_of, prepare
 from trackpipe.pipeline.store import Committer
 from trackpipe.privacy.suppress import Suppressions
 from trackpipe.sources import responses
@@ -29,6 +29,8 @@ from trackpipe.sources.turns import Turns
 
 ALLOW_HEADERS = b"authorization, content-type, x-retry-count, x-strict-mode"
 JSON = (b"content-type", b"application/json")
+# A browser's script sees only these of a cross-origin answer's headers: a 429's wait.
+EXPOSE_HEADERS = (b"access-control-expose-headers", b"Retry-After, X-RateLimit-Reset")
 ENCODINGS = ("gzip", "x-gzip", "deflate")
 # Bodies this large take turns at parsing (sources/turns.py); a one-event request
 # parses in ~50 µs, and making it wait a loop iteration only splits commit groups.
@@ -158,7 +160,8 @@ class TrackingAPI:
             batch_context(body, rc)
         strict = (source.strict or self.settings.ingest.strict
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
-        records, discards = prepare(items, type_, rc, self.limits, strict)
+        records, discards = prepare(items, type_, rc, self.limits, strict,
+                                    lambda index: as_sent(raw, type_ is None, index))
         metrics.EVENTS_RECEIVED.add((), len(items))
         if self.suppressions.hashes:  # invalid events too: a discard keeps the payload
             records, discards, dropped = self.suppressions.drop(
@@ -167,19 +170,29 @@ class TrackingAPI:
         return records, discards, len(items)
 
     def _peer_ip(self, scope, headers: dict) -> str | None:
+        """The client's IPv4 address for context.ip, or None (Segment does not auto-collect
+        IPv6, wire-protocol.md §4.2)."""
         client = scope.get("client")
         peer = client[0] if client else None
-        if not self.trusted or peer is None:
-            return peer
-        forwarded = headers.get(b"x-forwarded-for")
-        if not forwarded or not self._is_trusted(peer):
-            return peer
-        # Walk from the nearest hop outwards; the first untrusted address is the client.
+        if self.trusted and peer is not None and self._is_trusted(peer):
+            forwarded = headers.get(b"x-forwarded-for")
+            if forwarded:
+                peer = self._forwarded_client(forwarded) or peer
+        return _ipv4(peer)
+
+    def _forwarded_client(self, forwarded: bytes) -> str | None:
+        """Walk X-Forwarded-For from the nearest hop outwards: the first untrusted address
+        is the client; when every one is trusted, the farthest. Entries that are not IP
+        addresses ("unknown", a port) are passed over, never taken for one."""
+        farthest = None
         for hop in reversed(forwarded.decode("latin-1").split(",")):
-            hop = hop.strip()
+            hop = _address(hop)
+            if hop is None:
+                continue
             if not self._is_trusted(hop):
                 return hop
-        return peer
+            farthest = hop
+        return farthest
 
     def _is_trusted(self, address: str) -> bool:
         try:
@@ -192,7 +205,8 @@ class TrackingAPI:
         if origin is None:
             return []
         if "*" in self.origins or origin.decode("latin-1") in self.origins:
-            return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+            return [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
+                    EXPOSE_HEADERS]
         return []
 
     def _preflight(self, cors) -> list[tuple[bytes, bytes]]:
@@ -210,6 +224,31 @@ class TrackingAPI:
             return 404, responses.error_body("invalid_write_key", "No enabled source has that "
                                              "write key.")
         return 200, settings_body(source.write_key, self.settings, headers.get(b"host"))
+
+
+def _address(text: str) -> str | None:
+    """An X-Forwarded-For entry as an IP address ("203.0.113.7:5555" and "[2001:db8::1]:443"
+    carry a port), or None."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _ipv4(peer: str | None) -> str | None:
+    """IPv4 as is, an IPv4-mapped IPv6 peer (a dual-stack listener's) as IPv4, else None."""
+    if peer is None or ":" not in peer:
+        return peer
+    try:
+        mapped = ipaddress.IPv6Address(peer).ipv4_mapped
+    except ValueError:
+        return None
+    return None if mapped is None else str(mapped)
 
 
 async def _respond(send, status: int, body: bytes, extra) -> None:
