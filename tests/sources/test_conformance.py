@@ -913,8 +913,10 @@ def test_c36b_batch_integrations_nested_merge(server):
     ({"library": {"name": "analytics-kotlin", "version": "1.15.0"}}, {}, "127.0.0.1"),
     ({"library": {"name": "analytics-xamarin"}}, {}, "127.0.0.1"),
     ({"library": {"name": "analytics.js"}, "ip": None}, {}, "127.0.0.1"),  # null is unset
+    ({"library": {"name": ["analytics.js"]}}, {}, None),  # not a name (it was a 500)
+    ({"library": {"name": {"a": 1}}}, {}, None),
 ], ids=["ajs", "ajs-explicit", "python", "direct", "direct-explicit", "none", "xff-untrusted",
-        "ios", "kotlin", "xamarin", "ajs-null"])
+        "ios", "kotlin", "xamarin", "ajs-null", "name-list", "name-object"])
 def test_c37_context_ip(server, context, headers, expected):
     mid = uid("m")
     ok(server.post("/v1/t", track(mid, context=context), headers=headers))

@@ -43,5 +43,11 @@ def test_forwarded_for_from_a_trusted_proxy(forwarded, expected):
     assert peer_ip(api(["10.0.0.0/8"]), "10.0.0.1", forwarded) == expected
 
 
+def test_a_trusted_proxy_reaching_a_dual_stack_listener_is_trusted():
+    # its address arrives IPv4-mapped (::ffff:10.0.0.1), as do the entries it may forward
+    assert peer_ip(api(["10.0.0.0/8"]), "::ffff:10.0.0.1", "203.0.113.9") == "203.0.113.9"
+    assert peer_ip(api(["10.0.0.0/8"]), "10.0.0.1", "::ffff:203.0.113.9") == "203.0.113.9"
+
+
 def test_forwarded_for_from_anyone_else_is_ignored():
     assert peer_ip(api(["10.0.0.0/8"]), "203.0.113.50", "198.51.100.9") == "203.0.113.50"

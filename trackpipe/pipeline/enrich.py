@@ -79,7 +79,10 @@ def _client_side(context: dict) -> bool:
     if context.get("direct") is True:
         return True
     library = context.get("library")
-    return type(library) is dict and library.get("name") in CLIENT_LIBRARIES
+    if type(library) is not dict:
+        return False
+    name = library.get("name")
+    return type(name) is str and name in CLIENT_LIBRARIES  # (a list would not hash)
 
 
 def _stamp_times(ev: dict, rc: RequestContext) -> int:

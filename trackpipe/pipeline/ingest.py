@@ -52,7 +52,7 @@ def batch_context(body: dict, rc: RequestContext) -> None:
 
 def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, strict: bool,
             sent: Callable[[int], bytes] | None = None) -> tuple[list[Record], list[Discard]]:
-    """`sent(index)` is that event as the client sent it, encoded (see as_sent); it is
+    """`sent(index)` is that event as the client sent it, encoded (see AsSent); it is
     asked for only when an event's stored form is over the limit."""
     records: list[Record] = []
     discards: list[Discard] = []
@@ -94,11 +94,19 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
     return records, discards
 
 
-def as_sent(raw: bytes, batch: bool, index: int) -> bytes:
-    """The event at `index` as the client sent it, encoded again: decoded anew from the
-    request, because enrichment changed the one in hand (a rare path: see prepare)."""
-    body = decode_object(raw)
-    return _encode(body["batch"][index] if batch else body)
+class AsSent:
+    """The events of a request as the client sent them, encoded again: decoded anew from
+    the request, because enrichment changed the ones in hand. A rare path (see prepare),
+    so the request is decoded only when an event is asked for, and once."""
+
+    def __init__(self, raw: bytes, batch: bool):
+        self.raw, self.batch = raw, batch
+        self._body: dict | None = None
+
+    def __call__(self, index: int) -> bytes:
+        if self._body is None:
+            self._body = decode_object(self.raw)
+        return _encode(self._body["batch"][index] if self.batch else self._body)
 
 
 def _check_stored_size(body: bytes, sent: Callable[[int], bytes] | None, limit: int,

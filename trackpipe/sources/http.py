@@ -18,7 +18,7 @@ from trackpipe.errors import RequestRejected, StoreUnavailable
 from trackpipe.events import BATCH_PATHS, PATH_TYPES, format_ts
 from trackpipe.pipeline.decode import TOO_DEEP, decode_object, inflate
 from trackpipe.pipeline.enrich import RequestContext
-from trackpipe.pipeline.ingest import as_sent, batch_context, items_of, prepare
+from trackpipe.pipeline.ingest import AsSent, batch_context, items_of, prepare
 from trackpipe.pipeline.store import Committer
 from trackpipe.privacy.suppress import Suppressions
 from trackpipe.sources import responses
@@ -161,7 +161,7 @@ class TrackingAPI:
         strict = (source.strict or self.settings.ingest.strict
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict,
-                                    lambda index: as_sent(raw, type_ is None, index))
+                                    AsSent(raw, type_ is None))
         metrics.EVENTS_RECEIVED.add((), len(items))
         if self.suppressions.hashes:  # invalid events too: a discard keeps the payload
             records, discards, dropped = self.suppressions.drop(
@@ -199,6 +199,7 @@ class TrackingAPI:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack listener's IPv4 peer
         return any(ip in net for net in self.trusted)
 
     def _cors(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
@@ -235,9 +236,10 @@ def _address(text: str) -> str | None:
     elif text.count(":") == 1:
         text = text.partition(":")[0]
     try:
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def _ipv4(peer: str | None) -> str | None:
