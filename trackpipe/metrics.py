@@ -47,6 +47,8 @@ EVENTS_SUPPRESSED = Tally("trackpipe_events_suppressed",
                           "Events answered 200 and dropped: their person is suppressed")
 EVENTS_DEDUPLICATED = Tally("trackpipe_events_deduplicated",
                             "Events whose messageId was already stored within the window")
+CONSUMERS_RESTARTS = Tally("trackpipe_consumers_restarts",
+                           "Times the identity and delivery process died and was started again")
 
 
 class _Tallies:
@@ -55,7 +57,8 @@ class _Tallies:
 
     def collect(self):
         for tally in (HTTP_REQUESTS, EVENTS_RECEIVED, EVENTS_ACCEPTED, EVENTS_DISCARDED,
-                      EVENTS_REJECTED, EVENTS_DEDUPLICATED, EVENTS_SUPPRESSED):
+                      EVENTS_REJECTED, EVENTS_DEDUPLICATED, EVENTS_SUPPRESSED,
+                      CONSUMERS_RESTARTS):
             yield tally.family()
 
 

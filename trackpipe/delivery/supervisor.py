@@ -7,15 +7,20 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 
 import msgspec
 
-from trackpipe import config
+from trackpipe import config, metrics
 from trackpipe.pipeline.writer_process import _die_with_parent
 
 log = logging.getLogger("trackpipe.consumers")
 
 MAX_BACKOFF = 30.0
+# Up this long, a process has outlived its crash: the next one waits the shortest time
+# again. (Checking that it is alive at the next poll was no proof: starting Python takes
+# longer than a poll, so a process that died on every start was restarted every second.)
+STABLE_SECONDS = 60.0
 
 
 class ConsumersProcess:
@@ -23,6 +28,7 @@ class ConsumersProcess:
         self.settings = settings
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.started_at = 0.0
         self._closing = False
 
     @property
@@ -34,6 +40,7 @@ class ConsumersProcess:
         """Call on the main thread (PR_SET_PDEATHSIG follows the forking thread)."""
         if not self.needed:
             return
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "trackpipe.delivery.process"],
                                      stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
         self.proc.stdin.write(msgspec.json.encode(self.settings))
@@ -47,7 +54,8 @@ class ConsumersProcess:
         while not self._closing and self.proc is not None:
             await asyncio.sleep(0.5)
             if self._closing or self.proc.poll() is None:
-                backoff = 0.5 if self.proc.poll() is None else backoff
+                if time.monotonic() - self.started_at >= STABLE_SECONDS:
+                    backoff = 0.5
                 continue
             log.warning("the consumers process exited with %s; restarting in %.1f s",
                         self.proc.returncode, backoff)
@@ -55,6 +63,7 @@ class ConsumersProcess:
             backoff = min(backoff * 2, MAX_BACKOFF)
             if not self._closing:
                 self.restarts += 1
+                metrics.CONSUMERS_RESTARTS.add()
                 self.start()
 
     def close(self, timeout: float = 15.0) -> None:
