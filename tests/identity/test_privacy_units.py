@@ -4,8 +4,11 @@ stored free text is searched for the deleted ids."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import threading
+import time
 import uuid
 
 import msgspec
@@ -14,9 +17,11 @@ import pytest
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.state import DeliveryState, Sent
 from trackpipe.destinations.base import DELIVERED, fail, retry
-from trackpipe.log.base import Record
-from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.log.base import Discard, Record
+from trackpipe.log.sqlite import SQLiteLog, connect
+from trackpipe.pipeline.ingest import DISCARD_PAYLOAD_CHARS
 from trackpipe.privacy import erase
+from trackpipe.privacy.suppress import Suppressions, id_hash, trait_hash
 
 
 def test_a_finished_delete_notice_leaves_no_byte_of_its_ids_on_disk(tmp_path):
@@ -112,3 +117,213 @@ def erase_from_log(path, position: int) -> None:
 ])
 def test_a_stored_detail_names_a_deleted_id_only_where_it_stands_alone(text, found):
     assert erase.mentions(["7", 'zq"77'])(text) is found
+
+
+def payload(event: dict) -> str:
+    """A discard's payload as the ingest stores it: the event encoded, cut to 2 KB."""
+    return msgspec.json.encode(event)[:DISCARD_PAYLOAD_CHARS].decode("utf-8", "replace")
+
+
+def discard(event: dict) -> Discard:
+    return Discard(1, "src", None, "missing_event", "no event", payload(event))
+
+
+def delete(data_dir, *ids: tuple[str | None, str]) -> dict:
+    """Queue a delete of these (kind, value) identifiers and carry it out, with no identity
+    store (as the server does without one)."""
+    with opened(data_dir / "deliveries.db") as db:
+        request_id = erase.queue(db, list(ids))
+        assert erase.process_requests(data_dir, None, []) == 1
+        return erase.result(db, request_id)
+
+
+def opened(path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(path, isolation_level=None))
+
+
+class LockWatch:
+    """Another writer of a file, taking its write lock over and over: the longest it had to
+    wait is how long someone else held it."""
+
+    def __init__(self, path):
+        self.path, self.waits, self.errors = path, [0.0], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        db = connect(self.path)
+        try:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                db.execute("BEGIN IMMEDIATE")
+                self.waits.append(time.perf_counter() - started)
+                db.execute("COMMIT")
+                time.sleep(0.002)
+        except sqlite3.Error as exc:  # the 30 s busy timeout ran out
+            self.errors.append(exc)
+        finally:
+            db.close()
+
+
+def test_a_delete_holds_the_logs_write_lock_briefly_however_many_discards(tmp_path):
+    """The discards naming the person were found by Python reading all of them (~200 µs a
+    2 KB payload) inside the delete's write transaction: 30,000 held the log's write lock
+    5-7 s, and with 175,000 the log writer's commits (30 s busy timeout) failed."""
+    log = SQLiteLog(tmp_path / "log.db")
+    DeliveryState(tmp_path / "deliveries.db").close()
+    filler = {f"k{j}": f"value number {j}" for j in range(200)}  # cut to 2 KB, like most
+    theirs = {i for i in range(0, 25_000, 1_000)}
+    for chunk in range(0, 25_000, 5_000):
+        log.append([], [discard({"type": "track", "messageId": f"m{i}",
+                                 "userId": "victim" if i in theirs else f"user-{i}",
+                                 "context": {"traits": {"email": f"u{i}@example.com"}},
+                                 "properties": filler}) for i in range(chunk, chunk + 5_000)])
+    log.close()
+    with opened(tmp_path / "log.db") as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log's checkpointer keeps it so
+
+    with LockWatch(tmp_path / "log.db") as watch:
+        delete(tmp_path, (None, "victim"), ("email", "victim@example.com"))
+    assert not watch.errors
+    assert max(watch.waits) < 0.5, f"the log's write lock was held {max(watch.waits):.2f} s"
+    with opened(tmp_path / "log.db") as db:
+        left = {p for (p,) in db.execute("SELECT payload FROM discards")}
+    assert len(left) == 25_000 - len(theirs) and '"victim"' not in str(left)
+
+
+# Two deletes: a userId with an ASCII email, then a non-ASCII email.
+FIRST = ((None, 'vic"tim'), ("email", "kim@example.com"))
+SECOND = (("email", "élodie.k@example.com"),)
+PAYLOADS = {  # name -> (the invalid event, which delete erases it: 1, 2, or None)
+    "their userId": ({"userId": 'vic"tim'}, 1),
+    "their previousId": ({"type": "alias", "previousId": 'vic"tim'}, 1),
+    "their id, cut short": ({"userId": 'vic"tim', "properties": {"x": "y" * 3000}}, 1),
+    "their id, deep in a cut payload": ({"properties": {"x": "y" * 10, "userId": 'vic"tim',
+                                                        "z": "y" * 3000}}, 1),
+    "their email, padded, other case": ({"traits": {"email": " KIM@example.COM\n"}}, 1),
+    "their email, Kelvin sign": ({"traits": {"email": "\u212aim@example.com"}}, 1),
+    "their other email, other case": ({"traits": {"email": " élodie.k@EXAMPLE.COM"}}, 2),
+    "their other email, cased and cut": ({"context": {"traits": {
+        "email": "ÉLODIE.K@example.com"}}, "properties": {"x": "y" * 3000}}, 2),
+    "their other email, Kelvin sign": ({"traits": {"email": "Élodie.\u212a@example.com"}}, 2),
+    "someone else": ({"userId": "victim"}, None),
+    "their id as a property": ({"userId": "u2", "properties": {"who": 'vic"tim'}}, None),
+    "their email elsewhere": ({"userId": "u3", "properties": {"to": "kim@example.com"}}, None),
+    "a key ending like userId": ({'x"userId': 'vic"tim', "properties": {"x": "y" * 3000}},
+                                 None),
+}
+
+
+def test_a_delete_finds_every_discard_naming_the_person_however_it_is_written(tmp_path):
+    """SQLite picks the discards that may be theirs, by the forms their ids take in a
+    payload, and Python decides: none of theirs may be missed, whatever the escaping,
+    the case (SQLite folds only ASCII letters), or where the payload was cut."""
+    log = SQLiteLog(tmp_path / "log.db")
+    DeliveryState(tmp_path / "deliveries.db").close()
+    log.append([], [discard({"case": name, **event}) for name, (event, _) in PAYLOADS.items()])
+    log.close()
+
+    def left() -> set[str]:
+        with opened(tmp_path / "log.db") as db:
+            return {name for name in PAYLOADS if db.execute(
+                "SELECT 1 FROM discards WHERE instr(payload, ?)", (f'"case":"{name}"',)
+            ).fetchone()}
+    for step, ids in enumerate((FIRST, SECOND), 1):
+        delete(tmp_path, *ids)
+        assert left() == {name for name, (_, erased_by) in PAYLOADS.items()
+                          if erased_by is None or erased_by > step}
+
+
+@pytest.mark.parametrize("number, payload_id", [
+    ("7", 7), ("7", 7.0), ("100000000000000000000", 1e20), ("1e-05", 0.00001)])
+def test_a_delete_finds_a_discard_naming_the_person_by_a_number(tmp_path, number, payload_id):
+    log = SQLiteLog(tmp_path / "log.db")
+    DeliveryState(tmp_path / "deliveries.db").close()
+    log.append([], [discard({"anonymousId": payload_id}), discard({"anonymousId": 17})])
+    log.close()
+    delete(tmp_path, (None, number))
+    with opened(tmp_path / "log.db") as db:
+        assert db.execute("SELECT payload FROM discards").fetchall() == [('{"anonymousId":17}',)]
+
+
+def test_a_delete_keeps_the_error_details_that_only_share_a_word_with_an_id(tmp_path):
+    """Deleting user "500" replaced every stored "HTTP 500" with the privacy note, and user
+    "1" every "retry in 1 s": a detail names someone where it quotes their id as a JSON
+    string (an error body echoing a batch), or when it was kept for one of their events."""
+    log = SQLiteLog(tmp_path / "log.db")
+    log.append([Record(f"m{i}", 1, "track", "E", user, None, "src",
+                       msgspec.json.encode({"userId": user}))
+                for i, user in enumerate(["500", "1", "bystander"], 1)])
+    log.close()
+    state = DeliveryState(tmp_path / "deliveries.db")
+    db = state._db()
+    http, retry = "HTTP 500 Internal Server Error", "retry in 1 s"
+    rows = {  # (table, its row as inserted) -> whether the detail is kept
+        ("batches", (1, "hook", 1, 2, 2, 0, "retry", 500, 1.0, http)): False,  # theirs
+        ("batches", (2, "hook", 3, 3, 1, 0, "retry", 500, 1.0, http)): True,
+        ("attempts", (1, "hook", 3, 0, "retry", 500, 1.0, http, 1)): True,
+        ("attempts", (2, "hook", 3, 0, "retry", 400, 1.0, '[{"userId":"500"}]', 1)): False,
+        ("attempts", (3, "hook", 3, 0, "retry", 400, 1.0, '[{"userId": "1"}]', 1)): False,
+        ("attempts", (4, "hook", 3, 0, "retry", 400, 1.0, 'no: "ann@example.COM"', 1)): False,
+        ("attempts", (5, "hook", 3, 0, "retry", 400, 1.0, "mail ann@example.com", 1)): True,
+        ("pending", ("hook", 3, "u:bystander", 1, 0, 0, 503, retry, 0)): True,
+        ("failed", ("other", 3, "m3", 0, 5, 500, f"{http}; gave up, {retry}", "terminal", 0)):
+            True,
+        ("last_errors", ("hook", 0, 500, http)): True,
+        ("delete_notices", (1, "hook", "[]", "[]", 0, "failed", f"{http}, {retry}")): True,
+    }
+    for table, row in rows:
+        db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+    state.close()
+
+    delete(tmp_path, (None, "500"), ("email", "ann@example.com"))
+    delete(tmp_path, (None, "1"))
+    with opened(tmp_path / "deliveries.db") as db:
+        def detail(table: str, row: tuple) -> str | None:
+            column, _, key = DETAIL_COLUMNS[table]
+            found = db.execute(f"SELECT {column} FROM {table} WHERE"
+                               f" {' AND '.join(f'{k} = ?' for k in key)}",
+                               row[:len(key)]).fetchone()
+            return found and found[0]
+        kept = {(table, row): detail(table, row) == row[DETAIL_COLUMNS[table][1]]
+                for table, row in rows}
+        assert kept == rows
+        assert detail("batches", (1,)) == erase.REMOVED
+
+
+DETAIL_COLUMNS = {  # table -> (detail column, its index in a row, the key columns first in a row)
+    "batches": ("detail", 9, ("id",)), "attempts": ("detail", 7, ("id",)),
+    "pending": ("last_detail", 7, ("destination", "position")),
+    "failed": ("detail", 6, ("destination", "position")),
+    "last_errors": ("detail", 3, ("destination",)), "delete_notices": ("detail", 6, ("id",))}
+
+
+def test_suppression_drops_a_cut_short_discard_by_the_ids_it_names(tmp_path):
+    """A discard cut to 2 KB is read pair by pair, only the id fields and trait identifiers
+    (decoding every pair cost ~200 µs a discard on the event loop)."""
+    key = b"k" * 32
+    suppressed = Suppressions(key, [id_hash(key, "gone"), trait_hash(key, "gone@example.com"),
+                                    id_hash(key, "1234")])  # what a cut-short 12345 reads as
+    blob = {"blob": "x" * 3000}
+    events = {  # the invalid event -> whether it is dropped
+        "by userId": ({"userId": "gone", "properties": blob}, True),
+        "by a nested email": ({"context": {"traits": {"email": " GONE@example.com"}},
+                               "properties": blob}, True),
+        "someone else": ({"userId": "gone-not", "properties": blob}, False),
+        "a key ending like userId": ({'x"userId': "gone", "properties": blob}, False),
+        # cut just after "userId":1234 (with its "case" first, as below)
+        "the id cut short": ({"properties": {"x": "y" * 1986}, "userId": 12345}, False),
+    }
+    discards = [discard({"case": name, **event}) for name, (event, _) in events.items()]
+    _, kept, dropped = suppressed.drop([], discards, ["email"])
+    assert {d.payload.split('"')[3] for d in kept} == {
+        name for name, (_, gone) in events.items() if not gone}
+    assert dropped == 2

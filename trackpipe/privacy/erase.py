@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-import msgspec
-
 from trackpipe.identity.facts import ANON, USER, normalize_trait
-from trackpipe.log.sqlite import KEEP_HEAD_SQL, connect
-from trackpipe.privacy import names
+from trackpipe.log.sqlite import KEEP_HEAD_SQL, connect, immediate
+from trackpipe.privacy import details, find, names
+from trackpipe.privacy.details import REMOVED, mentions
 from trackpipe.privacy.suppress import PROFILE, is_trait
 
 QUEUE_SCHEMA = """
@@ -116,6 +114,11 @@ class Person:
             self.traits.setdefault(kind, set()).add(normalize_trait(value))
 
     @property
+    def ids(self) -> set[str]:
+        """Their userIds and anonymousIds, of either kind."""
+        return self.users | self.anons | self.unknown
+
+    @property
     def as_users(self) -> set[str]:
         return self.users | self.unknown
 
@@ -127,7 +130,7 @@ class Person:
         return set().union(*self.traits.values())
 
     def values(self) -> set[str]:
-        return self.users | self.anons | self.unknown | self.trait_values()
+        return self.ids | self.trait_values()
 
     def named_in(self, named: names.Names) -> bool:
         """Whether an event naming these (id field, id) and (trait, value) is theirs."""
@@ -169,99 +172,101 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
     # its rows before, and they are deleted here.
     events, message_ids = _erase_log(data_dir / "log.db", person, positions)
     positions.update(p for p, _ in message_ids)
-    rows = [(p,) for p in positions]
     deliveries.execute("PRAGMA secure_delete=ON")
-    deliveries.execute("BEGIN IMMEDIATE")
-    cancelled = deliveries.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
-    deliveries.executemany("DELETE FROM failed WHERE position = ?", rows)
-    deliveries.executemany("DELETE FROM attempts WHERE position = ?", rows)
-    _scrub_details(deliveries, person.values())
+    details.remember(deliveries, positions)
+    stale = details.stale(deliveries, person.ids, person.trait_values())
     now = int(time.time() * 1000)
     users, anons = sorted(person.as_users), sorted(person.as_anons)
     notify = destinations if users or anons else []
-    deliveries.executemany(
-        "INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at, state)"
-        " VALUES (?, ?, ?, ?, 'pending')",
-        [(d, json.dumps(users), json.dumps(anons), now) for d in notify])
-    deliveries.execute("COMMIT")
+    erased = f"position IN (SELECT p FROM {details.ERASED})"
+    with immediate(deliveries):
+        cancelled = deliveries.execute(f"DELETE FROM pending WHERE {erased}").rowcount
+        deliveries.execute(f"DELETE FROM failed WHERE {erased}")
+        deliveries.execute(f"DELETE FROM attempts WHERE {erased}")
+        details.replace(deliveries, stale)
+        deliveries.executemany(
+            "INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at, state)"
+            " VALUES (?, ?, ?, ?, 'pending')",
+            [(d, json.dumps(users), json.dumps(anons), now) for d in notify])
     return {"profiles": profiles, "events": events, "deliveries_cancelled": cancelled,
             "identifiers": len(person.values()), "destinations_notified": len(notify)}
 
 
 def _erase_log(path: Path, person: Person, positions: set[int]):
+    """Erase the person's events and discards from the log: (how many events, their
+    [(position, message_id)]).
+
+    Their rows are found without holding the log's write lock (a scan of every event
+    and discard, and Python reading the discards that may be theirs: the ingest's
+    commits must not wait for that), then deleted by key in a short write transaction.
+    A row stored after the scan is not theirs: their identifiers were suppressed before
+    the delete was queued (admin/people.py), and the ingest drops a suppressed person's
+    events and invalid events before they reach the log (sources/http.py). Only a
+    request already past that check when the suppression took effect can still land,
+    as it could just after an erase done in one transaction. Rows are never rewritten,
+    but the retention's pruning can free a discard's id for a new one: a discard is
+    deleted by its id and the payload that was read."""
     db = connect(path)
     try:
         db.execute("PRAGMA secure_delete=ON")
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_users (v TEXT PRIMARY KEY)")
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_anons (v TEXT PRIMARY KEY)")
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS gone_positions (p INTEGER PRIMARY KEY)")
-        trait_names = tuple(person.traits)
-        db.create_function("names_person", 1, lambda payload: person.named_in(
-            names.of_payload(payload, trait_names)), deterministic=True)
-        db.execute("BEGIN IMMEDIATE")
-        for table, values in (("gone_users", person.as_users), ("gone_anons", person.as_anons),
-                              ("gone_positions", positions)):
-            db.execute(f"DELETE FROM {table}")
-            db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?)", [(v,) for v in values])
-        found = db.execute(
-            "SELECT position, message_id FROM events"
-            " WHERE position IN (SELECT p FROM gone_positions)"
-            " OR user_id IN (SELECT v FROM gone_users)"
-            " OR anonymous_id IN (SELECT v FROM gone_anons)"
-        ).fetchall()
-        db.execute(KEEP_HEAD_SQL)
-        db.executemany("DELETE FROM events WHERE position = ?", [(p,) for p, _ in found])
-        db.executemany("DELETE FROM repeats WHERE message_id = ?", [(m,) for _, m in found])
-        # Invalid events are kept with their payload: theirs go, matched on the ids the
-        # payload names, not on a substring (user "7" is not in "17").
-        db.execute("DELETE FROM discards WHERE names_person(payload)")
-        db.execute("COMMIT")
+        found = _their_events(db, person, positions)
+        discards = _their_discards(db, person)
+        with immediate(db):
+            db.execute(KEEP_HEAD_SQL)
+            events = db.executemany("DELETE FROM events WHERE position = ?",
+                                    [(p,) for p, _ in found]).rowcount
+            db.executemany("DELETE FROM repeats WHERE message_id = ?", [(m,) for _, m in found])
+            db.executemany("DELETE FROM discards WHERE id = ? AND payload = ?", discards)
         _scrub(db)
-        return len(found), found
+        return events, found
     finally:
         db.close()
 
 
-# Free text a destination answered (an error body may quote a whole batch, other people's
-# events with theirs), kept per batch, attempt, retry, failure and delete notice.
-DETAILS = (("batches", "detail"), ("attempts", "detail"), ("pending", "last_detail"),
-           ("failed", "detail"), ("last_errors", "detail"), ("delete_notices", "detail"))
-REMOVED = "(removed by a privacy delete: it named a deleted person)"
+def _their_events(db: sqlite3.Connection, person: Person, positions: set[int]) -> list:
+    """[(position, message_id)] of their events: those identity named, and those whose
+    userId or anonymousId is theirs."""
+    for table, values in (("gone_users", person.as_users), ("gone_anons", person.as_anons),
+                          ("gone_positions", positions)):
+        column = "p INTEGER" if table == "gone_positions" else "v TEXT"
+        db.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({column} PRIMARY KEY)")
+        db.execute(f"DELETE FROM {table}")
+        db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?)", [(v,) for v in values])
+    return db.execute(
+        "SELECT position, message_id FROM events"
+        " WHERE position IN (SELECT p FROM gone_positions)"
+        " OR user_id IN (SELECT v FROM gone_users)"
+        " OR anonymous_id IN (SELECT v FROM gone_anons)"
+    ).fetchall()
 
 
-def _scrub_details(db: sqlite3.Connection, values: Iterable[str]) -> None:
-    """Replace every stored detail that names one of `values`; in the caller's transaction,
-    on a connection with secure_delete on."""
-    found = mentions(values)
-    db.create_function("names_person", 1, lambda text: bool(text) and found(text),
-                       deterministic=True)
-    for table, column in DETAILS:
-        db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} NOT IN ('', ?)"
-                   f" AND names_person({column})", (REMOVED, REMOVED))
+def _their_discards(db: sqlite3.Connection, person: Person) -> list[tuple[int, str]]:
+    """(id, payload) of the invalid events kept with their payload that name the person,
+    by the ids the payload names, not by a substring (user "7" is not in "17"). SQLite
+    keeps the payloads holding one of their ids' forms; only those are read here."""
+    exact = set().union(*map(find.in_payload, person.ids))
+    folded = set().union(*map(find.folded_in_payload, person.trait_values()))
+    test, params = find.where("payload", exact, folded)
+    trait_names = tuple(person.traits)
+    rows = db.execute(f"SELECT id, payload FROM discards WHERE {test}", params)
+    return [(i, payload) for i, payload in rows
+            if person.named_in(names.of_payload(payload, trait_names))]
 
 
-def mentions(values: Iterable[str]):
-    """A test of free text for any of `values`, as written or JSON-escaped, standing on its
-    own (not inside a longer word or number: "7" is not in "17" nor "u7"). Case-insensitive,
-    as trait identifiers (emails) are compared."""
-    forms = set()
-    for value in values:
-        if value:
-            forms.update((value, msgspec.json.encode(value).decode()[1:-1],
-                          json.dumps(value)[1:-1]))
-    if not forms:
-        return lambda text: False
-    alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
-    pattern = re.compile(rf"(?<![0-9A-Za-z_])(?:{alternatives})(?![0-9A-Za-z_])", re.IGNORECASE)
-    return lambda text: pattern.search(text) is not None
-
-
-def _scrub(db: sqlite3.Connection) -> None:
-    """Push the deletions through the WAL into the (zeroed) main file and empty the WAL."""
+def _scrub(db: sqlite3.Connection, wait: bool = True) -> None:
+    """Push the deletions through the WAL into the (zeroed) main file and empty the WAL.
+    `wait` False: try once, never waiting on the busy handler (for a caller on an event
+    loop); if a reader or writer is busy, the next delete's checkpoint empties it."""
+    (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+    if not wait:
+        db.execute("PRAGMA busy_timeout=0")
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.OperationalError:
         pass  # busy: the next checkpoint does it
+    finally:
+        if not wait:
+            db.execute(f"PRAGMA busy_timeout={int(timeout)}")
 
 
 def pending_notice(db: sqlite3.Connection, destination: str):
@@ -282,7 +287,7 @@ def finish_notice(db: sqlite3.Connection, notice_id: int, state: str, detail: st
     with secure_delete(db):
         db.execute("UPDATE delete_notices SET state = ?, detail = ?, user_ids = '[]',"
                    " anon_ids = '[]' WHERE id = ?", (state, detail, notice_id))
-    _scrub(db)
+    _scrub(db, wait=False)  # called on the consumers' event loop: every destination waits
 
 
 @contextlib.contextmanager
