@@ -123,16 +123,23 @@ def fsync_fails(code: int):
     return fsync
 
 
+async def send_on_a_full_disk(dest, monkeypatch, batch):
+    """Send `batch` while every fsync fails with ENOSPC; fsync works again afterwards."""
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
+    try:
+        return await dest.send(batch)
+    finally:
+        monkeypatch.setattr(os, "fsync", real_fsync)
+
+
 def test_disk_full_is_retried_and_the_next_batch_goes_to_a_new_file(tmp_path, monkeypatch):
     dest = make(tmp_path)
-    real_fsync = os.fsync
 
     async def go():
         await dest.start()
         first = await dest.send(events(1))
-        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
-        full = await dest.send(events(1, start=1))
-        monkeypatch.setattr(os, "fsync", real_fsync)
+        full = await send_on_a_full_disk(dest, monkeypatch, events(1, start=1))
         after = await dest.send(events(1, start=2))
         await dest.close()
         return first, full, after
@@ -181,7 +188,6 @@ def test_a_timed_out_write_that_fails_later_cuts_back_only_its_own_lines(tmp_pat
 def test_a_file_moved_away_is_not_recreated_and_a_failed_write_leaves_no_padding(
         tmp_path, monkeypatch):
     dest = make(tmp_path / "out")
-    real_fsync = os.fsync
 
     async def go():
         await dest.start()
@@ -190,9 +196,7 @@ def test_a_file_moved_away_is_not_recreated_and_a_failed_write_leaves_no_padding
         (tmp_path / "shipped").mkdir()
         active.rename(tmp_path / "shipped" / active.name)  # a shipper takes the file
         moved = await dest.send(events(1, start=10))
-        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
-        full = await dest.send(events(1, start=20))
-        monkeypatch.setattr(os, "fsync", real_fsync)
+        full = await send_on_a_full_disk(dest, monkeypatch, events(1, start=20))
         again = await dest.send(events(1, start=20))
         await dest.close()
         return active.name, moved, full, again
@@ -207,16 +211,13 @@ def test_a_file_moved_away_is_not_recreated_and_a_failed_write_leaves_no_padding
 def test_a_file_emptied_under_trackpipe_gets_no_padding_from_a_failed_write(
         tmp_path, monkeypatch):
     dest = make(tmp_path)
-    real_fsync = os.fsync
 
     async def go():
         await dest.start()
         await dest.send(events(5, pad=200))
         [active] = files(tmp_path)
         os.truncate(active, 0)  # logrotate's copytruncate: same file, emptied
-        monkeypatch.setattr(os, "fsync", fsync_fails(errno.ENOSPC))
-        full = await dest.send(events(1, start=10))
-        monkeypatch.setattr(os, "fsync", real_fsync)
+        full = await send_on_a_full_disk(dest, monkeypatch, events(1, start=10))
         again = await dest.send(events(1, start=10))
         await dest.close()
         return active, full, again

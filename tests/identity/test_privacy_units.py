@@ -141,36 +141,34 @@ def opened(path) -> contextlib.closing[sqlite3.Connection]:
     return contextlib.closing(sqlite3.connect(path, isolation_level=None))
 
 
-class LockWatch:
-    """Another writer of a file, taking its write lock over and over: the longest it had to
-    wait is how long someone else held it."""
+@contextlib.contextmanager
+def lock_watch(path):
+    """Another writer of a file, taking its write lock over and over while the block runs:
+    the longest it had to wait (watch["waits"]) is how long someone else held it."""
+    watch: dict = {"waits": [0.0], "errors": []}
+    stop = threading.Event()
 
-    def __init__(self, path):
-        self.path, self.waits, self.errors = path, [0.0], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        db = connect(self.path)
+    def take_the_lock_again_and_again() -> None:
+        db = connect(path)
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 started = time.perf_counter()
                 db.execute("BEGIN IMMEDIATE")
-                self.waits.append(time.perf_counter() - started)
+                watch["waits"].append(time.perf_counter() - started)
                 db.execute("COMMIT")
                 time.sleep(0.002)
         except sqlite3.Error as exc:  # the 30 s busy timeout ran out
-            self.errors.append(exc)
+            watch["errors"].append(exc)
         finally:
             db.close()
+
+    thread = threading.Thread(target=take_the_lock_again_and_again)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_a_delete_holds_the_logs_write_lock_briefly_however_many_discards(tmp_path):
@@ -190,10 +188,11 @@ def test_a_delete_holds_the_logs_write_lock_briefly_however_many_discards(tmp_pa
     with opened(tmp_path / "log.db") as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log's checkpointer keeps it so
 
-    with LockWatch(tmp_path / "log.db") as watch:
+    with lock_watch(tmp_path / "log.db") as watch:
         delete(tmp_path, (None, "victim"), ("email", "victim@example.com"))
-    assert not watch.errors
-    assert max(watch.waits) < 0.5, f"the log's write lock was held {max(watch.waits):.2f} s"
+    assert not watch["errors"]
+    longest = max(watch["waits"])
+    assert longest < 0.5, f"the log's write lock was held {longest:.2f} s"
     with opened(tmp_path / "log.db") as db:
         left = {p for (p,) in db.execute("SELECT payload FROM discards")}
     assert len(left) == 25_000 - len(theirs) and '"victim"' not in str(left)
