@@ -86,8 +86,8 @@ def append(event_log: SQLiteLog, users: list[str]) -> list[str]:
 
 
 def worker(state, event_log, destination, **cfg) -> DestinationWorker:
-    cfg = config.Destination(name="scripted", type="scripted", retry_initial_seconds=0.01,
-                             **cfg)
+    cfg = config.Destination(name="scripted", type="scripted",
+                             **{"retry_initial_seconds": 0.01, **cfg})
     return DestinationWorker(cfg, destination, event_log, state)
 
 
@@ -423,3 +423,107 @@ async def test_a_retry_whose_event_was_deleted_is_counted_as_skipped(files):
     assert healed.sends == []
     assert state.summary("scripted")["counters"]["skipped:deleted"] == 1
     assert state.next_due_in("scripted") is None, "nothing left waiting for it"
+
+
+@in_loop
+async def test_failed_batches_come_due_together_yet_go_apart_each_whole(files):
+    """Each send's failed events are retried as that send's request again: never merged
+    with another send's that is due at the same moment, and kept together when they
+    fail again (also when the destination answered per event)."""
+    _, event_log, state = files
+    first = append(event_log, ["a", "b", "c"])
+    dest = Scripted(retry_ids=set(first[1:]))  # a is delivered, b and c are not
+    w = worker(state, event_log, dest, batch_size=3, retry_initial_seconds=0.2)
+    await w.step()
+    second = append(event_log, ["d"])
+    dest.retry_ids.add(second[0])
+    await w.step()
+    assert dest.sends == [first, second]
+
+    await asyncio.sleep(0.35)  # both due now
+    await w.step()  # fails again
+    assert dest.sends[2] == first[1:], "the failed part of the first send, and nothing more"
+    dest.retry_ids.clear()
+    await asyncio.sleep(0.35)
+    await drain(w)
+    assert sorted(dest.sends[3:]) == sorted([first[1:], second]), "failed again: still apart"
+    assert dest.delivered() == Counter({first[0]: 1, first[1]: 3, first[2]: 3, second[0]: 2})
+
+
+@in_loop
+async def test_ordered_group_waits_whole_behind_a_replayed_earlier_event(files):
+    _, event_log, state = files
+    [a0] = append(event_log, ["a"])
+    dest = Scripted()
+    w = worker(state, event_log, dest, ordered=True, batch_size=10)
+    await w.step()
+    group = append(event_log, ["a", "b"])
+    dest.retry_ids.update(group)
+    await w.step()  # a's and b's events fail together
+    state.replay("scripted", [(1, "u:a", 1_700_000_000_000)])  # a's earlier event again
+    dest.retry_ids.clear()
+    await asyncio.sleep(0.05)
+    await drain(w)
+    assert dest.sends == [[a0], group, [a0], group], "a0 first, then a1 and b1 as they went"
+
+
+def test_a_deliveries_file_from_before_batch_keys_is_migrated(tmp_path):
+    from trackpipe.delivery.retry import RetryPolicy
+    with sqlite3.connect(tmp_path / "deliveries.db") as db:  # pending as it was
+        db.execute("""CREATE TABLE pending (destination TEXT NOT NULL, position INTEGER NOT NULL,
+            user_key TEXT, attempts INTEGER NOT NULL, first_attempt_at INTEGER NOT NULL,
+            next_at INTEGER NOT NULL, last_status INTEGER, last_detail TEXT NOT NULL DEFAULT '',
+            received_at INTEGER NOT NULL, PRIMARY KEY (destination, position)) WITHOUT ROWID""")
+        db.executemany("INSERT INTO pending VALUES ('hook', ?, ?, 1, 0, 0, 503, '', 0)",
+                       [(1, "u:a"), (2, "u:b"), (3, "u:c")])
+    state = DeliveryState(tmp_path / "deliveries.db")
+    try:
+        DeliveryState(tmp_path / "deliveries.db").close()  # a second opener: no second ALTER
+        old = state.due("hook", 10)
+        assert [(r.position, r.batch_key) for r in old] == [(1, None), (2, None), (3, None)]
+        policy = RetryPolicy(4 * 3600_000, 10, initial_ms=0.0)
+        sent = [Sent(r.position, f"m{r.position}", 0, r.user_key, r.attempts + 1, 0,
+                     retry(503, "busy") if r.position > 1 else DELIVERED, r.batch_key)
+                for r in old]
+        state.record("hook", sent, duration_ms=1.0, policy=policy)
+        state._db().execute("INSERT INTO pending (destination, position, user_key, attempts,"
+                            " first_attempt_at, next_at, received_at) VALUES ('hook', 4, 'u:d',"
+                            " 0, 0, 0, 0)")  # a replay: free to go with others
+        assert [r.position for r in state.due("hook", 10)] == [2, 3], "one group, whole"
+        assert [r.position for r in state.due("hook", 1)] == [2, 3], "a group is not cut"
+    finally:
+        state.close()
+
+
+class Throttled(Scripted):
+    """Refuses its first send (429 with a Retry-After, or a plain 503), delivers the rest."""
+
+    def __init__(self, retry_after: float | None):
+        super().__init__()
+        self.retry_after = retry_after
+
+    async def send(self, batch):
+        self.sends.append([e.message_id for e in batch])
+        if len(self.sends) == 1:
+            return retry(429 if self.retry_after else 503, "slow down", self.retry_after)
+        return DELIVERED
+
+
+@in_loop
+async def test_a_retry_after_pauses_the_whole_destination_a_plain_failure_does_not(files):
+    _, event_log, state = files
+    [a] = append(event_log, ["a"])
+    dest = Throttled(retry_after=0.3)
+    w = worker(state, event_log, dest, retry_initial_seconds=5.0)
+    await w.step()
+    [b] = append(event_log, ["b"])
+    assert not await w.step() and dest.sends == [[a]], "nothing before the Retry-After ends"
+    await asyncio.sleep(0.35)
+    assert await w.step() and dest.sends == [[a], [b]]
+
+    [c] = append(event_log, ["c"])
+    plain = Throttled(retry_after=None)
+    w = worker(state, event_log, plain, retry_initial_seconds=5.0)
+    await w.step()
+    [d] = append(event_log, ["d"])
+    assert await w.step() and plain.sends == [[c], [d]], "a 503 alone holds back only c"

@@ -6,7 +6,9 @@ Retries that are due go before fresh events; a fresh batch is recorded as
 'sending' before it goes out, so after a crash, a cancel or a failed commit
 exactly that batch is sent again (receivers see the same webhook-id) before
 anything newer. Nothing about a fresh batch (its cursor move, its events held
-for per-user ordering) commits before its outcome does.
+for per-user ordering) commits before its outcome does. A Retry-After is about
+the destination, not only the events it refused: nothing at all goes to it
+until it expires.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class DestinationWorker:
         self._next_notice_check = 0.0
         self._started = False
         self._resumed = False  # an unfinished fresh batch, if any, has been sent again
+        # A Retry-After holds the whole destination until then (monotonic); kept in memory
+        # only, so a restart may try at once (the refused events still wait their turn).
+        self._paused_until = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -62,7 +67,8 @@ class DestinationWorker:
                     worked = False
                     await _wait(stop, ERROR_WAIT)
                 if not worked:
-                    await _wait(stop, min(IDLE_WAIT, self.state.next_due_in(self.name) or IDLE_WAIT))
+                    due_in = self.state.next_due_in(self.name)
+                    await _wait(stop, min(IDLE_WAIT, due_in or IDLE_WAIT))
         finally:
             if self._started:
                 await self.destination.close()
@@ -71,6 +77,8 @@ class DestinationWorker:
         if not self._started:
             await self.destination.start()
             self._started = True
+        if time.monotonic() < self._paused_until:
+            return False
         if not self._resumed:
             unfinished = self.state.unfinished_batch(self.name)
             if unfinished:
@@ -112,7 +120,8 @@ class DestinationWorker:
         skipped: Counter = Counter()
         held: list[tuple[int, str, int]] = []
         ordered = self.cfg.ordered
-        waiting = self.state.waiting_users(self.name, (user_key(e) for e in entries)) if ordered else ()
+        waiting = (self.state.waiting_users(self.name, (user_key(e) for e in entries))
+                   if ordered else ())
         in_batch: set[str] = set()
         last = entries[0].position - 1
         for entry in entries:
@@ -179,6 +188,7 @@ class DestinationWorker:
                                              SEND_TIMEOUT)
         except Exception as exc:
             outcome = retry(None, f"{type(exc).__name__}: {exc}")
+        self._honour_retry_after([outcome])
         if outcome.state != "retry":
             self.state.finish_notice(notice_id, outcome.state, outcome.detail)
         else:
@@ -195,18 +205,29 @@ class DestinationWorker:
         started = time.perf_counter()
         outcomes = await self._send(events)
         duration_ms = (time.perf_counter() - started) * 1000
+        self._honour_retry_after(outcomes)
         at = now_ms()
         sent = []
         for i, ((entry, _), outcome) in enumerate(zip(batch, outcomes)):
             r = retries[i] if retries else None
             sent.append(Sent(entry.position, entry.message_id, entry.received_at, user_key(entry),
                              (r.attempts + 1) if r else 1,
-                             r.first_attempt_at if r and r.attempts else at, outcome))
+                             r.first_attempt_at if r and r.attempts else at, outcome,
+                             r.batch_key if r else None))
         given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
                                      batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
         for s in given_up:
             log.warning("destination %s: event %s failed (%s): %s", self.name, s.message_id,
                         s.outcome.status, s.outcome.detail)
+
+    def _honour_retry_after(self, outcomes: Sequence[Outcome]) -> None:
+        """A tool that says when to come back (429, 503 with Retry-After) gets nothing
+        before then: no fresh batch, no other retry, no delete (capped like the retries'
+        waits, by retry_max_delay_seconds). A failure without one pauses nothing."""
+        asked = [o.retry_after for o in outcomes if o.state == "retry" and o.retry_after]
+        if asked:
+            wait = min(max(asked), self.policy.max_delay_ms / 1000)
+            self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
     async def _send(self, events: list[Event]) -> list[Outcome]:
         try:
