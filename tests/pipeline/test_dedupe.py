@@ -93,6 +93,9 @@ def test_memory_is_bounded_by_the_flush_size(store):
     committer, index, _ = store(flush_at=1000)
     for batch in range(30):
         submit(committer, [record(f"m{batch}-{i}") for i in range(500)])
-        assert len(index._active) + len(index._frozen) <= 3 * 1000
+        # add() waits while the memory table holds 2 x flush_at, then adds a whole group;
+        # the table being flushed can hold as much: bounded by the flush size, not the ids
+        # (3 x flush_at held only when the flusher kept up: it failed once under load in CI)
+        assert len(index._active) + len(index._frozen) <= 2 * (2 * 1000 + 500)
     index.flush()
     assert submit(committer, [record("m0-1")]).deduplicated == 1
