@@ -138,7 +138,7 @@ def test_the_delivery_state_holds_and_forgets_what_the_retention_asks(tmp_path, 
         db = state._db()
         state.set_cursor("a", 100)
         state.set_cursor("b", 100)
-        db.execute("INSERT INTO pending VALUES ('a', 5, NULL, 1, 0, 0, NULL, '', 0, NULL)")
+        db.execute("INSERT INTO pending VALUES ('a', 5, NULL, 1, 0, 0, NULL, '', 0)")
         db.execute("INSERT INTO failed VALUES ('b', 7, 'm7', 0, 3, 400, '', 'terminal', 0)")
         db.execute("INSERT INTO failed VALUES ('b', 70, 'm70', 0, 3, 400, '', 'terminal', 0)")
         assert state.known_destinations() == ["a", "b"]

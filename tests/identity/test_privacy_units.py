@@ -273,7 +273,7 @@ def test_a_delete_keeps_the_error_details_that_only_share_a_word_with_an_id(tmp_
         ("attempts", (3, "hook", 3, 0, "retry", 400, 1.0, '[{"userId": "1"}]', 1)): False,
         ("attempts", (4, "hook", 3, 0, "retry", 400, 1.0, 'no: "ann@example.COM"', 1)): False,
         ("attempts", (5, "hook", 3, 0, "retry", 400, 1.0, "mail ann@example.com", 1)): True,
-        ("pending", ("hook", 3, "u:bystander", 1, 0, 0, 503, retry, 0, None)): True,
+        ("pending", ("hook", 3, "u:bystander", 1, 0, 0, 503, retry, 0)): True,
         ("failed", ("other", 3, "m3", 0, 5, 500, f"{http}; gave up, {retry}", "terminal", 0)):
             True,
         ("last_errors", ("hook", 0, 500, http)): True,

@@ -13,13 +13,6 @@ per-event `attempts` rows are written only for retries, replays and mixed
 outcomes. The batch row is written before the send (state 'sending'), so after
 a crash the same range is re-sent as the same batch (same webhook-id).
 
-The events of one send that are left to retry share a `batch_key`: they come
-due together and are retried together, as one request of their own (never
-merged with another send's, never split), so a receiver sees the same events
-under the same webhook-id again, also after a restart. Events without a key
-(replays, events held for per-user ordering, rows from before keys) may be
-grouped freely.
-
 synchronous=NORMAL: a power loss can only roll back the newest transactions
 whole, which re-delivers (at least once), never skips.
 """
@@ -30,7 +23,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import msgspec
 
@@ -78,7 +71,6 @@ CREATE TABLE IF NOT EXISTS pending (
     last_status      INTEGER,
     last_detail      TEXT NOT NULL DEFAULT '',
     received_at      INTEGER NOT NULL,
-    batch_key        INTEGER,        -- the send it is retried with (NULL: any; see due())
     PRIMARY KEY (destination, position)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_due ON pending (destination, next_at);
@@ -108,13 +100,6 @@ CREATE TABLE IF NOT EXISTS last_errors (
     detail      TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-# After SCHEMA and _add_batch_keys: a file from before batch keys lacks the column till then.
-KEY_INDEX = "CREATE INDEX IF NOT EXISTS pending_by_key ON pending (destination, batch_key)"
-PENDING = ("INSERT {} INTO pending (destination, position, user_key, attempts, first_attempt_at,"
-           " next_at, last_status, last_detail, received_at, batch_key) VALUES")
-# With per-user ordering only a user's earliest pending event may go (p is the pending row).
-EARLIEST = ("(p.user_key IS NULL OR p.position = (SELECT min(position) FROM pending q"
-            " WHERE q.destination = p.destination AND q.user_key = p.user_key))")
 
 
 def now_ms() -> int:
@@ -131,7 +116,6 @@ class Sent(NamedTuple):
     attempt: int            # this attempt's number (1 for a fresh event)
     first_attempt_at: int
     outcome: Outcome
-    batch_key: int | None = None  # the retry's group (Retry.batch_key); None: a fresh group
 
 
 class Retry(NamedTuple):
@@ -141,7 +125,6 @@ class Retry(NamedTuple):
     user_key: str | None
     attempts: int
     first_attempt_at: int
-    batch_key: int | None = None
 
 
 _decode_retries = msgspec.json.Decoder(list[Retry]).decode
@@ -167,10 +150,10 @@ class _Rows:
 
     @classmethod
     def of(cls, destination: str, sent: Sequence[Sent], at: int, duration_ms: float, policy,
-           uniform: bool, erased: set[int], new_key: Callable[[], int]) -> "_Rows":
+           uniform: bool, erased: set[int]) -> "_Rows":
         rows = cls(erased)
         counts = rows.counts
-        retrying: dict[int | None, list[Sent]] = {}
+        delays: dict[tuple, int] = {}
         for s in sent:
             o = s.outcome
             if o.state != "delivered":
@@ -186,36 +169,29 @@ class _Rows:
             if o.state == "delivered":
                 counts["delivered"] += 1
                 rows.done.append(s.position)
-            elif o.state == "failed":
-                rows.give_up(destination, s, at, "terminal")
+                continue
+            reason = None
+            if o.state == "failed":
+                reason = "terminal"
+            elif policy.exhausted(s.attempt, s.first_attempt_at, at):
+                reason = "retries_exhausted"
+            if reason:
+                counts[f"failed:{reason}"] = counts.get(f"failed:{reason}", 0) + 1
+                rows.failed.append((destination, s.position, s.message_id, at, s.attempt,
+                                    o.status, rows.detail(o.detail), reason, s.received_at))
+                rows.done.append(s.position)
+                rows.given_up.append(s)
             else:
-                retrying.setdefault(s.batch_key, []).append(s)
-        for key, group in retrying.items():
-            rows.retry(destination, group, at, policy, new_key() if key is None else key)
+                counts["retries"] += 1
+                # One draw of jitter per send: the events of a failed batch come due
+                # together and are retried as that batch again (same webhook-id).
+                key = (s.attempt, o.retry_after)
+                if key not in delays:
+                    delays[key] = policy.delay_ms(s.attempt, o.retry_after)
+                rows.pending.append((destination, s.position, s.user_key, s.attempt,
+                                     s.first_attempt_at, at + delays[key],
+                                     o.status, rows.detail(o.detail), s.received_at))
         return rows
-
-    def give_up(self, destination: str, s: Sent, at: int, reason: str) -> None:
-        self.counts[f"failed:{reason}"] = self.counts.get(f"failed:{reason}", 0) + 1
-        self.failed.append((destination, s.position, s.message_id, at, s.attempt, s.outcome.status,
-                            self.detail(s.outcome.detail), reason, s.received_at))
-        self.done.append(s.position)
-        self.given_up.append(s)
-
-    def retry(self, destination: str, group: list[Sent], at: int, policy, key: int) -> None:
-        """The events of one send left to retry stay one group (`key`), so that their next
-        request repeats this one (same webhook-id): one time for all of them (one draw of
-        jitter), and given up on together, once every one of them is spent (none fails
-        before its own window and attempts are; events replayed together may differ)."""
-        if all(policy.exhausted(s.attempt, s.first_attempt_at, at) for s in group):
-            for s in group:
-                self.give_up(destination, s, at, "retries_exhausted")
-            return
-        self.counts["retries"] += len(group)
-        asked = [s.outcome.retry_after for s in group if s.outcome.retry_after is not None]
-        next_at = at + policy.delay_ms(max(s.attempt for s in group), max(asked, default=None))
-        self.pending.extend((destination, s.position, s.user_key, s.attempt, s.first_attempt_at,
-                             next_at, s.outcome.status, self.detail(s.outcome.detail),
-                             s.received_at, key) for s in group)
 
 
 class DeliveryState:
@@ -227,9 +203,7 @@ class DeliveryState:
         # The committing connection checkpoints after its own commit (SQLite's default
         # every 1000 pages); without it the WAL grew by ~270 bytes per delivered event.
         self._conns = PerThread(self.path, synchronous="NORMAL", autocheckpoint=1000)
-        db = self._db()
-        db.executescript(SCHEMA + erase.QUEUE_SCHEMA)
-        _add_batch_keys(db)
+        self._db().executescript(SCHEMA + erase.QUEUE_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         return self._conns.get()
@@ -285,8 +259,7 @@ class DeliveryState:
             # Only a send that leaves rows naming its events needs to ask the log.
             erased = self._erased([*(s.position for s in sent), *(p for p, _, _ in held)]) \
                 if held or not uniform or states - {"delivered"} else set()
-            rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased,
-                            lambda: _new_key(db, destination))
+            rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased)
             for reason, n in (skipped or {}).items():
                 rows.counts[f"skipped:{reason}"] = rows.counts.get(f"skipped:{reason}", 0) + n
             if batch_id is not None:
@@ -302,7 +275,7 @@ class DeliveryState:
             _insert(db, "INSERT INTO attempts (destination, position, at, state, status,"
                     " duration_ms, detail, attempt) VALUES", rows.attempts)
             _delete_pending(db, destination, rows.done)
-            _insert(db, PENDING.format("OR REPLACE"), rows.pending)
+            _insert(db, "INSERT OR REPLACE INTO pending VALUES", rows.pending)
             _insert(db, "INSERT OR REPLACE INTO failed VALUES", rows.failed)
             self._count(db, destination, rows.counts)
             self._hold(db, destination, [h for h in held if h[0] not in erased], at)
@@ -355,9 +328,9 @@ class DeliveryState:
         """Per-user ordering: park fresh events (position, user_key, received_at) behind their
         user's retrying event; they go, in order, once it is done. Always in the transaction
         that moves the cursor past them: held and cursor commit together, or neither does."""
-        _insert(db, PENDING.format("OR IGNORE"),
+        _insert(db, "INSERT OR IGNORE INTO pending VALUES",
                 [(destination, p, key, 0, at, at, None, "waiting for an earlier event of this user",
-                  rec, None) for p, key, rec in held])
+                  rec) for p, key, rec in held])
 
     @staticmethod
     def _count(db: sqlite3.Connection, destination: str, counts: dict[str, int]) -> None:
@@ -368,47 +341,19 @@ class DeliveryState:
     # -- retries ---------------------------------------------------------------
 
     def due(self, destination: str, limit: int, *, ordered: bool = False) -> list[Retry]:
-        """The events of the next retry request, oldest position first: the due events at
-        the lowest position and those that go with them. The events of one batch key go
-        all together and with nothing else, once each of them is due (a group came from
-        one send, so it is at most a batch; should batch_size have shrunk since, it still
-        goes whole); events without a key go up to `limit` at once. With per-user
-        ordering only each user's earliest pending event can be due, and a group only
-        when each of its events can."""
-        db, now = self._db(), now_ms()
-        earliest = EARLIEST if ordered else "1"
-        passed: list[int] = []  # groups found not wholly due
-        while True:
-            first = db.execute(
-                "SELECT batch_key FROM pending p WHERE destination = ? AND next_at <= ?"
-                f" AND {earliest} AND (batch_key IS NULL OR batch_key NOT IN"
-                " (SELECT value FROM json_each(?))) ORDER BY position LIMIT 1",
-                (destination, now, json.dumps(passed))).fetchone()
-            if first is None:
-                return []
-            if first[0] is None:
-                rows, _ = self._pending_rows(
-                    destination, f"next_at <= ? AND {earliest} AND batch_key IS NULL", (now,),
-                    limit=limit)
-                return rows
-            rows, ready = self._pending_rows(destination, "batch_key = ?", (first[0],),
-                                             ready=(f"next_at <= ? AND {earliest}", now))
-            if ready:
-                return rows
-            passed.append(first[0])
-
-    def _pending_rows(self, destination: str, where: str, args: tuple, *, limit: int = -1,
-                      ready: tuple[str, int] = ("?", 1)) -> tuple[list[Retry], bool]:
-        """Pending events of `destination` matching `where` (in position order), and
-        whether the condition `ready` (SQL with one parameter, its value) holds for each."""
+        """Pending events whose next attempt is due, oldest position first. With per-user
+        ordering only each user's earliest pending event can be due."""
+        sql = ("SELECT position, user_key, attempts, first_attempt_at FROM pending p"
+               " WHERE destination = ? AND next_at <= ?")
+        if ordered:
+            sql += (" AND (user_key IS NULL OR position = (SELECT min(position) FROM pending q"
+                    " WHERE q.destination = p.destination AND q.user_key = p.user_key))")
         # One result row for the whole batch (a row-by-row fetch hands the GIL back per
         # row: see log/sqlite.py READ_SQL).
-        rows, ready_all = self._db().execute(
-            "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at,"
-            f" batch_key)), min(ready) FROM (SELECT *, {ready[0]} AS ready FROM pending p"
-            f" WHERE destination = ? AND {where} ORDER BY position LIMIT ?)",
-            (ready[1], destination, *args, limit)).fetchone()
-        return _decode_retries(rows), bool(ready_all)
+        (rows,) = self._db().execute(
+            "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at))"
+            f" FROM ({sql} ORDER BY position LIMIT ?)", (destination, now_ms(), limit)).fetchone()
+        return _decode_retries(rows)
 
     def next_due_in(self, destination: str) -> float | None:
         row = self._db().execute("SELECT min(next_at) FROM pending WHERE destination = ?",
@@ -447,15 +392,10 @@ class DeliveryState:
             events = [e for e in events if e[0] not in erased]
             db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
                            [(destination, p) for p, _, _ in events])
-            db.executemany(PENDING.format("") + " (?,?,?,0,?,?,NULL,'replay',?,NULL)"
+            db.executemany("INSERT INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)"
                            " ON CONFLICT (destination, position) DO UPDATE"
                            " SET next_at = excluded.next_at",
                            [(destination, p, key, at, at, rec) for p, key, rec in events])
-            # One waiting for a retry brings the rest of its group along: they go together.
-            db.execute("UPDATE pending SET next_at = min(next_at, ?) WHERE destination = ?"
-                       " AND batch_key IN (SELECT batch_key FROM pending WHERE destination = ?"
-                       " AND position IN (SELECT value FROM json_each(?)))",
-                       (at, destination, destination, json.dumps([p for p, _, _ in events])))
         return len(events)
 
     def failed_positions(self, destination: str, since: int | None = None,
@@ -606,27 +546,6 @@ def _insert(db: sqlite3.Connection, head: str, rows: Sequence[tuple]) -> None:
     """`head` is "INSERT ... VALUES"; CONSUMER_ROWS rows per statement."""
     if rows:
         insert_many(db, head, len(rows[0]), rows, max_rows=CONSUMER_ROWS)
-
-
-def _add_batch_keys(db: sqlite3.Connection) -> None:
-    """A deliveries.db from before batch keys gets the column; its rows keep NULL (grouped
-    freely, as they were). Checked again under the write lock: another process (the server
-    beside the consumers) may open the same file at the same moment."""
-    def has_column() -> bool:
-        return any(row[1] == "batch_key" for row in db.execute("PRAGMA table_info(pending)"))
-
-    if not has_column():
-        with immediate(db):
-            if not has_column():
-                db.execute("ALTER TABLE pending ADD COLUMN batch_key INTEGER")
-    db.execute(KEY_INDEX)
-
-
-def _new_key(db: sqlite3.Connection, destination: str) -> int:
-    """A batch key no pending event of this destination holds (inside the recording
-    transaction, so no other send can take it meanwhile)."""
-    return db.execute("SELECT coalesce(max(batch_key), 0) + 1 FROM pending WHERE destination = ?",
-                      (destination,)).fetchone()[0]
 
 
 def _delete_pending(db: sqlite3.Connection, destination: str, positions: list[int]) -> None:

@@ -212,8 +212,7 @@ class DestinationWorker:
             r = retries[i] if retries else None
             sent.append(Sent(entry.position, entry.message_id, entry.received_at, user_key(entry),
                              (r.attempts + 1) if r else 1,
-                             r.first_attempt_at if r and r.attempts else at, outcome,
-                             r.batch_key if r else None))
+                             r.first_attempt_at if r and r.attempts else at, outcome))
         given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
                                      batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
         for s in given_up:
