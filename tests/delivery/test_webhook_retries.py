@@ -2,14 +2,16 @@
 holds back everything sent to the webhook.
 
 Standard Webhooks receivers deduplicate on `webhook-id`; in batch mode that id
-names the batch, so a retry must carry the same events again. (Known gap: failed
-batches due at the same moment are still merged into one retry; see README.)
+names the batch, so a retry must carry the same events again, not a regrouping:
+not merged with other failed batches that are due at the same moment, also after
+a restart.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 
 from delivery.faulty_rig import send
 from destinations.sink_webhook import Recorder, Sink
@@ -32,6 +34,75 @@ def test_a_failed_batch_is_retried_whole_with_the_same_webhook_id(fresh_server, 
         assert [status for _, _, status in requests][-1] == 200
         assert {tuple(sorted(batch)) for _, batch, _ in requests} == {tuple(sorted(ids))}
         assert len({webhook_id for webhook_id, _, _ in requests}) == 1
+    finally:
+        sink.close()
+
+
+def fail_three_batches(server, sink: Sink) -> list[list[str]]:
+    """Three one-event batches, each sent (and refused) on its own: the next event is
+    posted only once the receiver has seen the one before."""
+    batches = []
+    for n in range(3):
+        batches.append(send(server, 1, user=f"u{n}"))
+        wait_for(lambda: len(sink.requests()) > n, what=f"batch {n + 1} attempted")
+    assert [batch for _, batch, _ in sink.requests()] == batches
+    return batches
+
+
+def assert_retried_as_sent(sink: Sink, batches: list[list[str]]) -> None:
+    """Every request repeats one of the batches first sent, under that batch's webhook-id:
+    a receiver that drops webhook-ids it has seen processes each event once."""
+    requests = sink.requests()
+    members = defaultdict(set)  # webhook-id -> the member lists sent under it
+    ids_of = defaultdict(set)  # messageId -> the webhook-ids it was sent under
+    for webhook_id, batch, _ in requests:
+        members[webhook_id].add(tuple(batch))
+        for message_id in batch:
+            ids_of[message_id].add(webhook_id)
+    assert sorted(map(sorted, members.values())) == sorted([[tuple(b)] for b in batches]), \
+        f"batches merged or split on retry: {requests}"
+    assert all(len(w) == 1 for w in ids_of.values()), f"an event under two ids: {requests}"
+    assert len(requests) > len(batches), "each batch was retried"
+
+
+def test_failed_batches_due_at_once_are_retried_apart_each_whole(fresh_server, tmp_path):
+    sink = Sink(tmp_path / "sink")
+    try:
+        sink.break_()
+        config = write_config(tmp_path / "trackpipe.toml",
+                              [{**sink.config("hook"), "retry_initial_seconds": 1.0,
+                                "retry_max_delay_seconds": 1.5}],
+                              identity={"enabled": False})
+        server = fresh_server(config=config).start()
+        batches = fail_three_batches(server, sink)
+        # The first retry to go takes 2 s to answer: by then the other two are both due.
+        sink.delay = 2.0
+        sink.heal()
+        wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
+                 what="every batch delivered")
+        assert_retried_as_sent(sink, batches)
+    finally:
+        sink.delay = 0
+        sink.close()
+
+
+def test_failed_batches_keep_their_webhook_ids_across_a_restart(fresh_server, tmp_path):
+    sink = Sink(tmp_path / "sink")
+    try:
+        sink.break_()
+        config = write_config(tmp_path / "trackpipe.toml",
+                              [{**sink.config("hook"), "retry_initial_seconds": 2.0,
+                                "retry_max_delay_seconds": 3.0}],
+                              identity={"enabled": False})
+        server = fresh_server(config=config).start()
+        batches = fail_three_batches(server, sink)
+        server.kill()
+        time.sleep(3.2)  # down until every retry is due (2 s x jitter of at most 1.5)
+        sink.heal()
+        server.start()
+        wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
+                 what="every batch delivered")
+        assert_retried_as_sent(sink, batches)
     finally:
         sink.close()
 

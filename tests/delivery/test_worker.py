@@ -41,6 +41,7 @@ class Crash(BaseException):
 
 class Scripted(Destination):
     kind = "scripted"
+    retries_keep_requests = True  # as a webhook in batch mode
 
     class Settings(msgspec.Struct):
         pass
@@ -457,3 +458,77 @@ async def test_a_retry_after_pauses_the_whole_destination_a_plain_failure_does_n
     await w.step()
     [d] = append(event_log, ["d"])
     assert await w.step() and plain.sends == [[c], [d]], "a 503 alone holds back only c"
+
+
+@in_loop
+async def test_failed_requests_due_together_go_again_apart_each_as_sent(files):
+    """The failed events of a request are retried as that request (a webhook batch keeps
+    its webhook-id): never merged with another's that is due at the same moment (after
+    an outage, a Retry-After or a restart), kept together when they fail again."""
+    _, event_log, state = files
+    first = append(event_log, ["a", "b", "c"])
+    dest = Scripted(retry_ids=set(first[1:]))  # a is delivered, b and c are not
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=0.2)
+    await w.step()
+    second = append(event_log, ["d", "e"])
+    dest.retry_ids.update(second)
+    await w.step()
+    assert dest.sends == [first, second]
+
+    await asyncio.sleep(0.35)  # both due now (0.2 s x at most 1.5)
+    await w.step()
+    await w.step()  # both fail again
+    assert sorted(dest.sends[2:]) == sorted([first[1:], second])
+    dest.retry_ids.clear()
+    await asyncio.sleep(0.65)
+    await drain(w)
+    assert sorted(dest.sends[4:]) == sorted([first[1:], second]), "failed again: still apart"
+    assert len(dest.sends) == 6
+
+
+@in_loop
+async def test_events_never_sent_go_together_whatever_queued_them(files):
+    """Replayed events, and events held back for per-user ordering, were never part of a
+    request: they are not kept apart (a backlog of them drains in full batches)."""
+    _, event_log, state = files
+    ids = append(event_log, ["a", "b", "c", "d"])
+    dest = Scripted()
+    w = worker(state, event_log, dest, batch_size=10)
+    await w.step()
+    for position in (3, 1, 4, 2):  # four replays, queued one by one
+        state.replay("scripted", [(position, f"u:{'abcd'[position - 1]}", 1_700_000_000_000)])
+        await asyncio.sleep(0.002)
+    await w.step()
+    assert dest.sends == [ids, ids], "one request, in log order"
+
+
+@in_loop
+async def test_failed_requests_due_together_go_together_where_requests_have_no_id(files):
+    """A destination whose requests carry no id of their own drains a backlog of small
+    failed requests in full batches."""
+    _, event_log, state = files
+    dest = Scripted()
+    dest.retries_keep_requests = False
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=0.1)
+    failed = []
+    for user in "abc":
+        failed += append(event_log, [user])
+        dest.retry_ids.update(failed)
+        await w.step()
+    dest.retry_ids.clear()
+    await asyncio.sleep(0.2)
+    await w.step()
+    assert dest.sends == [[m] for m in failed] + [failed]
+
+
+def test_a_lowered_batch_size_cuts_a_failed_request(tmp_path):
+    from trackpipe.delivery.retry import RetryPolicy
+    state = DeliveryState(tmp_path / "deliveries.db")
+    try:
+        policy = RetryPolicy(4 * 3600_000, 10, initial_ms=0.0)
+        state.record("hook", [Sent(p, f"m{p}", 0, f"u:{p}", 1, 0, retry(503, "busy"))
+                              for p in range(1, 6)], duration_ms=1.0, policy=policy)
+        assert [r.position for r in state.due("hook", 3, as_sent=True)] == [1, 2, 3]
+        assert [r.position for r in state.due("hook", 10, as_sent=True)] == [1, 2, 3, 4, 5]
+    finally:
+        state.close()

@@ -125,6 +125,14 @@ class Retry(NamedTuple):
     user_key: str | None
     attempts: int
     first_attempt_at: int
+    next_at: int
+
+    def send(self) -> tuple[int, int, int] | None:
+        """Which failed request this event was last part of: the events of one request
+        share its attempt count, first attempt and (one draw of jitter per request,
+        _Rows.of) its next attempt. None for an event never sent (a replay, an event
+        held back for per-user ordering): those may go with any others."""
+        return (self.next_at, self.attempts, self.first_attempt_at) if self.attempts else None
 
 
 _decode_retries = msgspec.json.Decoder(list[Retry]).decode
@@ -340,10 +348,20 @@ class DeliveryState:
 
     # -- retries ---------------------------------------------------------------
 
-    def due(self, destination: str, limit: int, *, ordered: bool = False) -> list[Retry]:
-        """Pending events whose next attempt is due, oldest position first. With per-user
-        ordering only each user's earliest pending event can be due."""
-        sql = ("SELECT position, user_key, attempts, first_attempt_at FROM pending p"
+    def due(self, destination: str, limit: int, *, ordered: bool = False,
+            as_sent: bool = False) -> list[Retry]:
+        """Pending events whose next attempt is due, for one request, earliest due first,
+        in log order. With per-user ordering only each user's earliest pending event
+        can be due.
+
+        `as_sent`: only the events of ONE failed request, so that failed requests that
+        come due together (after an outage, a Retry-After, a restart) go again one by
+        one, each as it was (a webhook batch keeps its webhook-id); or, when the
+        earliest due were never sent, every due event never sent. Ordering by next_at
+        keeps the events of one request next to each other (the pending_due index
+        gives that order), so `limit` cuts a request only when batch_size was lowered
+        since it went."""
+        sql = ("SELECT position, user_key, attempts, first_attempt_at, next_at FROM pending p"
                " WHERE destination = ? AND next_at <= ?")
         if ordered:
             sql += (" AND (user_key IS NULL OR position = (SELECT min(position) FROM pending q"
@@ -351,9 +369,14 @@ class DeliveryState:
         # One result row for the whole batch (a row-by-row fetch hands the GIL back per
         # row: see log/sqlite.py READ_SQL).
         (rows,) = self._db().execute(
-            "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at))"
-            f" FROM ({sql} ORDER BY position LIMIT ?)", (destination, now_ms(), limit)).fetchone()
-        return _decode_retries(rows)
+            "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at,"
+            f" next_at)) FROM ({sql} ORDER BY next_at, position LIMIT ?)",
+            (destination, now_ms(), limit)).fetchone()
+        due = _decode_retries(rows)
+        if as_sent and due:
+            first = due[0].send()
+            due = [r for r in due if r.send() == first]
+        return sorted(due, key=lambda r: r.position)
 
     def next_due_in(self, destination: str) -> float | None:
         row = self._db().execute("SELECT min(next_at) FROM pending WHERE destination = ?",

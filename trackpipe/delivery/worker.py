@@ -2,10 +2,11 @@
 
 Each destination has its own worker (an asyncio task), its own cursor and its
 own retry queue, so a slow or failing destination only ever delays itself.
-Retries that are due go before fresh events; a fresh batch is recorded as
-'sending' before it goes out, so after a crash, a cancel or a failed commit
-exactly that batch is sent again (receivers see the same webhook-id) before
-anything newer. Nothing about a fresh batch (its cursor move, its events held
+Retries that are due go before fresh events (for a webhook, each failed
+request again as it went, so it keeps its webhook-id); a fresh batch is
+recorded as 'sending' before it goes out, so after a crash, a cancel or a
+failed commit exactly that batch is sent again (receivers see the same
+webhook-id) before anything newer. Nothing about a fresh batch (its cursor move, its events held
 for per-user ordering) commits before its outcome does. A Retry-After is about
 the destination, not only the events it refused: nothing at all goes to it
 until it expires.
@@ -89,7 +90,8 @@ class DestinationWorker:
         if self.destination.supports_delete and time.monotonic() >= self._next_notice_check:
             self._next_notice_check = time.monotonic() + 1.0
             await self._forward_delete()
-        due = self.state.due(self.name, self.batch_size, ordered=self.cfg.ordered)
+        due = self.state.due(self.name, self.batch_size, ordered=self.cfg.ordered,
+                             as_sent=self.destination.retries_keep_requests)
         if due:
             await self._send_retries(due)
             return True

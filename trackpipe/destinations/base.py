@@ -139,6 +139,12 @@ class Destination(ABC):
     secret_fields: ClassVar[tuple[str, ...]] = ()
     default_batch_size: ClassVar[int] = 100
     supports_delete: ClassVar[bool] = False
+    retries_keep_requests: bool = False
+    """True when a request has an identity its receiver deduplicates on (a webhook batch's
+    webhook-id): the failed events of a request are then retried as that request again,
+    never merged with others that come due at the same time. Left False, events due
+    together go together, up to batch_size: a backlog of small failed requests (an
+    outage under light traffic) drains in full batches."""
     uses_profiles: ClassVar[bool] = False
     """True when send() reads Event.profile_id: the framework then holds each event back
     until identity has applied it, and resolves its person. A destination that leaves

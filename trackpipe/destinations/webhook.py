@@ -105,6 +105,8 @@ class Webhook(Destination):
         self._client: httpx.AsyncClient | None = None
         # the largest body the receiver may take: one byte less than one it refused (413)
         self._max_body: int | None = None
+        # A batch's webhook-id names its events: a retry must carry the same ones.
+        self.retries_keep_requests = settings.mode == "batch"
 
     async def start(self) -> None:
         self._client = new_client(allow_private=self.settings.allow_private_targets,
