@@ -38,12 +38,14 @@ def recorder():
     # site-local, deprecated: ipaddress calls it global, so only an allow-list of
     # 2000::/3 catches it
     ("fec0::1", "non-public (outside 2000::/3"), ("feff:1::2", "non-public (outside 2000::/3"),
+    ("3fff::1", "non-public (documentation"), ("3fff:fff:ffff::1", "non-public (documentation"),
 ])
 def test_non_public_addresses_are_refused(address, kind):
     assert refusal(address).startswith(kind)
 
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888",
+                                     "3fff:1000::1",  # just past the documentation range
                                      "::ffff:8.8.8.8", "2002:808:808::"])
 def test_public_addresses_pass(address):
     assert refusal(address) is None

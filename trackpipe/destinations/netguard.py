@@ -28,6 +28,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SETTING = "allow_private_targets"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+# Non-public space inside 2000::/3 that this Python's registry may not know yet.
+_DOCUMENTATION_V6 = ipaddress.ip_network("3fff::/20")  # RFC 9637 (2024)
 
 
 class BlockedAddress(httpx.ConnectError):
@@ -65,6 +67,8 @@ def _ipv6_refusal(ip: ipaddress.IPv6Address) -> str | None:
     # deprecated site-local fec0::/10): only global unicast is ever public.
     if why is None and ip not in _GLOBAL_UNICAST:
         return "non-public (outside 2000::/3, the IPv6 global unicast range)"
+    if why is None and ip in _DOCUMENTATION_V6:
+        return "non-public (documentation range 3fff::/20)"
     return why
 
 
