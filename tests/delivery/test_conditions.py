@@ -186,6 +186,12 @@ def test_numbers_too_long_to_convert_are_syntax_errors(text, column):
     assert f"at column {column}:" in message
 
 
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1.5E+400"])
+def test_numbers_past_a_float_are_syntax_errors(number):
+    with pytest.raises(ConfigError, match=r"number out of range .*at column 16:"):
+        c.compile(f"properties.x < {number}")
+
+
 def test_long_numbers_that_convert_are_fine():
     big = "9" * 4000
     assert c.compile(f"properties.x = {big}")({"properties": {"x": int(big)}})

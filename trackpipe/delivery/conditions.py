@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import operator
 import re
 import sys
@@ -321,7 +322,10 @@ def _tokenize(text: str, kind: str) -> list[tuple[str, Any, int]]:
 def _token_value(group: str, token: str, text: str, pos: int, kind: str) -> Any:
     if group == "number":
         if any(c in token for c in ".eE"):
-            return float(token)
+            value = float(token)
+            if math.isinf(value):  # no event holds one: ingest refuses Infinity
+                raise _syntax_error(text, pos, "number out of range (past 1.8e308)", kind)
+            return value
         return _integer(token, text, pos, kind)
     if group == "string":
         try:
