@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
+
+import httpx
 
 from trackpipe import metrics
 from trackpipe.config import load
 from trackpipe.delivery import supervisor
 from trackpipe.delivery.supervisor import ConsumersProcess
+
+from support import descendants, wait_for, write_config
 
 
 class ShortLived:
@@ -45,3 +52,23 @@ def test_a_process_dying_at_every_start_is_restarted_ever_more_slowly(monkeypatc
     # each round: a poll finding it alive, one finding it dead, then the wait before a start
     assert waits[2::3] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], waits
     assert sum(metrics.CONSUMERS_RESTARTS.counts.values()) - before == 7
+
+
+
+def test_ready_says_when_the_consumers_process_is_down(fresh_server, tmp_path):
+    config = write_config(tmp_path / "trackpipe.toml",
+                          [{"name": "out", "type": "file",
+                            "settings": {"directory": str(tmp_path / "out")}}],
+                          identity={"enabled": False})
+    server = fresh_server(config=config).start()
+    url = f"{server.url}/ready"
+    wait_for(lambda: httpx.get(url).json()["consumers"] == "running", what="consumers up")
+    [pid] = [p for p in descendants(server.proc.pid)
+             if b"trackpipe.delivery.process" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: httpx.get(url).json()["consumers"].startswith("not running (exited with"),
+             what="/ready to say the consumers are down")
+    answer = httpx.get(url)
+    assert answer.status_code == 200 and answer.json()["ready"] is True, "events still taken"
+    wait_for(lambda: httpx.get(url).json()["consumers"] == "running (1 restarts)", 20,
+             what="the consumers restarted")

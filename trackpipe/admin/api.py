@@ -164,7 +164,8 @@ class AdminAPI:
     async def ready(self, request: Request) -> Response:
         ready, detail = await run_in_threadpool(self.p.readiness)
         metrics.READY.set(1 if ready else 0)
-        body = {"ready": ready, "log": detail, "head": self.p.log.head()}
+        body = {"ready": ready, "log": detail, "head": self.p.log.head(),
+                "consumers": self.p.consumers.describe()}
         return json_response(body, 200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:

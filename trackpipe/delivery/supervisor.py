@@ -49,6 +49,17 @@ class ConsumersProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def describe(self) -> str:
+        """For /ready: whether deliveries, identity and retention are running. (Not a
+        reason to be unready: the collector takes events without them.)"""
+        if not self.needed:
+            return "not needed (no destinations, identity or retention)"
+        restarts = f" ({self.restarts} restarts)" if self.restarts else ""
+        if self.alive():
+            return "running" + restarts
+        code = None if self.proc is None else self.proc.returncode
+        return f"not running (exited with {code}; restarting){restarts}"
+
     async def supervise(self) -> None:
         backoff = 0.5
         while not self._closing and self.proc is not None:
