@@ -527,3 +527,18 @@ def test_an_over_long_message_id_loads_under_a_stand_in_and_is_kept_whole(admin,
     assert [(r["table_name"], r["column_name"], r["value"]) for r in rejected] == [
         ("identifies", "id", long_id[::-1]), ("tracks", "id", long_id)]
     assert rejected[1]["message_id"] == tracks[1] and "3,200 bytes" in rejected[1]["reason"]
+
+
+def test_an_over_long_user_id_gets_a_stand_in_users_row_and_is_kept_whole(admin, schema):
+    # users.id is a key: a userId past ~2.7 KB failed the identify (index row too large).
+    long_user = "u" * 3000
+    batch = [event(1, "identify", userId=long_user, traits={"plan": "pro"}), event(2)]
+    outcomes = run(warehouse(schema), send(*batch), send(*batch))
+    assert [states(o) for o in outcomes] == [["delivered"] * 2] * 2
+    [user] = table(admin, schema, "users", "id, plan")
+    assert user["id"].startswith("u" * 64 + "...sha256:") and user["plan"] == "pro"
+    assert table(admin, schema, "identifies", "user_id") == [{"user_id": long_user}]
+    [kept] = table(admin, schema, "rejected_values", order="table_name")
+    assert (kept["table_name"], kept["column_name"], kept["message_id"], kept["value"]) == (
+        "users", "id", "m1", long_user)
+    assert "3,000 bytes" in kept["reason"]

@@ -81,9 +81,9 @@ class Unloadable(Exception):
 
 
 def row_id(message_id: str) -> str:
-    """The id column's value for a messageId: the messageId itself, or when it is longer
-    than MAX_ID_BYTES, its first 64 characters, "...sha256:" and the SHA-256 of the whole
-    (unique, and the same on a replay). The planner keeps such a messageId whole in
+    """The id column's value for a messageId (or, in `users`, a userId): itself, or when it
+    is longer than MAX_ID_BYTES, its first 64 characters, "...sha256:" and the SHA-256 of
+    the whole (unique, and the same on a replay). The planner keeps such an id whole in
     rejected_values."""
     if len(message_id) <= SHORT_ID_CHARS:
         return message_id
@@ -119,7 +119,9 @@ def rows_for(message: dict, message_id: str, profile_id: str | None,
     rows = [Row(table, fixed, context_cols + payload_cols)]
     user_id = fixed.get("user_id")
     if kind == "identify" and user_id not in (None, ""):
-        users_fixed = {"id": user_id, "profile_id": profile_id,
+        # users.id is the table's key: a userId too long to index gets a stand-in too
+        users_fixed = {"id": row_id(user_id) if isinstance(user_id, str) else user_id,
+                       "profile_id": profile_id,
                        "received_at": fixed.get("received_at"), "uuid_ts": loaded_at}
         rows.append(Row("users", users_fixed, _columns(payload, "", "users", "traits")
                         if isinstance(payload, dict) else ()))

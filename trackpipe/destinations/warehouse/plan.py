@@ -128,6 +128,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 converted.add(id(row.fixed))
                 fixed_values(row, message_id, fixed_rejects)
             if row.table == "users":
+                if row.fixed["id"] != rows[0].fixed["user_id"]:
+                    _reject_long_user_id(fixed_rejects, message_id, rows[0].fixed["user_id"])
                 users.setdefault(row.fixed["id"], []).append((message_id, row))
                 continue
             table = tables.get(row.table)
@@ -374,6 +376,16 @@ def _reject_long_id(rejected: dict, table: str, row_id: str, message_id: str) ->
         f"the messageId is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id column"
         " holds (PostgreSQL cannot index a longer key), so its rows have as id its first 64"
         " characters and the SHA-256 of the whole; this value is the whole messageId"))
+
+
+def _reject_long_user_id(rejected: dict, message_id: str, user_id: str) -> None:
+    """A userId too long for the users table's key, kept whole; its row loads under a
+    stand-in (its identifies row keeps the whole userId)."""
+    size = len(user_id.encode("utf-8", "surrogatepass"))
+    _reject(rejected, "users", "id", message_id, user_id, Rejected(
+        f"the userId is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id column"
+        " holds (PostgreSQL cannot index a longer key), so its users row has as id its first"
+        " 64 characters and the SHA-256 of the whole; this value is the whole userId"))
 
 
 def _reject(rejected: dict, table, column, message_id, value, why: Rejected) -> None:
