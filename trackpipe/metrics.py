@@ -8,7 +8,7 @@ a lock on every increment, a measurable share of a one-event request.
 import time
 from collections import Counter as _Counts
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import PROCESS_COLLECTOR, Counter
 from prometheus_client.core import CounterMetricFamily
 
@@ -70,7 +70,6 @@ COMMIT_SECONDS = Histogram("trackpipe_store_commit_seconds",
                            registry=REGISTRY)
 STORE_ERRORS = Counter("trackpipe_store_errors", "Failed log commits by kind", ["kind"],
                        registry=REGISTRY)
-READY = Gauge("trackpipe_ready", "1 when the log accepts writes", registry=REGISTRY)
 
 
 def count_request(endpoint: str, status: int) -> None:
@@ -104,6 +103,30 @@ class _LogExtent:
 
 LOG_EXTENT = _LogExtent()
 REGISTRY.register(LOG_EXTENT)
+
+
+class _Readiness:
+    """trackpipe_ready, worked out at scrape time (what /ready answers), so it is right
+    whether or not anything polls /ready."""
+
+    def __init__(self):
+        self.check = None  # () -> (ready, detail): the server's readiness, once it has one
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        if self.check is None:
+            return
+        from prometheus_client.core import GaugeMetricFamily
+
+        ready, _ = self.check()
+        yield GaugeMetricFamily("trackpipe_ready", "1 when the log accepts writes",
+                                value=1 if ready else 0)
+
+
+READINESS = _Readiness()
+REGISTRY.register(READINESS)
 
 
 def exposition() -> bytes:

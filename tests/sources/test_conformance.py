@@ -1134,6 +1134,12 @@ def test_admin_event_filters_and_paging(server, wk_id, source_ids):
         assert {"WK", key} <= {s["writeKey"] for s in sources}
 
 
+def test_the_ready_metric_is_right_without_anyone_polling_ready(fresh_server):
+    server = fresh_server().start()
+    text = server.metrics_text()  # /ready never asked: the gauge was only set by it
+    assert re.search(r"^trackpipe_ready 1\.0$", text, re.M), text
+
+
 def test_health_ready_metrics(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     ready = httpx.get(f"{server.url}/ready")

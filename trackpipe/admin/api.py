@@ -31,6 +31,7 @@ class AdminAPI:
     def __init__(self, pipeline):
         self.p = pipeline
         metrics.LOG_EXTENT.log = pipeline.log
+        metrics.READINESS.check = pipeline.readiness
         if pipeline.settings.destinations:
             from trackpipe.admin.destinations import destination_summary
             metrics.register_delivery(lambda: [destination_summary(pipeline, d)
@@ -163,13 +164,14 @@ class AdminAPI:
 
     async def ready(self, request: Request) -> Response:
         ready, detail = await run_in_threadpool(self.p.readiness)
-        metrics.READY.set(1 if ready else 0)
         body = {"ready": ready, "log": detail, "head": self.p.log.head(),
                 "consumers": self.p.consumers.describe()}
         return json_response(body, 200 if ready else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+        # In a thread: the scrape reads deliveries.db, and readiness may probe the disk.
+        body = await run_in_threadpool(metrics.exposition)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
 
 def _message(entry) -> dict:
