@@ -133,10 +133,16 @@ class TrackingAPI:
                 records, discards, items = self._parse(kind, scope, headers, raw)
             finally:
                 self.turns.done()
-        outcome = await self.committer.submit(records, discards)
+        # Counted once the writer has seen them: a counter never goes down (Prometheus
+        # would read that as a reset), and only the writer finds some malformed requests.
+        try:
+            outcome = await self.committer.submit(records, discards)
+        except BaseException:
+            metrics.EVENTS_RECEIVED.add((), items)  # well-formed; answered 503, not stored
+            raise
         if outcome.too_deep:  # found by the log writer: not a well-formed request after all
-            metrics.EVENTS_RECEIVED.add((), -items)
             raise RequestRejected("too_deep", TOO_DEEP)
+        metrics.EVENTS_RECEIVED.add((), items)
         metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:
             metrics.EVENTS_DEDUPLICATED.add((), outcome.deduplicated)
@@ -162,7 +168,6 @@ class TrackingAPI:
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict,
                                     AsSent(raw, type_ is None))
-        metrics.EVENTS_RECEIVED.add((), len(items))
         if self.suppressions.hashes:  # invalid events too: a discard keeps the payload
             records, discards, dropped = self.suppressions.drop(
                 records, discards, self.settings.identity.trait_identifiers)
