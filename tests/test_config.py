@@ -116,6 +116,26 @@ def test_nan_infinite_and_out_of_range_numbers_are_errors(tmp_path, text, key):
         config.load(write(tmp_path, text), env={})
 
 
+@pytest.mark.parametrize("public_url", [
+    "example.com:8443",        # no scheme: the settings body said protocol "example.com"
+    "ftp://example.com", "https://", "https://example.com/?a=1", "https://example.com/#x",
+])
+def test_a_public_url_the_browser_settings_cannot_use_is_an_error(public_url):
+    with pytest.raises(ConfigError, match="public_url"):
+        config.load(env={"TRACKPIPE_SERVER_PUBLIC_URL": public_url})
+
+
+@pytest.mark.parametrize("public_url", ["https://t.example.com", "http://10.0.0.5:8080",
+                                        "https://example.com/trackpipe/"])
+def test_public_urls_with_a_host_and_maybe_a_path_are_fine(public_url):
+    assert config.load(env={"TRACKPIPE_SERVER_PUBLIC_URL": public_url}).server.public_url
+
+
+def test_a_trusted_proxy_that_is_no_address_is_an_error_not_a_traceback_at_start():
+    with pytest.raises(ConfigError, match="'bogus' is not an IP address or CIDR"):
+        config.load(env={"TRACKPIPE_SERVER_TRUSTED_PROXIES": '["10.0.0.0/8", "bogus"]'})
+
+
 @pytest.mark.parametrize("token", ["pässwort", " padded ", "tab\tinside"])
 def test_admin_token_that_no_http_header_can_carry_is_an_error(token):
     with pytest.raises(ConfigError, match="admin_token"):

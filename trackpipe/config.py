@@ -8,11 +8,13 @@ TRACKPIPE_ADMIN_TOKEN.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -40,6 +42,22 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     consumers_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     """How much lower the CPU priority of identity and delivery is than the collector's
     (a nice increment, 0-19). On a CPU-bound machine, taking in events comes first."""
+
+    def __post_init__(self) -> None:
+        if self.public_url:
+            url = urlsplit(self.public_url)
+            if url.scheme not in ("http", "https") or not url.hostname \
+                    or url.query or url.fragment:
+                # The browser settings tell the SDK `protocol` and `apiHost` from it.
+                raise ValueError(f"server.public_url {self.public_url!r} must be an http:// or"
+                                 " https:// URL with a host (and at most a path), such as"
+                                 " https://t.example.com or https://example.com/trackpipe")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"server.trusted_proxies: {proxy!r} is not an IP address or"
+                                 " CIDR network (such as 10.0.0.0/8)") from None
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
