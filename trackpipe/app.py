@@ -80,6 +80,9 @@ class Pipeline:
             return False, "shutting down"
         if not self.committer.alive():
             return False, f"the log writer is not running ({self.committer.last_error})"
+        stalled = self.committer.stalled_for()
+        if stalled:
+            return False, f"the log writer has been committing one group for {stalled:.1f} s"
         if self.committer.healthy:
             return True, "ok"
         try:  # the last commit failed: is there room again for a group that size?

@@ -126,3 +126,45 @@ def test_replay_of_many_unindexed_ids_does_not_wait_for_itself(tmp_path):
     finally:
         index.close()
         log.close()
+
+
+def test_a_hung_writer_is_answered_503_in_bounded_time_and_replaced(fresh_server):
+    """A writer that stops making progress (here SIGSTOP; a stuck disk looks the same)
+    was waited on forever, with /ready saying ok, and a shutdown then answered 500."""
+    from trackpipe.pipeline.writer_process import COMMIT_DEADLINE_S
+    proc = fresh_server().start()
+    hung = writer_pid(proc.proc.pid)
+    event = {"type": "track", "userId": "u", "event": "E", "messageId": uuid.uuid4().hex}
+    answers: list = []
+    with httpx.Client(timeout=30, auth=(proc.write_key, "")) as client:
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            sender = threading.Thread(target=lambda: answers.append(
+                client.post(f"{proc.url}/v1/track", json=event)))
+            sender.start()
+            time.sleep(3)
+            ready = client.get(f"{proc.url}/ready")
+            assert ready.status_code == 503 and "committing one group" in ready.json()["log"]
+            sender.join(COMMIT_DEADLINE_S + 5)
+            took = time.monotonic() - started
+        finally:
+            try:
+                os.kill(hung, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # killed as hung and reaped, as it should be
+        [answer] = answers
+        assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
+        assert COMMIT_DEADLINE_S <= took < COMMIT_DEADLINE_S + 3, took
+        wait_for_new_writer(proc.proc.pid, hung)
+        deadline = time.monotonic() + 10
+        while (retried := client.post(f"{proc.url}/v1/track", json=event)).status_code != 200:
+            assert time.monotonic() < deadline, retried.text
+            time.sleep(0.1)
+        assert client.get(f"{proc.url}/ready").status_code == 200
+    proc.stop()
+    log = SQLiteLog(proc.data_dir / "log.db")
+    try:
+        assert [e.message_id for e in log.read(0, limit=10)] == [event["messageId"]]
+    finally:
+        log.close()

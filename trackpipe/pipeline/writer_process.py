@@ -47,6 +47,14 @@ POLL_AFTER_MIN_S = 0.0001
 
 GROUP_MAX_BYTES = 16 << 20  # event bodies per group: bounds the message and the commit
 MAX_PENDING_BYTES = 128 << 20  # waiting for the writer beyond this: 503 overloaded
+# A commit takes milliseconds. One held longer means a stuck disk or a stopped writer:
+# /ready turns 503 after STALLED_AFTER_S, and after COMMIT_DEADLINE_S the writer is killed,
+# so its requests get 503 (their retries go to a new writer, deduplicated) instead of
+# hanging; before the SDKs' own timeouts (10-15 s) and uvicorn's 10 s graceful shutdown,
+# whose cancel would answer a request still waiting 500.
+STALLED_AFTER_S = 2.0
+COMMIT_DEADLINE_S = 8.0
+STABLE_SECONDS = 60.0  # a writer up this long died of something new: restart it at once
 
 
 class WriterProcess:
@@ -108,10 +116,17 @@ class WriterProcess:
         return self._proc.is_alive() and up and not (
             self._supervisor is not None and self._supervisor.done())
 
+    def stalled_for(self) -> float:
+        """For /ready: how long the group in flight has been committing, when that is
+        longer than any commit should take (else 0)."""
+        held = time.perf_counter() - self._sent_at if self._in_flight else 0.0
+        return held if held > STALLED_AFTER_S else 0.0
+
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         backoff, first = 0.1, True
         while not self._closing:
+            up_since = time.monotonic()
             try:
                 if not first:
                     self._spawn()
@@ -120,8 +135,9 @@ class WriterProcess:
                 self._link = _Link(loop, self._conn.fileno(), self._on_reply)
                 self._up.set()
                 self._ever_up = True
+                up_since = time.monotonic()
                 self._dispatch()
-                await self._link.lost  # raises why the writer went away
+                await self._watch(self._link)  # raises why the writer went away
                 raise ConnectionError("the link to the log writer was closed")
             except asyncio.CancelledError:
                 raise
@@ -132,10 +148,25 @@ class WriterProcess:
             await loop.run_in_executor(None, self._reap)
             if self._closing:
                 return
+            if time.monotonic() - up_since >= STABLE_SECONDS:
+                backoff = 0.1  # not the crash before it again: no reason to wait longer
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             if self._proc.exitcode is not None:
                 log.warning("restarting the log writer process")
+
+    async def _watch(self, link: "_Link") -> None:
+        """Wait for the link to end (re-raising why); kill a writer that holds one group
+        past COMMIT_DEADLINE_S (see there)."""
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(link.lost), 1.0)
+            except asyncio.TimeoutError:
+                held = time.perf_counter() - self._sent_at
+                if self._in_flight and held > COMMIT_DEADLINE_S:
+                    self._proc.kill()
+                    raise TimeoutError(f"no commit within {held:.0f} s: the writer was hung"
+                                       " (a stuck disk, or a stopped process) and was killed")
 
     def _on_reply(self, reply) -> None:
         """The writer's answer for the group in flight; sends the next group at once."""
