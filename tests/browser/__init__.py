@@ -1,7 +1,8 @@
 """Test rig for driving the real browser SDK in headless Chromium.
 
-- ``bundle``: where the analytics-next UMD build lives (tests/compat/node/node_modules).
-- ``page_server``: a tiny threaded HTTP server serving the test page and that build.
+- ``bundle``: where the UMD builds of analytics-next and cio-browser live
+  (tests/compat/node/node_modules).
+- ``page_server``: a tiny threaded HTTP server serving the test page and one build.
 - ``launch``: finding Debian's chromium + Playwright, skipping (or failing under
   TRACKPIPE_REQUIRE_SERVICES=1) when either is missing.
 - ``analytics_page``: one open test page, its analytics calls and a guard that

@@ -1,12 +1,14 @@
-"""One open test page running analytics-next, as a person's browser tab would."""
+"""One open test page running a browser SDK (analytics-next or cio-browser), as a tab would."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import bundle
 from .page_server import PageServer
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
@@ -25,6 +27,15 @@ CALL_JS = """async ([method, args]) => {
 }"""
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One request the page made, as the browser sent it."""
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: str | None
+
+
 class AnalyticsPage:
     """A Playwright page on the test page, with every non-local request blocked and recorded."""
 
@@ -33,11 +44,14 @@ class AnalyticsPage:
         self.server = page_server
         self.outside: list[str] = []  # URLs that tried to leave the machine
         self.requests: list[str] = []
+        self.sent: list[Sent] = []  # the same requests with method, headers and body
         page.context.route("**/*", self._guard)
 
     def _guard(self, route) -> None:
-        url = route.request.url
+        request = route.request
+        url = request.url
         self.requests.append(url)
+        self.sent.append(Sent(request.method, url, request.headers, request.post_data))
         scheme, host = urlsplit(url).scheme, urlsplit(url).hostname or ""
         if scheme in ("data", "blob") or host in LOCAL_HOSTS:
             route.continue_()
@@ -62,8 +76,8 @@ class AnalyticsPage:
         loaded = self.page.evaluate(
             "() => window.trackpipeLoaded.then(() => null, (e) => String(e))")
         if loaded is not None:
-            raise AssertionError(f"analytics-next did not load: {loaded}; requests blocked "
-                                 f"for leaving 127.0.0.1: {self.outside}")
+            raise AssertionError(f"{self.server.sdk.package} did not load: {loaded}; requests "
+                                 f"blocked for leaving 127.0.0.1: {self.outside}")
 
     def call(self, method: str, *args: Any) -> dict[str, Any]:
         """``analytics[method](*args)``; returns messageId, type, event, ids and timestamp."""
@@ -80,10 +94,15 @@ class AnalyticsPage:
 
 
 @contextlib.contextmanager
-def open_analytics_page(browser, trackpipe_url: str, write_key: str,
-                        chunks_from_here: bool = True) -> Iterator[AnalyticsPage]:
-    """A fresh browser context (no cookies, empty storage) on a test page of its own."""
-    with PageServer(trackpipe_url, write_key, chunks_from_here) as page_server:
+def open_analytics_page(browser, cdn_url: str, write_key: str, chunks_from_here: bool = True,
+                        *, sdk: bundle.Bundle = bundle.ANALYTICS_NEXT,
+                        options: dict | None = None) -> Iterator[AnalyticsPage]:
+    """A fresh browser context (no cookies, empty storage) on a test page of its own.
+
+    `cdn_url` is the SDK's ``cdnURL``: trackpipe's URL for analytics-next,
+    ``<trackpipe>/v1/cio`` for cio-browser; `options` goes to ``load`` as is."""
+    with PageServer(cdn_url, write_key, chunks_from_here, sdk=sdk,
+                    options=options) as page_server:
         context = browser.new_context()
         try:
             yield AnalyticsPage(context.new_page(), page_server).open()

@@ -34,19 +34,19 @@ def chromium_path() -> str | None:
     return found if found and os.access(found, os.X_OK) else None
 
 
-def missing_reason() -> str | None:
-    """Why the browser tests cannot run here, or None when they can."""
+def missing_reason(sdk: bundle.Bundle = bundle.ANALYTICS_NEXT) -> str | None:
+    """Why the browser tests of `sdk` cannot run here, or None when they can."""
     if importlib.util.find_spec("playwright") is None:
         return "the `playwright` Python package is missing: pip install -e '.[test]'"
     if chromium_path() is None:
         return ("chromium is not installed: `apt-get install -y chromium` (scripts/test.sh does "
                 "it as root), or point TRACKPIPE_CHROMIUM at a Chromium binary")
-    return bundle.missing_reason()
+    return sdk.missing_reason()
 
 
-def require_browser() -> None:
+def require_browser(sdk: bundle.Bundle = bundle.ANALYTICS_NEXT) -> None:
     """Skip the calling test when the rig is incomplete; fail instead when CI demands it."""
-    reason = missing_reason()
+    reason = missing_reason(sdk)
     if reason is None:
         return
     if REQUIRE_SERVICES:

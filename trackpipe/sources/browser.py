@@ -1,14 +1,20 @@
 """What the browser SDKs need to run fully self-hosted (wire-protocol.md §6).
 
-The settings body names only the `Segment.io` integration: any other key,
-`Customer.io Data Pipelines` included, makes analytics-next load its
-`ajs-destination` chunk and third-party code from vendor CDNs, which fails
-on a machine that reaches only trackpipe. Metrics sampling is off, so the browser
-never posts to a metrics host trackpipe does not serve.
+Both SDKs fetch `{cdnURL}/v1/projects/{writeKey}/settings` and must each see
+exactly one integration key: analytics-next reads `Segment.io`,
+@customerio/cdp-analytics-browser reads `Customer.io Data Pipelines`, and
+either SDK, given a second key, loads its `ajs-destination` chunk and vendor
+code from a CDN, which fails on a machine that reaches only trackpipe.
+Nothing in the request tells the two SDKs apart, so each has its own path:
+analytics-next uses `cdnURL = <trackpipe>`, cio-browser `cdnURL =
+<trackpipe>/v1/cio` (under /v1/, the prefix app.py hands to the tracking API).
+Metrics sampling is off, so neither posts to a metrics host trackpipe does not
+serve, and `Customer.io In-App Plugin` is never named: it loads gist from CIO.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import msgspec
@@ -16,11 +22,37 @@ import msgspec
 from trackpipe.config import Settings
 
 
-def settings_body(write_key: str, settings: Settings, host_header: bytes | None) -> bytes:
+@dataclass(frozen=True)
+class SettingsRoute:
+    prefix: str  # the path after "/v1/" up to the write key
+    integration: str  # the one key the SDK reads its apiKey/apiHost/protocol from
+    endpoint: str  # the label of trackpipe_http_requests_total
+
+
+SETTINGS_ROUTES = (
+    SettingsRoute("projects/", "Segment.io", "/v1/projects/settings"),
+    SettingsRoute("cio/v1/projects/", "Customer.io Data Pipelines",
+                  "/v1/cio/v1/projects/settings"),
+)
+
+
+def settings_route(kind: str) -> SettingsRoute | None:
+    """The settings route a path after "/v1/" falls under, or None."""
+    return next((r for r in SETTINGS_ROUTES if kind.startswith(r.prefix)), None)
+
+
+def settings_write_key(route: SettingsRoute, kind: str) -> str | None:
+    """The write key of `<prefix><writeKey>/settings`, or None when the path has another shape."""
+    key, slash, rest = kind[len(route.prefix):].partition("/")
+    return key if key and slash and rest == "settings" else None
+
+
+def settings_body(write_key: str, settings: Settings, host_header: bytes | None,
+                  integration: str = "Segment.io") -> bytes:
     protocol, host = _public_host(settings, host_header)
     endpoint = {"apiKey": write_key, "apiHost": f"{host}/v1", "protocol": protocol}
     return msgspec.json.encode({
-        "integrations": {"Segment.io": endpoint},
+        "integrations": {integration: endpoint},
         "metrics": {"sampleRate": 0},
         "plan": {},
         "remotePlugins": [],

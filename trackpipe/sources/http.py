@@ -21,9 +21,8 @@ from trackpipe.pipeline.enrich import RequestContext
 from trackpipe.pipeline.ingest import AsSent, batch_context, items_of, prepare
 from trackpipe.pipeline.store import Committer
 from trackpipe.privacy.suppress import Suppressions
-from trackpipe.sources import responses
+from trackpipe.sources import browser, responses
 from trackpipe.sources.auth import SourceRegistry
-from trackpipe.sources.browser import settings_body
 from trackpipe.sources.ratelimit import RateLimiter
 from trackpipe.sources.turns import Turns
 
@@ -60,17 +59,17 @@ class TrackingAPI:
         method = scope["method"]
         headers = dict(scope["headers"])  # keys arrive lower-cased
         cors = self._cors(headers.get(b"origin"))
-        endpoint = KNOWN.get(kind, "/v1/projects/settings" if kind.startswith("projects/")
-                             else "other")
+        route = None if kind in KNOWN else browser.settings_route(kind)  # the event paths skip it
+        endpoint = KNOWN.get(kind) or (route.endpoint if route else "other")
         if method == "OPTIONS":
             status, body, extra = 204, b"", self._preflight(cors)
-        elif kind.startswith("projects/") and method in ("GET", "HEAD"):
-            (status, body), extra = self._settings(kind, headers), cors
+        elif route and method in ("GET", "HEAD"):
+            (status, body), extra = self._settings(route, kind, headers), cors
         elif method != "POST":
             status, body = 405, responses.error_body("method_not_allowed",
                                                      f"{method} is not allowed here; use POST.")
             extra = [*cors, (b"allow", b"POST, OPTIONS")]
-        elif endpoint == "other" or endpoint == "/v1/projects/settings":
+        elif endpoint == "other" or route:
             status, body, extra = 404, responses.error_body(
                 "not_found", f"There is no tracking endpoint {scope['path']}."), cors
         else:
@@ -222,14 +221,15 @@ class TrackingAPI:
                 (b"access-control-allow-headers", ALLOW_HEADERS),
                 (b"access-control-max-age", b"86400")]
 
-    def _settings(self, kind: str, headers: dict) -> tuple[int, bytes]:
-        parts = kind.split("/")  # projects/<writeKey>/settings
-        source = (self.registry.by_key.get(parts[1])
-                  if len(parts) == 3 and parts[2] == "settings" else None)
+    def _settings(self, route: browser.SettingsRoute, kind: str,
+                  headers: dict) -> tuple[int, bytes]:
+        key = browser.settings_write_key(route, kind)
+        source = self.registry.by_key.get(key) if key else None
         if source is None or not source.enabled:
             return 404, responses.error_body("invalid_write_key", "No enabled source has that "
                                              "write key.")
-        return 200, settings_body(source.write_key, self.settings, headers.get(b"host"))
+        return 200, browser.settings_body(source.write_key, self.settings,
+                                          headers.get(b"host"), route.integration)
 
 
 def _address(text: str) -> str | None:
