@@ -41,10 +41,15 @@ def settings_route(kind: str) -> SettingsRoute | None:
     return next((r for r in SETTINGS_ROUTES if kind.startswith(r.prefix)), None)
 
 
-def settings_write_key(route: SettingsRoute, kind: str) -> str | None:
-    """The write key of `<prefix><writeKey>/settings`, or None when the path has another shape."""
-    key, slash, rest = kind[len(route.prefix):].partition("/")
-    return key if key and slash and rest == "settings" else None
+def settings_write_keys(route: SettingsRoute, kind: str, raw_path: bytes | None) -> list[str]:
+    """The write key of `<prefix><writeKey>/settings`, as the path reads decoded and as it
+    was sent: both SDKs put the key in the URL unencoded, so a key holding "/" or "%41"
+    is found only in the raw path, one holding a space only in the decoded one."""
+    keys = [kind[len(route.prefix):]]
+    if raw_path and raw_path.startswith(b"/v1/"):
+        keys.append(raw_path[4 + len(route.prefix):].decode("latin-1"))
+    return [k[:-len("/settings")] for k in keys
+            if k.endswith("/settings") and len(k) > len("/settings")]
 
 
 def settings_body(write_key: str, settings: Settings, host_header: bytes | None,
@@ -60,9 +65,9 @@ def settings_body(write_key: str, settings: Settings, host_header: bytes | None,
 
 
 def _public_host(settings: Settings, host_header: bytes | None) -> tuple[str, str]:
-    if settings.server.public_url:
+    if settings.server.public_url:  # config.py checked: http(s), a host, maybe a path
         url = urlsplit(settings.server.public_url)
-        return url.scheme or "http", url.netloc
+        return url.scheme, url.netloc + url.path.rstrip("/")  # a proxy's prefix stays
     if host_header:
         return "http", host_header.decode("latin-1")
     return "http", f"{settings.server.host}:{settings.server.port}"

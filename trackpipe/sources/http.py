@@ -64,7 +64,7 @@ class TrackingAPI:
         if method == "OPTIONS":
             status, body, extra = 204, b"", self._preflight(cors)
         elif route and method in ("GET", "HEAD"):
-            (status, body), extra = self._settings(route, kind, headers), cors
+            (status, body), extra = self._settings(route, kind, scope, headers), cors
         elif method != "POST":
             status, body = 405, responses.error_body("method_not_allowed",
                                                      f"{method} is not allowed here; use POST.")
@@ -221,10 +221,10 @@ class TrackingAPI:
                 (b"access-control-allow-headers", ALLOW_HEADERS),
                 (b"access-control-max-age", b"86400")]
 
-    def _settings(self, route: browser.SettingsRoute, kind: str,
+    def _settings(self, route: browser.SettingsRoute, kind: str, scope,
                   headers: dict) -> tuple[int, bytes]:
-        key = browser.settings_write_key(route, kind)
-        source = self.registry.by_key.get(key) if key else None
+        keys = browser.settings_write_keys(route, kind, scope.get("raw_path"))
+        source = next((s for s in map(self.registry.by_key.get, keys) if s), None)
         if source is None or not source.enabled:
             return 404, responses.error_body("invalid_write_key", "No enabled source has that "
                                              "write key.")
