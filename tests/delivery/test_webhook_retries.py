@@ -40,7 +40,7 @@ def test_a_failed_batch_is_retried_whole_with_the_same_webhook_id(fresh_server, 
 
 def fail_three_batches(server, sink: Sink) -> list[list[str]]:
     """Three one-event batches, each sent (and refused) on its own: the next event is
-    posted only once the receiver has seen the one before."""
+    posted only once the receiver has seen the one before (so within a retry's 2 s)."""
     batches = []
     for n in range(3):
         batches.append(send(server, 1, user=f"u{n}"))
@@ -70,13 +70,13 @@ def test_failed_batches_due_at_once_are_retried_apart_each_whole(fresh_server, t
     try:
         sink.break_()
         config = write_config(tmp_path / "trackpipe.toml",
-                              [{**sink.config("hook"), "retry_initial_seconds": 1.0,
-                                "retry_max_delay_seconds": 1.5}],
+                              [{**sink.config("hook"), "retry_initial_seconds": 2.0,
+                                "retry_max_delay_seconds": 3.0}],
                               identity={"enabled": False})
         server = fresh_server(config=config).start()
-        batches = fail_three_batches(server, sink)
-        # The first retry to go takes 2 s to answer: by then the other two are both due.
-        sink.delay = 2.0
+        batches = fail_three_batches(server, sink)  # each retry due 2-3 s after its send
+        # The first retry to go takes 4 s to answer: by then the other two are both due.
+        sink.delay = 4.0
         sink.heal()
         wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
                  what="every batch delivered")

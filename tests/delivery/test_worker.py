@@ -41,7 +41,6 @@ class Crash(BaseException):
 
 class Scripted(Destination):
     kind = "scripted"
-    retries_keep_requests = True  # as a webhook in batch mode
 
     class Settings(msgspec.Struct):
         pass
@@ -460,6 +459,24 @@ async def test_a_retry_after_pauses_the_whole_destination_a_plain_failure_does_n
     assert await w.step() and plain.sends == [[c], [d]], "a 503 alone holds back only c"
 
 
+def come_due(state: DeliveryState) -> None:
+    """Every pending event due now, each as far ahead of now as it was (so events that
+    came due together still do, and no others): no test waits on a backoff."""
+    state._db().execute("UPDATE pending SET next_at = next_at - 3600000")
+
+
+class AsSent(Scripted):
+    """Keeps failed requests apart on retry, as a webhook in batch mode (which answers the
+    events of a request with one Outcome)."""
+
+    retries_keep_requests = True
+
+    async def send(self, batch):
+        outcomes = await super().send(batch)
+        refused = retry(503, "busy")
+        return [refused if o.state == "retry" else o for o in outcomes]
+
+
 @in_loop
 async def test_failed_requests_due_together_go_again_apart_each_as_sent(files):
     """The failed events of a request are retried as that request (a webhook batch keeps
@@ -467,32 +484,85 @@ async def test_failed_requests_due_together_go_again_apart_each_as_sent(files):
     an outage, a Retry-After or a restart), kept together when they fail again."""
     _, event_log, state = files
     first = append(event_log, ["a", "b", "c"])
-    dest = Scripted(retry_ids=set(first[1:]))  # a is delivered, b and c are not
-    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=0.2)
+    dest = AsSent(retry_ids=set(first[1:]))  # a is delivered, b and c are not
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=60)
     await w.step()
     second = append(event_log, ["d", "e"])
     dest.retry_ids.update(second)
     await w.step()
     assert dest.sends == [first, second]
 
-    await asyncio.sleep(0.35)  # both due now (0.2 s x at most 1.5)
-    await w.step()
-    await w.step()  # both fail again
-    assert sorted(dest.sends[2:]) == sorted([first[1:], second])
+    come_due(state)
+    assert await w.step() and await w.step()  # both fail again
+    assert dest.sends[2:] == [first[1:], second]
     dest.retry_ids.clear()
-    await asyncio.sleep(0.65)
+    come_due(state)
     await drain(w)
-    assert sorted(dest.sends[4:]) == sorted([first[1:], second]), "failed again: still apart"
-    assert len(dest.sends) == 6
+    assert dest.sends[4:] == [first[1:], second], "failed again: still apart"
+
+
+@in_loop
+async def test_a_send_cut_into_requests_is_retried_request_by_request(files):
+    """A webhook halves a batch the receiver refused as too large (413): each half is a
+    request of its own, with an Outcome of its own, and is retried as such."""
+    _, event_log, state = files
+    ids = append(event_log, ["a", "b", "c", "d"])
+
+    class Halving(AsSent):
+        async def send(self, batch):
+            self.sends.append([e.message_id for e in batch])
+            if len(self.sends) > 1:
+                return DELIVERED
+            return [retry(503, "first half")] * 2 + [retry(503, "second half")] * 2
+
+    dest = Halving()
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=60)
+    await w.step()
+    come_due(state)
+    await drain(w)
+    assert dest.sends == [ids, ids[:2], ids[2:]]
+
+
+@in_loop
+async def test_a_replay_brings_a_retrying_request_due_whole(files):
+    _, event_log, state = files
+    ids = append(event_log, ["a", "b", "c", "d"])
+    dest = AsSent(retry_ids=set(ids))
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=60)
+    await w.step()
+    state.replay("scripted", [(2, "u:b", 1_700_000_000_000), (3, "u:c", 1_700_000_000_000)])
+    dest.retry_ids.clear()
+    assert await w.step()
+    assert dest.sends == [ids, ids], "the whole request, not the two replayed"
+
+
+@in_loop
+async def test_ordered_held_events_drain_together_after_each_failed_request(files):
+    """Per-user ordering: each user's failed request goes again as it went, then the
+    events held behind them go together, not one a request."""
+    _, event_log, state = files
+    dest = AsSent()
+    w = worker(state, event_log, dest, ordered=True, batch_size=10, retry_initial_seconds=60)
+    failed = []
+    for user in "abc":
+        failed += append(event_log, [user])
+        dest.retry_ids.update(failed)
+        await w.step()
+    held = append(event_log, ["a", "b", "c", "a", "b", "c"])
+    await w.step()  # all held back behind their users' failed events
+    assert dest.sends == [[m] for m in failed]
+    dest.retry_ids.clear()
+    come_due(state)
+    await drain(w)
+    assert dest.sends[3:] == [[m] for m in failed] + [held[:3], held[3:]]
 
 
 @in_loop
 async def test_events_never_sent_go_together_whatever_queued_them(files):
-    """Replayed events, and events held back for per-user ordering, were never part of a
-    request: they are not kept apart (a backlog of them drains in full batches)."""
+    """Replayed events were never part of a request: they are not kept apart."""
     _, event_log, state = files
     ids = append(event_log, ["a", "b", "c", "d"])
-    dest = Scripted()
+    dest = AsSent()
     w = worker(state, event_log, dest, batch_size=10)
     await w.step()
     for position in (3, 1, 4, 2):  # four replays, queued one by one
@@ -508,15 +578,14 @@ async def test_failed_requests_due_together_go_together_where_requests_have_no_i
     failed requests in full batches."""
     _, event_log, state = files
     dest = Scripted()
-    dest.retries_keep_requests = False
-    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=0.1)
+    w = worker(state, event_log, dest, batch_size=10, retry_initial_seconds=60)
     failed = []
     for user in "abc":
         failed += append(event_log, [user])
         dest.retry_ids.update(failed)
         await w.step()
     dest.retry_ids.clear()
-    await asyncio.sleep(0.2)
+    come_due(state)
     await w.step()
     assert dest.sends == [[m] for m in failed] + [failed]
 

@@ -158,7 +158,7 @@ class _Rows:
 
     @classmethod
     def of(cls, destination: str, sent: Sequence[Sent], at: int, duration_ms: float, policy,
-           uniform: bool, erased: set[int]) -> "_Rows":
+           uniform: bool, erased: set[int], keep_requests: bool = False) -> "_Rows":
         rows = cls(erased)
         counts = rows.counts
         delays: dict[tuple, int] = {}
@@ -192,8 +192,10 @@ class _Rows:
             else:
                 counts["retries"] += 1
                 # One draw of jitter per send: the events of a failed batch come due
-                # together and are retried as that batch again (same webhook-id).
-                key = (s.attempt, o.retry_after)
+                # together (DeliveryState.due). Where requests keep apart, one per
+                # request: a send the destination cut into several requests (a webhook
+                # halving after a 413) answers each with an Outcome of its own.
+                key = (s.attempt, o.retry_after, id(o) if keep_requests else None)
                 if key not in delays:
                     delays[key] = policy.delay_ms(s.attempt, o.retry_after)
                 rows.pending.append((destination, s.position, s.user_key, s.attempt,
@@ -251,7 +253,8 @@ class DeliveryState:
     def record(self, destination: str, sent: Sequence[Sent], *, duration_ms: float,
                policy, batch_id: int | None = None, cursor: int | None = None,
                skipped: dict[str, int] | None = None,
-               held: Sequence[tuple[int, str, int]] = ()) -> list[Sent]:
+               held: Sequence[tuple[int, str, int]] = (),
+               keep_requests: bool = False) -> list[Sent]:
         """Commit the outcome of one send (and, for a fresh batch, the cursor move and the
         events it held back for per-user ordering).
 
@@ -267,7 +270,8 @@ class DeliveryState:
             # Only a send that leaves rows naming its events needs to ask the log.
             erased = self._erased([*(s.position for s in sent), *(p for p, _, _ in held)]) \
                 if held or not uniform or states - {"delivered"} else set()
-            rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased)
+            rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased,
+                            keep_requests)
             for reason, n in (skipped or {}).items():
                 rows.counts[f"skipped:{reason}"] = rows.counts.get(f"skipped:{reason}", 0) + n
             if batch_id is not None:
@@ -350,19 +354,30 @@ class DeliveryState:
 
     def due(self, destination: str, limit: int, *, ordered: bool = False,
             as_sent: bool = False) -> list[Retry]:
-        """Pending events whose next attempt is due, for one request, earliest due first,
-        in log order. With per-user ordering only each user's earliest pending event
-        can be due.
+        """Pending events whose next attempt is due, oldest position first. With per-user
+        ordering only each user's earliest pending event can be due.
 
-        `as_sent`: only the events of ONE failed request, so that failed requests that
-        come due together (after an outage, a Retry-After, a restart) go again one by
-        one, each as it was (a webhook batch keeps its webhook-id); or, when the
-        earliest due were never sent, every due event never sent. Ordering by next_at
-        keeps the events of one request next to each other (the pending_due index
-        gives that order), so `limit` cuts a request only when batch_size was lowered
-        since it went."""
+        `as_sent`: only the events of ONE failed request, the oldest due event's, so that
+        failed requests that come due together (after an outage, a Retry-After, a
+        restart) go again one by one, each as it went (a webhook batch keeps its
+        webhook-id). When the oldest due event was never sent (a replay, an event held
+        back for per-user ordering), the due events never sent go together."""
+        due = self._due("next_at <= ?", (destination, now_ms()), limit, ordered)
+        if not as_sent or not due:
+            return due
+        head = due[0]
+        if not head.attempts:
+            return [r for r in due if not r.attempts]
+        # Its request's events share next attempt, attempt count and first attempt (one
+        # draw of jitter per request, _Rows.of): an equality lookup on pending_due.
+        return self._due("next_at = ? AND attempts = ? AND first_attempt_at = ?",
+                         (destination, head.next_at, head.attempts, head.first_attempt_at),
+                         limit, ordered, index="pending_due")
+
+    def _due(self, where: str, args: tuple, limit: int, ordered: bool,
+             index: str | None = None) -> list[Retry]:
         sql = ("SELECT position, user_key, attempts, first_attempt_at, next_at FROM pending p"
-               " WHERE destination = ? AND next_at <= ?")
+               f"{f' INDEXED BY {index}' if index else ''} WHERE destination = ? AND {where}")
         if ordered:
             sql += (" AND (user_key IS NULL OR position = (SELECT min(position) FROM pending q"
                     " WHERE q.destination = p.destination AND q.user_key = p.user_key))")
@@ -370,13 +385,8 @@ class DeliveryState:
         # row: see log/sqlite.py READ_SQL).
         (rows,) = self._db().execute(
             "SELECT json_group_array(json_array(position, user_key, attempts, first_attempt_at,"
-            f" next_at)) FROM ({sql} ORDER BY next_at, position LIMIT ?)",
-            (destination, now_ms(), limit)).fetchone()
-        due = _decode_retries(rows)
-        if as_sent and due:
-            first = due[0].send()
-            due = [r for r in due if r.send() == first]
-        return sorted(due, key=lambda r: r.position)
+            f" next_at)) FROM ({sql} ORDER BY position LIMIT ?)", (*args, limit)).fetchone()
+        return _decode_retries(rows)
 
     def next_due_in(self, destination: str) -> float | None:
         row = self._db().execute("SELECT min(next_at) FROM pending WHERE destination = ?",
@@ -415,6 +425,17 @@ class DeliveryState:
             events = [e for e in events if e[0] not in erased]
             db.executemany("DELETE FROM failed WHERE destination = ? AND position = ?",
                            [(destination, p) for p, _, _ in events])
+            # A retrying event comes due now with the rest of its failed request, so that
+            # the request still goes whole (due(as_sent=True)).
+            requests = db.execute(
+                "SELECT DISTINCT next_at, attempts, first_attempt_at FROM pending WHERE"
+                " destination = ? AND attempts > 0 AND position IN"
+                " (SELECT value FROM json_each(?))",
+                (destination, json.dumps([p for p, _, _ in events]))).fetchall()
+            db.executemany("UPDATE pending INDEXED BY pending_due SET next_at = ? WHERE"
+                           " destination = ? AND next_at = ? AND attempts = ?"
+                           " AND first_attempt_at = ?",
+                           [(at, destination, *request) for request in requests])
             db.executemany("INSERT INTO pending VALUES (?,?,?,0,?,?,NULL,'replay',?)"
                            " ON CONFLICT (destination, position) DO UPDATE"
                            " SET next_at = excluded.next_at",

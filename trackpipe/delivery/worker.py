@@ -216,7 +216,8 @@ class DestinationWorker:
                              (r.attempts + 1) if r else 1,
                              r.first_attempt_at if r and r.attempts else at, outcome))
         given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
-                                     batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
+                                     batch_id=batch_id, cursor=cursor, skipped=skipped, held=held,
+                                     keep_requests=self.destination.retries_keep_requests)
         for s in given_up:
             log.warning("destination %s: event %s failed (%s): %s", self.name, s.message_id,
                         s.outcome.status, s.outcome.detail)

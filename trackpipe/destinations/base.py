@@ -142,9 +142,11 @@ class Destination(ABC):
     retries_keep_requests: bool = False
     """True when a request has an identity its receiver deduplicates on (a webhook batch's
     webhook-id): the failed events of a request are then retried as that request again,
-    never merged with others that come due at the same time. Left False, events due
-    together go together, up to batch_size: a backlog of small failed requests (an
-    outage under light traffic) drains in full batches."""
+    never merged with others that come due at the same time. send() must then answer
+    the events of one request with one Outcome object (one per request when it cut the
+    batch into several). Left False, events due together go together, up to
+    batch_size: a backlog of small failed requests (an outage under light traffic)
+    drains in full batches."""
     uses_profiles: ClassVar[bool] = False
     """True when send() reads Event.profile_id: the framework then holds each event back
     until identity has applied it, and resolves its person. A destination that leaves
