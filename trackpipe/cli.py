@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 import uuid
 
 from trackpipe import config
+from trackpipe.commands.terminal import printable
 from trackpipe.errors import ConfigError
 
 
@@ -59,22 +61,37 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        if args.command in ("destinations", "check", "replay"):
-            return delivery.run(args, _settings(args))
-        if args.command in ("profile", "privacy"):
-            return people.run(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "sources":
-            return _sources(args)
-        if args.command == "send":
-            return _send(args)
-        return _events(args)
+        status = _dispatch(args)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed below, not at exit
+        return status
     except ConfigError as exc:
         print(f"trackpipe: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`trackpipe events --follow | head -1`): stop quietly, as
+        # `yes | head -1` does. stdout goes to /dev/null so the interpreter's final flush
+        # cannot fail again; 141 (128 + SIGPIPE) is the status a shell reports for such a
+        # tool, so `set -o pipefail` scripts see what they see for coreutils.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(args) -> int:
+    from trackpipe.commands import delivery, people
+
+    if args.command in ("destinations", "check", "replay"):
+        return delivery.run(args, _settings(args))
+    if args.command in ("profile", "privacy"):
+        return people.run(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "sources":
+        return _sources(args)
+    if args.command == "send":
+        return _send(args)
+    return _events(args)
 
 
 def _port(text: str) -> int:
@@ -117,7 +134,15 @@ def _serve(args) -> int:
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     pipeline = Pipeline(settings)
-    url = f"http://{settings.server.host}:{settings.server.port}"
+    host, port = settings.server.host, settings.server.port
+    # An IPv6 literal goes in brackets (RFC 3986), or curl and the SDKs take its colons
+    # for a port.
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    problem = _cannot_listen(host, port)
+    if problem:  # before anything says "listening"
+        pipeline.close()
+        print(f"trackpipe: cannot listen on {url}: {problem}", file=sys.stderr)
+        return 3  # what uvicorn exits with when its own bind fails
     if not pipeline.registry.by_key:
         source = pipeline.catalog.add_source("default")
         pipeline.reload_catalog(force=True)
@@ -130,8 +155,9 @@ def _serve(args) -> int:
     key = next(iter(pipeline.registry.by_key))
     print(f"trackpipe listening on {url}  (data in {settings.data_path.resolve()})")
     print("Point your SDK's host option at that URL, or try:")
+    target = f"'{url}/v1/track'" if "[" in url else f"{url}/v1/track"  # [ ] glob in zsh
     print(f"  curl -u '{key}:' -H 'Content-Type: application/json' "
-          f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {url}/v1/track", flush=True)
+          f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {target}", flush=True)
     server = _Server(uvicorn.Config(
         create_app(pipeline), host=settings.server.host, port=settings.server.port,
         loop="uvloop", http=OneWriteHttpToolsProtocol, lifespan="on", access_log=False,
@@ -143,6 +169,23 @@ def _serve(args) -> int:
     finally:
         pipeline.close()
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why uvicorn would fail to listen on host:port, or None. A probe bind, made the way
+    asyncio's create_server binds (SO_REUSEADDR, IPv6-only sockets), then closed."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _uvicorn_server():
@@ -187,19 +230,41 @@ def _send(args) -> int:
     except json.JSONDecodeError as exc:
         print(f"trackpipe: --properties is not valid JSON: {exc}", file=sys.stderr)
         return 2
+    if not isinstance(properties, dict):
+        print(f"trackpipe: --properties must be a JSON object such as '{{\"plan\": \"pro\"}}',"
+              f" not {args.properties!r}", file=sys.stderr)
+        return 2
     message_id = f"cli-{uuid.uuid4()}"
     body = {"userId": args.user_id, "event": args.event, "properties": properties,
             "messageId": message_id}
     try:
+        # Strict mode: an event the server would store nothing of is answered 400 with the
+        # reasons, instead of the 200 that keeps SDKs from retrying it.
         r = httpx.post(f"{args.url.rstrip('/')}/v1/track", json=body, auth=(args.write_key, ""),
-                       timeout=10)
+                       headers={"X-Strict-Mode": "1"}, timeout=10)
+    except httpx.InvalidURL as exc:
+        print(f"trackpipe: --url {args.url!r} is not a valid URL: {exc}", file=sys.stderr)
+        return 2
     except httpx.HTTPError as exc:
         print(f"trackpipe: could not reach {args.url}: {exc}", file=sys.stderr)
         return 1
     print(f"{r.status_code} {r.text}")
     if r.status_code == 200:
         print(f"messageId {message_id}")
-    return 0 if r.status_code == 200 else 1
+        return 0
+    for reason in _rejections(r):
+        print(f"trackpipe: the event was not stored: {reason}", file=sys.stderr)
+    return 1
+
+
+def _rejections(r) -> list[str]:
+    """The reasons in an error answer: each invalid event's in strict mode, else the one."""
+    try:
+        body = r.json()
+        errors = body.get("errors") or [body]
+        return [f"{e['message']} ({e['code']})" for e in errors]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def _events(args) -> int:
@@ -209,18 +274,19 @@ def _events(args) -> int:
                                 ("user_id", args.user_id)) if v}
 
     def work(client) -> int:
-        r = client.get("/api/v1/events", params={**params, "limit": args.limit})
-        if r.status_code != 200:
-            print(f"trackpipe: {r.status_code} {r.text}", file=sys.stderr)
+        # --follow reads the log's head first: the listing ends there and following starts
+        # there, so an event stored in between is shown once, neither skipped nor repeated.
+        head = int(client.get("/ready").json()["head"]) if args.follow else None
+        shown = _newest(client, params, args.limit, head)
+        if shown is None:
             return 1
-        shown = list(reversed(r.json()["events"]))  # oldest first, like a log
         if not args.json:
             print(f"{'RECEIVED AT':25} {'TYPE':9} {'EVENT / NAME':24} {'USER':20} MESSAGE ID")
         for ev in shown:
             _print_event(ev, args.json)
         if not args.follow:
             return 0
-        cursor = client.get("/ready").json().get("head", 0)
+        cursor = head
         while True:
             r = client.get("/api/v1/events", params={**params, "order": "asc",
                                                      "cursor": cursor, "limit": 1000})
@@ -234,11 +300,34 @@ def _events(args) -> int:
     return admin_api.run(args.url, args.admin_token, 10, work)
 
 
+def _newest(client, params: dict, limit: int, head: int | None) -> list[dict] | None:
+    """The newest `limit` matching events (at or below `head` when given), oldest first,
+    or None after printing the API's error. One call scans a window of the log and may
+    answer no events and a `next` cursor when the matches lie further back, so pages are
+    followed until `limit` events are found or `next` is null."""
+    found: list[dict] = []
+    cursor = None if head is None else head + 1  # newest first, `cursor` is exclusive
+    while True:
+        page_params = {**params, "limit": limit - len(found)}
+        if cursor is not None:
+            page_params["cursor"] = cursor
+        r = client.get("/api/v1/events", params=page_params)
+        if r.status_code != 200:
+            print(printable(f"trackpipe: {r.status_code} {r.text}"), file=sys.stderr)
+            return None
+        page = r.json()
+        found += page["events"]
+        cursor = page["next"]
+        if cursor is None or len(found) >= limit:
+            return found[::-1]
+
+
 def _print_event(ev: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(ev), flush=True)
         return
     label = ev.get("event") or ev.get("name") or ev.get("groupId") or ev.get("previousId") or ""
     user = ev.get("userId") or ev.get("anonymousId") or ""
-    print(f"{ev.get('receivedAt', ''):25} {ev['type']:9} {str(label)[:24]:24} {str(user)[:20]:20}"
-          f" {ev.get('messageId', '')}", flush=True)
+    # Names, ids and users come from clients: escaped, so they cannot drive the terminal.
+    print(f"{ev.get('receivedAt', ''):25} {ev['type']:9} {printable(label)[:24]:24}"
+          f" {printable(user)[:20]:20} {printable(ev.get('messageId', ''))}", flush=True)

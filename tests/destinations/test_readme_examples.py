@@ -9,6 +9,7 @@ the code. Every built-in type has at least one example.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,24 @@ def test_every_built_in_type_has_an_example(tmp_path):
         path.write_text(example)
         shown |= {d.type for d in config.load(path, env={}).destinations}
     assert shown >= set(KINDS), f"no README example for {set(KINDS) - shown}"
+
+
+def commands(path: Path) -> list[list[str]]:
+    """Every `trackpipe ...` line of the ```sh blocks, split as a shell would."""
+    found = []
+    for block in re.findall(r"```sh\n(.*?)```", path.read_text(), re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["trackpipe"]:
+                found.append(words)
+    return found
+
+
+def test_commands_that_need_the_destinations_config_pass_it():
+    """`destinations`, `check` and `replay` know the destinations only from --config: an
+    example without it fails when pasted ("No destination is named ...")."""
+    shown = [c for path in (README, *ROUTING.parent.glob("*.md")) for c in commands(path)
+             if c[1] in ("destinations", "check", "replay")]
+    assert {c[1] for c in shown} == {"destinations", "check", "replay"}
+    missing = [" ".join(c) for c in shown if "--config" not in c]
+    assert not missing, f"examples without --config: {missing}"

@@ -1,5 +1,5 @@
 """What the CLI commands that talk to a running server's admin API share: the client,
-and what they print when the token, the server or its answer is not usable."""
+and what they print when the URL, the token, the server or its answer is not usable."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ def run(url: str, token: str | None, timeout: float, work: Callable[[httpx.Clien
         print("trackpipe: the admin token must be printable ASCII (it travels in an HTTP"
               " header)", file=sys.stderr)
         return 2
-    client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                          headers={"authorization": f"Bearer {token}"})
+    try:
+        client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                              headers={"authorization": f"Bearer {token}"})
+    except httpx.InvalidURL as exc:  # not an HTTPError: nothing was sent
+        print(f"trackpipe: --url {url!r} is not a valid URL: {exc}", file=sys.stderr)
+        return 2
     try:
         return work(client)
     except httpx.HTTPError as exc:

@@ -96,8 +96,10 @@ def _replay(p, settings, args) -> int:
         known = ", ".join(d.name for d in settings.destinations) or "none configured"
         raise ConfigError(f"No destination is named {args.destination!r} (known: {known}).")
     try:
+        # `is not None`: an empty --since (an unset shell variable) is an invalid time,
+        # not "from the beginning".
         times = {k: time_param({k: getattr(args, k)}, k) for k in ("since", "until")
-                 if getattr(args, k)}
+                 if getattr(args, k) is not None}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from trackpipe.commands import admin_api
+from trackpipe.commands.terminal import printable
 
 
 def add_parsers(sub) -> None:
@@ -43,16 +44,23 @@ def run(args: argparse.Namespace) -> int:
 def _failed(r: httpx.Response) -> bool:
     if r.status_code < 300:
         return False
-    try:
+    try:  # a message may quote the id the operator passed, or a client sent: escaped
         body = r.json()
-        print(f"trackpipe: {body['message']} ({body['code']})", file=sys.stderr)
+        print(printable(f"trackpipe: {body['message']} ({body['code']})"), file=sys.stderr)
     except (ValueError, KeyError, TypeError):
-        print(f"trackpipe: {r.status_code} {r.text[:500]}", file=sys.stderr)
+        print(printable(f"trackpipe: {r.status_code} {r.text[:500]}"), file=sys.stderr)
     return True
 
 
+def _segment(text: str) -> str:
+    """`text` as one path segment. "." and ".." are escaped too: URL parsers (httpx's
+    among them) otherwise resolve them as "this" and "the parent" directory."""
+    segment = quote(text, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
 def _profile(client: httpx.Client, args) -> int:
-    path = f"/api/v1/profiles/{quote(args.id, safe='')}"
+    path = f"/api/v1/profiles/{_segment(args.id)}"
     r = client.get(path)
     if _failed(r):
         return 1
@@ -70,31 +78,38 @@ def _profile(client: httpx.Client, args) -> int:
 
 
 def _print_profile(person: dict, timeline: list, history: list, more: bool) -> None:
-    print(f"Profile {person['profile_id']}")
-    print(f"  userIds:       {', '.join(person['user_ids']) or '-'}")
-    print(f"  anonymousIds:  {', '.join(person['anonymous_ids']) or '-'}")
+    # Ids, names and timestamps come from clients: every line goes out through `printable`,
+    # so that none can drive the operator's terminal.
+    def line(text: str = "") -> None:
+        print(printable(text))
+
+    line(f"Profile {person['profile_id']}")
+    line(f"  userIds:       {', '.join(person['user_ids']) or '-'}")
+    line(f"  anonymousIds:  {', '.join(person['anonymous_ids']) or '-'}")
     others = [f"{i['type']}={i['value']}" for i in person.get("identifiers", ())
               if i["type"] not in ("user_id", "anonymous_id")]
     if others:
-        print(f"  other ids:     {', '.join(others)}")
-    print(f"  first seen:    {person.get('first_seen') or '-'}")
-    print(f"  last seen:     {person.get('last_seen') or '-'}")
+        line(f"  other ids:     {', '.join(others)}")
+    line(f"  first seen:    {person.get('first_seen') or '-'}")
+    line(f"  last seen:     {person.get('last_seen') or '-'}")
     if person.get("traits"):
-        print("  traits:        " + json.dumps(person["traits"], sort_keys=True))
+        line("  traits:        " + json.dumps(person["traits"], sort_keys=True))
     for group in person.get("groups", ()):
-        print(f"  group:         {group['group_id']} {json.dumps(group.get('traits') or {})}")
+        line(f"  group:         {group['group_id']} {json.dumps(group.get('traits') or {})}")
     counts = person.get("event_counts") or {}
     if counts:
-        print("  events:        " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
-    print(f"\nTimeline ({len(timeline)} events{', more with --events N' if more else ''})")
+        line("  events:        " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    line()
+    line(f"Timeline ({len(timeline)} events{', more with --events N' if more else ''})")
     for ev in timeline:
         label = ev.get("event") or ev.get("name") or ev.get("groupId") or ev.get("previousId") or ""
         who = ev.get("userId") or f"anon {ev.get('anonymousId', '')}"
-        print(f"  {ev.get('timestamp', ''):25} {ev['type']:9} {str(label)[:28]:28} {who}")
-    print(f"\nMerges ({len(history)})")
+        line(f"  {ev.get('timestamp', ''):25} {ev['type']:9} {printable(label)[:28]:28} {who}")
+    line()
+    line(f"Merges ({len(history)})")
     for m in history:
-        print(f"  {m['id']:6} {m['at']:25} {m['kind']:8} {m.get('rule') or '':24}"
-              f" {json.dumps(m.get('edge'))} message {m.get('message_id')}")
+        line(f"  {m['id']:6} {m['at']:25} {m['kind']:8} {m.get('rule') or '':24}"
+             f" {json.dumps(m.get('edge'))} message {m.get('message_id')}")
 
 
 def _privacy(client: httpx.Client, args) -> int:
