@@ -24,6 +24,7 @@ from typing import Protocol
 
 from trackpipe.errors import StoreUnavailable
 from trackpipe.log.base import Discard, EventLog, Record, Repeat
+from trackpipe.pipeline.clock import ClockSteps
 from trackpipe.pipeline.decode import too_deep
 from trackpipe.pipeline.dedupe import MessageIndex, message_hash
 from trackpipe import metrics
@@ -64,10 +65,12 @@ class LogWriter:
     a thread (GroupCommitter) where one process is enough.
     """
 
-    def __init__(self, log_: EventLog, index: MessageIndex, window_ms: int):
+    def __init__(self, log_: EventLog, index: MessageIndex, window_ms: int,
+                 steps: ClockSteps | None = None):
         self.log = log_
         self.index = index
         self.window_ms = window_ms
+        self.steps = steps or ClockSteps()
 
     def commit(self, group: list[tuple[list[Record], list[Discard]]]) -> list[Outcome]:
         """One Outcome per request, after the commit; raises sqlite3.Error / OSError if it fails.
@@ -84,6 +87,7 @@ class LogWriter:
                   for no, (records, _) in zip(refused, group)]
         stored = self._stored_versions({h for records in hashed for h, _ in records})
         next_position = self.log.head() + 1
+        self.steps.observe(next_position)
         appended: list[Record] = []
         new: list[tuple[int, int]] = []
         repeats: list[Repeat] = []
@@ -97,7 +101,8 @@ class LogWriter:
             discards.extend(request_discards)
             for h, rec in records:
                 prior = stored.get(rec.message_id)
-                if prior is not None and rec.received_at - prior[1] < self.window_ms:
+                if prior is not None and (rec.received_at - prior[1]
+                                          - self.steps.since(prior[0])) < self.window_ms:
                     repeats.append(Repeat(rec.message_id, prior[0], rec.received_at))
                     outcome.deduplicated += 1
                     continue

@@ -447,6 +447,7 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from trackpipe.gc_tuning import tune_gc
     from trackpipe.log.sqlite import SQLiteLog
+    from trackpipe.pipeline.clock import ClockSteps
     from trackpipe.pipeline.dedupe import MessageIndex
     from trackpipe.pipeline.store import LogWriter
 
@@ -457,7 +458,7 @@ def serve_writer(conn, data_dir: str, window_ms: int) -> None:
     except (sqlite3.Error, OSError) as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    writer = LogWriter(event_log, index, window_ms)
+    writer = LogWriter(event_log, index, window_ms, ClockSteps(Path(data_dir) / "clock_steps.json"))
     conn.send(("ready", event_log.head()))  # the handshake is pickled; the groups are msgpack
     try:
         while True:
