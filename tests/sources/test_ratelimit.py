@@ -34,11 +34,24 @@ def test_bucket_refills_with_monotonic_time():
 def test_sources_have_their_own_buckets_and_big_batches_can_pass():
     clock = Clock()
     limiter = RateLimiter(10, burst_seconds=1, clock=clock)
-    limiter.take("a", 100)  # larger than the bucket: takes all of it rather than never passing
+    limiter.take("a", 100)  # larger than the bucket: passes when it is full, leaving a debt
     limiter.take("b", 10)
     with pytest.raises(RequestRejected) as exc:
         limiter.take("a", 100)
-    assert dict(exc.value.headers)[b"retry-after"] == b"1"
+    assert dict(exc.value.headers)[b"retry-after"] == b"10", "the debt of 90, then 10 more"
+
+
+def test_batches_larger_than_the_bucket_keep_to_the_rate_over_time():
+    clock, passed = Clock(), 0
+    limiter = RateLimiter(10, burst_seconds=1, clock=clock)
+    for _ in range(60):  # a 2,500-event batch every 1.05 s for a minute
+        try:
+            limiter.take("s", 2500)
+            passed += 2500
+        except RequestRejected:
+            pass
+        clock.now += 1.05
+    assert passed <= 10 * 63 + 2500, f"{passed / 63:.0f} events/s through a limit of 10"
 
 
 def test_off_by_default():
