@@ -621,6 +621,19 @@ def test_serve_on_a_port_in_use_says_so_and_never_listening(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("damaged", ["catalog.db", "log.db"])
+def test_serve_on_a_damaged_data_file_says_so_without_a_traceback(tmp_path, damaged):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / damaged).write_bytes(b"not a database " * 400)
+    r = cli("serve", "--port", "1", "--data-dir", str(data),
+            env=clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert f"cannot start on the data in {data}" in r.stderr
+    assert "file is not a database" in r.stderr
+
+
 def test_replay_refuses_an_empty_time(tmp_path):
     from trackpipe.log.sqlite import SQLiteLog
 

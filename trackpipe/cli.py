@@ -7,13 +7,14 @@ import argparse
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 import uuid
 
 from trackpipe import config
 from trackpipe.commands.terminal import printable
-from trackpipe.errors import ConfigError
+from trackpipe.errors import ConfigError, StartFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +134,12 @@ def _serve(args) -> int:
     sys.setswitchinterval(float(os.environ.get("TRACKPIPE_SWITCH_INTERVAL", "0.001")))
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    pipeline = Pipeline(settings)
+    try:
+        pipeline = Pipeline(settings)
+    except (sqlite3.Error, OSError, StartFailed) as exc:  # a damaged file, a full disk
+        print(f"trackpipe: cannot start on the data in {settings.data_path.resolve()}:"
+              f" {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     host, port = settings.server.host, settings.server.port
     # An IPv6 literal goes in brackets (RFC 3986), or curl and the SDKs take its colons
     # for a port.

@@ -23,3 +23,7 @@ class RequestRejected(TrackpipeError):
 
 class StoreUnavailable(TrackpipeError):
     """The event log could not commit (disk full, I/O error, shutting down): retry later."""
+
+
+class StartFailed(TrackpipeError):
+    """trackpipe cannot start on its data dir: a file there cannot be opened or read."""

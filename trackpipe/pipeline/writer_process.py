@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 
 from trackpipe import metrics
-from trackpipe.errors import StoreUnavailable
+from trackpipe.errors import StartFailed, StoreUnavailable
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.store import GROUP_MAX_EVENTS, Outcome, Submission, error_kind, settle
 
@@ -103,12 +103,12 @@ class WriterProcess:
         """Block until the writer has opened the log (it may replay the dedup index first)."""
         try:
             if not self._conn.poll(120):
-                raise RuntimeError("the log writer process did not start within 120 s")
+                raise StartFailed("the log writer process did not start within 120 s")
             status, detail = self._conn.recv()
         except (EOFError, OSError) as exc:
-            raise RuntimeError(f"the log writer process exited while starting ({exc})") from None
+            raise StartFailed(f"the log writer process exited while starting ({exc})") from None
         if status != "ready":
-            raise RuntimeError(f"the log writer process failed to open the log: {detail}")
+            raise StartFailed(f"the log writer process failed to open the log: {detail}")
 
     def alive(self) -> bool:
         """For /ready: a writer process is running and connected (or about to be)."""
