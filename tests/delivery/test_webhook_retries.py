@@ -65,22 +65,32 @@ def assert_retried_as_sent(sink: Sink, batches: list[list[str]]) -> None:
     assert len(requests) > len(batches), "each batch was retried"
 
 
+def serve_a_broken_hook(fresh_server, tmp_path, sink: Sink):
+    """A server whose webhook's receiver refuses everything until healed; each retry
+    comes due 2-3 s after its send."""
+    sink.break_()
+    config = write_config(tmp_path / "trackpipe.toml",
+                          [{**sink.config("hook"), "retry_initial_seconds": 2.0,
+                            "retry_max_delay_seconds": 3.0}],
+                          identity={"enabled": False})
+    return fresh_server(config=config).start()
+
+
+def assert_all_delivered_as_sent(sink: Sink, batches: list[list[str]]) -> None:
+    wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
+             what="every batch delivered")
+    assert_retried_as_sent(sink, batches)
+
+
 def test_failed_batches_due_at_once_are_retried_apart_each_whole(fresh_server, tmp_path):
     sink = Sink(tmp_path / "sink")
     try:
-        sink.break_()
-        config = write_config(tmp_path / "trackpipe.toml",
-                              [{**sink.config("hook"), "retry_initial_seconds": 2.0,
-                                "retry_max_delay_seconds": 3.0}],
-                              identity={"enabled": False})
-        server = fresh_server(config=config).start()
-        batches = fail_three_batches(server, sink)  # each retry due 2-3 s after its send
+        server = serve_a_broken_hook(fresh_server, tmp_path, sink)
+        batches = fail_three_batches(server, sink)
         # The first retry to go takes 4 s to answer: by then the other two are both due.
         sink.delay = 4.0
         sink.heal()
-        wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
-                 what="every batch delivered")
-        assert_retried_as_sent(sink, batches)
+        assert_all_delivered_as_sent(sink, batches)
     finally:
         sink.delay = 0
         sink.close()
@@ -89,20 +99,13 @@ def test_failed_batches_due_at_once_are_retried_apart_each_whole(fresh_server, t
 def test_failed_batches_keep_their_webhook_ids_across_a_restart(fresh_server, tmp_path):
     sink = Sink(tmp_path / "sink")
     try:
-        sink.break_()
-        config = write_config(tmp_path / "trackpipe.toml",
-                              [{**sink.config("hook"), "retry_initial_seconds": 2.0,
-                                "retry_max_delay_seconds": 3.0}],
-                              identity={"enabled": False})
-        server = fresh_server(config=config).start()
+        server = serve_a_broken_hook(fresh_server, tmp_path, sink)
         batches = fail_three_batches(server, sink)
         server.kill()
         time.sleep(3.2)  # down until every retry is due (2 s x jitter of at most 1.5)
         sink.heal()
         server.start()
-        wait_for(lambda: {i for b in batches for i in b} <= set(sink.received()), 30,
-                 what="every batch delivered")
-        assert_retried_as_sent(sink, batches)
+        assert_all_delivered_as_sent(sink, batches)
     finally:
         sink.close()
 
