@@ -221,12 +221,31 @@ class LogRetention:
         self.index.close()
 
 
+# SQLSTATEs that psycopg files under OperationalError but that are one statement's fault:
+# class 54, program limit exceeded (an index row or a statement too big for a value).
+_PG_STATEMENT_FAULTS = ("54",)
+# ...and ones filed elsewhere that are the server's: read only (a failover to a standby),
+# an idle transaction's session timeout, data or index corruption.
+_PG_SERVER_FAULTS = ("25006", "25P03", "XX001", "XX002")
+
+
 def environmental(exc: BaseException) -> bool:
     """A failure of the machine or the database (disk full, locked, gone), worth retrying
-    as it is; anything else is taken for a bug some entry trips."""
+    as it is; anything else is taken for a bug some entry trips. For PostgreSQL that is
+    a connection or server failure (OperationalError: connection lost, shutdown, disk
+    full, out of memory, lock timeout, deadlock; InterfaceError), not an error about a
+    statement's values (DataError such as a NUL in text, an index row too big,
+    IntegrityError), which the entry-by-entry apply passes over."""
     if isinstance(exc, (OSError, MemoryError, sqlite3.Error)):
         return True
-    return type(exc).__module__.split(".")[0] == "psycopg"
+    if type(exc).__module__.split(".")[0] != "psycopg":
+        return False
+    import psycopg
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate.startswith(_PG_STATEMENT_FAULTS):
+        return False
+    return (isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+            or sqlstate in _PG_SERVER_FAULTS)
 
 
 def worker_for(cfg: config.Destination, destination, event_log: SQLiteLog,

@@ -5,15 +5,28 @@ node may have merged those profiles since. So nothing is cached: every
 apply() takes a transaction-scoped advisory lock (one writer at a time for
 the whole graph, which keeps merges of profiles that two nodes touch at once
 consistent), reads the nodes its batch names, and writes, in one transaction
-with its own position (one per `consumer`, i.e. per node and log). Readers
-use REPEATABLE READ, so a profile is read from one snapshot.
+with its own position (one per `consumer`, i.e. per node and log: open_store
+names it after the data dir's node id). Readers use REPEATABLE READ, so a
+profile is read from one snapshot.
+
+A connection lost while idle (a failover, an idle-session kill) shows when the
+next transaction's BEGIN fails, and is replaced then. One lost during a
+transaction fails it, and the caller retries it (the consumer takes an
+OperationalError for an outage): an apply commits its position with its
+changes, so an apply whose COMMIT went through before the loss is not applied
+twice.
+
+PostgreSQL text cannot hold a NUL character, so no identifier holding one is
+stored (an event naming one is passed over, see delivery/process.py): a
+lookup of one answers "not found", as the SQLite store does when it has none.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import psycopg
 
@@ -21,10 +34,16 @@ from trackpipe.dsn import scrub
 from trackpipe.errors import ConfigError
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
-from trackpipe.identity.store import new_profile_id
+from trackpipe.identity.store import Forgotten, new_profile_id
+from trackpipe.log.base import Entry
 
 LOCK_KEY = 0x7472_6B69_6400  # "trkid": the graph writer lock
 _HEAD = re.compile(r"INSERT INTO (\w+) \(([^)]*)\)")
+# Beyond this an indexed value (an identifier, a trait's path, a group id) does not fit
+# in a B-tree entry of nodes_by_value, traits_pkey or groups_pkey.
+INDEXED_LIMIT = 2700
+
+log = logging.getLogger("trackpipe.identity")
 
 SCHEMA = [
     "CREATE SEQUENCE IF NOT EXISTS node_ids",
@@ -94,12 +113,15 @@ class PostgresDb(Db):
 
 
 class PostgresStore(SQLStore):
-    def __init__(self, dsn: str, settings, consumer: str = "identity", schema: str | None = None):
+    def __init__(self, dsn: str, settings, consumer: str = "identity", schema: str | None = None,
+                 adopt: str | None = None):
+        """`adopt`: a consumer whose position this one takes over when it has none of its
+        own yet (the name every node used before node ids; see store.open_store)."""
         super().__init__(settings, consumer)
-        options = f"-c search_path={schema}" if schema else None
+        self.dsn = dsn
+        self.options = f"-c search_path={schema}" if schema else None
         try:
-            self.conn = psycopg.connect(dsn, autocommit=True, options=options) if options \
-                else psycopg.connect(dsn, autocommit=True)
+            self.conn = self._connect()
         except psycopg.Error as exc:
             raise ConfigError(f"Cannot connect to the identity store at [identity] postgres_dsn: "
                               f"{scrub(str(exc), dsn)}. Check the host, database and"
@@ -108,17 +130,52 @@ class PostgresStore(SQLStore):
         with self.write_tx():
             for statement in SCHEMA:
                 self.conn.execute(statement)
+            if adopt is not None and adopt != consumer:
+                self._adopt(adopt)
         self.db.learn_types()
+
+    def _connect(self) -> psycopg.Connection:
+        if self.options:
+            return psycopg.connect(self.dsn, autocommit=True, options=self.options)
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def _adopt(self, old: str) -> None:
+        """Rename `old`'s position to ours, unless we have one (under the writer lock, so
+        of nodes starting at once only the first takes it)."""
+        cur = self.conn.execute(
+            "UPDATE positions SET consumer = %s WHERE consumer = %s AND NOT EXISTS "
+            "(SELECT 1 FROM positions WHERE consumer = %s) RETURNING position",
+            (self.consumer, old, self.consumer))
+        taken = cur.fetchone()
+        if taken is not None:
+            log.info("identity: %s takes over the log position %d kept as %r before node ids",
+                     self.consumer, taken[0], old)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.conn.transaction())
+            except psycopg.OperationalError:
+                if not self.conn.broken:  # not lost: refused, or closed by close()
+                    raise
+                # Lost while idle, or in an earlier transaction: nothing ran in this one yet,
+                # so a new connection starts it again (if the server is down, connect()
+                # raises OperationalError, and the caller retries later).
+                self.conn = self.db.conn = self._connect()
+                log.warning("identity: reconnected to the PostgreSQL identity store")
+                stack.enter_context(self.conn.transaction())
+            yield
 
     @contextmanager
     def write_tx(self) -> Iterator[None]:
-        with self.conn.transaction():
+        with self._transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             yield
 
     @contextmanager
     def read_tx(self) -> Iterator[None]:
-        with self.conn.transaction():
+        with self._transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield
 
@@ -136,6 +193,49 @@ class PostgresStore(SQLStore):
                                  (n,)).fetchall()
         return sorted(r[0] for r in rows)
 
+    def apply(self, entries: Sequence[Entry]) -> None:
+        try:
+            super().apply(entries)
+        except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+            # The event's own fault, not the database's (delivery/process.py environmental):
+            # said in words, for the log line that names the event passed over.
+            where = (f"position {entries[0].position}" if len(entries) == 1 else
+                     f"positions {entries[0].position}-{entries[-1].position}")
+            raise ValueError(
+                f"An event at {where} holds a value the PostgreSQL identity store cannot "
+                "keep: a NUL character, or an "
+                f"identifier, trait name or group id longer than about {INDEXED_LIMIT} bytes"
+                f" ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+    # -- reads: an identifier holding NUL cannot be stored, so it is not found ------------
+
+    def resolve_many(self, pairs: Sequence[tuple[str | None, str | None]]) -> list[str | None]:
+        return super().resolve_many([(None if _nul(u) else u, None if _nul(a) else a)
+                                     for u, a in pairs])
+
+    def profile(self, ident: str) -> dict | None:
+        return None if _nul(ident) else super().profile(ident)
+
+    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100
+                 ) -> tuple[list[int], str | None]:
+        return ([], None) if _nul(ident) else super().timeline(ident, cursor, limit)
+
+    def merges(self, ident: str) -> list[dict]:
+        return [] if _nul(ident) else super().merges(ident)
+
+    def unmerge(self, profile_id: str, merge_id: str | int) -> list[str]:
+        if _nul(profile_id):
+            raise LookupError(f"no profile {profile_id!r}")
+        return super().unmerge(profile_id, merge_id)
+
+    def forget(self, ident: str) -> Forgotten | None:
+        return None if _nul(ident) else super().forget(ident)
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+
+def _nul(value) -> bool:
+    """Whether `value` holds a NUL, which no text in PostgreSQL holds."""
+    return isinstance(value, str) and "\x00" in value

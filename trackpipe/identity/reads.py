@@ -84,9 +84,10 @@ def _parse_cursor(cursor: str | None) -> tuple[str, int]:
     if not cursor:
         return ("", 0)
     ts, sep, position = cursor.rpartition("~")
-    # At most 18 digits: any log position, and always within SQLite's 64-bit integers.
+    # At most 18 digits: any log position, and always within SQLite's 64-bit integers. The
+    # time is printable ASCII as every stored one is (PostgreSQL text cannot even hold NUL).
     if (not sep or not (position.isascii() and position.isdigit()) or len(position) > 18
-            or len(ts) != 24):
+            or len(ts) != 24 or not (ts.isascii() and ts.isprintable())):
         raise ValueError(f"The cursor {cursor!r} is not one a timeline page returned; pass the "
                          "`next` value of the previous page, or none for the first page.")
     return (ts, int(position))

@@ -1,6 +1,7 @@
 """The identity store interface: what the consumer, the delivery path and the admin API call.
 
     store = open_store(settings.identity, data_dir)   # SQLite data_dir/identity.db, or PostgreSQL
+                                # (shared by nodes: each keeps its own position, see node_id)
     store.apply(entries)        # log entries in position order; idempotent per position: the
                                 # store's position commits in the same transaction as the changes
     store.position() -> int     # the last position applied
@@ -25,8 +26,11 @@ is what unmerge() takes. The rules are in graph.py. Every method is thread-safe.
 from __future__ import annotations
 
 import base64
+import logging
 import os
+import re
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,17 +102,69 @@ class IdentityStore(ABC):
         """Release connections."""
 
 
-def open_store(settings, data_dir: str | os.PathLike, consumer: str = "identity") -> IdentityStore:
+# The position's name in a store of its own (SQLite, in the data dir), and the name every
+# node used in a shared PostgreSQL store before node ids: the first node to start with node
+# ids takes that row over (PostgresStore `adopt`), so an upgraded node resumes where it was.
+CONSUMER = "identity"
+NODE_ID_FILE = "node_id"
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+log = logging.getLogger("trackpipe.identity")
+
+
+def node_id(data_dir: str | os.PathLike) -> str:
+    """This data dir's node id: the text of data_dir/node_id, made (32 random hex digits)
+    the first time it is asked for. It names this node's log position in a store several
+    nodes share, so it must differ between the nodes: an operator may write a name of
+    their own there before the first start, and must not copy it to a second node."""
+    path = Path(data_dir) / NODE_ID_FILE
+    if not path.exists():
+        _create_node_id(path)
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not _NODE_ID.fullmatch(text):
+        raise ConfigError(f"{path} holds {text[:80]!r}, which is not a node id: write 1-64 "
+                          "letters, digits, '.', '_' or '-' there (a name no other node "
+                          "sharing the identity store uses), or delete the file to get a "
+                          "new random id (this node then applies its whole log again).")
+    return text
+
+
+def _create_node_id(path: Path) -> None:
+    """Written whole and then linked into place, so that a reader never sees it half
+    written and of two processes starting at once, both keep the first one's id."""
+    temp = path.with_name(f"{NODE_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(uuid.uuid4().hex + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return
+        log.info("identity: this data dir's node id is now %s (%s)", path.read_text().strip(),
+                 path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def open_store(settings, data_dir: str | os.PathLike, consumer: str | None = None
+               ) -> IdentityStore:
     """The store `settings` (config.Identity) asks for. `consumer` names whose log position
-    it keeps: nodes sharing one PostgreSQL store each pass their own name."""
+    it keeps; by default "identity" in the SQLite store (one per data dir, so one per log),
+    and "identity:<node id>" in PostgreSQL, which several nodes with logs of their own
+    share (see node_id)."""
     if settings.store == "sqlite":
         from trackpipe.identity.sqlite_store import SQLiteStore
-        return SQLiteStore(Path(data_dir) / "identity.db", settings, consumer)
+        return SQLiteStore(Path(data_dir) / "identity.db", settings, consumer or CONSUMER)
     if settings.store == "postgres":
         if not settings.postgres_dsn:
             raise ConfigError('[identity] store = "postgres" needs postgres_dsn, e.g. '
                               'postgres_dsn = "postgresql://trackpipe@db-host/trackpipe".')
         from trackpipe.identity.postgres_store import PostgresStore
-        return PostgresStore(settings.postgres_dsn, settings, consumer)
+        if consumer is not None:
+            return PostgresStore(settings.postgres_dsn, settings, consumer)
+        return PostgresStore(settings.postgres_dsn, settings, f"{CONSUMER}:{node_id(data_dir)}",
+                             adopt=CONSUMER)
     raise ConfigError(f'[identity] store = {settings.store!r} is not a store trackpipe has; '
                       'use "sqlite" (embedded) or "postgres" (shared by several nodes).')

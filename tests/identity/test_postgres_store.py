@@ -1,0 +1,335 @@
+"""The PostgreSQL identity store as several nodes use it: each node's own log position,
+events PostgreSQL cannot keep passed over (not retried forever), lookups of values it
+cannot hold answered "not found", and a lost connection replaced.
+
+Each test gets a schema of its own on this machine's PostgreSQL, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+import msgspec
+import psycopg
+import pytest
+
+from trackpipe.config import Identity
+from trackpipe.delivery.process import IdentityConsumer, environmental
+from trackpipe.errors import ConfigError
+from trackpipe.identity.postgres_store import PostgresStore
+from trackpipe.identity.sqlite_store import SQLiteStore
+from trackpipe.identity.store import node_id, open_store
+from trackpipe.log.base import Entry
+
+PG_DSN = os.environ.get("TRACKPIPE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def admin():
+    try:
+        conn = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("TRACKPIPE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"PostgreSQL is not reachable at {PG_DSN}: {exc}")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_DSN}: {exc}")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def schema(admin):
+    name = f"identity_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {name}")
+    yield name
+    admin.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture
+def opened():
+    stores = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def settings(schema: str) -> Identity:
+    """[identity] as a node's config has it: the schema goes in the DSN."""
+    sep = "&" if "?" in PG_DSN else "?"
+    return Identity(store="postgres", trait_identifiers=["email"],
+                    postgres_dsn=f"{PG_DSN}{sep}options=-csearch_path%3D{schema}")
+
+
+class Log:
+    """One node's log: entries at increasing positions, from 1."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __call__(self, type_: str, user: str | None = None, anon: str | None = None,
+                 **fields) -> Entry:
+        self.position += 1
+        body = {"type": type_, "userId": user, "anonymousId": anon,
+                "timestamp": f"2024-05-01T10:{self.position // 60:02d}:{self.position % 60:02d}"
+                             ".000Z", "messageId": f"msg-{self.position}", **fields}
+        return Entry(self.position, f"msg-{self.position}", 1_714_557_600_000, type_,
+                     fields.get("event"), user, anon, "src_1", msgspec.json.encode(body))
+
+
+class FakeLog:
+    def __init__(self, entries):
+        self.entries = entries
+
+    def read(self, position, n, lean_types=()):
+        return [e for e in self.entries if e.position > position][:n]
+
+
+def consume(store, entries, until: int, timeout: float = 20.0) -> IdentityConsumer:
+    """Run an IdentityConsumer over `entries` until it has applied up to `until`."""
+    consumer = IdentityConsumer(store, FakeLog(entries))
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while consumer.position() < until and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+    asyncio.run(main())
+    consumer.pool.shutdown(wait=True)
+    return consumer
+
+
+# -- 1. nodes sharing the store each keep their own position ---------------------------
+
+def test_node_id_is_made_once_and_kept(tmp_path):
+    made = node_id(tmp_path)
+    assert len(made) == 32 and (tmp_path / "node_id").read_text().strip() == made
+    assert node_id(tmp_path) == made
+    other = tmp_path / "b"
+    other.mkdir()
+    assert node_id(other) != made
+    (other / "node_id").write_text("eu-west-1.a\n")  # an operator's own name
+    assert node_id(other) == "eu-west-1.a"
+    (other / "node_id").write_text("two words")
+    with pytest.raises(ConfigError, match="not a node id"):
+        node_id(other)
+
+
+def test_nodes_sharing_a_store_each_apply_their_whole_log(tmp_path, schema, opened):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = open_store(settings(schema), tmp_path / "a")
+    b = open_store(settings(schema), tmp_path / "b")
+    opened += [a, b]
+    log_a, log_b = Log(), Log()
+    entries_a = [log_a("identify", f"alice{i}", f"anon-a{i}") for i in range(50)]
+    entries_b = [log_b("identify", f"bob{i}", f"anon-b{i}") for i in range(30)]
+    consume(a, entries_a, 50)   # node A is ahead ...
+    consume(b, entries_b, 30)   # ... and node B's positions 1-30 are still its own to apply
+    assert [i for i in range(30) if b.profile(f"bob{i}") is None] == []
+    assert [i for i in range(50) if a.profile(f"alice{i}") is None] == []
+    assert (a.position(), b.position()) == (50, 30)
+    assert a.consumer == f"identity:{node_id(tmp_path / 'a')}" != b.consumer
+    again = open_store(settings(schema), tmp_path / "b")  # a restart keeps its name
+    opened.append(again)
+    assert (again.consumer, again.position()) == (b.consumer, 30)
+
+
+def test_the_first_upgraded_node_adopts_the_old_shared_position(tmp_path, schema, opened,
+                                                                  caplog):
+    old = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)  # before node ids
+    opened.append(old)
+    log = Log()
+    old.apply([log("identify", f"u{i}", f"a{i}") for i in range(5)])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with caplog.at_level(logging.INFO, "trackpipe.identity"):
+        a = open_store(settings(schema), tmp_path / "a")
+    opened.append(a)
+    assert a.position() == 5  # resumes; does not apply its whole log again
+    b = open_store(settings(schema), tmp_path / "b")
+    opened.append(b)
+    assert b.position() == 0  # the row went to the first node only
+    assert "takes over the log position 5" in caplog.text
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
+        rows = dict(conn.execute("SELECT consumer, position FROM positions").fetchall())
+    assert rows == {a.consumer: 5}
+    # A node that has a position of its own leaves an "identity" row alone.
+    old.apply([log("identify", "u9", "a9")])
+    restarted = open_store(settings(schema), tmp_path / "a")
+    opened.append(restarted)
+    assert restarted.position() == 5 and old.position() == 6
+
+
+def test_the_sqlite_store_keeps_its_name(tmp_path):
+    store = open_store(Identity(), tmp_path)
+    try:
+        assert isinstance(store, SQLiteStore) and store.consumer == "identity"
+    finally:
+        store.close()
+
+
+# -- 2. events PostgreSQL cannot keep are passed over; lookups of them find nothing ----
+
+@pytest.mark.parametrize("exc, outage", [
+    (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    (psycopg.errors.AdminShutdown("terminating connection"), True),
+    (psycopg.errors.DiskFull("could not extend file"), True),
+    (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+    (psycopg.errors.ReadOnlySqlTransaction("read-only transaction"), True),
+    (psycopg.InterfaceError("bad state"), True),
+    (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), False),
+    (psycopg.errors.ProgramLimitExceeded("index row size 3024 exceeds maximum 2704"), False),
+    (psycopg.errors.UniqueViolation("duplicate key"), False),
+    (psycopg.errors.NotNullViolation("null value"), False),
+    (ValueError("a bug"), False),
+])
+def test_only_connection_and_server_failures_are_outages(exc, outage):
+    assert environmental(exc) is outage
+
+
+def long_id() -> str:
+    """3000 characters that do not compress (a repeated one would fit the index)."""
+    return os.urandom(1500).hex()
+
+
+def test_an_event_postgres_cannot_keep_is_passed_over(schema, opened, caplog):
+    store = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)
+    opened.append(store)
+    log = Log()
+    entries = [log("identify", "u0", "a0"),
+               log("identify", "u\x00x", "a1"),                       # NUL: DataError
+               log("track", long_id(), None, event="E"),               # index row too big
+               log("identify", "u0", None, traits={long_id(): 1}),     # traits_pkey too big
+               log("group", "u0", None, groupId="g\x00"),
+               log("identify", "u2", "a2")]
+    with caplog.at_level(logging.ERROR, "trackpipe.consumers"):
+        consumer = consume(store, entries, entries[-1].position)
+    assert consumer.position() == store.position() == entries[-1].position
+    assert store.profile("u2")["anonymous_ids"] == ["a2"]
+    assert store.profile("u0")["anonymous_ids"] == ["a0"]
+    for position in (2, 3, 4, 5):
+        assert f"passing over position {position} " in caplog.text
+    assert "longer than about 2700 bytes" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_nul_in_a_lookup_is_not_found(kind, tmp_path, request, opened):
+    if kind == "sqlite":
+        store = SQLiteStore(tmp_path / "identity.db", Identity(), "identity")
+    else:
+        schema = request.getfixturevalue("schema")
+        store = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)
+    opened.append(store)
+    store.apply([Log()("identify", "u1", "a1")])
+    pid = store.profile("u1")["profile_id"]
+    assert store.profile("a\x00b") is None
+    assert store.merges("a\x00b") == []
+    assert store.timeline("a\x00b") == ([], None)
+    assert store.forget("a\x00b") is None
+    assert store.resolve("a\x00b", None) is None
+    assert store.resolve_many([("u\x001", "a1"), (None, "a\x00")]) == [pid, None]
+    with pytest.raises(LookupError):
+        store.unmerge("prof_\x00", "m1")
+    with pytest.raises(ValueError, match="not one a timeline page returned"):
+        store.timeline("u1", "2024-05-01T10:00:00.000\x00~1")
+    assert store.profile("u1")["profile_id"] == pid  # nothing was forgotten
+
+
+# -- 3. a lost connection is replaced -----------------------------------------------
+
+def terminate(admin, store) -> None:
+    (pid,) = store.conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+def test_a_store_reconnects_after_losing_its_connection(admin, schema, opened):
+    store = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)
+    opened.append(store)
+    log = Log()
+    first = [log("identify", "u1", "a1"), log("track", "u1", None, event="E")]
+    store.apply(first)
+    terminate(admin, store)  # lost while idle: the next transaction starts on a new one
+    store.apply([log("identify", "u2", "a2")])
+    assert store.profile("u2")["anonymous_ids"] == ["a2"]
+    terminate(admin, store)
+    assert store.resolve("u1", None) == store.profile("a1")["profile_id"]
+    # Lost during a transaction: that one fails as an outage and is tried again.
+    batch = [log("identify", "u3", "a3"), log("track", "u3", None, event="E")]
+    with pytest.raises(psycopg.OperationalError) as failed:
+        with store.write_tx():
+            terminate(admin, store)
+            store.conn.execute("SELECT 1")
+    assert environmental(failed.value)
+    store.apply(first + batch)  # what had committed is not applied twice
+    assert store.position() == batch[-1].position
+    assert store.profile("u1")["event_counts"] == {"E": 1}
+    assert store.profile("u3")["event_counts"] == {"E": 1}
+
+
+def test_the_consumer_goes_on_after_the_connection_is_lost(admin, schema, opened):
+    store = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)
+    opened.append(store)
+    log = Log()
+    entries = [log("identify", "u1", "a1")]
+    consume(store, entries, 1)
+    terminate(admin, store)
+    entries.append(log("identify", "u2", "a2"))
+    consumer = consume(store, entries, 2, timeout=10)
+    assert consumer.position() == 2 and store.profile("a2") is not None
+
+
+# -- end to end: two `trackpipe serve` nodes on one store -----------------------------
+
+def port_in_range() -> int:
+    """A free port of 19200-19299 (the range these tests may use)."""
+    import socket
+    for port in range(19200, 19300):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in 19200-19299")
+
+
+def test_two_nodes_share_a_store_end_to_end(tmp_path, schema, fresh_server):
+    from support import wait_for, write_config
+    config = write_config(tmp_path / "node.toml", identity={
+        "enabled": True, "store": "postgres", "postgres_dsn": settings(schema).postgres_dsn})
+    nodes = []
+    for _ in range(2):
+        node = fresh_server(config=config)
+        node.port = port_in_range()
+        node.url = f"http://127.0.0.1:{node.port}"
+        nodes.append(node.start())
+    one, two = nodes
+
+    def identify(node, user, anon):
+        r = node.post("/v1/identify", {"userId": user, "anonymousId": anon})
+        assert r.status_code == 200, r.text
+
+    def status(node, path, method="GET", **kw):
+        with node.admin() as client:
+            return client.request(method, f"/api/v1/profiles/{path}", **kw).status_code
+
+    for i in range(10):
+        identify(one, f"alice{i}", f"aa{i}")
+    wait_for(lambda: status(one, "alice9") == 200, what="node one's profiles")
+    identify(two, "bob0", "bb0")   # position 1 of node two's log
+    identify(one, "evil\x00x", "ev1")
+    identify(one, "carol", "cc1")
+    wait_for(lambda: status(two, "bob0") == 200, what="node two's first event")
+    wait_for(lambda: status(one, "carol") == 200, what="the event after one with a NUL")
+    for path in ("a%00b", "a%00b/events", "a%00b/merges"):
+        assert status(one, path) == 404
+    assert status(one, "carol/events?cursor=2024-05-01T10%3A00%3A00.000%00~1") == 400
+    assert status(one, "a%00b/unmerge", "POST", json={"merge_id": "m1"}) == 404
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
+        consumers = {c for (c,) in conn.execute("SELECT consumer FROM positions")}
+    assert consumers == {f"identity:{node_id(n.data_dir)}" for n in nodes}
