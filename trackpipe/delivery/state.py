@@ -20,6 +20,7 @@ whole, which re-delivers (at least once), never skips.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ import msgspec
 
 from trackpipe.destinations.base import Outcome
 from trackpipe.log.sqlite import CONSUMER_ROWS, PerThread, durable, immediate, insert_many
+from trackpipe.pipeline.clock import StepWatch
 from trackpipe.privacy import erase
+
+log = logging.getLogger("trackpipe.delivery")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
@@ -205,8 +209,10 @@ class _Rows:
 
 
 class DeliveryState:
-    def __init__(self, path: Path | str, log_path: Path | str | None = None):
+    def __init__(self, path: Path | str, log_path: Path | str | None = None,
+                 clock: StepWatch | None = None):
         self.path = Path(path)
+        self._clock = clock or StepWatch()  # see _follow_the_clock
         # The log whose positions this file's rows name (see _erased).
         self._log_path = Path(log_path) if log_path else self.path.with_name("log.db")
         self._log = PerThread(self._log_path)
@@ -362,6 +368,7 @@ class DeliveryState:
         restart) go again one by one, each as it went (a webhook batch keeps its
         webhook-id). When the oldest due event was never sent (a replay, an event held
         back for per-user ordering), the due events never sent go together."""
+        self._follow_the_clock()
         due = self._due("next_at <= ?", (destination, now_ms()), limit, ordered)
         if not as_sent or not due:
             return due
@@ -373,6 +380,22 @@ class DeliveryState:
         return self._due("next_at = ? AND attempts = ? AND first_attempt_at = ?",
                          (destination, head.next_at, head.attempts, head.first_attempt_at),
                          limit, ordered, index="pending_due")
+
+    def _follow_the_clock(self) -> None:
+        """Times here are wall-clock times, which every process writing this file shares.
+        When the wall clock steps (an NTP correction, `date -s`), every pending retry moves
+        with it, so that waits and retry windows count the time that passed: a step back
+        no longer held every retry for the length of the step, a step forward no longer
+        spent retry windows at once (R22). Seen by the process that sends (it asks for
+        due retries many times a second)."""
+        step = self._clock.step()
+        if step:
+            db = self._db()
+            with immediate(db):
+                db.execute("UPDATE pending SET next_at = next_at + ?,"
+                           " first_attempt_at = first_attempt_at + ?", (step, step))
+            log.warning("the wall clock stepped %+.0f s: pending retries moved with it",
+                        step / 1000)
 
     def _due(self, where: str, args: tuple, limit: int, ordered: bool,
              index: str | None = None) -> list[Retry]:

@@ -8,7 +8,8 @@ entries for longer (a step back). The log writer notices a step as a change in
 the distance between the wall clock and the monotonic clock, and remembers it
 with the log position it came at; a window check leaves out the steps since the
 stored copy. Drifts and slews under STEP_MS are not steps (they move a 12-hour
-window by less than a minute). A step while trackpipe is down cannot be seen:
+window by less than a minute). The delivery framework watches for steps too
+(StepWatch), and moves its pending retries with them (delivery/state.py). A step while trackpipe is down cannot be seen:
 the monotonic clock starts anew with the machine.
 """
 
@@ -27,21 +28,34 @@ STEP_MS = 60_000
 KEEP = 100  # steps remembered: enough for any window (each is rare)
 
 
-class ClockSteps:
-    def __init__(self, path: Path | None = None, *, wall: Callable[[], float] = time.time,
+class StepWatch:
+    """Tells how far the wall clock stepped since the last look (0 for less than STEP_MS)."""
+
+    def __init__(self, wall: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
-        self.path, self._wall, self._monotonic = path, wall, monotonic
-        self._steps: list[tuple[int, int]] = self._load()  # (position, step in ms)
+        self._wall, self._monotonic = wall, monotonic
         self._offset = self._now_offset()
 
     def _now_offset(self) -> int:
         return int((self._wall() - self._monotonic()) * 1000)
 
-    def observe(self, position: int) -> None:
-        """Called before each commit; `position` is the first the commit may append."""
+    def step(self) -> int:
         offset = self._now_offset()
         step, self._offset = offset - self._offset, offset
-        if abs(step) >= STEP_MS:
+        return step if abs(step) >= STEP_MS else 0
+
+
+class ClockSteps:
+    def __init__(self, path: Path | None = None, *, wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.path = path
+        self._steps: list[tuple[int, int]] = self._load()  # (position, step in ms)
+        self._watch = StepWatch(wall, monotonic)
+
+    def observe(self, position: int) -> None:
+        """Called before each commit; `position` is the first the commit may append."""
+        step = self._watch.step()
+        if step:
             self._steps = (self._steps + [(position, step)])[-KEEP:]
             self._save()
             log.warning("the wall clock stepped %+.0f s; dedup windows count the time that"
