@@ -9,8 +9,9 @@ the distance between the wall clock and the monotonic clock, and remembers it
 with the log position it came at; a window check leaves out the steps since the
 stored copy. Drifts and slews under STEP_MS are not steps (they move a 12-hour
 window by less than a minute). The delivery framework watches for steps too
-(StepWatch), and moves its pending retries with them (delivery/state.py). A step while trackpipe is down cannot be seen:
-the monotonic clock starts anew with the machine.
+(StepWatch), and moves its pending retries with them (delivery/state.py). A
+step while trackpipe is down cannot be seen: the monotonic clock starts anew
+with the machine.
 """
 
 from __future__ import annotations
