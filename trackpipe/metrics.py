@@ -157,6 +157,9 @@ class DeliveryCollector:
                                     "Events not yet delivered (backlog + retrying)", labels=["destination"])
         oldest = GaugeMetricFamily("trackpipe_delivery_oldest_pending_age_seconds",
                                    "Age of the oldest undelivered event", labels=["destination"])
+        stopped = GaugeMetricFamily("trackpipe_delivery_stopped",
+                                    "1 while a destination is stopped (it answered 410 Gone)",
+                                    labels=["destination"])
         for s in self.summaries():
             name = s["name"]
             delivered.add_metric([name], s["delivered"])
@@ -165,7 +168,8 @@ class DeliveryCollector:
             retries.add_metric([name], s["retries"])
             pending.add_metric([name], s["pending"])
             oldest.add_metric([name], s["oldest_pending_age_seconds"] or 0)
-        yield from (delivered, failed, retries, pending, oldest)
+            stopped.add_metric([name], 1 if s["stopped"] else 0)
+        yield from (delivered, failed, retries, pending, oldest, stopped)
 
 
 def register_delivery(summaries) -> DeliveryCollector:

@@ -23,7 +23,7 @@ from trackpipe import config
 from trackpipe.delivery import replay as replays
 from trackpipe.delivery.state import DeliveryState, Sent
 from trackpipe.delivery.worker import DestinationWorker, user_key
-from trackpipe.destinations.base import DELIVERED, Destination, retry
+from trackpipe.destinations.base import DELIVERED, Destination, classify_http, retry
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
 
@@ -601,3 +601,33 @@ def test_a_lowered_batch_size_cuts_a_failed_request(tmp_path):
         assert [r.position for r in state.due("hook", 10, as_sent=True)] == [1, 2, 3, 4, 5]
     finally:
         state.close()
+
+
+@in_loop
+async def test_a_410_gone_stops_the_destination_until_a_restart(files):
+    """R10: the endpoint was removed on purpose; nothing more goes to it, its events wait,
+    and the state says so until trackpipe restarts (after its config was fixed)."""
+    _, event_log, state = files
+    [a] = append(event_log, ["a"])
+
+    class Gone(Scripted):
+        async def send(self, batch):
+            self.sends.append([e.message_id for e in batch])
+            return classify_http(410, b'{"error": "this hook was deleted"}')
+
+    gone = Gone()
+    w = worker(state, event_log, gone, retry_initial_seconds=0.01)
+    await w.step()
+    [b] = append(event_log, ["b"])
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        assert not await w.step()
+    assert gone.sends == [[a]], "nothing after the 410, not even fresh events"
+    stopped = state.summary("scripted")["stopped"]
+    assert stopped and "410 Gone" in stopped["detail"] and "deleted" in stopped["detail"]
+    assert state.where_is("scripted", 1) == "retrying", "its event waits"
+
+    fixed = Scripted()
+    await drain(worker(state, event_log, fixed))  # a restart, after the config was fixed
+    assert sorted(fixed.delivered()) == [a, b]
+    assert state.summary("scripted")["stopped"] is None

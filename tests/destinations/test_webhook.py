@@ -172,7 +172,7 @@ def test_custom_headers_and_put(recorder):
     ((200, {}, b"ok"), "delivered", 200, None),
     ((204, {}, b""), "delivered", 204, None),
     ((400, {}, b'{"error": "bad field"}'), "failed", 400, None),
-    ((410, {}, b"gone"), "failed", 410, None),
+    ((410, {}, b"gone"), "retry", 410, None),  # kept; it stops the destination (R10)
     ((429, {"Retry-After": "7"}, b"slow down"), "retry", 429, 7.0),
     ((500, {}, b"oops"), "retry", 500, None),
     ((503, {"Retry-After": "2"}, b"later"), "retry", 503, 2.0),

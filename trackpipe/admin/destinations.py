@@ -43,6 +43,8 @@ def destination_summary(pipeline, cfg) -> dict:
             None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3),
         "last_error": None if err is None else {
             "at": format_ts(err["at"]), "status": err["status"], "detail": err["detail"]},
+        "stopped": None if s["stopped"] is None else {
+            "at": format_ts(s["stopped"]["at"]), "detail": s["stopped"]["detail"]},
         "settings": masked(cfg),
     }
 

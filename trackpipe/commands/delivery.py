@@ -82,6 +82,8 @@ def _list(p, settings, as_json: bool) -> int:
         age = "-" if r["oldest_pending_age_seconds"] is None else f"{r['oldest_pending_age_seconds']:.0f}s"
         err = r["last_error"]
         err = f"{err['status']} {err['detail'][:60]}" if err else ""
+        if r["stopped"]:
+            err = f"STOPPED (410 Gone; restart once fixed): {err}"
         print(f"{r['name'][:20]:20} {r['type']:10} {r['delivered']:>10} {r['pending']:>8} "
               f"{r['failed']:>7} {age:>15}  {err}")
     return 0

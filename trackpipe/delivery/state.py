@@ -97,6 +97,11 @@ CREATE TABLE IF NOT EXISTS counters (
     value       INTEGER NOT NULL,
     PRIMARY KEY (destination, name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stops (
+    destination TEXT PRIMARY KEY,        -- stopped by a 410 Gone until trackpipe restarts
+    at          INTEGER NOT NULL,
+    detail      TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_errors (
     destination TEXT PRIMARY KEY,
     at          INTEGER NOT NULL,
@@ -528,6 +533,13 @@ class DeliveryState:
         the retention deletes what they have passed (this file runs synchronous=NORMAL)."""
         durable(self.path)
 
+    def stop(self, destination: str, detail: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO stops VALUES (?, ?, ?)",
+                           (destination, now_ms(), detail))
+
+    def clear_stop(self, destination: str) -> None:
+        self._db().execute("DELETE FROM stops WHERE destination = ?", (destination,))
+
     def pending_notice(self, destination: str):
         return erase.pending_notice(self._db(), destination)
 
@@ -585,6 +597,8 @@ class DeliveryState:
                                 (destination,)).fetchone()[0]
         err = db.execute("SELECT at, status, detail FROM last_errors WHERE destination = ?",
                          (destination,)).fetchone()
+        stop = db.execute("SELECT at, detail FROM stops WHERE destination = ?",
+                          (destination,)).fetchone()
         return {
             "cursor": self.cursor(destination),
             "counters": counters,
@@ -593,6 +607,7 @@ class DeliveryState:
             "failed_now": failed_now,
             "last_error": None if err is None else {"at": err[0], "status": err[1],
                                                     "detail": err[2]},
+            "stopped": None if stop is None else {"at": stop[0], "detail": stop[1]},
         }
 
     def failed(self, destination: str, limit: int = 100) -> list[dict]:

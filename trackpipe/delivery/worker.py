@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from typing import Callable, Sequence
@@ -24,7 +25,7 @@ from trackpipe import config
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.delivery.state import DeliveryState, Retry, Sent, now_ms
-from trackpipe.destinations.base import Destination, Event, Outcome, retry
+from trackpipe.destinations.base import GONE, Destination, Event, Outcome, retry
 from trackpipe.log.base import Entry, EventLog
 
 log = logging.getLogger("trackpipe.delivery")
@@ -78,6 +79,7 @@ class DestinationWorker:
         if not self._started:
             await self.destination.start()
             self._started = True
+            self.state.clear_stop(self.name)  # a restart (after a config fix) tries again
         if time.monotonic() < self._paused_until:
             return False
         if not self._resumed:
@@ -208,6 +210,7 @@ class DestinationWorker:
         outcomes = await self._send(events)
         duration_ms = (time.perf_counter() - started) * 1000
         self._honour_retry_after(outcomes)
+        self._stop_if_gone(outcomes)
         at = now_ms()
         sent = []
         for i, ((entry, _), outcome) in enumerate(zip(batch, outcomes)):
@@ -221,6 +224,18 @@ class DestinationWorker:
         for s in given_up:
             log.warning("destination %s: event %s failed (%s): %s", self.name, s.message_id,
                         s.outcome.status, s.outcome.detail)
+
+    def _stop_if_gone(self, outcomes: Sequence[Outcome]) -> None:
+        """410 Gone: the endpoint was removed on purpose, so no request goes to it again
+        until trackpipe restarts (once its config is fixed). Its events wait meanwhile;
+        the API, the CLI and trackpipe_delivery_stopped say so (R10)."""
+        gone = next((o for o in outcomes if o.state == "retry" and o.status == GONE), None)
+        if gone is not None:
+            self._paused_until = math.inf
+            self.state.stop(self.name, f"410 Gone: {gone.detail}")
+            log.error("destination %s answered 410 Gone: nothing more is sent to it until"
+                      " trackpipe restarts; its events wait (fix its config, then restart)",
+                      self.name)
 
     def _honour_retry_after(self, outcomes: Sequence[Outcome]) -> None:
         """A tool that says when to come back (429, 503 with Retry-After) gets nothing

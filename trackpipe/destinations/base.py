@@ -96,11 +96,17 @@ def excerpt(text: Any) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
 
 
+GONE = 410
+
+
 def classify_http(status: int, body: bytes | str = b"", headers: Any = None) -> Outcome:
     """The usual HTTP answer → Outcome: 2xx delivered; 408, 409, 429 and 5xx worth retrying
-    (with Retry-After when given); any other status failed for good."""
+    (with Retry-After when given); 410 Gone kept for a retry too, but it stops the whole
+    destination (delivery/worker.py); any other status failed for good."""
     if 200 <= status < 300:
         return Outcome("delivered", status)
+    if status == GONE:
+        return retry(status, body)
     if status in (408, 409, 429) or status >= 500:
         return retry(status, body, parse_retry_after(headers.get("retry-after") if headers else None))
     return fail(status, body)
