@@ -165,6 +165,28 @@ def test_consumers_nice_outside_0_to_19_is_an_error(tmp_path, value):
         config.load(write(tmp_path, f"[server]\nconsumers_nice = {value}\n"), env={})
 
 
+@pytest.mark.parametrize("text, key", [
+    ("[server]\nidle_timeout_seconds = 0\n", "idle_timeout_seconds"),
+    ("[server]\nheader_timeout_seconds = nan\n", "header_timeout_seconds"),
+    ("[server]\nbody_timeout_seconds = -1\n", "body_timeout_seconds"),
+    ("[server]\nmax_header_bytes = 100\n", "max_header_bytes"),  # not even a request line
+    ("[server]\nmax_connections = -1\n", "max_connections"),
+])
+def test_http_deadlines_and_limits_out_of_range_are_errors(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        config.load(write(tmp_path, text), env={})
+
+
+@pytest.mark.parametrize("soft, cap", [(1024, 896), (20000, 19872), (256, 128), (64, 32)])
+def test_max_connections_0_is_the_open_file_limit_less_a_reserve(monkeypatch, soft, cap):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, soft))
+    assert config.load(env={}).server.connection_limit() == cap
+    assert config.load(env={"TRACKPIPE_SERVER_MAX_CONNECTIONS": "7"}).server \
+        .connection_limit() == 7
+
+
 # -- environment -----------------------------------------------------------------
 
 

@@ -164,12 +164,18 @@ def _serve(args) -> int:
     target = f"'{url}/v1/track'" if "[" in url else f"{url}/v1/track"  # [ ] glob in zsh
     print(f"  curl -u '{key}:' -H 'Content-Type: application/json' "
           f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {target}", flush=True)
+    srv = settings.server
+    protocol = OneWriteHttpToolsProtocol.configured(  # deadlines and limits: see oneshot.py
+        header_seconds=srv.header_timeout_seconds, body_seconds=srv.body_timeout_seconds,
+        max_header_bytes=srv.max_header_bytes)
     server = _Server(uvicorn.Config(
         create_app(pipeline), host=settings.server.host, port=settings.server.port,
-        loop="uvloop", http=OneWriteHttpToolsProtocol, lifespan="on", access_log=False,
+        loop="uvloop", http=protocol, lifespan="on", access_log=False,
         log_level="warning",
         proxy_headers=False,  # X-Forwarded-For is trusted only via server.trusted_proxies
-        timeout_keep_alive=5, timeout_graceful_shutdown=10))
+        limit_concurrency=srv.connection_limit(),  # counted in connections by the protocol
+        timeout_keep_alive=srv.idle_timeout_seconds,  # also the wait for a first request
+        timeout_graceful_shutdown=10))
     try:
         server.run()
     finally:

@@ -42,6 +42,20 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     consumers_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     """How much lower the CPU priority of identity and delivery is than the collector's
     (a nice increment, 0-19). On a CPU-bound machine, taking in events comes first."""
+    idle_timeout_seconds: Seconds = 5.0
+    """A connection with no request under way (new, or kept alive after an answer) is closed
+    after this long without a byte."""
+    header_timeout_seconds: Seconds = 10.0
+    """A request's headers must be in within this long of its first byte; else 408."""
+    body_timeout_seconds: Seconds = 30.0
+    """A request's body must be in within this long of its headers, plus 1 s for every KB
+    received (a body coming at 1 KB/s keeps going), at most ten times this; else 408."""
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+    """Largest request line and headers together; a larger request is answered 431."""
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Most connections open at once; a request on one more is answered 503 with Retry-After.
+    0: the open-file limit (ulimit -n) less what trackpipe keeps for itself (see
+    connection_limit)."""
 
     def __post_init__(self) -> None:
         if self.public_url:
@@ -58,6 +72,22 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             except ValueError:
                 raise ValueError(f"server.trusted_proxies: {proxy!r} is not an IP address or"
                                  " CIDR network (such as 10.0.0.0/8)") from None
+
+    def connection_limit(self) -> int:
+        """max_connections, or when 0 the open-file limit less what the server needs besides
+        its clients' sockets: about 35 descriptors at rest (SQLite databases with their WAL
+        and shm files, the log writer's pipes, the event loop), up to 32 connections over
+        the cap, open up to a second to be answered 503 (sources/oneshot.py), and the rest
+        for PostgreSQL, NATS and export sockets and modules imported on a first request.
+        128 are kept (half the limit when it is under 256)."""
+        if self.max_connections:
+            return self.max_connections
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return max(16, soft - min(128, soft // 2))
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
