@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import uuid
+from contextlib import closing
 
 import msgspec
 import psycopg
@@ -283,6 +284,176 @@ def test_the_consumer_goes_on_after_the_connection_is_lost(admin, schema, opened
     assert consumer.position() == 2 and store.profile("a2") is not None
 
 
+# -- 4. timeline rows say whose log their position is in ------------------------------
+
+def two_nodes(tmp_path, schema, opened) -> tuple[PostgresStore, PostgresStore]:
+    stores = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        stores.append(open_store(settings(schema), tmp_path / name))
+    opened += stores
+    return stores[0], stores[1]
+
+
+def reader(entries):
+    """A log's get(): the entries at these positions."""
+    return lambda positions: [e for e in entries if e.position in set(positions)]
+
+
+def test_two_logs_events_at_one_time_and_position_are_two_events(tmp_path, schema, opened):
+    a, b = two_nodes(tmp_path, schema, opened)
+    a.apply([Log()("track", "u1", None, event="Buy")])  # position 1 of each log, same time
+    b.apply([Log()("track", "u1", None, event="Buy")])
+    assert a.profile("u1")["event_counts"] == {"Buy": 2}
+    assert a.timeline("u1") == b.timeline("u1") == ([1], None)
+    assert a.elsewhere("u1") == {b.consumer: 1} and b.elsewhere("u1") == {a.consumer: 1}
+
+
+def test_a_node_lists_and_forgets_the_positions_of_its_own_log(tmp_path, schema, opened):
+    a, b = two_nodes(tmp_path, schema, opened)
+    log_a, log_b = Log(), Log()
+    a.apply([log_a("identify", "alice", "aa"), log_a("track", "alice", None, event="A"),
+             log_a("track", "carol", None, event="C")])
+    b.apply([log_b("track", "bob", None, event="B"), log_b("track", "bob", None, event="B"),
+             log_b("track", "alice", None, event="A")])
+    assert a.timeline("alice")[0] == [1, 2]
+    assert b.timeline("alice")[0] == [3]  # not bob's events at positions 1 and 2 of b's log
+    assert b.elsewhere("alice") == {a.consumer: 2}
+
+    gone = a.forget("alice")
+    assert gone.positions == [1, 2]  # position 3 of a's log is carol's
+    assert gone.asked == 1
+    (asked,) = b.erasures()
+    assert sorted(asked.identifiers) == [("anonymous_id", "aa"), ("user_id", "alice")]
+    assert asked.positions == [3]
+    assert a.erasures() == []
+    b.erased(asked.id)
+    assert b.erasures() == []
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
+        assert conn.execute("SELECT count(*) FROM erasures").fetchone() == (0,)
+
+
+def test_a_delete_on_one_node_erases_each_nodes_log_by_its_own_positions(tmp_path, schema,
+                                                                          opened):
+    from trackpipe.delivery.state import DeliveryState
+    from trackpipe.identity.consumer import catch_up
+    from trackpipe.log.base import Record
+    from trackpipe.log.sqlite import SQLiteLog, connect
+    from trackpipe.privacy import erase
+    from trackpipe.privacy.suppress import id_hash
+    from trackpipe.sources.catalog import Catalog
+
+    def record(user, anon=None, type_="track", **body):
+        return Record(uuid.uuid4().hex, 1_714_557_600_000, type_, "E", user, anon, "src",
+                      msgspec.json.encode({"type": type_, "event": "E", "userId": user,
+                                           "anonymousId": anon, **body}))
+
+    def users(data_dir) -> list:
+        with closing(SQLiteLog(data_dir / "log.db", writable=False)) as log_:
+            return [e.user_id or e.anonymous_id for e in log_.read(0, 100)]
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    logs = {}
+    for data_dir, records in (
+            (a_dir, [record("alice", type_="identify", traits={"email": "alice@example.com"}),
+                     record("alice"), record("carol")]),
+            (b_dir, [record("bob"), record("bob"),
+                     # Hers by her email only: the anonymousId is a blocked value.
+                     record(None, "anonymous", context={"traits": {"email": "Alice@Example.com"}})
+                     ])):
+        data_dir.mkdir()
+        logs[data_dir] = SQLiteLog(data_dir / "log.db")
+        logs[data_dir].append(records)
+        DeliveryState(data_dir / "deliveries.db").close()
+    a, b = two_nodes(tmp_path, schema, opened)
+    for store, data_dir in ((a, a_dir), (b, b_dir)):
+        with closing(SQLiteLog(data_dir / "log.db", writable=False)) as log_:
+            catch_up(store, log_)
+
+    db = connect(a_dir / "deliveries.db")
+    request = erase.queue(db, [("user_id", "alice")])
+    assert erase.process_requests(a_dir, a, []) == 1
+    assert users(a_dir) == ["carol"]             # a's own positions only
+    assert users(b_dir) == ["bob", "bob", "anonymous"]  # b has not run yet
+    assert erase.result(db, request)["other_nodes"] == 1
+    db.close()
+    assert erase.process_requests(b_dir, b, []) == 1  # b's consumers pick up its part
+    assert users(b_dir) == ["bob", "bob"]
+    assert b.erasures() == [] and erase.process_requests(b_dir, b, []) == 0
+    with closing(connect(b_dir / "deliveries.db")) as db:
+        (result,) = db.execute("SELECT result FROM privacy_requests").fetchall()
+    assert msgspec.json.decode(result[0])["asked_by_another_node"] is True
+    catalog = Catalog(b_dir)  # b drops her new events too
+    try:
+        assert id_hash(catalog.privacy_key(), "alice") in catalog.suppressed()
+    finally:
+        catalog.db.close()
+    for log_ in logs.values():
+        log_.close()
+
+
+def old_timeline(conn) -> None:
+    """Make the timeline as it was before rows named their log."""
+    conn.execute("ALTER TABLE timeline DROP CONSTRAINT timeline_pkey")
+    conn.execute("ALTER TABLE timeline DROP COLUMN log")
+    conn.execute("ALTER TABLE timeline ADD PRIMARY KEY (node, ts, position)")
+
+
+def test_an_old_timeline_gets_its_log_and_its_rows_count_where_they_are(tmp_path, schema,
+                                                                         opened):
+    old = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)  # before node ids
+    opened.append(old)
+    log_a, log_b = Log(), Log()
+    entries_a = [log_a("identify", "alice", "aa"), log_a("track", "alice", None, event="A")]
+    entries_b = [log_b("track", "bob", None, event="B"), log_b("track", "bob", None, event="B")]
+    old.apply(entries_a)
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}", autocommit=True) as conn:
+        old_timeline(conn)
+    a, b = two_nodes(tmp_path, schema, opened)  # a adopts the old position
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
+        key = conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE "
+                           "conname = 'timeline_pkey'").fetchone()
+        logs = conn.execute("SELECT DISTINCT log FROM timeline").fetchall()
+    assert key == ("PRIMARY KEY (node, ts, \"position\", log)",) and logs == [("",)]
+    b.apply(entries_b)
+    # A row of no known log is a node's when its log holds the event that made it there.
+    assert a.timeline("alice", read=reader(entries_a))[0] == [1, 2]
+    assert a.timeline("alice")[0] == []  # it cannot tell without reading its log
+    assert b.timeline("alice", read=reader(entries_b))[0] == []  # bob's, in b's log
+    assert a.elsewhere("alice") == {}
+    gone = b.forget("alice", read=reader(entries_b))
+    assert gone.positions == [] and gone.asked == 1
+    (asked,) = a.erasures()
+    assert asked.positions == []  # ... and the rows of no known log, for a to check
+    assert a.verify(asked.legacy, reader(entries_a)) == {1, 2}
+    restarted = open_store(settings(schema), tmp_path / "a")  # done once
+    opened.append(restarted)
+
+
+def test_an_old_sqlite_timeline_gets_its_log(tmp_path):
+    import sqlite3
+    path = tmp_path / "identity.db"
+    store = SQLiteStore(path, Identity(), "identity")
+    log = Log()
+    store.apply([log("identify", "u1", "a1")])
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE old (node INTEGER NOT NULL, ts TEXT NOT NULL, position INTEGER NOT NULL,
+            kind TEXT, key TEXT, PRIMARY KEY (node, ts, position)) WITHOUT ROWID;
+        INSERT INTO old SELECT node, ts, position, kind, key FROM timeline;
+        DROP TABLE timeline; ALTER TABLE old RENAME TO timeline;""")
+    conn.close()
+    store = SQLiteStore(path, Identity(), "identity")
+    try:
+        store.apply([log("track", "u1", None, event="E")])
+        assert store.timeline("u1") == ([1, 2], None)  # its one log's, old rows and new
+        assert store.elsewhere("u1") == {} and store.erasures() == []
+        assert store.forget("u1").positions == [1, 2]
+    finally:
+        store.close()
+
+
 # -- end to end: two `trackpipe serve` nodes on one store -----------------------------
 
 def port_in_range() -> int:
@@ -333,3 +504,20 @@ def test_two_nodes_share_a_store_end_to_end(tmp_path, schema, fresh_server):
     with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
         consumers = {c for (c,) in conn.execute("SELECT consumer FROM positions")}
     assert consumers == {f"identity:{node_id(n.data_dir)}" for n in nodes}
+
+    # Position 1 of node one's log is alice0's: node one shows none of bob0's events, only
+    # that node two holds one; a delete sent to node one keeps alice0's and erases bob0's
+    # from node two's log when node two's consumers run.
+    def events(node, ident):
+        with node.admin() as client:
+            return client.get(f"/api/v1/profiles/{ident}/events").json()
+
+    assert events(one, "bob0") == {"events": [], "next": None, "other_nodes": [
+        {"node": node_id(two.data_dir), "events": 1}]}
+    assert [e["userId"] for e in events(two, "bob0")["events"]] == ["bob0"]
+    with one.admin() as client:
+        done = client.post("/api/v1/privacy/delete", json={"id": "bob0"}).json()
+    assert (done["state"], done["events"], done["other_nodes"]) == ("done", 0, 1)
+    assert "alice0" in {e.get("userId") for e in one.events()}
+    wait_for(lambda: not any(e.get("userId") == "bob0" for e in two.events()),
+             what="node two erasing bob0's event")

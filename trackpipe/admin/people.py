@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from trackpipe.admin.common import error, int_param, json_body, json_response
 from trackpipe.events import format_ts
+from trackpipe.identity.store import CONSUMER
 from trackpipe.log.sqlite import connect
 from trackpipe.privacy import erase
 from trackpipe.privacy import suppress as suppression
@@ -69,10 +70,15 @@ class PeopleAPI:
         def page():
             if self.identity.profile(ident) is None:
                 return None
-            positions, nxt = self.identity.timeline(ident, cursor, limit)
+            # Positions in this node's log only: nodes sharing an identity store each have
+            # a log of their own, and this node shows none of theirs, only how many.
+            positions, nxt = self.identity.timeline(ident, cursor, limit, self.p.log.get)
             by_position = {e.position: e for e in self.p.log.get(positions)}
             events = [msgspec.json.decode(by_position[p].body) for p in positions if p in by_position]
-            return {"events": events, "next": nxt}
+            elsewhere = self.identity.elsewhere(ident)
+            return {"events": events, "next": nxt, "other_nodes": [
+                {"node": log.removeprefix(f"{CONSUMER}:"), "events": n}
+                for log, n in elsewhere.items()]}
         try:
             answer = await run_in_threadpool(page)
         except ValueError:

@@ -73,11 +73,13 @@ def _profile(client: httpx.Client, args) -> int:
     if args.json:
         print(json.dumps({"profile": person, "events": timeline, "merges": history}))
         return 0
-    _print_profile(person, timeline, history, more=events.json()["next"] is not None)
+    _print_profile(person, timeline, history, more=events.json()["next"] is not None,
+                   elsewhere=events.json().get("other_nodes") or [])
     return 0
 
 
-def _print_profile(person: dict, timeline: list, history: list, more: bool) -> None:
+def _print_profile(person: dict, timeline: list, history: list, more: bool,
+                   elsewhere: list = ()) -> None:
     # Ids, names and timestamps come from clients: every line goes out through `printable`,
     # so that none can drive the operator's terminal.
     def line(text: str = "") -> None:
@@ -105,6 +107,8 @@ def _print_profile(person: dict, timeline: list, history: list, more: bool) -> N
         label = ev.get("event") or ev.get("name") or ev.get("groupId") or ev.get("previousId") or ""
         who = ev.get("userId") or f"anon {ev.get('anonymousId', '')}"
         line(f"  {ev.get('timestamp', ''):25} {ev['type']:9} {printable(label)[:28]:28} {who}")
+    for other in elsewhere:  # nodes sharing the identity store, each with a log of its own
+        line(f"  (and {other['events']} in the log of node {other['node']}: ask that node)")
     line()
     line(f"Merges ({len(history)})")
     for m in history:
@@ -125,6 +129,9 @@ def _privacy(client: httpx.Client, args) -> int:
               f" {body['deliveries_cancelled']} queued deliveries cancelled,"
               f" {body['destinations_notified']} destination(s) notified. New events for"
               " this person are dropped (unsuppress to allow them again).")
+        if body.get("other_nodes"):
+            print(f"{body['other_nodes']} other node(s) sharing the identity store erase the"
+                  " person from their own logs when their consumers next run.")
     elif args.action == "suppress":
         print(f"Suppressed {body['suppressed']} identifier(s): their new events are answered"
               " 200 and dropped.")

@@ -7,7 +7,9 @@ the whole graph, which keeps merges of profiles that two nodes touch at once
 consistent), reads the nodes its batch names, and writes, in one transaction
 with its own position (one per `consumer`, i.e. per node and log: open_store
 names it after the data dir's node id). Readers use REPEATABLE READ, so a
-profile is read from one snapshot.
+profile is read from one snapshot. The position's name also names the node's
+log in the timeline rows it writes (see sql_store.py), and the store keeps the
+privacy deletes each other node is to do on its log (erasures, erasure_logs).
 
 A connection lost while idle (a failover, an idle-session kill) shows when the
 next transaction's BEGIN fails, and is replaced then. One lost during a
@@ -29,12 +31,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import psycopg
+from psycopg import sql
 
 from trackpipe.dsn import scrub
 from trackpipe.errors import ConfigError
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
-from trackpipe.identity.store import Forgotten, new_profile_id
+from trackpipe.identity.store import Forgotten, ReadLog, new_profile_id
 from trackpipe.log.base import Entry
 
 LOCK_KEY = 0x7472_6B69_6400  # "trkid": the graph writer lock
@@ -60,8 +63,13 @@ SCHEMA = [
         message_id TEXT NOT NULL, ts TEXT NOT NULL, unmerged_at BIGINT)""",
     "CREATE UNIQUE INDEX IF NOT EXISTS edges_by_pair ON edges (a, b, rule)",
     "CREATE INDEX IF NOT EXISTS edges_by_b ON edges (b)",
+    # `log`: the position name of the node whose log `position` is in; '' in rows written
+    # before rows named it (see sql_store.py; _key_timeline_by_log migrates the key).
     """CREATE TABLE IF NOT EXISTS timeline (node BIGINT NOT NULL, ts TEXT COLLATE "C" NOT NULL,
-        position BIGINT NOT NULL, kind TEXT, key TEXT, PRIMARY KEY (node, ts, position))""",
+        position BIGINT NOT NULL, log TEXT NOT NULL DEFAULT '', kind TEXT, key TEXT,
+        PRIMARY KEY (node, ts, position, log))""",
+    # A constant default: PostgreSQL 11+ adds it without rewriting the table.
+    "ALTER TABLE timeline ADD COLUMN IF NOT EXISTS log TEXT NOT NULL DEFAULT ''",
     """CREATE TABLE IF NOT EXISTS traits (node BIGINT NOT NULL, path TEXT NOT NULL,
         value TEXT NOT NULL, ts TEXT COLLATE "C" NOT NULL, position BIGINT NOT NULL,
         PRIMARY KEY (node, path))""",
@@ -70,7 +78,18 @@ SCHEMA = [
         PRIMARY KEY (node, group_id))""",
     "CREATE TABLE IF NOT EXISTS positions (consumer TEXT PRIMARY KEY, position BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+    # Privacy deletes for the other nodes to carry out on their logs (repair.ask): the
+    # person's ids, kept until every node asked has done its part.
+    """CREATE TABLE IF NOT EXISTS erasures (id BIGSERIAL PRIMARY KEY, ids TEXT NOT NULL,
+        legacy TEXT NOT NULL, created_at BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS erasure_logs (erasure BIGINT NOT NULL, log TEXT NOT NULL,
+        positions TEXT NOT NULL, PRIMARY KEY (erasure, log))""",
 ]
+# The timeline's key before rows named their log, and what it becomes.
+_KEY = "SELECT conname, conkey FROM pg_constraint WHERE conrelid = 'timeline'::regclass " \
+       "AND contype = 'p'"
+_LOG_COLUMN = "SELECT attnum FROM pg_attribute WHERE attrelid = 'timeline'::regclass " \
+              "AND attname = 'log'"
 
 
 class PostgresDb(Db):
@@ -116,8 +135,9 @@ class PostgresStore(SQLStore):
     def __init__(self, dsn: str, settings, consumer: str = "identity", schema: str | None = None,
                  adopt: str | None = None):
         """`adopt`: a consumer whose position this one takes over when it has none of its
-        own yet (the name every node used before node ids; see store.open_store)."""
-        super().__init__(settings, consumer)
+        own yet (the name every node used before node ids; see store.open_store). The
+        position's name `consumer` also names this node's log in timeline rows."""
+        super().__init__(settings, consumer, log=consumer)
         self.dsn = dsn
         self.options = f"-c search_path={schema}" if schema else None
         try:
@@ -130,6 +150,7 @@ class PostgresStore(SQLStore):
         with self.write_tx():
             for statement in SCHEMA:
                 self.conn.execute(statement)
+            self._key_timeline_by_log()
             if adopt is not None and adopt != consumer:
                 self._adopt(adopt)
         self.db.learn_types()
@@ -138,6 +159,22 @@ class PostgresStore(SQLStore):
         if self.options:
             return psycopg.connect(self.dsn, autocommit=True, options=self.options)
         return psycopg.connect(self.dsn, autocommit=True)
+
+    def _key_timeline_by_log(self) -> None:
+        """Make `log` part of the timeline's key, so that two logs' events of one identifier
+        at one timestamp and position are two rows, not one. Once per store: under the
+        writer lock (the caller's), so nodes starting at once do it once, and in the
+        schema's transaction, so an interrupted one is done again at the next start. It
+        builds the key's index again: on a large timeline that takes a while, and every
+        node's identity waits for it."""
+        (log_column,), = self.conn.execute(_LOG_COLUMN).fetchall()
+        (name, key), = self.conn.execute(_KEY).fetchall()
+        if log_column in key:
+            return
+        log.warning("identity: adding each timeline row's log to the timeline's key (once; "
+                    "every node's identity waits for it)")
+        self.conn.execute(sql.SQL("ALTER TABLE timeline DROP CONSTRAINT {}, ADD PRIMARY KEY "
+                                  "(node, ts, position, log)").format(sql.Identifier(name)))
 
     def _adopt(self, old: str) -> None:
         """Rename `old`'s position to ours, unless we have one (under the writer lock, so
@@ -216,9 +253,12 @@ class PostgresStore(SQLStore):
     def profile(self, ident: str) -> dict | None:
         return None if _nul(ident) else super().profile(ident)
 
-    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100
-                 ) -> tuple[list[int], str | None]:
-        return ([], None) if _nul(ident) else super().timeline(ident, cursor, limit)
+    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100,
+                 read: ReadLog | None = None) -> tuple[list[int], str | None]:
+        return ([], None) if _nul(ident) else super().timeline(ident, cursor, limit, read)
+
+    def elsewhere(self, ident: str) -> dict[str, int]:
+        return {} if _nul(ident) else super().elsewhere(ident)
 
     def merges(self, ident: str) -> list[dict]:
         return [] if _nul(ident) else super().merges(ident)
@@ -228,8 +268,8 @@ class PostgresStore(SQLStore):
             raise LookupError(f"no profile {profile_id!r}")
         return super().unmerge(profile_id, merge_id)
 
-    def forget(self, ident: str) -> Forgotten | None:
-        return None if _nul(ident) else super().forget(ident)
+    def forget(self, ident: str, read: ReadLog | None = None) -> Forgotten | None:
+        return None if _nul(ident) else super().forget(ident, read)
 
     def close(self) -> None:
         with self.lock:

@@ -12,6 +12,10 @@ from trackpipe.identity.facts import ANON, USER, normalize_trait
 from trackpipe.identity.profiles import fold_counts, fold_groups, fold_traits
 
 _KIND_ORDER = {USER: 0, ANON: 1}
+# The `log` of timeline rows written before rows named their log (sql_store.py).
+LEGACY = ""
+Rows = list[tuple[int, str, str, str, str]]
+"""Timeline rows as (position, log, ts, identifier kind, identifier value)."""
 
 
 def lookup(db, ident: str) -> str | None:
@@ -65,19 +69,39 @@ def profile(db, ident: str) -> dict | None:
     }
 
 
-def timeline(db, ident: str, cursor: str | None, limit: int) -> tuple[list[int], str | None]:
-    """Positions of the person's events in (timestamp, position) order, `limit` at a time."""
+def timeline(db, ident: str, cursor: str | None, limit: int, log: str
+             ) -> tuple[Rows, str | None]:
+    """The person's timeline rows of `log` and LEGACY (the caller keeps those of its log,
+    see SQLStore.verify) in (timestamp, position) order, `limit` at a time."""
     pid = lookup(db, ident)
     if pid is None:
         return [], None
     after = _parse_cursor(cursor)
-    ids = [n[0] for n in members(db, pid)]
-    rows = db.fetch(f"SELECT ts, position FROM timeline WHERE node IN ({','.join('?' * len(ids))})"
-                    " AND (ts, position) > (?, ?) ORDER BY ts, position LIMIT ?",
-                    (*ids, *after, limit + 1))
+    nodes = {n[0]: (n[1], n[2]) for n in members(db, pid)}
+    # In a shared store, a position's own row before a legacy one (`log` DESC: '' sorts
+    # last), so that a page ending between the two has the one that counts. A store of one
+    # log has '' only: its index's order is enough.
+    order = "ts, position" if log == LEGACY else "ts, position, log DESC"
+    rows = db.fetch(f"SELECT ts, position, log, node FROM timeline WHERE node IN "
+                    f"({','.join('?' * len(nodes))}) AND log IN (?, ?) AND (ts, position) > (?, ?)"
+                    f" ORDER BY {order} LIMIT ?", (*nodes, log, LEGACY, *after, limit + 1))
     page = rows[:limit]
     more = len(rows) > limit
-    return [r[1] for r in page], (f"{page[-1][0]}~{page[-1][1]}" if more else None)
+    return ([(position, log_, ts, *nodes[node]) for ts, position, log_, node in page],
+            f"{page[-1][0]}~{page[-1][1]}" if more else None)
+
+
+def elsewhere(db, ident: str, log: str) -> dict[str, int]:
+    """How many of the person's timeline rows each other log holds (not `log`, not LEGACY)."""
+    pid = lookup(db, ident)
+    if pid is None:
+        return {}
+    counts: dict[str, int] = {}
+    ids = [n[0] for n in members(db, pid)]
+    for other, n in db.fetch_in("SELECT log, count(*) FROM timeline WHERE log <> ? AND log <> ?"
+                                " AND node IN ({}) GROUP BY log", ids, (log, LEGACY)):
+        counts[other] = counts.get(other, 0) + n
+    return dict(sorted(counts.items()))
 
 
 def _parse_cursor(cursor: str | None) -> tuple[str, int]:

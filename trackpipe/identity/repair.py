@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
 from trackpipe.identity.graph import APPLIED, REFUSED, UNMERGED, Limits, rebuild
-from trackpipe.identity.reads import lookup, members
-from trackpipe.identity.store import Forgotten
+from trackpipe.identity.reads import LEGACY, Rows, lookup, members
+from trackpipe.identity.store import Erasure, Forgotten
 
 _CONTRIBUTIONS = ("timeline", "traits", "groups")
 
@@ -67,19 +68,71 @@ def _store_components(db, nodes, components, merges, old_pid, new_id) -> list[st
     return result
 
 
-def forget(db, ident: str) -> Forgotten | None:
-    """Remove the person `ident` belongs to: identifiers, contributions, edges, profile."""
+def forget(db, ident: str, verify: Callable[[Rows], set[int]], others: list[str] | None
+           ) -> Forgotten | None:
+    """Remove the person `ident` belongs to: identifiers, contributions, edges, profile.
+    The positions returned are this node's log's (`verify` picks them from the person's
+    timeline rows); each log of `others` (the other nodes', or None when there are none)
+    is asked, in the same transaction, to erase the person's events from that log: the
+    positions its rows held, and whatever names these identifiers."""
     pid = lookup(db, ident)
     if pid is None:
         return None
     nodes = members(db, pid)
     ids = [n[0] for n in nodes]
-    positions = [r[0] for r in db.fetch_in("SELECT position FROM timeline WHERE node IN ({})",
-                                           ids)]
-    rows = [(i,) for i in ids]
+    named = {n[0]: (n[1], n[2]) for n in nodes}
+    rows = [(position, log, ts, *named[node]) for position, log, ts, node in db.fetch_in(
+        "SELECT position, log, ts, node FROM timeline WHERE node IN ({})", ids)]
+    positions = verify(rows)
     for table in _CONTRIBUTIONS:
-        db.many(f"DELETE FROM {table} WHERE node = ?", rows)
+        db.many(f"DELETE FROM {table} WHERE node = ?", [(i,) for i in ids])
     db.many("DELETE FROM edges WHERE a = ? OR b = ?", [(i, i) for i in ids])
     db.run("DELETE FROM nodes WHERE profile = ?", (pid,))
     db.run("DELETE FROM profiles WHERE id = ?", (pid,))
-    return Forgotten([(n[1], n[2]) for n in nodes], sorted(set(positions)))
+    identifiers = [(n[1], n[2]) for n in nodes]
+    asked = 0
+    if others is not None:
+        theirs: dict[str, set[int]] = {log: set() for log in others}
+        for position, log, *_ in rows:
+            if log in theirs:
+                theirs[log].add(position)
+        # Rows of no known log that are not this node's may be any other node's: each
+        # checks them against its own log (SQLStore.verify).
+        legacy = [r for r in rows if r[1] == LEGACY and r[0] not in positions]
+        asked = ask(db, identifiers, {log: sorted(p) for log, p in theirs.items()}, legacy)
+    return Forgotten(identifiers, sorted(positions), asked)
+
+
+# -- a delete other nodes carry out (privacy/erase.py) --------------------------------------
+
+def ask(db, identifiers: list[tuple[str | None, str]], positions: dict[str, list[int]],
+        legacy: Rows = ()) -> int:
+    """Keep an erase request for each log of `positions`: the identifiers, the positions
+    of the person's events in that log, and the `legacy` rows for it to check. Returns
+    how many logs were asked."""
+    if not positions:
+        return 0
+    rows = db.fetch("INSERT INTO erasures (ids, legacy, created_at) VALUES (?, ?, ?) "
+                    "RETURNING id", (json.dumps([list(i) for i in identifiers]),
+                                     json.dumps([list(r) for r in legacy]),
+                                     int(time.time() * 1000)))
+    erasure = rows[0][0]
+    db.many("INSERT INTO erasure_logs (erasure, log, positions) VALUES (?, ?, ?)",
+            [(erasure, log, json.dumps(p)) for log, p in sorted(positions.items())])
+    return len(positions)
+
+
+def erasures(db, log: str) -> list[Erasure]:
+    """The erase requests still waiting for `log`, oldest first."""
+    rows = db.fetch("SELECT e.id, e.ids, l.positions, e.legacy FROM erasure_logs l JOIN"
+                    " erasures e ON e.id = l.erasure WHERE l.log = ? ORDER BY e.id", (log,))
+    return [Erasure(i, [(k, v) for k, v in json.loads(ids)], json.loads(positions),
+                    [tuple(r) for r in json.loads(legacy)])
+            for i, ids, positions, legacy in rows]
+
+
+def erased(db, erasure: int, log: str) -> None:
+    """`log` did its part; a request no log still waits for is removed with its ids."""
+    db.run("DELETE FROM erasure_logs WHERE erasure = ? AND log = ?", (erasure, log))
+    db.run("DELETE FROM erasures WHERE NOT EXISTS"
+           " (SELECT 1 FROM erasure_logs WHERE erasure_logs.erasure = erasures.id)")

@@ -5,6 +5,16 @@ placeholders), its transactions and its caching policy; everything else —
 loading the nodes a batch names, the rules (graph.py), the writes, the reads —
 is written once here. Every apply() is one transaction that also moves the
 store's log position, so a crash never applies a position twice.
+
+Each timeline row names the log its position is in (`log`): positions are
+numbers in one node's log, and nodes sharing a store each have their own log.
+A node shows and erases by position only its own log's rows (`self.log`); the
+other logs' rows are counted (elsewhere), and a forget asks their nodes to
+erase theirs (erasures). LEGACY ('') is the log of rows written before logs
+were named: in the SQLite store, which has one log, that log is its own; in a
+shared store it is unknown, and a row of it counts as this node's only when
+the entry at its position in this node's log is the event that made it
+(`verify`).
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from contextlib import AbstractContextManager
 from trackpipe.identity import reads, repair
 from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
 from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile
-from trackpipe.identity.store import Forgotten, IdentityStore, new_profile_id
+from trackpipe.identity.reads import LEGACY, Rows
+from trackpipe.identity.store import (CONSUMER, Erasure, Forgotten, IdentityStore, ReadLog,
+                                      new_profile_id)
 from trackpipe.log.base import Entry
 
 CHUNK = 500  # values per IN (...) list
@@ -67,8 +79,9 @@ class Db(ABC):
 
 
 class SQLStore(IdentityStore):
-    def __init__(self, settings, consumer: str):
+    def __init__(self, settings, consumer: str, log: str = LEGACY):
         self.consumer = consumer
+        self.log = log  # the name this store's timeline rows give this node's log
         self.limits = Limits.from_settings(settings)
         self.reader = Reader(settings.trait_identifiers)
         self.lean_types = () if settings.trait_identifiers else LEAN_TYPES
@@ -175,7 +188,8 @@ class SQLStore(IdentityStore):
     def _write_contributions(self, ch: Changes) -> None:
         c, db = ch.contributions, self.db
         # Rows go in key order: neighbouring inserts then share B-tree pages.
-        db.insert("INSERT INTO timeline (node, ts, position, kind, key)", sorted(c.timeline),
+        db.insert("INSERT INTO timeline (node, ts, position, log, kind, key)",
+                  [(n, ts, p, self.log, k, key) for n, ts, p, k, key in sorted(c.timeline)],
                   "ON CONFLICT DO NOTHING")
         for table, key in (("traits", "path"), ("groups", "group_id")):
             value = "value" if table == "traits" else "traits"
@@ -208,10 +222,35 @@ class SQLStore(IdentityStore):
         with self.lock, self.read_tx():
             return reads.profile(self.db, ident)
 
-    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100
-                 ) -> tuple[list[int], str | None]:
+    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100,
+                 read: ReadLog | None = None) -> tuple[list[int], str | None]:
         with self.lock, self.read_tx():
-            return reads.timeline(self.db, ident, cursor, limit)
+            rows, nxt = reads.timeline(self.db, ident, cursor, limit, self.log)
+        own = self.verify(rows, read)
+        return [r[0] for r in rows if r[0] in own], nxt
+
+    def elsewhere(self, ident: str) -> dict[str, int]:
+        with self.lock, self.read_tx():
+            return reads.elsewhere(self.db, ident, self.log)
+
+    def verify(self, rows: Rows, read: ReadLog | None) -> set[int]:
+        """The positions of `rows` ((position, log, ts, kind, value)) in this node's log:
+        its own rows', and a legacy row's when the entry at its position in this log (read
+        by `read`) is the event that made it: same timestamp, naming that identifier."""
+        own = {r[0] for r in rows if r[1] == self.log}
+        legacy = [r for r in rows if r[1] == LEGACY and r[0] not in own]
+        if not legacy or read is None:
+            return own
+        entries = {e.position: e for e in read(sorted({r[0] for r in legacy}))}
+        for position, _, ts, kind, value in legacy:
+            entry = entries.get(position)
+            if entry is None:
+                continue
+            fact = self.reader.fact(entry)
+            if fact.ts == ts and (kind, value) in {(USER, fact.user), (ANON, fact.anon),
+                                                   *fact.trait_ids}:
+                own.add(position)
+        return own
 
     def merges(self, ident: str) -> list[dict]:
         with self.lock, self.read_tx():
@@ -227,8 +266,36 @@ class SQLStore(IdentityStore):
             with self.write_tx():
                 return repair.unmerge(self.db, self.limits, profile_id, merge_id, new_profile_id)
 
-    def forget(self, ident: str) -> Forgotten | None:
+    def forget(self, ident: str, read: ReadLog | None = None) -> Forgotten | None:
         with self.lock:
             self.forget_cache()
             with self.write_tx():
-                return repair.forget(self.db, ident)
+                return repair.forget(self.db, ident, lambda rows: self.verify(rows, read),
+                                     self._others() if self.log != LEGACY else None)
+
+    # -- privacy deletes other nodes asked for (one store, several logs) ---------------
+
+    def _others(self) -> list[str]:
+        """The other logs applied to this store: the other nodes' positions (not the name
+        every node used before node ids, which is no one log)."""
+        return [c for (c,) in self.db.fetch("SELECT consumer FROM positions")
+                if c not in (self.consumer, self.log, CONSUMER)]
+
+    def ask_others(self, ids: Sequence[tuple[str | None, str]]) -> int:
+        """Ask every other node to erase these identifiers' events from its log (a delete
+        of ids the store has no profile for: another node may have events of them it has
+        not applied yet). Returns how many nodes were asked."""
+        if self.log == LEGACY:
+            return 0
+        with self.lock, self.write_tx():
+            return repair.ask(self.db, list(ids), {log: [] for log in self._others()})
+
+    def erasures(self) -> list[Erasure]:
+        if self.log == LEGACY:
+            return []  # one log, no one else to ask
+        with self.lock, self.read_tx():
+            return repair.erasures(self.db, self.log)
+
+    def erased(self, erasure_id: int) -> None:
+        with self.lock, self.write_tx():
+            repair.erased(self.db, erasure_id, self.log)

@@ -72,8 +72,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS edges_by_pair ON edges (a, b, rule);
 CREATE INDEX IF NOT EXISTS edges_by_b ON edges (b);
 CREATE TABLE IF NOT EXISTS timeline (
     node INTEGER NOT NULL, ts TEXT NOT NULL, position INTEGER NOT NULL,
+    log TEXT NOT NULL DEFAULT '',       -- whose log `position` is in: '', the data dir's one log
     kind TEXT, key TEXT,                -- what the event counts as: ("event", name) | ("type", page)
-    PRIMARY KEY (node, ts, position)
+    PRIMARY KEY (node, ts, position, log)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS traits (
     node INTEGER NOT NULL, path TEXT NOT NULL, value TEXT NOT NULL, ts TEXT NOT NULL,
@@ -86,6 +87,14 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS positions (consumer TEXT PRIMARY KEY, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+
+
+def _add_log_column(conn: sqlite3.Connection) -> None:
+    """An identity.db from before timeline rows named their log gets the column, every row
+    in the data dir's one log (''). Its key stays (node, ts, position): one log cannot
+    hold two events at one position."""
+    if "log" not in {row[1] for row in conn.execute("PRAGMA table_info(timeline)")}:
+        conn.execute("ALTER TABLE timeline ADD COLUMN log TEXT NOT NULL DEFAULT ''")
 
 
 class SQLiteDb(Db):
@@ -138,6 +147,7 @@ class SQLiteStore(SQLStore):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)
+            _add_log_column(self.conn)
         self._graph: Graph | None = None
         self._version = -1
         self._next_node = 0
@@ -210,11 +220,11 @@ class SQLiteStore(SQLStore):
     def forget_cache(self) -> None:
         self._graph = None
 
-    def forget(self, ident: str):
+    def forget(self, ident: str, read=None):
         with self.lock:
             self.conn.execute("PRAGMA secure_delete = ON")  # the person's ids must not linger
             try:
-                gone = super().forget(ident)
+                gone = super().forget(ident, read)
             finally:
                 self.conn.execute("PRAGMA secure_delete = OFF")
             if gone is not None:

@@ -9,10 +9,16 @@
     store.resolve_many([(user_id, anonymous_id), ...]) -> [profile id | None, ...]
     store.profile(ident) -> dict | None     # ident: profile id (current or merged away), userId,
                                             # anonymousId, or a trait identifier value (email)
-    store.timeline(ident, cursor, limit) -> (positions, next_cursor | None)
+    store.timeline(ident, cursor, limit, read) -> (positions, next_cursor | None)
+                                # positions in THIS node's log (read: its EventLog.get)
+    store.elsewhere(ident) -> {log: n}      # the person's events other nodes' logs hold
     store.merges(ident) -> [merge record, ...]
     store.unmerge(profile_id, merge_id) -> [resulting profile ids]   # LookupError if no such merge
-    store.forget(ident) -> Forgotten | None  # privacy delete of the whole person
+    store.forget(ident, read) -> Forgotten | None  # privacy delete of the whole person; the
+                                # other nodes sharing the store are asked to erase theirs:
+    store.ask_others(ids) -> n  # ... also for ids with no profile
+    store.erasures() -> [Erasure, ...]   # what other nodes asked this node's log to erase
+    store.erased(erasure_id)    # ... done
     store.stats() -> {"profiles", "identifiers", "blocked", "refused"}
     store.close()
 
@@ -32,7 +38,7 @@ import re
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,11 +50,30 @@ _CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "0123456789ABCDEF
 
 
 class Forgotten(NamedTuple):
-    """What forget() removed: (type, value) identifiers, and the log positions of the events
-    attributed to them, so the caller can delete those events from the log."""
+    """What forget() removed: (type, value) identifiers, and the positions in this node's
+    log of the events attributed to them, so the caller can delete those events from the
+    log; `asked`: how many other nodes were asked to erase theirs (see Erasure)."""
 
     identifiers: list[tuple[str, str]]
     positions: list[int]
+    asked: int = 0
+
+
+class Erasure(NamedTuple):
+    """A privacy delete another node carried out, for this node to do on its own log: the
+    person's (type, value) identifiers, the positions in this node's log of the events
+    the store had attributed to them, and their timeline rows of no known log
+    ((position, log, ts, kind, value), written before rows named their log), which are
+    this node's if its log holds the events that made them (store.verify)."""
+
+    id: int
+    identifiers: list[tuple[str | None, str]]
+    positions: list[int]
+    legacy: Sequence[tuple] = ()
+
+
+ReadLog = Callable[[Sequence[int]], list[Entry]]
+"""This node's EventLog.get: the entries at these positions."""
 
 
 def new_profile_id() -> str:
@@ -83,8 +108,16 @@ class IdentityStore(ABC):
     def profile(self, ident: str) -> dict | None: ...
 
     @abstractmethod
-    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100
-                 ) -> tuple[list[int], str | None]: ...
+    def timeline(self, ident: str, cursor: str | None = None, limit: int = 100,
+                 read: ReadLog | None = None) -> tuple[list[int], str | None]:
+        """A page of the positions of the person's events in this node's log, in timestamp
+        order (a page may hold fewer than `limit`: follow next_cursor). `read` reads this
+        node's log, to tell which rows written before rows named their log are its own;
+        without it those are left out."""
+
+    def elsewhere(self, ident: str) -> dict[str, int]:
+        """How many of the person's events each other node's log holds (by position name)."""
+        return {}
 
     @abstractmethod
     def merges(self, ident: str) -> list[dict]: ...
@@ -93,7 +126,23 @@ class IdentityStore(ABC):
     def unmerge(self, profile_id: str, merge_id: str | int) -> list[str]: ...
 
     @abstractmethod
-    def forget(self, ident: str) -> Forgotten | None: ...
+    def forget(self, ident: str, read: ReadLog | None = None) -> Forgotten | None: ...
+
+    def ask_others(self, ids: Sequence[tuple[str | None, str]]) -> int:
+        """Ask the other nodes sharing the store to erase the events naming `ids` from their
+        logs; returns how many were asked. A store of one log has no one to ask."""
+        return 0
+
+    def erasures(self) -> list[Erasure]:
+        """The deletes other nodes asked this node to carry out on its log."""
+        return []
+
+    def erased(self, erasure_id: int) -> None:
+        """This node has carried out erasure `erasure_id`."""
+
+    def verify(self, rows: Sequence[tuple], read: ReadLog | None) -> set[int]:
+        """The positions of timeline rows that are this node's log's (see Erasure)."""
+        return set()
 
     @abstractmethod
     def stats(self) -> dict: ...

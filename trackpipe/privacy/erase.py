@@ -8,12 +8,23 @@ request (`privacy_requests` in deliveries.db) and waits for it.
 Every connection that deletes uses `secure_delete` (freed pages are zeroed)
 and the WAL is checkpointed and truncated after, so the person's ids do not
 linger in free pages or old WAL frames.
+
+Nodes sharing a PostgreSQL identity store each have a log of their own, and
+a timeline row's position is one in the log its row names. The node a delete
+is sent to erases its own log's positions only (and whatever names the
+person), and the store keeps, for each other node, the person's ids and that
+node's positions (identity/repair.py ask). Each node's consumers pick those
+up here, between two identity batches as for a request of their own: they
+suppress the person on that node, erase from its log, files and destinations
+as for a local request, and tell the store their part is done; the store
+drops the ids once every node asked has done its part.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,10 +32,14 @@ from pathlib import Path
 from typing import Iterable
 
 from trackpipe.identity.facts import ANON, USER, normalize_trait
-from trackpipe.log.sqlite import KEEP_HEAD_SQL, connect, immediate
+from trackpipe.log.sqlite import KEEP_HEAD_SQL, SQLiteLog, connect, immediate
 from trackpipe.privacy import details, find, names
+from trackpipe.privacy import suppress as suppression
 from trackpipe.privacy.details import REMOVED, mentions
 from trackpipe.privacy.suppress import PROFILE, is_trait
+from trackpipe.sources.catalog import Catalog
+
+log = logging.getLogger("trackpipe.privacy")
 
 QUEUE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS privacy_requests (
@@ -81,11 +96,56 @@ def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> 
             counts = erase(data_dir, identity, _identifiers(ids), db, list(destinations))
             db.execute("UPDATE privacy_requests SET ids = '[]', done_at = ?, result = ?"
                        " WHERE id = ?", (int(time.time() * 1000), json.dumps(counts), request_id))
-        if todo:
+        asked = _asked(identity)
+        for erasure in asked:
+            _erase_for_another_node(data_dir, identity, erasure, db, list(destinations))
+        if todo or asked:
             _scrub(db)
-        return len(todo)
+        return len(todo) + len(asked)
     finally:
         db.close()
+
+
+_STORE_DOWN_LOGGED = [0.0]  # when the last "cannot ask the store" warning went out
+
+
+def _asked(identity) -> list:
+    """The deletes other nodes asked this one to do. The store is asked every 0.2 s: while
+    it is down (identity itself says so and waits), this says it once a minute, and the
+    requests of this node's own still go on."""
+    if identity is None:
+        return []
+    try:
+        return identity.erasures()
+    except Exception as exc:  # noqa: BLE001 - an outage of the store; tried again shortly
+        if time.monotonic() - _STORE_DOWN_LOGGED[0] > 60:
+            _STORE_DOWN_LOGGED[0] = time.monotonic()
+            log.warning("privacy: cannot read the deletes other nodes asked for from the "
+                        "identity store (%r); trying again", exc)
+        return []
+
+
+def _erase_for_another_node(data_dir: Path, identity, erasure, db: sqlite3.Connection,
+                            destinations: list[str]) -> None:
+    """Carry out here a delete another node was sent (see the module's docstring), and keep
+    its outcome as a done request of this node's, and in its privacy audit."""
+    catalog = Catalog(data_dir)
+    try:
+        key = catalog.privacy_key()
+        by_value = suppression.hashes(key, erasure.identifiers)
+        catalog.suppress([h for hs in by_value.values() for h in hs])  # the ingest reloads it
+        counts = erase(data_dir, identity, erasure.identifiers, db, destinations,
+                       positions=erasure.positions, legacy=erasure.legacy, ask=False)
+        now = int(time.time() * 1000)
+        result = {**counts, "asked_by_another_node": True}
+        db.execute("INSERT INTO privacy_requests (ids, created_at, done_at, result)"
+                   " VALUES ('[]', ?, ?, ?)", (now, now, json.dumps(result)))
+        identity.erased(erasure.id)
+        subject = suppression.id_hash(key, erasure.identifiers[0][1]) if erasure.identifiers \
+            else ""
+        catalog.audit("delete", subject, json.dumps(result))
+    finally:
+        catalog.db.close()
 
 
 def _identifiers(queued: str) -> list[tuple[str | None, str]]:
@@ -144,29 +204,24 @@ class Person:
 
 
 def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
-          deliveries: sqlite3.Connection, destinations: list[str]) -> dict:
+          deliveries: sqlite3.Connection, destinations: list[str],
+          positions: Iterable[int] = (), legacy: list = (), ask: bool = True) -> dict:
+    """Erase the person from this node. `positions`: more of their events in this node's
+    log, and `legacy` timeline rows that may be (another node's request carries them);
+    `ask`: ask the other nodes sharing the identity store to erase theirs (not when
+    carrying out such a request)."""
     person = Person()
     for kind, value in ids:
         person.add(kind, value)
-    positions: set[int] = set()
-    profiles = 0
+    positions = set(positions)
+    profiles = others = 0
     if identity is not None:
-        # The profile id first: forgetting a bare value picks whichever profile has it, and
-        # that may be another person's (their userId spelt like this one's anonymousId).
-        gone_values: set[str] = set()
-        for kind, value in sorted(ids, key=lambda i: i[0] != PROFILE):
-            if kind not in (PROFILE, USER, ANON, None) or value in gone_values:
-                continue  # a trait reading of an unknown id, or an id its profile took along
-            gone = identity.forget(value)
-            if gone is None:
-                continue
-            profiles += 1
-            positions.update(gone.positions)
-            person.unknown.discard(value)
-            for k, v in gone.identifiers:
-                person.add(k, v)
-                gone_values.add(v)
-        person.unknown -= person.users | person.anons
+        event_log = SQLiteLog(data_dir / "log.db", writable=False)
+        try:
+            positions |= identity.verify(legacy, event_log.get)
+            profiles, others = _forget(identity, ids, person, positions, event_log.get, ask)
+        finally:
+            event_log.close()
     # The log first, then this file's rows under its write lock: a delivery recording its
     # outcome meanwhile (delivery/state.py record) either finds the event gone, or wrote
     # its rows before, and they are deleted here.
@@ -189,7 +244,36 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
             " VALUES (?, ?, ?, ?, 'pending')",
             [(d, json.dumps(users), json.dumps(anons), now) for d in notify])
     return {"profiles": profiles, "events": events, "deliveries_cancelled": cancelled,
-            "identifiers": len(person.values()), "destinations_notified": len(notify)}
+            "identifiers": len(person.values()), "destinations_notified": len(notify),
+            "other_nodes": others}
+
+
+def _forget(identity, ids, person: Person, positions: set[int], read, ask: bool
+            ) -> tuple[int, int]:
+    """Forget the person's profiles in the identity store, adding their identifiers to
+    `person` and the positions of their events in this node's log to `positions`.
+    Returns (profiles forgotten, other nodes asked to erase theirs)."""
+    profiles = others = 0
+    # The profile id first: forgetting a bare value picks whichever profile has it, and
+    # that may be another person's (their userId spelt like this one's anonymousId).
+    gone_values: set[str] = set()
+    for kind, value in sorted(ids, key=lambda i: i[0] != PROFILE):
+        if kind not in (PROFILE, USER, ANON, None) or value in gone_values:
+            continue  # a trait reading of an unknown id, or an id its profile took along
+        gone = identity.forget(value, read)
+        if gone is None:
+            continue
+        profiles += 1
+        others = max(others, gone.asked)
+        positions.update(gone.positions)
+        person.unknown.discard(value)
+        for k, v in gone.identifiers:
+            person.add(k, v)
+            gone_values.add(v)
+    person.unknown -= person.users | person.anons
+    if ask and not profiles:  # no profile here: another node may not have applied theirs yet
+        others = identity.ask_others(ids)
+    return profiles, others
 
 
 def _erase_log(path: Path, person: Person, positions: set[int]):
