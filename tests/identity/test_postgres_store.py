@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import threading
+import time
 import uuid
 from contextlib import closing
 
@@ -282,6 +285,73 @@ def test_the_consumer_goes_on_after_the_connection_is_lost(admin, schema, opened
     entries.append(log("identify", "u2", "a2"))
     consumer = consume(store, entries, 2, timeout=10)
     assert consumer.position() == 2 and store.profile("a2") is not None
+
+
+class HoldingProxy:
+    """A TCP proxy to PostgreSQL that can stop passing bytes while holding its connections
+    open: a server that stops answering, as a partition or a hung host looks."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.holding = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", 5432))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                while self.holding.is_set():
+                    time.sleep(0.05)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_store_whose_server_stops_answering_fails_in_bounded_time_and_recovers(
+        schema, opened, monkeypatch):
+    """R14 (blackhole): identity hung on a server that held the connection without
+    answering; the warehouses, which wait for identity, with it."""
+    from trackpipe.identity import postgres_store
+    monkeypatch.setattr(postgres_store, "TRANSACTION_DEADLINE_S", 2.0)
+    proxy = HoldingProxy()
+    try:
+        store = PostgresStore(f"postgresql://postgres@127.0.0.1:{proxy.port}/test",
+                              settings(schema), "identity", schema=schema)
+        opened.append(store)
+        log = Log()
+        store.apply([log("identify", "u1", "a1")])
+        later = [log("identify", "u2", "a2")]
+        proxy.holding.set()
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as failed:
+            store.apply(later)
+        assert time.monotonic() - started < 5, "failed by the deadline, not hung"
+        assert environmental(failed.value), "an outage: retried, not passed over"
+        proxy.holding.clear()
+        store.apply(later)  # on a new connection
+        assert store.profile("u2")["anonymous_ids"] == ["a2"]
+    finally:
+        proxy.close()
 
 
 # -- 4. timeline rows say whose log their position is in ------------------------------

@@ -26,7 +26,10 @@ lookup of one answers "not found", as the SQLite store does when it has none.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -131,6 +134,16 @@ class PostgresDb(Db):
         return self.fetch(sql.replace("IN ({})", "= ANY(?)"), (*before, list(values)))
 
 
+# A server that stops answering (a network partition, a hung host, a proxy that holds
+# the connection) must not hang identity, and the warehouses that wait for it, for good:
+# connecting gives up after 10 s, keepalives notice a peer gone quiet, and a transaction
+# still running after TRANSACTION_DEADLINE_S has its socket shut from a watchdog thread.
+# Each fails as an outage (OperationalError): retried, on a new connection.
+CONNECT = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+           "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000}
+TRANSACTION_DEADLINE_S = 120.0
+
+
 class PostgresStore(SQLStore):
     def __init__(self, dsn: str, settings, consumer: str = "identity", schema: str | None = None,
                  adopt: str | None = None):
@@ -147,7 +160,7 @@ class PostgresStore(SQLStore):
                               f"{scrub(str(exc), dsn)}. Check the host, database and"
                               " credentials.") from None
         self.db = PostgresDb(self.conn)
-        with self.write_tx():
+        with self.write_tx(bounded=False):  # rebuilding a large table's key takes a while
             for statement in SCHEMA:
                 self.conn.execute(statement)
             self._key_timeline_by_log()
@@ -157,8 +170,8 @@ class PostgresStore(SQLStore):
 
     def _connect(self) -> psycopg.Connection:
         if self.options:
-            return psycopg.connect(self.dsn, autocommit=True, options=self.options)
-        return psycopg.connect(self.dsn, autocommit=True)
+            return psycopg.connect(self.dsn, autocommit=True, options=self.options, **CONNECT)
+        return psycopg.connect(self.dsn, autocommit=True, **CONNECT)
 
     def _key_timeline_by_log(self) -> None:
         """Make `log` part of the timeline's key, so that two logs' events of one identifier
@@ -189,12 +202,15 @@ class PostgresStore(SQLStore):
                      self.consumer, taken[0], old)
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, bounded: bool = True) -> Iterator[None]:
         with ExitStack() as stack:
+            expired = threading.Event()
+            if bounded:
+                stack.enter_context(_deadline(self, TRANSACTION_DEADLINE_S, expired))
             try:
                 stack.enter_context(self.conn.transaction())
             except psycopg.OperationalError:
-                if not self.conn.broken:  # not lost: refused, or closed by close()
+                if not self.conn.broken or expired.is_set():  # refused, closed, or too slow
                     raise
                 # Lost while idle, or in an earlier transaction: nothing ran in this one yet,
                 # so a new connection starts it again (if the server is down, connect()
@@ -205,8 +221,8 @@ class PostgresStore(SQLStore):
             yield
 
     @contextmanager
-    def write_tx(self) -> Iterator[None]:
-        with self._transaction():
+    def write_tx(self, bounded: bool = True) -> Iterator[None]:
+        with self._transaction(bounded):
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             yield
 
@@ -279,3 +295,27 @@ class PostgresStore(SQLStore):
 def _nul(value) -> bool:
     """Whether `value` holds a NUL, which no text in PostgreSQL holds."""
     return isinstance(value, str) and "\x00" in value
+
+
+@contextmanager
+def _deadline(store: PostgresStore, seconds: float, expired: threading.Event
+              ) -> Iterator[None]:
+    """Shut the store's socket if the block is still running after `seconds` (see
+    TRANSACTION_DEADLINE_S): libpq, blocked in a read or a write, then fails at once."""
+    def cut() -> None:
+        expired.set()
+        try:
+            fd = store.conn.pgconn.socket
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            log.error("identity: the PostgreSQL identity store did not answer within %.0f s;"
+                      " connecting again", seconds)
+        except (OSError, psycopg.Error):
+            pass  # closed meanwhile
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
