@@ -634,6 +634,31 @@ def test_serve_on_a_damaged_data_file_says_so_without_a_traceback(tmp_path, dama
     assert "file is not a database" in r.stderr
 
 
+def test_serve_on_a_log_damaged_inside_refuses_to_start(tmp_path):
+    """R20: bytes flipped in the middle of log.db. trackpipe started, answered 200 to new
+    events and 500 to reads of the log."""
+    from trackpipe.log.base import Record
+    from trackpipe.log.sqlite import SQLiteLog
+
+    data = tmp_path / "data"
+    data.mkdir()
+    log = SQLiteLog(data / "log.db")
+    body = json.dumps({"type": "track", "event": "E", "properties": {"pad": "x" * 900}})
+    for start in range(0, 3000, 500):
+        log.append([Record(f"m{n}", 1_700_000_000_000 + n, "track", "E", "u", None, "s",
+                           body.encode()) for n in range(start, start + 500)])
+    log.close()
+    size = (data / "log.db").stat().st_size
+    with open(data / "log.db", "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 8192)
+    r = cli("serve", "--port", "1", "--data-dir", str(data),
+            env=clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "listening" not in r.stdout
+    assert f"{data / 'log.db'} is damaged" in r.stderr and ".recover" in r.stderr
+
+
 def test_replay_refuses_an_empty_time(tmp_path):
     from trackpipe.log.sqlite import SQLiteLog
 

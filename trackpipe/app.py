@@ -11,14 +11,15 @@ import contextlib
 import fcntl
 import logging
 import sqlite3
+from pathlib import Path
 
 from trackpipe.admin import api as admin_api
 from trackpipe.config import Settings, make_data_dir
 from trackpipe.delivery.state import DeliveryState
 from trackpipe.delivery.supervisor import ConsumersProcess
 from trackpipe.destinations import build as destinations
-from trackpipe.errors import ConfigError
-from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.errors import ConfigError, StartFailed
+from trackpipe.log.sqlite import SQLiteLog, damage
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.pipeline.writer_process import WriterProcess
 from trackpipe.privacy.suppress import Suppressions
@@ -39,6 +40,7 @@ class Pipeline:
         data = settings.data_path
         make_data_dir(data)
         self._lock = _lock_data_dir(data)
+        _check_files(data)
         self.catalog = Catalog(data)
         if settings.admin_token:
             self.catalog.set_admin_token(settings.admin_token)
@@ -100,6 +102,23 @@ class Pipeline:
             self.identity.close()
         self.log.close()
         self.catalog.close()
+
+
+DATA_FILES = ("catalog.db", "log.db", "ids.db", "deliveries.db", "identity.db")
+
+
+def _check_files(data: Path) -> None:
+    """A damaged file (a bad disk, a copy cut short) stops the start with a clear message:
+    run on it, trackpipe would answer 200 to events it then cannot read, and 500 to reads
+    (reliability-and-security.md R20)."""
+    for name in DATA_FILES:
+        problem = damage(data / name)
+        if problem:
+            raise StartFailed(
+                f"{data / name} is damaged ({problem}). Stop here and keep a copy of the data"
+                f" dir; restore the file from a backup, or save what it still holds with"
+                f" `sqlite3 {name} .recover | sqlite3 {name}.recovered` and put that in its"
+                f" place (ids.db may simply be deleted: it is rebuilt from the log).")
 
 
 def _lock_data_dir(data):

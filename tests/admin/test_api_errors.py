@@ -147,3 +147,20 @@ def test_ids_holding_a_slash_are_found_when_it_is_sent_as_percent_2f(server):
         assert event.status_code == 200 and event.json()["userId"] == user, event.text
         status = client.get(f"/api/v1/messages/{quote(message_id, safe='')}/status")
         assert status.status_code == 200 and status.json()["status"] == "stored", status.text
+
+
+def test_a_damaged_or_locked_file_is_a_json_503_not_a_500():
+    """A read that meets a damaged log (R20) or a locked file answered 500."""
+    import asyncio
+    import json
+    import sqlite3
+
+    from trackpipe.admin.api import _internal_error
+
+    answer = asyncio.run(_internal_error(None, sqlite3.DatabaseError(
+        "database disk image is malformed")))
+    body = json.loads(answer.body)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert body["code"] == "store_unavailable" and "malformed" in body["message"]
+    bug = asyncio.run(_internal_error(None, KeyError("x")))
+    assert bug.status_code == 500 and json.loads(bug.body)["code"] == "internal_error"

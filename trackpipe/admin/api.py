@@ -5,6 +5,7 @@ No permissive CORS here: only the ingest paths are meant for browsers.
 
 from __future__ import annotations
 
+import sqlite3
 from urllib.parse import unquote
 
 import msgspec
@@ -205,6 +206,12 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, sqlite3.Error):  # a locked, full or damaged file: not a bug here
+        response = error(503, "store_unavailable", f"trackpipe could not read its data"
+                         f" ({type(exc).__name__}: {exc}); try again later, and see the"
+                         " server log.")
+        response.headers["retry-after"] = "5"
+        return response
     return error(500, "internal_error", "trackpipe failed to answer this request; the server "
                  "log has the details.")
 
