@@ -524,6 +524,163 @@ def test_an_old_sqlite_timeline_gets_its_log(tmp_path):
         store.close()
 
 
+# -- 5. what the review of timeline logs found ----------------------------------------
+
+def node_with_log(data_dir, records) -> None:
+    """A data dir whose log holds `records`, with its deliveries file."""
+    from trackpipe.delivery.state import DeliveryState
+    from trackpipe.log.sqlite import SQLiteLog
+    data_dir.mkdir()
+    with closing(SQLiteLog(data_dir / "log.db")) as log_:
+        log_.append(records)
+    DeliveryState(data_dir / "deliveries.db").close()
+
+
+def record(user, anon=None, type_="track", **body):
+    from trackpipe.log.base import Record
+    return Record(uuid.uuid4().hex, 1_714_557_600_000, type_, "E", user, anon, "src",
+                  msgspec.json.encode({"type": type_, "event": "E", "userId": user,
+                                       "anonymousId": anon, **body}))
+
+
+def catch_up_from(store, data_dir) -> None:
+    from trackpipe.identity.consumer import catch_up
+    from trackpipe.log.sqlite import SQLiteLog
+    with closing(SQLiteLog(data_dir / "log.db", writable=False)) as log_:
+        catch_up(store, log_)
+
+
+def log_users(data_dir) -> list:
+    from trackpipe.log.sqlite import SQLiteLog
+    with closing(SQLiteLog(data_dir / "log.db", writable=False)) as log_:
+        return [(e.user_id, e.anonymous_id) for e in log_.read(0, 100)]
+
+
+def test_a_delete_another_node_asked_for_forgets_only_those_exact_identifiers(
+        tmp_path, schema, opened):
+    from trackpipe.log.sqlite import connect
+    from trackpipe.privacy import erase
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    node_with_log(a_dir, [record("alice", "42", type_="identify")])
+    # Bob's userId is spelt like alice's anonymousId.
+    node_with_log(b_dir, [record("42"), record("42", "b-anon")])
+    a, b = two_nodes(tmp_path, schema, opened)
+    catch_up_from(a, a_dir)
+    catch_up_from(b, b_dir)
+    with closing(connect(a_dir / "deliveries.db")) as db:
+        erase.queue(db, [("user_id", "alice")])
+    assert erase.process_requests(a_dir, a, []) == 1
+    assert log_users(a_dir) == []
+    assert erase.process_requests(b_dir, b, []) == 1
+    assert log_users(b_dir) == [("42", None), ("42", "b-anon")]  # bob's events stay
+    assert b.profile("b-anon")["user_ids"] == ["42"]
+    assert a.erasures() == [] and b.erasures() == []  # and no one is asked to erase bob
+
+
+def test_an_upgraded_node_applying_its_log_again_does_not_double_its_events(
+        tmp_path, schema, opened):
+    # Before node ids every node kept the one position "identity"; after the upgrade the
+    # first node takes it over and the others apply their logs again from the start.
+    old = PostgresStore(PG_DSN, settings(schema), "identity", schema=schema)
+    opened.append(old)
+    log_b = Log()
+    entries_b = [log_b("track", "bob", None, event="Buy"), log_b("track", "bob", None,
+                                                                 event="Buy")]
+    old.apply(entries_b)
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}", autocommit=True) as conn:
+        old_timeline(conn)
+    a, b = two_nodes(tmp_path, schema, opened)  # a adopts "identity"; b starts from 0
+    assert b.position() == 0
+    b.apply(entries_b)
+    b.apply(entries_b)  # applied again: still nothing new
+    assert b.profile("bob")["event_counts"] == {"Buy": 2}
+    assert b.timeline("bob", read=reader(entries_b)) == ([1, 2], None)
+    assert a.timeline("bob", read=reader([])) == ([], None) and a.elsewhere("bob") == {
+        b.consumer: 2}
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as conn:
+        rows = conn.execute("SELECT position, log FROM timeline ORDER BY 1").fetchall()
+    assert rows == [(1, b.consumer), (2, b.consumer)]
+
+
+def test_a_node_start_does_not_wait_for_a_long_read_of_the_timeline(tmp_path, schema,
+                                                                      opened):
+    (tmp_path / "a").mkdir()
+    opened.append(open_store(settings(schema), tmp_path / "a"))  # the schema is current
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as reader_:
+        reader_.execute("SELECT count(*) FROM timeline").fetchone()  # a report, a pg_dump
+        started = []
+        (tmp_path / "b").mkdir()
+        thread = threading.Thread(target=lambda: started.append(
+            open_store(settings(schema), tmp_path / "b")), daemon=True)
+        thread.start()
+        thread.join(5)
+        done = bool(started)
+        reader_.rollback()
+        thread.join(20)
+    opened += started
+    assert done
+
+
+def test_a_start_that_must_alter_a_locked_timeline_fails_as_an_outage(tmp_path, schema, opened,
+                                                                       monkeypatch):
+    from trackpipe.identity import postgres_store
+    (tmp_path / "a").mkdir()
+    opened.append(open_store(settings(schema), tmp_path / "a"))
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}", autocommit=True) as conn:
+        old_timeline(conn)
+    monkeypatch.setattr(postgres_store, "SCHEMA_LOCK_TIMEOUT", "200ms", raising=False)
+    monkeypatch.setattr(postgres_store, "SCHEMA_TRIES", 2, raising=False)
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}") as reader_:
+        reader_.execute("SELECT count(*) FROM timeline").fetchone()  # a long read
+        ends = threading.Timer(5, reader_.rollback)
+        ends.start()
+        with pytest.raises(psycopg.OperationalError) as failed:  # not a wait for the read
+            PostgresStore(PG_DSN, settings(schema), "identity:late", schema=schema)
+        ends.cancel()
+        ends.join()
+        reader_.rollback()
+    assert environmental(failed.value)
+    opened.append(PostgresStore(PG_DSN, settings(schema), "identity:late", schema=schema))
+
+
+def test_a_request_no_node_waits_for_any_more_is_removed_with_the_ids(tmp_path, schema,
+                                                                       opened):
+    a, b = two_nodes(tmp_path, schema, opened)
+    log_a = Log()
+    a.apply([log_a("identify", "alice", "aa")])
+    b.apply([Log()("track", "alice", None, event="A")])
+    assert a.forget("alice").asked == 1
+    with psycopg.connect(PG_DSN, options=f"-c search_path={schema}", autocommit=True) as conn:
+        def count():
+            return conn.execute("SELECT count(*) FROM erasures").fetchone()[0]
+        # b will never run again: the operator removes its rows (README, Privacy) ...
+        conn.execute("DELETE FROM positions WHERE consumer = %s", (b.consumer,))
+        conn.execute("DELETE FROM erasure_logs WHERE log = %s", (b.consumer,))
+        assert count() == 1
+        assert a.erasures() == []  # ... and the next check of any node removes her ids
+        assert count() == 0
+        a.apply([log_a("identify", "dora", "dd")])
+        (tmp_path / "c").mkdir()
+        c = open_store(settings(schema), tmp_path / "c")
+        opened.append(c)
+        c.apply([Log()("track", "carol", None, event="C")])
+        assert a.forget("dora").asked == 1
+        conn.execute("DELETE FROM erasure_logs")
+        opened.append(open_store(settings(schema), tmp_path / "a"))  # ... or its next start
+        assert count() == 0
+
+
+def test_the_sqlite_store_has_no_other_logs_to_count(tmp_path, monkeypatch):
+    from trackpipe.identity import reads
+    store = SQLiteStore(tmp_path / "identity.db", Identity(), "identity")
+    try:
+        store.apply([Log()("identify", "u1", "a1")])
+        monkeypatch.setattr(reads, "elsewhere", lambda *a: pytest.fail("counted the timeline"))
+        assert store.elsewhere("u1") == {}
+    finally:
+        store.close()
+
+
 # -- end to end: two `trackpipe serve` nodes on one store -----------------------------
 
 def port_in_range() -> int:

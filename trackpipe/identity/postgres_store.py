@@ -38,6 +38,7 @@ from psycopg import sql
 
 from trackpipe.dsn import scrub
 from trackpipe.errors import ConfigError
+from trackpipe.identity import repair
 from trackpipe.identity.graph import Graph
 from trackpipe.identity.sql_store import Db, SQLStore
 from trackpipe.identity.store import Forgotten, ReadLog, new_profile_id
@@ -71,8 +72,6 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS timeline (node BIGINT NOT NULL, ts TEXT COLLATE "C" NOT NULL,
         position BIGINT NOT NULL, log TEXT NOT NULL DEFAULT '', kind TEXT, key TEXT,
         PRIMARY KEY (node, ts, position, log))""",
-    # A constant default: PostgreSQL 11+ adds it without rewriting the table.
-    "ALTER TABLE timeline ADD COLUMN IF NOT EXISTS log TEXT NOT NULL DEFAULT ''",
     """CREATE TABLE IF NOT EXISTS traits (node BIGINT NOT NULL, path TEXT NOT NULL,
         value TEXT NOT NULL, ts TEXT COLLATE "C" NOT NULL, position BIGINT NOT NULL,
         PRIMARY KEY (node, path))""",
@@ -92,7 +91,30 @@ SCHEMA = [
 _KEY = "SELECT conname, conkey FROM pg_constraint WHERE conrelid = 'timeline'::regclass " \
        "AND contype = 'p'"
 _LOG_COLUMN = "SELECT attnum FROM pg_attribute WHERE attrelid = 'timeline'::regclass " \
-              "AND attname = 'log'"
+              "AND attname = 'log' AND NOT attisdropped"
+# A constant default: PostgreSQL 11+ adds it without rewriting the table.
+_ADD_LOG = "ALTER TABLE timeline ADD COLUMN log TEXT NOT NULL DEFAULT ''"
+# How long the schema's statements wait for a table lock at start (an ALTER waiting
+# behind a long read would queue every later reader of the table behind itself), and
+# how many times a start tries again before it fails.
+SCHEMA_LOCK_TIMEOUT = "10s"
+SCHEMA_TRIES = 30
+# Timeline rows of a batch, each claiming the row of no known log ('') that the same
+# event made before rows named their log (an upgraded node applying its log again from
+# the start: the entry applied is the proof that the row is this log's), else inserted.
+_CLAIM = """WITH new (node, ts, position, log, kind, key) AS (
+        SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[],
+                             %s::text[], %s::text[])),
+    claimed AS (
+        UPDATE timeline t SET log = new.log FROM new
+        WHERE t.node = new.node AND t.ts = new.ts COLLATE "C" AND t.position = new.position
+            AND t.log = '' AND NOT EXISTS (SELECT 1 FROM timeline m WHERE m.node = t.node
+                AND m.ts = t.ts AND m.position = t.position AND m.log = new.log)
+        RETURNING t.node, t.ts, t.position)
+    INSERT INTO timeline (node, ts, position, log, kind, key)
+    SELECT * FROM new WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.node = new.node
+        AND c.ts = new.ts COLLATE "C" AND c.position = new.position)
+    ON CONFLICT DO NOTHING"""
 
 
 class PostgresDb(Db):
@@ -160,13 +182,29 @@ class PostgresStore(SQLStore):
                               f"{scrub(str(exc), dsn)}. Check the host, database and"
                               " credentials.") from None
         self.db = PostgresDb(self.conn)
+        for tries_left in range(SCHEMA_TRIES - 1, -1, -1):
+            try:
+                self._migrate(adopt)
+                break
+            except psycopg.errors.LockNotAvailable:
+                if not tries_left:
+                    self.conn.close()
+                    raise  # an outage (OperationalError): the start is tried again later
+                log.warning("identity: the identity store's tables are locked by another "
+                            "session (a long query, a dump?); trying again")
+        self.db.learn_types()
+
+    def _migrate(self, adopt: str | None) -> None:
         with self.write_tx(bounded=False):  # rebuilding a large table's key takes a while
+            # A lock waited for blocks every later reader of that table behind it: wait
+            # a while only, then fail and try again.
+            self.conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_TIMEOUT}'")
             for statement in SCHEMA:
                 self.conn.execute(statement)
             self._key_timeline_by_log()
-            if adopt is not None and adopt != consumer:
+            repair.sweep(self.db)  # requests no node waits for any more (README Privacy)
+            if adopt is not None and adopt != self.consumer:
                 self._adopt(adopt)
-        self.db.learn_types()
 
     def _connect(self) -> psycopg.Connection:
         if self.options:
@@ -179,7 +217,10 @@ class PostgresStore(SQLStore):
         writer lock (the caller's), so nodes starting at once do it once, and in the
         schema's transaction, so an interrupted one is done again at the next start. It
         builds the key's index again: on a large timeline that takes a while, and every
-        node's identity waits for it."""
+        node's identity waits for it. Each ALTER only when needed: it locks the table
+        against every reader, even when it has nothing to do."""
+        if not self.conn.execute(_LOG_COLUMN).fetchall():
+            self.conn.execute(_ADD_LOG)
         (log_column,), = self.conn.execute(_LOG_COLUMN).fetchall()
         (name, key), = self.conn.execute(_KEY).fetchall()
         if log_column in key:
@@ -286,6 +327,14 @@ class PostgresStore(SQLStore):
 
     def forget(self, ident: str, read: ReadLog | None = None) -> Forgotten | None:
         return None if _nul(ident) else super().forget(ident, read)
+
+    def forget_ids(self, pairs: Sequence[tuple[str, str]], read: ReadLog | None = None
+                   ) -> list[Forgotten]:
+        return super().forget_ids([p for p in pairs if not _nul(p[1])], read)
+
+    def _write_timeline(self, rows: list[tuple]) -> None:
+        if rows:
+            self.conn.execute(_CLAIM, [list(column) for column in zip(*rows)])
 
     def close(self) -> None:
         with self.lock:

@@ -76,8 +76,22 @@ def forget(db, ident: str, verify: Callable[[Rows], set[int]], others: list[str]
     is asked, in the same transaction, to erase the person's events from that log: the
     positions its rows held, and whatever names these identifiers."""
     pid = lookup(db, ident)
-    if pid is None:
-        return None
+    return None if pid is None else _forget_profile(db, pid, verify, others)
+
+
+def forget_ids(db, pairs: list[tuple[str, str]], verify: Callable[[Rows], set[int]]
+               ) -> list[Forgotten]:
+    """Remove the profiles holding one of these exact (kind, value) identifiers: a delete
+    another node asked for names the person's identifiers with their kinds, and a bare
+    value may be someone else's (their userId spelt like this person's anonymousId).
+    The other nodes are not asked again: the node the delete was sent to asked them all."""
+    pids = sorted({pid for kind, value in pairs for (pid,) in db.fetch(
+        "SELECT profile FROM nodes WHERE kind = ? AND value = ?", (kind, value))})
+    return [_forget_profile(db, pid, verify, None) for pid in pids]
+
+
+def _forget_profile(db, pid: str, verify: Callable[[Rows], set[int]], others: list[str] | None
+                    ) -> Forgotten:
     nodes = members(db, pid)
     ids = [n[0] for n in nodes]
     named = {n[0]: (n[1], n[2]) for n in nodes}
@@ -134,5 +148,19 @@ def erasures(db, log: str) -> list[Erasure]:
 def erased(db, erasure: int, log: str) -> None:
     """`log` did its part; a request no log still waits for is removed with its ids."""
     db.run("DELETE FROM erasure_logs WHERE erasure = ? AND log = ?", (erasure, log))
-    db.run("DELETE FROM erasures WHERE NOT EXISTS"
-           " (SELECT 1 FROM erasure_logs WHERE erasure_logs.erasure = erasures.id)")
+    sweep(db)
+
+
+_UNWANTED = "FROM erasures WHERE NOT EXISTS" \
+            " (SELECT 1 FROM erasure_logs WHERE erasure_logs.erasure = erasures.id)"
+
+
+def unwanted(db) -> bool:
+    """Whether some request is no longer waited for by any log (an operator removed a
+    retired node's part, see README Privacy): its ids are to go."""
+    return bool(db.fetch(f"SELECT 1 {_UNWANTED} LIMIT 1"))
+
+
+def sweep(db) -> None:
+    """Remove the requests no log still waits for, with the person's ids they hold."""
+    db.run(f"DELETE {_UNWANTED}")

@@ -188,9 +188,8 @@ class SQLStore(IdentityStore):
     def _write_contributions(self, ch: Changes) -> None:
         c, db = ch.contributions, self.db
         # Rows go in key order: neighbouring inserts then share B-tree pages.
-        db.insert("INSERT INTO timeline (node, ts, position, log, kind, key)",
-                  [(n, ts, p, self.log, k, key) for n, ts, p, k, key in sorted(c.timeline)],
-                  "ON CONFLICT DO NOTHING")
+        self._write_timeline([(n, ts, p, self.log, k, key)
+                              for n, ts, p, k, key in sorted(c.timeline)])
         for table, key in (("traits", "path"), ("groups", "group_id")):
             value = "value" if table == "traits" else "traits"
             db.insert(f"INSERT INTO {table} (node, {key}, {value}, ts, position)",
@@ -198,6 +197,13 @@ class SQLStore(IdentityStore):
                       f"ON CONFLICT (node, {key}) DO UPDATE SET {value} = excluded.{value}, "
                       "ts = excluded.ts, position = excluded.position WHERE "
                       f"(excluded.ts, excluded.position) > ({table}.ts, {table}.position)")
+
+    def _write_timeline(self, rows: list[tuple]) -> None:
+        """Insert timeline rows (node, ts, position, log, kind, key); one already there is
+        kept (a position applied again). A store several logs share also claims the
+        matching row of no known log (see PostgresStore)."""
+        self.db.insert("INSERT INTO timeline (node, ts, position, log, kind, key)", rows,
+                       "ON CONFLICT DO NOTHING")
 
     # -- the delivery path -------------------------------------------------------------
 
@@ -230,6 +236,8 @@ class SQLStore(IdentityStore):
         return [r[0] for r in rows if r[0] in own], nxt
 
     def elsewhere(self, ident: str) -> dict[str, int]:
+        if self.log == LEGACY:
+            return {}  # a store of one log: no other log holds any of the person's events
         with self.lock, self.read_tx():
             return reads.elsewhere(self.db, ident, self.log)
 
@@ -273,6 +281,15 @@ class SQLStore(IdentityStore):
                 return repair.forget(self.db, ident, lambda rows: self.verify(rows, read),
                                      self._others() if self.log != LEGACY else None)
 
+    def forget_ids(self, pairs: Sequence[tuple[str, str]], read: ReadLog | None = None
+                   ) -> list[Forgotten]:
+        """Forget the profiles holding these exact (kind, value) identifiers, asking no
+        other node (see repair.forget_ids): a delete another node asked this one for."""
+        with self.lock:
+            self.forget_cache()
+            with self.write_tx():
+                return repair.forget_ids(self.db, list(pairs), lambda rows: self.verify(rows, read))
+
     # -- privacy deletes other nodes asked for (one store, several logs) ---------------
 
     def _others(self) -> list[str]:
@@ -293,8 +310,13 @@ class SQLStore(IdentityStore):
     def erasures(self) -> list[Erasure]:
         if self.log == LEGACY:
             return []  # one log, no one else to ask
-        with self.lock, self.read_tx():
-            return repair.erasures(self.db, self.log)
+        with self.lock:
+            with self.read_tx():
+                asked, unwanted = repair.erasures(self.db, self.log), repair.unwanted(self.db)
+            if unwanted:  # a retired node's part removed by an operator (README Privacy)
+                with self.write_tx():
+                    repair.sweep(self.db)
+            return asked
 
     def erased(self, erasure_id: int) -> None:
         with self.lock, self.write_tx():

@@ -231,6 +231,17 @@ class SQLiteStore(SQLStore):
                 self._checkpoint()
             return gone
 
+    def forget_ids(self, pairs, read=None):
+        with self.lock:
+            self.conn.execute("PRAGMA secure_delete = ON")
+            try:
+                gone = super().forget_ids(pairs, read)
+            finally:
+                self.conn.execute("PRAGMA secure_delete = OFF")
+            if gone:
+                self._checkpoint()
+            return gone
+
     def _checkpoint(self) -> None:
         """Push the deletes from the WAL into the main file and empty the WAL."""
         try:

@@ -18,6 +18,8 @@
                                 # other nodes sharing the store are asked to erase theirs:
     store.ask_others(ids) -> n  # ... also for ids with no profile
     store.erasures() -> [Erasure, ...]   # what other nodes asked this node's log to erase
+    store.forget_ids(pairs, read) -> [Forgotten, ...]  # ... the profiles holding exactly
+                                # these (kind, value) ids, asking no one again
     store.erased(erasure_id)    # ... done
     store.stats() -> {"profiles", "identifiers", "blocked", "refused"}
     store.close()
@@ -133,6 +135,12 @@ class IdentityStore(ABC):
         logs; returns how many were asked. A store of one log has no one to ask."""
         return 0
 
+    def forget_ids(self, pairs: Sequence[tuple[str, str]], read: ReadLog | None = None
+                   ) -> list[Forgotten]:
+        """Forget the profiles holding one of these exact (kind, value) identifiers, and ask
+        no other node: carrying out a delete another node asked for (see Erasure)."""
+        return []
+
     def erasures(self) -> list[Erasure]:
         """The deletes other nodes asked this node to carry out on its log."""
         return []
@@ -174,7 +182,12 @@ def node_id(data_dir: str | os.PathLike) -> str:
         raise ConfigError(f"{path} holds {text[:80]!r}, which is not a node id: write 1-64 "
                           "letters, digits, '.', '_' or '-' there (a name no other node "
                           "sharing the identity store uses), or delete the file to get a "
-                          "new random id (this node then applies its whole log again).")
+                          "new random id (this node then applies its whole log again). If "
+                          "this node ran with another id before, remove that id's rows from "
+                          "the store, or privacy deletes keep the person's ids there for it: "
+                          "DELETE FROM positions WHERE consumer = 'identity:<old id>'; DELETE "
+                          "FROM erasure_logs WHERE log = 'identity:<old id>' (README, "
+                          "Privacy).")
     return text
 
 
@@ -202,7 +215,8 @@ def open_store(settings, data_dir: str | os.PathLike, consumer: str | None = Non
     """The store `settings` (config.Identity) asks for. `consumer` names whose log position
     it keeps; by default "identity" in the SQLite store (one per data dir, so one per log),
     and "identity:<node id>" in PostgreSQL, which several nodes with logs of their own
-    share (see node_id)."""
+    share (see node_id). A node whose id changes leaves its old position behind, and
+    privacy deletes wait for it: README, Privacy, says how to remove it."""
     if settings.store == "sqlite":
         from trackpipe.identity.sqlite_store import SQLiteStore
         return SQLiteStore(Path(data_dir) / "identity.db", settings, consumer or CONSUMER)

@@ -15,9 +15,11 @@ is sent to erases its own log's positions only (and whatever names the
 person), and the store keeps, for each other node, the person's ids and that
 node's positions (identity/repair.py ask). Each node's consumers pick those
 up here, between two identity batches as for a request of their own: they
-suppress the person on that node, erase from its log, files and destinations
-as for a local request, and tell the store their part is done; the store
-drops the ids once every node asked has done its part.
+suppress the person on that node, forget the profiles holding the request's
+identifiers, each with its type (never another person's found by a bare
+value), erase from its log, files and destinations as for a local request,
+and tell the store their part is done, asking no one else; the store drops
+the ids once every node asked has done its part.
 """
 
 from __future__ import annotations
@@ -253,6 +255,8 @@ def _forget(identity, ids, person: Person, positions: set[int], read, ask: bool
     """Forget the person's profiles in the identity store, adding their identifiers to
     `person` and the positions of their events in this node's log to `positions`.
     Returns (profiles forgotten, other nodes asked to erase theirs)."""
+    if not ask:
+        return _forget_exactly(identity, ids, person, positions, read), 0
     profiles = others = 0
     # The profile id first: forgetting a bare value picks whichever profile has it, and
     # that may be another person's (their userId spelt like this one's anonymousId).
@@ -274,6 +278,24 @@ def _forget(identity, ids, person: Person, positions: set[int], read, ask: bool
     if ask and not profiles:  # no profile here: another node may not have applied theirs yet
         others = identity.ask_others(ids)
     return profiles, others
+
+
+def _forget_exactly(identity, ids, person: Person, positions: set[int], read) -> int:
+    """Carrying out another node's request: forget only the profiles holding one of its
+    (kind, value) identifiers, never one found by a bare value (another person's userId
+    may be spelt like this person's anonymousId), and ask no one again (the node the
+    delete was sent to asked every node). An id the request gives with no type (its node
+    had no profile to tell) reads as a userId and as an anonymousId, as in the log (see
+    Person). Returns how many profiles were forgotten."""
+    pairs = [(k, v) for k, v in ids if k not in (None, PROFILE)]
+    pairs += [(k, v) for kind, v in ids if kind is None for k in (USER, ANON)]
+    forgotten = identity.forget_ids(pairs, read) if pairs else []
+    for gone in forgotten:
+        positions.update(gone.positions)
+        for k, v in gone.identifiers:
+            person.add(k, v)
+    person.unknown -= person.users | person.anons
+    return len(forgotten)
 
 
 def _erase_log(path: Path, person: Person, positions: set[int]):
