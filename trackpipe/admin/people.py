@@ -21,6 +21,7 @@ from trackpipe.privacy import suppress as suppression
 from trackpipe.privacy.suppress import id_hash
 
 ERASE_WAIT_SECONDS = 30.0
+SUPPRESS_WAIT_SECONDS = 30.0  # for the consumers process to stop delivering their events
 
 
 class PeopleAPI:
@@ -129,8 +130,27 @@ class PeopleAPI:
         by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
         await run_in_threadpool(self.p.catalog.suppress, _all(by_value))
         self.p.reload_catalog(force=True)
+        stopped = await self._deliveries_stopped()
         self._audit("suppress", ident, {"identifiers": len(by_value)})
-        return json_response({"suppressed": len(by_value)})
+        # 202: dropped at ingest already; the consumers process (down, or finishing a send
+        # of theirs to a slow destination) skips and purges their queued events when it can.
+        return json_response({"suppressed": len(by_value), "deliveries_stopped": stopped},
+                             200 if stopped else 202)
+
+    async def _deliveries_stopped(self) -> bool:
+        """Wait until the consumers process has taken the new list: no send of the person's
+        events is under way or will start, none is queued (delivery/process.py
+        SuppressionFollower). Without a consumers process nothing is delivered."""
+        if not self.p.consumers.needed:
+            return True
+        state = self.p.deliveries
+        ticket = await run_in_threadpool(state.ask_suppression)
+        deadline = time.monotonic() + SUPPRESS_WAIT_SECONDS
+        while await run_in_threadpool(state.suppression_taken) < ticket:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def unsuppress(self, request: Request) -> Response:
         ident = await _ident(request)

@@ -39,6 +39,8 @@ from trackpipe.log import retention
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.privacy.erase import process_requests
+from trackpipe.privacy.suppress import Watch
+from trackpipe.sources.catalog import Catalog
 
 log = logging.getLogger("trackpipe.consumers")
 
@@ -130,6 +132,101 @@ class IdentityConsumer:
         self.pool.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
+
+
+class SuppressionFollower:
+    """Keeps the workers' suppression list in step with the catalog, and acknowledges a
+    suppression the admin API asked about (DeliveryState.ask_suppression).
+
+    Every POLL_SECONDS it reads the ticket the API last handed out, then the catalog
+    (one PRAGMA unless it changed: Watch.refresh); the workers share the list, so from
+    then on they test every event against it. When a ticket is new and someone was
+    newly suppressed:
+      1. a send that was checked against an older list and carries the person's events
+         is waited for (it may still reach the destination; after it, nothing does);
+      2. their queued events (retries, replays, events held for per-user ordering) are
+         removed from `pending` for every destination, counted as skipped:suppressed;
+    and only then the ticket is marked taken, which is when the API answers. The API
+    writes the catalog before it takes a ticket, and this reads the ticket before the
+    catalog: a ticket marked taken always covers the suppression it was taken for.
+    A suppression without a ticket (a privacy delete's, which erases the events itself)
+    purges nothing here: the workers drop the events as they meet them.
+
+    A worker reloads the list itself when it is about to skip an event and the catalog
+    has changed since (an unsuppress): an event the ingest let through after an
+    unsuppress is in the log only after the unsuppress committed, so it is never
+    skipped for a suppression already lifted."""
+
+    POLL_SECONDS = 0.1
+    PAGE = 5000
+
+    def __init__(self, watch: Watch, state: DeliveryState, event_log: SQLiteLog,
+                 workers: list[DestinationWorker]):
+        self.watch = watch
+        self.state = state
+        self.log = event_log
+        self.workers = workers
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="suppression")
+        self._taken = state.suppression_taken()
+        # A ticket left unacknowledged (the process stopped first) purges once more.
+        self._purged = frozenset() if state.suppression_asked() > self._taken \
+            else watch.list.hashes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.follow()
+            except Exception:
+                log.exception("suppression: taking the new list failed; trying again")
+            try:
+                await asyncio.wait_for(stop.wait(), self.POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    async def follow(self) -> None:
+        asked = self.state.suppression_asked()  # before the catalog (see the class)
+        self.watch.refresh()
+        hashes = self.watch.list.hashes
+        self._purged &= hashes  # unsuppressed: suppressed again, they are purged again
+        if asked <= self._taken:
+            return
+        if hashes - self._purged:  # someone newly suppressed
+            await self._land_flights(self.watch.list.generation)
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.purge)
+            self._purged = hashes
+        self.state.take_suppression(asked)
+        self._taken = asked
+
+    async def _land_flights(self, generation: int) -> None:
+        """Wait for the sends checked against an older list that carry a suppressed
+        person's event (each ends within the worker's SEND_TIMEOUT)."""
+        for worker in self.workers:
+            flight = worker.flight
+            if flight is None or flight[1] >= generation or not any(
+                    self.watch.names(e) for e in flight[0]):
+                continue
+            while worker.flight is flight:
+                await asyncio.sleep(0.01)
+
+    def purge(self) -> int:
+        """Remove every queued event of a suppressed person, for every destination."""
+        removed = 0
+        verdicts: dict[int, bool] = {}  # destinations share positions: each read once
+        for destination in self.state.known_destinations():
+            after = 0
+            while page := self.state.pending_after(destination, after, self.PAGE):
+                after = page[-1]
+                unread = [p for p in page if p not in verdicts]
+                for entry in self.log.get(unread):
+                    verdicts[entry.position] = self.watch.names(entry)
+                theirs = [p for p in page if verdicts.get(p)]
+                removed += self.state.drop_suppressed(destination, theirs)
+        if removed:
+            log.info("suppression: %d queued deliveries of suppressed people removed", removed)
+        return removed
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class LogRetention:
@@ -249,11 +346,13 @@ def environmental(exc: BaseException) -> bool:
 
 
 def worker_for(cfg: config.Destination, destination, event_log: SQLiteLog,
-               state: DeliveryState, identity: IdentityConsumer | None) -> DestinationWorker:
+               state: DeliveryState, identity: IdentityConsumer | None,
+               suppressions: Watch | None = None) -> DestinationWorker:
     profiled = identity if identity is not None and destination.uses_profiles else None
     return DestinationWorker(cfg, destination, event_log, state,
                              readable_up_to=profiled.position if profiled else None,
-                             resolve=profiled.resolve if profiled else None)
+                             resolve=profiled.resolve if profiled else None,
+                             suppressions=suppressions)
 
 
 async def run(settings: config.Settings) -> None:
@@ -279,13 +378,20 @@ async def run(settings: config.Settings) -> None:
     if settings.log.retention_seconds:
         retaining = LogRetention(data, settings, state, event_log, identity)
         tasks.append(asyncio.create_task(retaining.run(stop), name="retention"))
+    # The suppression list, before any worker starts: the first event read is tested.
+    catalog = Catalog(data)
+    watch = Watch(catalog, settings.identity.trait_identifiers)
+    workers = []
     head = event_log.head()
     for cfg in settings.destinations:
         if not cfg.enabled:
             continue
         state.set_cursor(cfg.name, head)  # a new destination gets events from now on
-        worker = worker_for(cfg, build_destination(cfg), event_log, state, identity)
+        worker = worker_for(cfg, build_destination(cfg), event_log, state, identity, watch)
+        workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(stop), name=f"destination:{cfg.name}"))
+    following = SuppressionFollower(watch, state, event_log, workers)
+    tasks.append(asyncio.create_task(following.run(stop), name="suppression"))
     print("consumers ready", flush=True)
     try:
         await stop.wait()
@@ -300,6 +406,8 @@ async def run(settings: config.Settings) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         if retaining is not None:
             retaining.close()  # before the state it reads closes
+        following.close()
+        catalog.close()
         erasing.close()
         state.close()
         event_log.close()

@@ -102,6 +102,10 @@ CREATE TABLE IF NOT EXISTS stops (
     at          INTEGER NOT NULL,
     detail      TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS suppression_acks (
+    name        TEXT PRIMARY KEY,        -- asked (by the admin API) | taken (by the consumers)
+    value       INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_errors (
     destination TEXT PRIMARY KEY,
     at          INTEGER NOT NULL,
@@ -438,6 +442,60 @@ class DeliveryState:
                 f"SELECT DISTINCT user_key FROM pending WHERE destination = ? AND user_key IN"
                 f" ({','.join('?' * len(chunk))})", (destination, *chunk)))
         return found
+
+    # -- suppression (privacy/suppress.py, delivery/process.py SuppressionFollower) -----
+
+    def ask_suppression(self) -> int:
+        """The admin API changed the suppression list: a ticket the consumers process
+        acknowledges (suppression_taken) once no destination can receive their events."""
+        db = self._db()
+        with immediate(db):
+            return db.execute("INSERT INTO suppression_acks VALUES ('asked', 1)"
+                              " ON CONFLICT (name) DO UPDATE SET value = value + 1"
+                              " RETURNING value").fetchone()[0]
+
+    def suppression_asked(self) -> int:
+        return self._ack("asked")
+
+    def suppression_taken(self) -> int:
+        return self._ack("taken")
+
+    def _ack(self, name: str) -> int:
+        row = self._db().execute("SELECT value FROM suppression_acks WHERE name = ?",
+                                 (name,)).fetchone()
+        return row[0] if row else 0
+
+    def take_suppression(self, ticket: int) -> None:
+        self._db().execute("INSERT INTO suppression_acks VALUES ('taken', ?) ON CONFLICT (name)"
+                           " DO UPDATE SET value = max(value, excluded.value)", (ticket,))
+
+    def pending_after(self, destination: str, after: int, limit: int) -> list[int]:
+        """Positions waiting for this destination (retries, replays, held events) past
+        `after`, in order: a page of them (the primary key's order, no sort)."""
+        return [p for (p,) in self._db().execute(
+            "SELECT position FROM pending WHERE destination = ? AND position > ?"
+            " ORDER BY position LIMIT ?", (destination, after, limit))]
+
+    def drop_suppressed(self, destination: str, positions: Sequence[int]) -> int:
+        """Remove these pending events (their person is suppressed), counted as
+        skipped:suppressed: only the rows this removes, so that a worker and the purge
+        dropping the same event count it once. While a privacy delete is queued they
+        wait a second instead (unsent): they may be its person's, whose queued
+        deliveries the delete cancels and reports itself."""
+        if not positions:
+            return 0
+        db = self._db()
+        with immediate(db):
+            if db.execute("SELECT 1 FROM privacy_requests WHERE done_at IS NULL").fetchone():
+                db.execute("UPDATE pending SET next_at = max(next_at, ?) WHERE destination = ?"
+                           " AND position IN (SELECT value FROM json_each(?))",
+                           (now_ms() + 1000, destination, json.dumps(list(positions))))
+                return 0
+            n = db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
+                           " (SELECT value FROM json_each(?))",
+                           (destination, json.dumps(list(positions)))).rowcount
+            self._count(db, destination, {"skipped:suppressed": n})
+        return n
 
     # -- replay ----------------------------------------------------------------
 

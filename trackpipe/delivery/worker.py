@@ -10,6 +10,15 @@ webhook-id) before anything newer. Nothing about a fresh batch (its cursor move,
 for per-user ordering) commits before its outcome does. A Retry-After is about
 the destination, not only the events it refused: nothing at all goes to it
 until it expires.
+
+A suppressed person's events (privacy/suppress.py) are skipped wherever they
+are met: read fresh from the log, resent from an unfinished batch, due for a
+retry or a replay, or held for per-user ordering. They count as
+skipped:suppressed, and a queued one leaves `pending`. The test is the
+ingest's own (Suppressions.names); while nobody is suppressed it costs nothing
+per event. What the worker is sending is its `flight`, with the version of the
+list it was checked against: delivery/process.py SuppressionFollower waits for
+a flight checked against an older list before it acknowledges a suppression.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.delivery.state import DeliveryState, Retry, Sent, now_ms
 from trackpipe.destinations.base import GONE, Destination, Event, Outcome, retry
 from trackpipe.log.base import Entry, EventLog
+from trackpipe.privacy.suppress import Watch
 
 log = logging.getLogger("trackpipe.delivery")
 
@@ -40,7 +50,7 @@ Resolver = Callable[[Sequence[tuple[str | None, str | None]]], "asyncio.Future[l
 class DestinationWorker:
     def __init__(self, cfg: config.Destination, destination: Destination, log_: EventLog,
                  state: DeliveryState, *, readable_up_to: Callable[[], int] | None = None,
-                 resolve=None):
+                 resolve=None, suppressions: Watch | None = None):
         self.name = cfg.name
         self.cfg = cfg
         self.destination = destination
@@ -57,6 +67,9 @@ class DestinationWorker:
         # A Retry-After holds the whole destination until then (monotonic); kept in memory
         # only, so a restart may try at once (the refused events still wait their turn).
         self._paused_until = 0.0
+        self.suppressions = suppressions
+        # (entries, list generation they were checked against) while a step handles them
+        self.flight: tuple[Sequence[Entry], int] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -76,6 +89,12 @@ class DestinationWorker:
                 await self.destination.close()
 
     async def step(self) -> bool:
+        try:
+            return await self._step()
+        finally:
+            self.flight = None
+
+    async def _step(self) -> bool:
         if not self._started:
             await self.destination.start()
             self._started = True
@@ -120,6 +139,7 @@ class DestinationWorker:
         return True
 
     def _route_fresh(self, entries: Sequence[Entry]):
+        muted = self._muted(entries)
         batch: list[tuple[Entry, object]] = []
         skipped: Counter = Counter()
         held: list[tuple[int, str, int]] = []
@@ -133,6 +153,9 @@ class DestinationWorker:
             if ordered and key in in_batch:
                 break  # one event per user per request, so a retry can never overtake
             last = entry.position
+            if muted is not None and muted(entry):
+                skipped["suppressed"] += 1
+                continue
             routed = self.router.route_body(entry.body)
             if isinstance(routed, Skipped):
                 skipped[routed.reason] += 1
@@ -142,6 +165,8 @@ class DestinationWorker:
                 continue
             in_batch.add(key)
             batch.append((entry, routed))
+        if skipped["suppressed"] and self.suppressions.refresh():
+            return self._route_fresh(entries)  # the list changed (an unsuppress?): again
         return batch, skipped, held, last
 
     async def _resend(self, batch_id: int, lo: int, hi: int) -> None:
@@ -164,9 +189,13 @@ class DestinationWorker:
 
     async def _send_retries(self, due: Sequence[Retry]) -> None:
         by_position = {e.position: e for e in self.log.get([r.position for r in due])}
-        batch, attempts, gone, why = [], [], [], Counter()
+        muted = self._muted(list(by_position.values()))
+        batch, attempts, gone, why, suppressed = [], [], [], Counter(), []
         for r in due:
             entry = by_position.get(r.position)
+            if muted is not None and entry is not None and muted(entry):
+                suppressed.append(r.position)
+                continue
             routed = None if entry is None else self.router.route_body(entry.body)
             if routed is None or isinstance(routed, Skipped):
                 # Deleted from the log (a privacy delete, or a replay of an event the
@@ -176,6 +205,10 @@ class DestinationWorker:
                 continue
             batch.append((entry, routed))
             attempts.append(r)
+        if suppressed and self.suppressions.refresh():
+            return await self._send_retries(due)  # the list changed (an unsuppress?): again
+        if suppressed:
+            self.state.drop_suppressed(self.name, suppressed)
         if gone:
             self.state.skip(self.name, 0, why, dropped=gone)
         if batch:
@@ -197,6 +230,18 @@ class DestinationWorker:
             self.state.finish_notice(notice_id, outcome.state, outcome.detail)
         else:
             self._next_notice_check = time.monotonic() + 30.0
+
+    # -- suppressed people --------------------------------------------------------
+
+    def _muted(self, entries: Sequence[Entry]):
+        """The test for a suppressed person's event, or None while nobody is suppressed.
+        These entries become the flight, checked against the list as it is now: nothing
+        in a step awaits between this and the test (the list only changes on this loop)."""
+        watch = self.suppressions
+        if watch is None:
+            return None
+        self.flight = (entries, watch.list.generation)
+        return watch.names if watch.list.hashes else None
 
     # -- sending and recording ----------------------------------------------------
 
