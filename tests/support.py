@@ -213,3 +213,23 @@ def descendants(pid: int) -> list[int]:
         for child in map(int, children):
             found += [child, *descendants(child)]
     return found
+
+
+class MachineClocks:
+    """A machine's wall and monotonic clocks for tests: `wait` moves both, `step` only the
+    wall clock (an NTP correction, `date -s`)."""
+
+    def __init__(self):
+        self.mono, self.offset = 1_000.0, 1_700_000_000.0
+
+    def wall(self) -> float:
+        return self.mono + self.offset
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def wait(self, seconds: float) -> None:
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds

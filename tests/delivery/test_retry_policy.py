@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from support import MachineClocks
+
 from trackpipe.delivery.retry import RetryPolicy
 
 POLICY = RetryPolicy(window_ms=4 * 3600_000, max_attempts=10, initial_ms=1000,
@@ -23,19 +25,6 @@ def test_retry_after_is_a_floor_the_backoff_still_applies_under():
     assert 4_000 <= POLICY.delay_ms(3, retry_after=1.0) < 6_000
 
 
-class Clocks:
-    """A machine's wall and monotonic clocks: `step` moves only the wall clock."""
-
-    def __init__(self):
-        self.mono, self.offset = 500.0, 1_700_000_000.0
-
-    def wall(self) -> float:
-        return self.mono + self.offset
-
-    def monotonic(self) -> float:
-        return self.mono
-
-
 def test_pending_retries_move_with_a_step_of_the_wall_clock(tmp_path, monkeypatch):
     """R22: a step back held every retry for the step's length; a step forward spent
     retry windows at once, failing events whose attempts were used up."""
@@ -46,7 +35,7 @@ def test_pending_retries_move_with_a_step_of_the_wall_clock(tmp_path, monkeypatc
     from trackpipe.destinations.base import retry
     from trackpipe.pipeline.clock import StepWatch
 
-    clocks = Clocks()
+    clocks = MachineClocks()
     monkeypatch.setattr(state_module, "time", SimpleNamespace(time=clocks.wall))
     state = DeliveryState(tmp_path / "deliveries.db",
                           clock=StepWatch(clocks.wall, clocks.monotonic))
@@ -55,15 +44,15 @@ def test_pending_retries_move_with_a_step_of_the_wall_clock(tmp_path, monkeypatc
         first = state_module.now_ms()
         state.record("hook", [Sent(1, "m1", first, "u:a", 1, first, retry(503, "busy"))],
                      duration_ms=1.0, policy=policy)
-        clocks.offset -= 3600  # the wall clock steps back an hour
-        clocks.mono += 2
+        clocks.step(-3600)  # the wall clock steps back an hour
+        clocks.wait(2)
         [due] = state.due("hook", 10)
         assert due.position == 1, "held for the hour the clock stepped back"
 
         state.record("hook", [Sent(1, "m1", first, "u:a", 2, due.first_attempt_at,
                                    retry(503, "busy"))], duration_ms=1.0, policy=policy)
-        clocks.offset += 5 * 3600  # forward, past the 4-hour retry window
-        clocks.mono += 4  # past the second backoff (2 s x at most 1.5)
+        clocks.step(5 * 3600)  # forward, past the 4-hour retry window
+        clocks.wait(4)  # past the second backoff (2 s x at most 1.5)
         [due] = state.due("hook", 10)
         given_up = state.record("hook", [Sent(1, "m1", first, "u:a", 3, due.first_attempt_at,
                                               retry(503, "busy"))],

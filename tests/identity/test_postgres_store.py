@@ -683,19 +683,6 @@ def test_the_sqlite_store_has_no_other_logs_to_count(tmp_path, monkeypatch):
 
 # -- end to end: two `trackpipe serve` nodes on one store -----------------------------
 
-def port_in_range() -> int:
-    """A free port of 19200-19299 (the range these tests may use)."""
-    import socket
-    for port in range(19200, 19300):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port in 19200-19299")
-
-
 def test_two_nodes_share_a_store_end_to_end(tmp_path, schema, fresh_server):
     from support import wait_for, write_config
     config = write_config(tmp_path / "node.toml", identity={
@@ -703,7 +690,6 @@ def test_two_nodes_share_a_store_end_to_end(tmp_path, schema, fresh_server):
     nodes = []
     for _ in range(2):
         node = fresh_server(config=config)
-        node.port = port_in_range()
         node.url = f"http://127.0.0.1:{node.port}"
         nodes.append(node.start())
     one, two = nodes

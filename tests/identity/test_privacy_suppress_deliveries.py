@@ -11,7 +11,6 @@ else's arrive; each of theirs never delivered counts as skipped:suppressed.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import threading
 import time
@@ -20,21 +19,7 @@ import uuid
 import pytest
 from delivery.faulty_rig import TESTS, api
 from destinations.sink_webhook import Sink, _handler, _messages, _Server
-from support import wait_for, write_config
-
-PORTS = range(19800, 19900)
-
-
-def free_port_in_range() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19800-19899")
-
+from support import free_port, wait_for, write_config
 
 class TimedSink(Sink):
     """The webhook receiver, on a port of the range, noting when each event arrived."""
@@ -45,7 +30,7 @@ class TimedSink(Sink):
         self._server.server_close()
         self._thread.join(5)
         self.arrivals: list[tuple[float, str]] = []  # (time.time() on arrival, messageId)
-        self._server = _Server(("127.0.0.1", free_port_in_range()), _handler(self))
+        self._server = _Server(("127.0.0.1", free_port()), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -78,10 +63,7 @@ def sinks(tmp_path):
 def serve(fresh_server, tmp_path, tables):
     config = write_config(tmp_path / f"t-{uuid.uuid4().hex[:6]}.toml", tables,
                           identity={"enabled": True})
-    server = fresh_server(config=config, env={"PYTHONPATH": str(TESTS)})
-    server.port = free_port_in_range()
-    server.url = f"http://127.0.0.1:{server.port}"
-    return server.start()
+    return fresh_server(config=config, env={"PYTHONPATH": str(TESTS)}).start()
 
 
 def post_all(server, events: list[dict]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import MachineClocks
 
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
@@ -18,28 +19,9 @@ HOUR = 3600.0
 WINDOW_MS = 12 * 3600_000
 
 
-class Clock:
-    """A machine's two clocks: `step` moves only the wall clock, `wait` both."""
-
-    def __init__(self):
-        self.mono, self.offset = 1_000.0, 1_700_000_000.0
-
-    def wall(self) -> float:
-        return self.mono + self.offset
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def wait(self, seconds: float) -> None:
-        self.mono += seconds
-
-    def step(self, seconds: float) -> None:
-        self.offset += seconds
-
-
 @pytest.fixture
 def rig(tmp_path):
-    clock = Clock()
+    clock = MachineClocks()
     log = SQLiteLog(tmp_path / "log.db")
     index = MessageIndex(tmp_path / "ids.db", log)
     steps = ClockSteps(tmp_path / "clock_steps.json", wall=clock.wall,
