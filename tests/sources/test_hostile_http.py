@@ -398,3 +398,74 @@ def test_pipelined_requests_are_still_answered_in_order(srv):
     for i in ids:
         assert stored(srv, i)
 
+
+
+# -- 7. review fixes: slow readers, refusals on any route, the cap and pipelining -----------
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off_and_frees_its_slot(fresh_server):
+    """Requests pipelined by a client with a tiny receive window that never reads: the
+    answers fill the send buffers, the app waits to write for ever, and the connection
+    (its slot under server.max_connections) stayed; it is aborted after the body deadline."""
+    proc = fresh_server(env={**SHORT, "TRACKPIPE_SERVER_MAX_CONNECTIONS": "2"}).start()
+    data = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 5000  # ~20 MB of answers
+
+    def two_fresh_requests() -> list[int]:
+        """The statuses two new connections, open at once, get."""
+        with connect(proc) as one, connect(proc) as two:
+            time.sleep(0.05)
+            for c in (one, two):
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return [answers(read_to_end(c)[0])[0][0] for c in (one, two)]
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    try:
+        s.connect(("127.0.0.1", proc.port))
+        s.settimeout(0.5)
+        try:
+            for i in range(0, len(data), 4096):
+                s.sendall(data[i:i + 4096])
+        except (TimeoutError, OSError):
+            pass  # the server stopped reading: its answers are not going out
+        stopped = time.monotonic()
+        assert two_fresh_requests() == [200, 503]  # one slot is the client's that does not read
+        wait_for(lambda: two_fresh_requests() == [200, 200], timeout=BODY + IDLE + 6,
+                 what="both slots free once the connection that does not read is aborted")
+        assert time.monotonic() - stopped < BODY + IDLE + 6
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/nope", "/api/v1/events"])
+def test_any_answer_before_the_body_is_read_closes_the_connection(srv, path):
+    """Expect: 100-continue and a body never sent, on a route that refuses without reading
+    it: kept alive, the next request was taken for that body and never answered."""
+    second = mid()
+    with connect(srv) as s:
+        s.sendall(request(srv, path=path, headers=["Expect: 100-continue",
+                                                   "Content-Length: 600"], body=b""))
+        time.sleep(0.3)
+        try:
+            s.sendall(request(srv, second))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        got, closed = read_to_end(s)
+    first = answers(got)[0]
+    assert 400 <= first[0] < 500, got
+    assert first[1].get("connection") == "close", first
+    assert closed is not None and closed < IDLE + 0.5, "closed only at a deadline"
+    if len(answers(got)) == 1:
+        assert not stored(srv, second)
+
+
+def test_pipelined_requests_within_the_cap_are_not_answered_overloaded(fresh_server):
+    proc = fresh_server(env={"TRACKPIPE_SERVER_MAX_CONNECTIONS": "1"}).start()
+    with connect(proc) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 3 or not got.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert [a[0] for a in answers(got)] == [200, 200, 200], got

@@ -24,7 +24,10 @@ in one of four phases, and three of them have a deadline:
            at most ten times the timeout in all: a body that keeps coming at
            1 KB/s is cut off only at 5 minutes (by default), and a 500 KB
            batch gets through on a slow mobile link at 2 KB/s
-  busy     the request is whole and the app answers it: no deadline
+  busy     the request is whole and the app answers it: no deadline, unless the
+           answers do not go out: a connection whose write buffer has not shrunk
+           for server.body_timeout_seconds (a client that sends requests and never
+           reads the answers) is aborted
 
 A request over its deadline is answered 408 request_timeout (JSON, `connection:
 close`) and the connection closed; if the app has started its answer already,
@@ -32,6 +35,13 @@ that answer goes out whole and the connection closes after it. The cost is one
 timer per connection, armed at its start and re-armed only when it fires (at
 most once a deadline) or when an idle spell begins before it; a phase change
 is a few attribute writes (~15k requests/s on one core go through here).
+A connection being closed is closed only once its write buffer is out (uvloop),
+so a client that does not read would hold it for ever: one whose buffer has not
+shrunk for the idle deadline is aborted.
+
+An answer that starts while its request's body is not all in (a refusal, on any
+route) carries `connection: close`, and the connection closes after it: kept
+alive, the parser would take whatever the client sends next for that body.
 
 Connection cap. `limit_concurrency` (server.max_connections) counts connections:
 one accepted while that many are open is overflow: its request, once its headers
@@ -120,12 +130,14 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._overflow = False
+        self._stall_size = 0  # write buffer bytes when it was last seen not shrinking
+        self._stall_since = 0.0  # ... and since when
         self._answer: bytes | None = None  # a refusal waiting for the answers before it
 
     # -- the connection -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_HeldHeadTransport(transport, self.loop))
+        super().connection_made(_HeldHeadTransport(transport, self.loop, self))
         if self.max_connections is not None:
             over = len(self.connections) - self.max_connections
             if over > OVERFLOW_CONNECTIONS:  # no room left even to answer 503
@@ -216,8 +228,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         size = self._header_size + len(self.url)
         if size > self.max_header_bytes:
             raise _Refusal("headers_too_large", self._too_large(size))
-        if self._overflow or (self.max_connections is not None
-                              and len(self.tasks) >= self.max_connections):
+        # Only connections count (connection_made decides): a task that has finished but
+        # not yet left server_state.tasks, or the one before a pipelined request, is no load.
+        if self._overflow:
             app, self.app = self.app, _overloaded
             try:
                 super().on_headers_complete()
@@ -265,9 +278,17 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def _check(self) -> None:
         self._timer = None
-        if self.transport.is_closing():
-            return
         now = self.loop.time()
+        if self.transport.is_closing():
+            # uvloop closes only once the write buffer is out, which a peer that never
+            # reads (a zero receive window) prevents for ever: the slot, the descriptor
+            # and the kernel's send buffer with it.
+            if self.transport.get_write_buffer_size():
+                if self._stalled(now, self.idle_seconds):
+                    self.transport.abort()
+                else:
+                    self._arm(self._stall_since + self.idle_seconds)
+            return
         phase = self._phase
         if phase == _IDLE:
             deadline = self._since + self.idle_seconds
@@ -279,10 +300,29 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             deadline = self._since + self.body_seconds + grace
         else:  # busy: the app's turn; look again later
             deadline = now + self.idle_seconds
+            # unless its answers do not go out: a client that does not read them
+            if self.flow.write_paused or self.transport.get_write_buffer_size():
+                if self._stalled(now, self.body_seconds):
+                    logger.debug("a client that does not read its answers; connection aborted")
+                    self.transport.abort()
+                    return
+                deadline = min(deadline, self._stall_since + self.body_seconds)
+            else:
+                self._stall_size = 0
         if now < deadline:
             self._arm(deadline)
         else:
             self._expire()
+            if self._timer is None:  # closed, or waiting for answers: keep watching
+                self._arm(now + self.idle_seconds)
+
+    def _stalled(self, now: float, limit: float) -> bool:
+        """Whether the write buffer has not shrunk for `limit` seconds."""
+        size = self.transport.get_write_buffer_size()
+        if self._stall_size == 0 or size < self._stall_size:  # a new stall, or progress
+            self._stall_size, self._stall_since = max(size, 1), now
+            return False
+        return now - self._stall_since >= limit
 
     def _expire(self) -> None:
         phase, cycle = self._phase, self.cycle
@@ -302,6 +342,17 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._refuse("request_timeout", f"The request's {what} did not arrive in time (within "
                      f"{limit:g} s{'' if phase == _HEADERS else ', plus 1 s per KB received'});"
                      " the connection is closed.")
+
+    def _answer_before_body(self, head: bytes) -> bytes:
+        """`head`, of an answer that starts before the request's body is read (a refusal
+        of any route), with `connection: close`: kept alive, the parser would take what
+        the client sends next (after Expect: 100-continue, its next request) for the body."""
+        cycle = self.cycle
+        if (self.pipeline or cycle is None or not cycle.keep_alive
+                or head.startswith(b"HTTP/1.1 1")):  # not this request's, closing, or 100
+            return head
+        cycle.keep_alive = False  # uvicorn closes the connection once the answer is out
+        return head[:-2] + b"connection: close\r\n\r\n"
 
     # -- refusals ---------------------------------------------------------------------
 
@@ -347,13 +398,21 @@ async def _overloaded(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _NoProtocol:
+    """A _HeldHeadTransport's protocol when it has none (tests): never in the body phase."""
+
+    _phase = _IDLE
+
+
 class _HeldHeadTransport:
     """The connection's transport, but a response head waits for its body (see above)."""
 
-    __slots__ = ("_head", "_loop", "_transport")
+    __slots__ = ("_head", "_loop", "_protocol", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 protocol: OneWriteHttpToolsProtocol | None = None):
         self._transport, self._loop, self._head = transport, loop, None
+        self._protocol = _NoProtocol if protocol is None else protocol
 
     def write(self, data: bytes) -> None:
         head = self._head
@@ -361,6 +420,8 @@ class _HeldHeadTransport:
             self._head = None
             self._transport.writelines((head, data))
         elif data.startswith(_HEAD_START) and data.endswith(_HEAD_END):
+            if self._protocol._phase == _BODY:
+                data = self._protocol._answer_before_body(data)
             self._head = data
             self._loop.call_soon(self.flush)
         else:
