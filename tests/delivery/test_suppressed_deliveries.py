@@ -248,3 +248,83 @@ async def test_during_a_privacy_delete_their_queued_events_wait_unsent_for_it(ri
     await drain(w)
     assert dest.delivered == [ids[1]] and rig.state.pending_after("plain", 0, 10) == []
     assert skipped(rig.state, "plain") == 1
+
+
+async def until(check, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@in_loop
+async def test_a_hanging_send_does_not_hold_back_the_list_for_the_other_workers(rig):
+    """C's events hang in a send to X (up to SEND_TIMEOUT): a suppress of C waits for it,
+    but D, suppressed meanwhile, is skipped by Y from the next poll on."""
+    x, y = Switch(), Switch()
+    y.failing = False
+    wx, wy = rig.worker(x, "x"), rig.worker(y, "y")
+    follower = SuppressionFollower(rig.watch, rig.state, rig.log, [wx, wy])
+    stop = asyncio.Event()
+    following = asyncio.create_task(follower.run(stop))
+    rig.append([("C", {"userId": "C"}), ("o", {"userId": "o"})])
+    x.gate = asyncio.Event()
+    hanging = asyncio.create_task(wx.step())
+    await until(lambda: x.sends)
+    await wy.step()
+    c_ticket = rig.suppress(id_hash(rig.key, "C"))
+    await asyncio.sleep(0.3)
+    d_ticket = rig.suppress(id_hash(rig.key, "D"))
+    await asyncio.sleep(0.5)  # several polls
+    assert id_hash(rig.key, "D") in rig.watch.list.hashes, "the list is taken on every poll"
+    ids = rig.append([("D", {"userId": "D"}), ("o", {"userId": "o2"})])
+    await wy.step()
+    assert ids[0] not in y.delivered and ids[1] in y.delivered
+    assert rig.state.suppression_taken() < c_ticket  # X's send of C's events is still open
+    x.gate.set()
+    await hanging
+    await until(lambda: rig.state.suppression_taken() == d_ticket)
+    assert not [p for p in rig.state.pending_after("x", 0, 100) if rig.owner[f"m{p}"] == "C"]
+    stop.set()
+    await following
+
+
+@in_loop
+async def test_a_suppress_after_an_unsuppress_waits_for_a_send_of_theirs(rig):
+    """A is unsuppressed while the follower waits for another send; a worker reloads the
+    list itself and sends A's event; A suppressed again must wait for that send, though
+    the follower never saw the list without A."""
+    x, y = Switch(), Switch()
+    y.failing = False
+    wx, wy = rig.worker(x, "x"), rig.worker(y, "y")
+    follower = SuppressionFollower(rig.watch, rig.state, rig.log, [wx, wy])
+    a = id_hash(rig.key, "A")
+    rig.suppress(a)
+    await follower.follow()
+    rig.append([("C", {"userId": "C"})])
+    x.gate = asyncio.Event()
+    hanging = asyncio.create_task(wx.step())  # C's event hangs at X
+    await until(lambda: x.sends)
+    await wy.step()
+    rig.suppress(id_hash(rig.key, "C"))
+    stop = asyncio.Event()
+    following = asyncio.create_task(follower.run(stop))  # waits for X
+    await asyncio.sleep(0.3)
+    rig.api_catalog.unsuppress([a])
+    ids = rig.append([("C", {"userId": "C"}), ("A", {"userId": "A"})])
+    y.gate = asyncio.Event()
+    sending = asyncio.create_task(wy.step())  # A's event goes to Y (rightly, for now)
+    await until(lambda: len(y.sends) == 2)
+    assert ids[1] in y.sends[-1]
+    ticket = rig.suppress(a)
+    x.gate.set()
+    await hanging
+    await asyncio.sleep(0.5)
+    assert not sending.done()
+    assert rig.state.suppression_taken() < ticket, "acknowledged while A's send is open"
+    y.gate.set()
+    await sending
+    await until(lambda: rig.state.suppression_taken() == ticket)
+    stop.set()
+    await following

@@ -39,7 +39,7 @@ from trackpipe.log import retention
 from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.privacy.erase import process_requests
-from trackpipe.privacy.suppress import Watch
+from trackpipe.privacy.suppress import Suppressions, Watch
 from trackpipe.sources.catalog import Catalog
 
 log = logging.getLogger("trackpipe.consumers")
@@ -140,17 +140,22 @@ class SuppressionFollower:
 
     Every POLL_SECONDS it reads the ticket the API last handed out, then the catalog
     (one PRAGMA unless it changed: Watch.refresh); the workers share the list, so from
-    then on they test every event against it. When a ticket is new and someone was
-    newly suppressed:
-      1. a send that was checked against an older list and carries the person's events
-         is waited for (it may still reach the destination; after it, nothing does);
+    then on they test every event against it. The list is taken on every poll, whatever
+    an earlier ticket is still waiting for. When a ticket is new, the people who entered
+    the list since the last ticket (Watch.take_added: whoever reloaded it, the follower
+    or a worker) are settled for it, on a task of its own:
+      1. a send that was checked against a list without one of them and carries one of
+         their events is waited for (it may still reach the destination; after it,
+         nothing does); a send of anyone else's is not;
       2. their queued events (retries, replays, events held for per-user ordering) are
          removed from `pending` for every destination, counted as skipped:suppressed;
-    and only then the ticket is marked taken, which is when the API answers. The API
-    writes the catalog before it takes a ticket, and this reads the ticket before the
+    and only then the ticket is marked taken, which is when the API answers. Tickets are
+    taken in order (one counter): a ticket settled early waits for the earlier ones. The
+    API writes the catalog before it takes a ticket, and this reads the ticket before the
     catalog: a ticket marked taken always covers the suppression it was taken for.
     A suppression without a ticket (a privacy delete's, which erases the events itself)
-    purges nothing here: the workers drop the events as they meet them.
+    purges nothing here: the workers drop the events as they meet them (the next ticket
+    also settles for it).
 
     A worker reloads the list itself when it is about to skip an event and the catalog
     has changed since (an unsuppress): an event the ingest let through after an
@@ -168,45 +173,81 @@ class SuppressionFollower:
         self.workers = workers
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="suppression")
         self._taken = state.suppression_taken()
+        self._seen = self._taken  # the last ticket a settling was started for
+        self._settling: list[tuple[int, asyncio.Task]] = []  # in ticket order
         # A ticket left unacknowledged (the process stopped first) purges once more.
-        self._purged = frozenset() if state.suppression_asked() > self._taken \
-            else watch.list.hashes
+        self._everyone = state.suppression_asked() > self._taken
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.follow()
-            except Exception:
-                log.exception("suppression: taking the new list failed; trying again")
-            try:
-                await asyncio.wait_for(stop.wait(), self.POLL_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll()
+                except Exception:
+                    log.exception("suppression: taking the new list failed; trying again")
+                try:
+                    await asyncio.wait_for(stop.wait(), self.POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            tasks = [task for _, task in self._settling]
+            for task in tasks:
+                task.cancel()  # unacknowledged: settled again on the next start
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def follow(self) -> None:
+        """Poll, and go on polling until every ticket seen is taken."""
+        self.poll()
+        while self._settling:
+            await asyncio.wait([task for _, task in self._settling], timeout=self.POLL_SECONDS)
+            self.poll()
+
+    def poll(self) -> None:
+        """Take the list; settle a new ticket on a task; mark the settled tickets taken."""
         asked = self.state.suppression_asked()  # before the catalog (see the class)
         self.watch.refresh()
-        hashes = self.watch.list.hashes
-        self._purged &= hashes  # unsuppressed: suppressed again, they are purged again
-        if asked <= self._taken:
-            return
-        if hashes - self._purged:  # someone newly suppressed
-            await self._land_flights(self.watch.list.generation)
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.purge)
-            self._purged = hashes
-        self.state.take_suppression(asked)
-        self._taken = asked
+        if asked > self._seen:
+            newly = self.watch.take_added(everyone=self._everyone)
+            self._everyone = False
+            self._settling.append((asked, asyncio.create_task(self._settle(newly))))
+            self._seen = asked
+        while self._settling and self._settling[0][1].done():
+            ticket = self._settling[0][0]
+            self.state.take_suppression(ticket)
+            self._settling.pop(0)
+            self._taken = ticket
 
-    async def _land_flights(self, generation: int) -> None:
-        """Wait for the sends checked against an older list that carry a suppressed
-        person's event (each ends within the worker's SEND_TIMEOUT)."""
+    async def _settle(self, newly: dict[str, int]) -> None:
+        if not newly:
+            return
+        while True:
+            try:
+                await self._land_flights(newly)
+                await asyncio.get_running_loop().run_in_executor(self.pool, self.purge)
+                return
+            except Exception:
+                log.exception("suppression: purging the newly suppressed failed; trying again")
+                await asyncio.sleep(self.POLL_SECONDS)
+
+    async def _land_flights(self, newly: dict[str, int]) -> None:
+        """Wait for the sends that were checked against a list without someone in `newly`
+        (hash -> the generation it entered the list at) and carry one of their events
+        (each ends within the worker's SEND_TIMEOUT). A send that starts later is checked
+        against a list that has them all."""
+        key, traits = self.watch.list.key, self.watch.trait_names
+        tests: dict[int, Suppressions] = {}  # generation -> those it had not seen
         for worker in self.workers:
-            flight = worker.flight
-            if flight is None or flight[1] >= generation or not any(
-                    self.watch.names(e) for e in flight[0]):
-                continue
-            while worker.flight is flight:
-                await asyncio.sleep(0.01)
+            while (flight := worker.flight) is not None:
+                entries, generation = flight
+                test = tests.get(generation)
+                if test is None:
+                    test = tests[generation] = Suppressions(
+                        key, [h for h, added in newly.items() if added > generation])
+                if not test.hashes or not any(
+                        test.names(e.user_id, e.anonymous_id, e.body, traits) for e in entries):
+                    break
+                while worker.flight is flight:
+                    await asyncio.sleep(0.01)
 
     def purge(self) -> int:
         """Remove every queued event of a suppressed person, for every destination."""

@@ -147,13 +147,20 @@ class Suppressions:
 class Watch:
     """The consumers process's copy of the list (delivery/process.py), kept in step with
     the catalog: `refresh` reloads it when another connection has committed to the
-    catalog since (SQLite's data_version, one PRAGMA: no reading of the list itself)."""
+    catalog since (SQLite's data_version, one PRAGMA: no reading of the list itself).
+
+    Whoever reloads it (the suppression follower's poll, or a worker about to skip an
+    event), each hash that enters the list is recorded with the generation it entered
+    at, until the follower takes the record (`take_added`); a hash that leaves is
+    forgotten, and one that comes back is recorded again. So the follower knows who
+    was newly suppressed even when it never saw the list without them."""
 
     def __init__(self, catalog, trait_names: Sequence[str] = ()):
         self.catalog = catalog
         self.trait_names = tuple(trait_names)
         self._version = catalog.version()
         self.list = Suppressions(catalog.privacy_key(), catalog.suppressed())
+        self._added: dict[str, int] = {}  # hash -> generation it (last) entered the list at
 
     def refresh(self) -> bool:
         """Reload the list if the catalog changed; True when the list did."""
@@ -161,7 +168,23 @@ class Watch:
         if version == self._version:
             return False
         self._version = version
-        return self.list.replace(self.catalog.suppressed())
+        before = self.list.hashes
+        if not self.list.replace(self.catalog.suppressed()):
+            return False
+        now, generation = self.list.hashes, self.list.generation
+        for h in before - now:
+            self._added.pop(h, None)
+        for h in now - before:
+            self._added[h] = generation
+        return True
+
+    def take_added(self, everyone: bool = False) -> dict[str, int]:
+        """The hashes that entered the list since the last take (all of it, at generation
+        0, if `everyone`), each with the generation it entered at; the record restarts."""
+        added = ({h: self._added.get(h, 0) for h in self.list.hashes} if everyone
+                 else self._added)
+        self._added = {}
+        return added
 
     def names(self, entry) -> bool:
         """Whether this log Entry is a suppressed person's (Suppressions.names)."""
