@@ -631,3 +631,48 @@ async def test_a_410_gone_stops_the_destination_until_a_restart(files):
     await drain(worker(state, event_log, fixed))  # a restart, after the config was fixed
     assert sorted(fixed.delivered()) == [a, b]
     assert state.summary("scripted")["stopped"] is None
+
+
+def test_a_delete_never_runs_between_identitys_read_and_its_apply(files, monkeypatch):
+    """A privacy delete (erase_requests, on the identity thread) that ran between a batch's
+    read and its apply erased the person's events, and the apply then made the profile
+    again from the events already read."""
+    from trackpipe.delivery import process
+    _, event_log, _ = files
+    append(event_log, ["u1"])
+    order: list[str] = []
+    reading = threading.Event()
+    real_read = event_log.read
+
+    def slow_read(*args, **kwargs):
+        reading.set()
+        threading.Event().wait(0.2)  # long enough for a delete to be queued meanwhile
+        return real_read(*args, **kwargs)
+
+    class Store:
+        lean_types = False
+
+        def position(self) -> int:
+            return 0
+
+        def apply(self, entries) -> None:
+            order.append("apply")
+
+    monkeypatch.setattr(event_log, "read", slow_read)
+    identity = process.IdentityConsumer(Store(), event_log)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.create_task(identity.run(stop))
+        while not reading.is_set():
+            await asyncio.sleep(0.005)
+        await loop.run_in_executor(identity.pool, order.append, "delete")  # as erase_requests
+        stop.set()
+        await task
+
+    try:
+        asyncio.run(go())
+    finally:
+        identity.pool.shutdown(wait=True)
+    assert order[:2] == ["apply", "delete"], order

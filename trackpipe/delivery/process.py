@@ -65,33 +65,43 @@ class IdentityConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         self._position = await loop.run_in_executor(self.pool, self.store.position)
-        failures, failed_at = 0, -1  # consecutive failures of the batch at failed_at
+        failures, failed_at = 0, -1  # consecutive failures of the batch after failed_at
         while not stop.is_set():
-            entries = await loop.run_in_executor(self.pool, self.log.read, self._position,
-                                                 IDENTITY_BATCH, self.store.lean_types)
+            try:
+                entries = await loop.run_in_executor(self.pool, self._read_and_apply,
+                                                     self.store.apply)
+                failures = 0
+            except Exception as exc:
+                failures = failures + 1 if self._position == failed_at else 1
+                failed_at = self._position
+                log.exception("identity: applying the batch after position %d failed;"
+                              " retrying", self._position)
+                if failures < ENTRY_BY_ENTRY_AFTER or environmental(exc):
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    entries = await loop.run_in_executor(self.pool, self._read_and_apply,
+                                                         self.apply_each)
+                except Exception:
+                    await asyncio.sleep(1.0)
+                    continue
             if not entries:
                 try:
                     await asyncio.wait_for(stop.wait(), 0.05)
                 except asyncio.TimeoutError:
                     pass
                 continue
-            try:
-                await loop.run_in_executor(self.pool, self.store.apply, entries)
-                failures = 0
-            except Exception as exc:
-                failures = failures + 1 if entries[0].position == failed_at else 1
-                failed_at = entries[0].position
-                log.exception("identity: applying positions %d-%d failed; retrying",
-                              entries[0].position, entries[-1].position)
-                if failures < ENTRY_BY_ENTRY_AFTER or environmental(exc):
-                    await asyncio.sleep(1.0)
-                    continue
-                try:
-                    await loop.run_in_executor(self.pool, self.apply_each, entries)
-                except Exception:
-                    await asyncio.sleep(1.0)
-                    continue
             self._position = entries[-1].position
+
+    def _read_and_apply(self, apply) -> list:
+        """The next batch, read and applied in one job on the identity thread: a privacy
+        delete (erase_requests, the same thread) runs before both or after both. Between
+        a read and its apply, it erased the person's events from the log, and the apply
+        then made the profile again from events already read."""
+        entries = self.log.read(self._position, IDENTITY_BATCH, self.store.lean_types)
+        if entries:
+            apply(entries)
+        return entries
 
     def apply_each(self, entries) -> None:
         """Apply entries one at a time, passing over one that fails for a reason of its
