@@ -34,10 +34,6 @@ ENCODINGS = ("gzip", "x-gzip", "deflate")
 # Bodies this large take turns at parsing (sources/turns.py); a one-event request
 # parses in ~50 µs, and making it wait a loop iteration only splits commit groups.
 TAKES_TURNS_BYTES = 16 * 1024
-# A refusal given before the body was read to its end closes the connection: the parser
-# would go on to take the rest of that body (or, after Expect: 100-continue, the client's
-# next request in its place) as this request's.
-CLOSE = ((b"connection", b"close"),)
 KNOWN = {**{p: f"/v1/{p}" for p in PATH_TYPES}, **{p: f"/v1/{p}" for p in BATCH_PATHS},
          "m": "/v1/m"}
 
@@ -98,18 +94,19 @@ class TrackingAPI:
         return 200, responses.SUCCESS_BODY, ()
 
     async def _read_body(self, headers: dict, receive) -> bytes:
+        # A refusal here, before the body is all in, closes the connection: the protocol
+        # (sources/oneshot.py) adds `connection: close` to any such answer.
         limit = self.limits.max_request_bytes
         encoding = headers.get(b"content-encoding")
         encoding = "" if encoding is None else encoding.decode("latin-1").strip().lower()
         if encoding not in ENCODINGS and encoding not in ("identity", ""):
             raise RequestRejected("unsupported_encoding", f"Content-Encoding {encoding!r} is not "
-                                  "supported; send gzip, deflate or uncompressed JSON.",
-                                  headers=CLOSE)
+                                  "supported; send gzip, deflate or uncompressed JSON.")
         # A compressed body can hardly be larger than what it decompresses to.
         declared = headers.get(b"content-length")
         if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise RequestRejected("payload_too_large", f"Exceed payload limit: the request body "
-                                  f"is {int(declared)} bytes, more than {limit}.", headers=CLOSE)
+                                  f"is {int(declared)} bytes, more than {limit}.")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -119,7 +116,7 @@ class TrackingAPI:
             size += len(chunk)
             if size > limit:
                 raise RequestRejected("payload_too_large", "Exceed payload limit: the request "
-                                      f"body is more than {limit} bytes.", headers=CLOSE)
+                                      f"body is more than {limit} bytes.")
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
