@@ -98,6 +98,38 @@ def test_wrong_type_missing_file_and_bad_toml_are_errors(tmp_path):
         config.load(write(tmp_path, "[server\n"), env={})
 
 
+def deeply_nested_mapping(depth: int) -> str:
+    return "mapping = { x = " + "{a=" * depth + "1" + "}" * depth + " }\n"
+
+
+def test_tables_nested_past_what_tomllib_can_read_are_a_configuration_error(tmp_path):
+    # tomllib recurses once per level: this was a RecursionError traceback
+    path = write(tmp_path, "[[destinations]]\nname = 'f'\ntype = 'file'\n"
+                           "[[destinations.actions]]\nname = 'a'\ntrigger = 'true'\n"
+                           + deeply_nested_mapping(1000))
+    with pytest.raises(ConfigError) as exc:
+        config.load(path, env={})
+    assert str(exc.value) == (f"Invalid configuration in {path}: inline tables or arrays nest"
+                              " too deeply to be read; no setting needs more than a few levels.")
+
+
+def test_an_env_value_nested_past_what_tomllib_can_read_is_a_string():
+    with pytest.raises(ConfigError, match="cors_origins"):  # a string, where a list belongs
+        config.load(env={"TRACKPIPE_SERVER_CORS_ORIGINS": "[" * 1000 + "]" * 1000})
+
+
+@pytest.mark.parametrize("text", [
+    "[[destination]]\nname = 'w'\ntype = 'file'\n",              # a typo of destinations
+    "[[destinations]]\nname = 'w'\ntype = 'file'\nbatchsize = 5\n",  # an error inside
+])
+def test_the_error_hint_lists_every_top_level_key_destinations_too(tmp_path, text):
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(tmp_path, text), env={})
+    hint = re.search(r"Valid [a-z -]+ are ([^;]+);", str(exc.value))
+    assert hint, str(exc.value)
+    assert hint[1].split(", ") == list(Settings.__struct_fields__)  # destinations among them
+
+
 @pytest.mark.parametrize("text, key", [
     # NaN reached the consumers process as JSON null: it crash-looped while /ready said ok
     ("[limits]\nrate_limit_burst_seconds = nan\n", "rate_limit_burst_seconds"),
@@ -238,11 +270,15 @@ def test_unknown_env_variable_is_ignored_with_a_warning(capsys):
 # -- the CLI ---------------------------------------------------------------------
 
 
-def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def trackpipe(command: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("TRACKPIPE_")}
-    return subprocess.run([sys.executable, "-m", "trackpipe", "serve", *args],
+    return subprocess.run([sys.executable, "-m", "trackpipe", command, *args],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
                           env={**base, **(env or {})})
+
+
+def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return trackpipe("serve", *args, env=env)
 
 
 def test_serve_with_unknown_config_key_exits_2_and_names_it(tmp_path):
@@ -257,6 +293,33 @@ def test_serve_with_unknown_config_key_exits_2_and_names_it(tmp_path):
 
     r = serve("--config", str(tmp_path / "nope.toml"), "--data-dir", str(data))
     assert r.returncode == 2 and "nope.toml" in r.stderr
+
+
+DEEP_MAPPING_KEY = ".".join(["a"] * 600)
+
+
+@pytest.mark.parametrize("mapping, words", [
+    # tomllib's RecursionError was a traceback at start
+    (deeply_nested_mapping(1000), "Invalid configuration in {path}: inline tables or arrays"
+                                  " nest too deeply to be read"),
+    # so was compiling an output 600 levels deep (docs/routing.md: at most 32)
+    (f'mapping = {{ "{DEEP_MAPPING_KEY}" = "$.userId" }}\n',
+     "Destination 'f', action 'a': bad mapping. Mapping key 'a.a.a."),
+])
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_check_and_serve_refuse_a_mapping_nested_too_deep_in_one_line(tmp_path, command,
+                                                                        mapping, words):
+    data = tmp_path / "data"
+    path = write(tmp_path, "[[destinations]]\nname = 'f'\ntype = 'file'\n"
+                           f"settings = {{ directory = '{tmp_path / 'out'}' }}\n"
+                           "[[destinations.actions]]\nname = 'a'\ntrigger = 'true'\n"
+                           + mapping, "deep.toml")
+    args = ["--port", str(free_port())] if command == "serve" else []
+    r = trackpipe(command, "--config", str(path), "--data-dir", str(data), *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("trackpipe: " + words.format(path=path)), r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stdout == ""
 
 
 def test_config_file_limits_take_effect_and_cli_flags_win(tmp_path, fresh_server):

@@ -221,7 +221,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.data_dir)
 
 
-_SECTIONS = ("server", "limits", "dedup", "ingest", "identity", "privacy", "log")
+# Read off Settings, so a new section or key cannot be left out of the env names or the hint.
+_TOP_LEVEL_KEYS = Settings.__struct_fields__
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    field.name: field.type.cls for field in msgspec.inspect.type_info(Settings).fields
+    if isinstance(field.type, msgspec.inspect.StructType)}
 # Variables that belong to the test suite or the benchmark, not to the server.
 _NOT_SETTINGS = {"TRACKPIPE_REQUIRE_SERVICES", "TRACKPIPE_SWITCH_INTERVAL",
                  "TRACKPIPE_GC_THRESHOLD"}
@@ -238,6 +242,10 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"Config file {path} cannot be read: {exc}.") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+        except RecursionError:  # tomllib recurses once per level of nested tables and arrays
+            raise ConfigError(f"Invalid configuration in {path}: inline tables or arrays"
+                              " nest too deeply to be read; no setting needs more than a few"
+                              " levels.") from None
     _apply_env(raw, os.environ if env is None else env)
     try:
         return msgspec.convert(raw, Settings, strict=False)
@@ -245,7 +253,8 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         where = f" in {path}" if path else ""
         raise ConfigError(
             f"Invalid configuration{where}: {exc}. "
-            f"Valid sections are {', '.join(_SECTIONS)}; see README.md#configuration."
+            f"Valid top-level keys are {', '.join(_TOP_LEVEL_KEYS)};"
+            " see README.md#configuration."
         ) from None
 
 
@@ -258,23 +267,17 @@ def _apply_env(raw: dict, env) -> None:
             raw[key] = value
             continue
         section, _, field = key.partition("_")
-        if section in _SECTIONS and field in _section_fields(section):
+        if section in _SECTIONS and field in _SECTIONS[section].__struct_fields__:
             raw.setdefault(section, {})[field] = _parse_env_value(value)
         else:
             print(f"trackpipe: ignoring unknown environment variable {name}", file=sys.stderr)
-
-
-def _section_fields(section: str) -> tuple[str, ...]:
-    cls = {"server": Server, "limits": Limits, "dedup": Dedup, "ingest": Ingest,
-           "identity": Identity, "privacy": Privacy, "log": Log}[section]
-    return cls.__struct_fields__
 
 
 def _parse_env_value(value: str):
     """Env values are TOML scalars or arrays when they parse as such, else plain strings."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # [[[...]]] nested past tomllib's reach
         return value
 
 

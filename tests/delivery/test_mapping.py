@@ -159,3 +159,44 @@ def test_mapping_never_raises_on_arbitrary_messages(message):
     assert set(mapped) <= {"x", "y", "z", "d"}
     assert mapped["y"][1] is message
     assert mapped["d"] == (1 if message.get("a") is None else message["a"])
+
+
+# -- the depth limit -------------------------------------------------------------------
+
+MAX_DEPTH = 32  # the limit docs/routing.md states
+
+def nested(depth: int, leaf) -> dict:
+    """{"a": {"a": ... leaf}} with `depth` keys, built the way TOML inline tables are."""
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
+def test_a_mapping_32_levels_deep_maps():
+    dotted = ".".join(["a"] * MAX_DEPTH)
+    assert compile_mapping({dotted: "$.userId"})(MESSAGE) == nested(MAX_DEPTH, "u1")
+    assert compile_mapping(nested(MAX_DEPTH, "$.userId"))(MESSAGE) == nested(MAX_DEPTH, "u1")
+    # 2 dotted parts + 29 nested keys + 1 array level = 32
+    mixed = {"a.a": nested(29, ["$.userId"])}
+    assert compile_mapping(mixed)(MESSAGE) == nested(31, ["u1"])
+    deep_default = {"x": {"$path": "$.nope", "default": nested(MAX_DEPTH - 1, 1)}}
+    assert compile_mapping(deep_default)(MESSAGE) == {"x": nested(MAX_DEPTH - 1, 1)}
+
+
+@pytest.mark.parametrize("mapping", [
+    {".".join(["a"] * (MAX_DEPTH + 1)): "$.userId"},
+    {".".join(["a"] * 600): "$.userId"},  # was a RecursionError, not a configuration error
+    nested(MAX_DEPTH + 1, "$.userId"),
+    nested(600, "$.userId"),
+    {"a.a": nested(MAX_DEPTH - 1, "x")},
+    {"a": nested(MAX_DEPTH - 2, [["$.userId"]])},
+    {"a": [nested(MAX_DEPTH, 1)]},
+    {"x": {"$path": "$.nope", "default": nested(MAX_DEPTH, 1)}},
+    {"x": {"$path": "$.nope", "default": [nested(MAX_DEPTH - 1, 1)]}},
+])
+def test_a_mapping_deeper_than_32_levels_is_a_configuration_error(mapping):
+    with pytest.raises(ConfigError) as caught:
+        compile_mapping(mapping)
+    message = str(caught.value)
+    assert f"nests the output more than {MAX_DEPTH} levels deep" in message
+    assert message.startswith("Mapping key '") and len(message) < 300
