@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
+import httpx
 import pytest
+from support import basic, write_config
 
 from trackpipe.config import load
 from trackpipe.sources.auth import SourceRegistry
@@ -14,9 +18,12 @@ def api(trusted: list[str]) -> TrackingAPI:
     return TrackingAPI(settings, SourceRegistry([]), committer=None)
 
 
-def peer_ip(tracking: TrackingAPI, peer: str, forwarded: str | None = None) -> str | None:
-    headers = {b"x-forwarded-for": forwarded.encode()} if forwarded is not None else {}
-    return tracking._peer_ip({"client": (peer, 5555)}, headers)
+def peer_ip(tracking: TrackingAPI, peer: str, forwarded: str | list[str] | None = None,
+            others: list[tuple[bytes, bytes]] = ()) -> str | None:
+    """`forwarded` as a list: X-Forwarded-For sent on that many header lines."""
+    lines = [] if forwarded is None else [forwarded] if type(forwarded) is str else forwarded
+    raw = [*others, *((b"x-forwarded-for", line.encode()) for line in lines)]
+    return tracking._peer_ip({"client": (peer, 5555), "headers": raw}, dict(raw))
 
 
 @pytest.mark.parametrize("peer, expected", [
@@ -51,3 +58,37 @@ def test_a_trusted_proxy_reaching_a_dual_stack_listener_is_trusted():
 
 def test_forwarded_for_from_anyone_else_is_ignored():
     assert peer_ip(api(["10.0.0.0/8"]), "203.0.113.50", "198.51.100.9") == "203.0.113.50"
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["203.0.113.7", "10.0.0.2"], "203.0.113.7"),                 # = "203.0.113.7, 10.0.0.2"
+    (["198.51.100.9", "203.0.113.7, 10.1.2.3"], "203.0.113.7"),
+    (["203.0.113.7", ""], "203.0.113.7"),                        # an empty last line
+    (["10.1.2.3", "10.2.2.2"], "10.1.2.3"),                      # all trusted: the farthest
+])
+def test_forwarded_for_on_several_lines_is_one_list(lines, expected):
+    assert peer_ip(api(["10.0.0.0/8"]), "10.0.0.1", lines) == expected
+
+
+def test_another_repeated_header_leaves_forwarded_for_as_it_is():
+    cookies = [(b"cookie", b"a=1"), (b"cookie", b"b=2")]
+    assert peer_ip(api(["10.0.0.0/8"]), "10.0.0.1", "203.0.113.7", cookies) == "203.0.113.7"
+
+
+def test_forwarded_for_on_two_lines_reaches_context_ip(fresh_server, tmp_path):
+    config = write_config(tmp_path / "t.toml",
+                          server={"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]})
+    server = fresh_server(config=config).start()
+    stored = {}
+    for label, lines in (("one line", ["203.0.113.7, 10.0.0.2"]),
+                         ("two lines", ["203.0.113.7", "10.0.0.2"])):
+        mid = f"xff-{uuid.uuid4().hex}"
+        body = {"userId": "u", "event": "E", "messageId": mid,
+                "context": {"library": {"name": "analytics.js"}}}
+        headers = [("authorization", basic(server.write_key)),
+                   *(("x-forwarded-for", line) for line in lines)]
+        r = httpx.post(f"{server.url}/v1/track", json=body, headers=headers, timeout=10)
+        assert r.status_code == 200
+        [event] = server.events(message_id=mid)
+        stored[label] = event["context"]["ip"]
+    assert stored == {"one line": "203.0.113.7", "two lines": "203.0.113.7"}

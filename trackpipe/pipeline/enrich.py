@@ -48,21 +48,38 @@ def enrich(ev: dict, rc: RequestContext) -> int:
     ev["integrations"] = integrations
     if rc.peer_ip is not None and context.get("ip") is None and _client_side(context):
         context["ip"] = rc.peer_ip
-    if rc.truncate_ip and type(context.get("ip")) is str:
-        context["ip"] = truncate_ip(context["ip"])
+    if rc.truncate_ip:
+        mask_ip(context)
 
     ts = _stamp_times(ev, rc)
     ev["version"] = rc.version
     return ts
 
 
-def truncate_ip(ip: str) -> str:
+def mask_ip(context: dict) -> None:
+    """Under `privacy.truncate_ip`: context.ip keeps only its network part, and whatever is
+    no IP address (a list, a number, "a.b.c.d, e.f.g.h") goes, for it may hold one."""
+    ip = context.get("ip")
+    if ip is None:
+        return
+    masked = truncate_ip(ip) if type(ip) is str else None
+    if masked is None:
+        del context["ip"]
+    else:
+        context["ip"] = masked
+
+
+def truncate_ip(ip: str) -> str | None:
     """The network part only: the last octet of IPv4, the last 80 bits of IPv6 zeroed
-    (Google Analytics' convention). Anything that is not an IP address is dropped."""
+    (Google Analytics' convention); None when it is not an IP address. An IPv6 address
+    that carries an IPv4 one (::ffff:a.b.c.d, 6to4's 2002:: whose /48 is all of it) is
+    truncated as that IPv4 address."""
     try:
         addr = ipaddress.ip_address(ip.strip())
     except ValueError:
-        return ""
+        return None
+    if addr.version == 6:
+        addr = addr.ipv4_mapped or addr.sixtofour or addr
     bits = 24 if addr.version == 4 else 48
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False).network_address)
 

@@ -11,7 +11,7 @@ from trackpipe.errors import RequestRejected
 from trackpipe.events import read_ts
 from trackpipe.log.base import Discard, Record
 from trackpipe.pipeline.decode import check_depth, decode_object
-from trackpipe.pipeline.enrich import RequestContext, enrich
+from trackpipe.pipeline.enrich import RequestContext, enrich, mask_ip
 from trackpipe.pipeline.validate import validate
 
 DISCARD_PAYLOAD_CHARS = 2048
@@ -72,6 +72,8 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
             payload = _encode(ev)
             _check_size(payload, max_bytes, index)
             check_depth(payload, ev)
+            if rc.truncate_ip:
+                payload = _without_full_ip(ev, payload)
             errors.append({"index": index, "code": problem[0], "message": problem[1]})
             message_id = ev.get("messageId") if type(ev) is dict else None
             discards.append(Discard(rc.received_at, rc.source_id,
@@ -107,6 +109,17 @@ class AsSent:
         if self._body is None:
             self._body = decode_object(self.raw)
         return _encode(self._body["batch"][index] if self.batch else self._body)
+
+
+def _without_full_ip(ev, payload: bytes) -> bytes:
+    """A discard keeps the event as sent (its limits were checked on that form), but
+    under truncate_ip only the network part of its context.ip, as an accepted event.
+    It is given no peer address: that is filled in by enrich, for valid events only."""
+    context = ev.get("context") if type(ev) is dict else None
+    if type(context) is not dict or context.get("ip") is None:
+        return payload
+    mask_ip(context)
+    return _encode(ev)
 
 
 def _check_stored_size(body: bytes, sent: Callable[[int], bytes] | None, limit: int,

@@ -182,6 +182,8 @@ class TrackingAPI:
         peer = client[0] if client else None
         if self.trusted and peer is not None and self._is_trusted(peer):
             forwarded = headers.get(b"x-forwarded-for")
+            if forwarded is not None and len(headers) != len(scope["headers"]):
+                forwarded = _all_lines(scope["headers"], b"x-forwarded-for")  # some repeated
             if forwarded:
                 peer = self._forwarded_client(forwarded) or peer
         return _ipv4(peer)
@@ -232,6 +234,12 @@ class TrackingAPI:
                                              "write key.")
         return 200, browser.settings_body(source.write_key, self.settings,
                                           headers.get(b"host"), route.integration)
+
+
+def _all_lines(raw_headers, name: bytes) -> bytes:
+    """A header sent on several lines is one list, its lines joined in order (RFC 9110
+    §5.3); `dict(scope["headers"])` kept only the last line."""
+    return b",".join(value for key, value in raw_headers if key == name)
 
 
 def _address(text: str) -> str | None:
