@@ -118,7 +118,7 @@ def test_gzip_file_cut_mid_batch_keeps_the_earlier_batches(tmp_path):
 
 
 def fsync_fails(code: int):
-    def fsync(fd: int) -> None:
+    def fsync(fd: int, *args) -> None:  # (os.write's stand-in too)
         raise OSError(code, os.strerror(code))
     return fsync
 
@@ -149,6 +149,28 @@ def test_disk_full_is_retried_and_the_next_batch_goes_to_a_new_file(tmp_path, mo
     assert "ENOSPC" in full.detail and "Free disk space" in full.detail
     assert [len(read_messages(p)) for p in files(tmp_path)] == [1, 1]
     assert ids(tmp_path) == ["m-0", "m-2"]  # the failed batch was cut back out
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_retries_while_the_disk_is_full_leave_no_empty_files(tmp_path, monkeypatch, failing):
+    # Each retry created a file for its batch and kept it, empty, once the write (or the
+    # fsync of the directory, of the file) failed: 50 retries, 50 empty files.
+    dest = make(tmp_path)
+    real = getattr(os, failing)
+
+    async def go():
+        await dest.start()
+        monkeypatch.setattr(os, failing, fsync_fails(errno.ENOSPC))
+        full = [await dest.send(events(1)) for _ in range(5)]
+        during = files(tmp_path)
+        monkeypatch.setattr(os, failing, real)
+        after = await dest.send(events(1))
+        await dest.close()
+        return full, during, after
+    full, during, after = asyncio.run(go())
+    assert [o.state for o in full] == ["retry"] * 5 and "ENOSPC" in full[0].detail
+    assert during == [] and after.state == "delivered"
+    assert len(list(tmp_path.iterdir())) == 1 and ids(tmp_path) == ["m-0"]
 
 
 def test_a_timed_out_write_that_fails_later_cuts_back_only_its_own_lines(tmp_path, monkeypatch):

@@ -7,10 +7,12 @@ reachable PostgreSQL the tests skip, or fail when TRACKPIPE_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
 import uuid
+from decimal import Decimal
 
 import msgspec
 import psycopg
@@ -151,6 +153,8 @@ def test_new_properties_add_columns_logged_and_recorded(admin, schema, caplog):
     (7, "seven", "text", ["7", "seven"]),
     (True, 3, "text", ["true", "3"]),
     ("2024-05-01T10:00:00Z", "soon", "text", ["2024-05-01T10:00:00.000000Z", "soon"]),
+    # 1 BC in UTC: the text keeps the era, so it is still the same instant
+    ("0001-01-01T00:00:00+01:00", "soon", "text", ["0001-12-31T23:00:00.000000Z BC", "soon"]),
 ])
 def test_each_widening_path_keeps_every_value(admin, schema, first, later, new_type, stored):
     run(warehouse(schema), send(event(1, properties={"v": first})),
@@ -160,6 +164,106 @@ def test_each_widening_path_keeps_every_value(admin, schema, first, later, new_t
     change = table(admin, schema, "schema_changes", "old_type, new_type, message_id",
                    order="at")[-1]
     assert change["new_type"] == new_type and change["message_id"] == "m2"
+
+
+def test_widened_timestamps_cast_back_to_the_same_instants(admin, schema):
+    when = ["0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z", "2024-05-01T10:00:00+05:30"]
+    run(warehouse(schema), send(*(event(n, properties={"v": v}) for n, v in enumerate(when))),
+        send(event(9, properties={"v": "soon"})))
+    # (compared as epochs: Python's datetime stops at year 1)
+    before = admin.execute("SELECT extract(epoch FROM unnest(%s::timestamptz[]))",
+                           (when,)).fetchall()
+    after = admin.execute(f'SELECT extract(epoch FROM v::timestamptz) FROM "{schema}"'
+                          ".order_completed WHERE id <> 'm9' ORDER BY id").fetchall()
+    assert after == before
+
+
+def stale_writers(schema, *steps):
+    """Run (writer index, events) steps with two warehouses on one schema, each keeping
+    its own cached schema (two destinations, or two nodes); the last step's outcomes."""
+    async def go():
+        writers = [warehouse(schema), warehouse(schema)]
+        try:
+            return [await writers[i].send(list(events)) for i, events in steps][-1]
+        finally:
+            for w in writers:
+                await w.close()
+    return asyncio.run(go())
+
+
+def test_a_column_another_writer_widened_gets_values_of_its_new_type(admin, schema, caplog):
+    caplog.set_level(logging.INFO, "trackpipe.warehouse")
+    outcomes = stale_writers(
+        schema,
+        (0, [event(1, properties={"ok": True, "n": 5})]),
+        (1, [event(2, properties={"ok": True, "n": 6})]),  # caches boolean and bigint
+        (0, [event(3, properties={"ok": "maybe", "n": "x"})]),  # widens both to text
+        # a boolean and bigints as the stale cache has them, and a double that would
+        # have "widened" the (text) column to double precision
+        (1, [event(4, properties={"ok": True, "n": 7}),
+             event(5, properties={"ok": False, "n": 2.5})]))
+    assert states(outcomes) == ["delivered"] * 2
+    rows = table(admin, schema, "order_completed", "id, ok, n")
+    assert [(r["ok"], r["n"]) for r in rows] == [
+        ("true", "5"), ("true", "6"), ("maybe", "x"), ("true", "7"), ("false", "2.5")]
+    assert column_types(admin, schema, "order_completed")["n"] == "text"
+    assert "column order_completed.n is text, not bigint; planning the batch again" \
+        in caplog.text
+
+
+def test_a_column_another_writer_added_is_not_added_again_in_another_type(admin, schema):
+    outcomes = stale_writers(
+        schema,
+        (0, [event(1)]), (1, [event(2)]),
+        (0, [event(3, properties={"flag": True})]),
+        (1, [event(4, properties={"flag": "t"})]))  # would have been written as a boolean
+    assert states(outcomes) == ["delivered"]
+    rows = table(admin, schema, "order_completed", "id, flag")
+    assert [r["flag"] for r in rows] == [None, None, "true", "t"]
+
+
+def test_tables_changing_under_every_attempt_are_retried_later(admin, schema, monkeypatch):
+    run(warehouse(schema), send(event(1)))
+    seen = []
+    monkeypatch.setattr(PostgresWarehouse, "_stale",
+                        lambda self, todo, found: seen.append(1) or "column x moved")
+    outcomes, = run(warehouse(schema), send(event(2), event(3)))
+    assert states(outcomes) == ["retry", "retry"] and "column x moved" in outcomes[0].detail
+    assert len(seen) == 2  # planned again once, not split, not looped
+    assert [r["id"] for r in table(admin, schema, "order_completed", "id")] == ["m1"]
+
+
+def test_a_column_altered_by_hand_gets_its_values_cast_by_the_database(admin, schema):
+    def alter(d):
+        admin.execute(f'ALTER TABLE "{schema}".order_completed'
+                      ' ALTER COLUMN price TYPE numeric(12,2),'
+                      ' ALTER COLUMN "at" TYPE timestamp without time zone')
+        return asyncio.sleep(0)
+
+    def restart(d):
+        d.forget()
+        return asyncio.sleep(0)
+
+    def bought(n, price, day):
+        return event(n, properties={"price": price, "at": f"2024-05-0{day}T10:00:00Z"})
+
+    outcomes = run(warehouse(schema), send(bought(1, 5, 1)), alter,
+                   send(bought(2, 6, 2)),  # planned with the cached bigint and timestamptz
+                   restart,
+                   send(bought(3, 7.25, 3), bought(4, "lots", 4), bought(5, 10**12, 5)))
+    assert states(outcomes[2]) == ["delivered"]
+    assert states(outcomes[4]) == ["delivered"] * 3
+    rows = table(admin, schema, "order_completed", "id, price, at")
+    assert [(r["price"], r["at"].day) for r in rows] == [
+        (Decimal("5.00"), 1), (Decimal("6.00"), 2), (Decimal("7.25"), 3), (None, 4), (None, 5)]
+    assert rows[0]["at"] == dt.datetime(2024, 5, 1, 10)
+    rejected = table(admin, schema, "rejected_values", "column_name, message_id, value, reason",
+                     order="message_id")
+    assert [(r["column_name"], r["message_id"], r["value"]) for r in rejected] == [
+        ("price", "m4", "lots"), ("price", "m5", str(10**12))]
+    assert "numeric(12,2)" in rejected[0]["reason"]
+    types = column_types(admin, schema, "order_completed")
+    assert (types["price"], types["at"]) == ("numeric", "timestamp without time zone")
 
 
 def test_timestamps_are_detected_and_strings_stay_text(admin, schema):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -203,6 +204,31 @@ def test_two_keys_for_one_column_keep_the_first_and_reject_the_second():
     assert dict(zip([c for c, _ in identifies.columns], identifies.rows[0]))["first_name"] == "Ann"
     assert [(r.table, r.column, r.value) for r in p.rejected] == [
         ("identifies", "first_name", "Bob")]
+
+
+def test_every_value_rejected_for_one_column_is_kept_and_a_repeat_adds_none():
+    message = {"type": "track", "event": "x", "properties": {
+        "firstName": "A", "first_name": "B", "First Name": "C", "s": "a\x00", "S": "b\x00"}}
+    p = plan([event(message), event(message)], {}, NOW)  # the same message twice
+    rows = {r.column: r for r in p.rejected}
+    assert sorted(rows) == ["first_name", "s"] and len(p.rejected) == 2
+    two_keys = "two keys of the message map to column 'first_name'; the first one was loaded"
+    assert json.loads(rows["first_name"].value) == [
+        {"value": "B", "reason": two_keys}, {"value": "C", "reason": two_keys}]
+    assert rows["first_name"].reason.startswith("2 values of this message were rejected")
+    assert [v["value"] for v in json.loads(rows["s"].value)] == ["a\\u0000", "b\\u0000"]
+
+
+def test_a_nul_in_a_message_id_loads_under_a_stand_in_and_is_kept_whole():
+    p = plan([event({"type": "track", "event": "x", "messageId": "m\x00x"})], {}, NOW)
+    assert [o.state for o in p.outcomes(DELIVERED)] == ["delivered"]
+    stand_in = layout.row_id("m\x00x")
+    assert stand_in.startswith("m\\u0000x...sha256:") and "\x00" not in stand_in
+    assert [row[0] for load in p.loads for row in load.rows] == [stand_in, stand_in]
+    [kept] = p.rejected
+    assert (kept.table, kept.column, kept.message_id, kept.value) == (
+        "tracks", "id", stand_in, "m\\u0000x")
+    assert "NUL" in kept.reason
 
 
 def test_a_batch_widens_once_from_the_known_type_and_names_the_cause():

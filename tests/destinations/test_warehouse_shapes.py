@@ -59,7 +59,8 @@ def track(draw, n: int):
     message_id = f"m{n}" + draw(st.sampled_from([""] * 18 + ["x" * 600, "é" * 1100]))
     message = {"type": "track", "event": name, "messageId": message_id,
                "userId": draw(st.sampled_from(["u1", "u2", "u3"] * 6 + [None, "u\x00"])),
-               "anonymousId": "a1", "receivedAt": WHEN,
+               "anonymousId": draw(st.sampled_from(["a1"] * 9 + ["a" * 2100])),
+               "receivedAt": WHEN,
                "timestamp": draw(st.sampled_from([WHEN] * 18 + ["yesterday", None])),
                "context": {"library": {"name": "analytics-python"},
                            "ip": draw(st.sampled_from(["203.0.113.7", "::1"] * 9 + [None]))},
@@ -152,6 +153,28 @@ def test_system_column_names_and_over_long_ids_come_out_as_the_slow_path_lays_th
     assert {"properties_xmin", "properties_ctid", "properties_tableoid", "properties_cmax",
             "context_xmin"} <= columns and not {"xmin", "ctid", "tableoid", "cmax"} & columns
     assert [row[0] for row in table.rows] == [layout.row_id(m["messageId"]) for m in batch]
+
+
+def test_an_over_long_anonymous_id_on_the_fast_path_maps_its_identity_under_a_stand_in(
+        monkeypatch):
+    # identities is keyed on the identifier: the whole id failed the load in PostgreSQL
+    walked = []
+    real = layout.rows_for
+    monkeypatch.setattr(layout, "rows_for", lambda m, *a: walked.append(m) or real(m, *a))
+    base = {"type": "track", "event": "Viewed", "userId": "u1", "anonymousId": "a1",
+            "receivedAt": WHEN, "properties": {"n": 1}}
+    book = ShapeBook()
+    first = plan(events([{**base, "messageId": "m0"}]), {}, NOW, shapes=book)
+    long_anon = "é" * 1001  # 2,002 bytes
+    walked.clear()
+    fast = plan(events([{**base, "messageId": "m1", "anonymousId": long_anon}]), first.schema,
+                NOW, shapes=book)
+    assert walked == []
+    assert sorted(fast.identities) == [("anonymous_id", layout.row_id(long_anon), "p0"),
+                                       ("user_id", "u1", "p0")]
+    assert [(r.table, r.column, r.message_id, r.value) for r in fast.rejected] == [
+        ("identities", "anonymous_id", layout.row_id(long_anon), long_anon)]
+    assert "2,002 bytes" in fast.rejected[0].reason
 
 
 def test_keys_msgspec_cannot_name_leave_the_event_to_the_slow_path():

@@ -6,7 +6,8 @@ old, or the server starts, so a file is never appended to by two runs. Each
 batch is fsynced before it counts as delivered. With gzip every batch is its
 own gzip member (gzip readers concatenate members), so a crash can cut at most
 the batch being written and everything before it stays readable. A batch that
-fails is cut back out of the file. A file moved away or replaced while trackpipe
+fails is cut back out of the file, and a file created for it is removed (retries
+during an outage leave no empty files). A file moved away or replaced while trackpipe
 runs is left alone: the next batch starts a new file.
 """
 
@@ -148,6 +149,7 @@ class FileDestination(Destination):
                 _fsync_dir(directory)  # the new name must survive a crash too
             except OSError:
                 os.close(fd)
+                _remove_quietly(path)  # empty, and the retry creates another
                 raise
             self._release_file()
             self._fd, self._path = fd, path
@@ -157,13 +159,24 @@ class FileDestination(Destination):
     def _cut_back(self, fd: int, size: int) -> None:
         """After a failed write: drop what this write added, so the file holds whole lines
         (or whole gzip members) only, and start a fresh file next time. Cut through the
-        descriptor: the name may lead to another file by now."""
+        descriptor: the name may lead to another file by now. A file created for this
+        write is removed instead: each retry during an outage (a full disk) creates one,
+        and would leave it behind empty."""
+        if size == 0 and self._size == 0 and self._remove_if_ours(fd):
+            self._release_file()
+            return
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
         except OSError:
             pass  # the disk is failing; the next batch starts a new file
         self._release_file()
+
+    def _remove_if_ours(self, fd: int) -> bool:
+        try:
+            return self._still_at_path(fd) and _remove_quietly(self._path)
+        except OSError:
+            return False  # left in place, and cut back like any other
 
     def _release_file(self) -> None:
         fd, self._fd, self._path = self._fd, None, None
@@ -178,6 +191,14 @@ def _write_all(fd: int, payload: bytes) -> None:
     view = memoryview(payload)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _remove_quietly(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except OSError:
+        return False  # the disk is failing: an empty file is left behind
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,7 +3,9 @@
 A subclass opens its database, runs a Plan in one transaction (`_apply`) and says
 which of its exceptions are the database's (`db_errors`) and whether one is worth
 retrying (`_classify`). Any database error drops the cached schema, so the next
-attempt re-reads it: someone may have changed the tables under us.
+attempt re-reads it: someone may have changed the tables under us. A subclass that
+finds, before writing, that they have (`StaleSchema`) gets the batch planned again
+at once with the schema read again, before any splitting or failing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from abc import abstractmethod
 from typing import ClassVar, Sequence
 
-from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome
+from trackpipe.destinations.base import DELIVERED, Destination, Event, Outcome, retry
 from trackpipe.destinations.warehouse.layout import fixed_columns
 from trackpipe.destinations.warehouse.plan import TABLE, Change, Plan, Schema, plan
 from trackpipe.destinations.warehouse.shapes import ShapeBook
@@ -23,6 +25,12 @@ from trackpipe.gc_tuning import gc_paused
 
 log = logging.getLogger("trackpipe.warehouse")
 IDENTITY_CACHE_SIZE = 200_000
+
+
+class StaleSchema(Exception):
+    """The tables are not as the cached schema says (another writer widened a column, a
+    person altered one): raised by `_apply` before anything is written, so the batch can
+    be planned again with the types the database has."""
 
 
 class Warehouse(Destination):
@@ -45,7 +53,10 @@ class Warehouse(Destination):
         async with self._lock:
             return await self._send_batch(batch)
 
-    async def _send_batch(self, batch: Sequence[Event], first: bool = True) -> list[Outcome]:
+    async def _send_batch(self, batch: Sequence[Event], first: bool = True,
+                          reread: bool = True) -> list[Outcome]:
+        """`reread`: whether a stale cached schema may be read again and the batch planned
+        again with it (once: a schema changing under every attempt is retried later)."""
         todo: Plan | None = None
         try:
             known = await self._known_schema()
@@ -55,6 +66,13 @@ class Warehouse(Destination):
             todo = todo._replace(identities=[
                 i for i in todo.identities if self._identities.get(i[:2]) != i[2]])
             await self._apply(todo)
+        except StaleSchema as exc:
+            self.forget()
+            if reread:
+                log.info("warehouse %s: %s; planning the batch again with the tables as they"
+                         " are", self.name, exc)
+                return await self._send_batch(batch, first, reread=False)
+            return todo.outcomes(retry(None, f"the tables changed while loading ({exc})"))
         except self.db_errors as exc:
             refused = self._refused_data(exc)
             if not refused:  # the tables may have changed under us: read them again
@@ -86,7 +104,7 @@ class Warehouse(Destination):
         batch do not make (and roll back) the same columns again, each of them."""
         try:
             await self._apply(todo._replace(loads=[], rejected=[], identities=[]))
-        except self.db_errors:
+        except (StaleSchema, *self.db_errors):
             self.forget()  # the halves plan the changes again themselves
             return
         self.schema = todo.schema

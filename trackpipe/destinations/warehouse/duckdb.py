@@ -24,7 +24,7 @@ import msgspec
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES
+from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
 from trackpipe.destinations.warehouse.plan import (
     MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables)
 from trackpipe.destinations.warehouse.schema import quote
@@ -217,16 +217,22 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
         sql = delete_person(SCHEMA, table, "$1::VARCHAR[]", "$2::VARCHAR[]")
         ids += [r[0] for r in con.execute(sql, [users, anons]).fetchall()]
     count = len(ids)
+    # users and identities are keyed by an id's stand-in when it cannot be a key itself;
+    # so is the rejected_values row that keeps such an identifier whole
+    user_keys, anon_keys = key_ids(users), key_ids(anons)
     statements = [
         (f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE (identifier_type = 'user_id'"
          " AND list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
-         " AND list_contains($2::VARCHAR[], identifier)) RETURNING 1", [users, anons]),
+         " AND list_contains($2::VARCHAR[], identifier)) RETURNING 1", [user_keys, anon_keys]),
         (f"DELETE FROM {qualified(SCHEMA, 'rejected_values')}"
          " WHERE list_contains($1::VARCHAR[], message_id) OR (table_name = 'users'"
-         " AND list_contains($2::VARCHAR[], message_id)) RETURNING 1", [ids, users])]
+         " AND list_contains($2::VARCHAR[], message_id)) OR (table_name = 'identities'"
+         " AND (column_name = 'user_id' AND list_contains($2::VARCHAR[], message_id)"
+         " OR column_name = 'anonymous_id' AND list_contains($3::VARCHAR[], message_id)))"
+         " RETURNING 1", [ids, user_keys, anon_keys])]
     if "users" in tables:
         statements.append((f"DELETE FROM {qualified(SCHEMA, 'users')}"
-                           " WHERE list_contains($1::VARCHAR[], id) RETURNING 1", [users]))
+                           " WHERE list_contains($1::VARCHAR[], id) RETURNING 1", [user_keys]))
     for sql, params in statements:
         count += len(con.execute(sql, params).fetchall())
     return count

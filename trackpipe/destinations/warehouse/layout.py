@@ -14,7 +14,9 @@ them) is prefixed (`properties_id`, `traits_timestamp`, `properties_xmin`), alwa
 and in every warehouse, so it lands in the same column in every row.
 
 The id column holds the messageId, or when that is longer than MAX_ID_BYTES (more
-than PostgreSQL can index), a shorter stand-in: see `row_id`.
+than PostgreSQL can index) or holds a NUL (no text column can), a stand-in: see
+`row_id`. The keys of `users` (userId) and `identities` (userId, anonymousId) follow
+the same rule.
 """
 
 from __future__ import annotations
@@ -81,16 +83,25 @@ class Unloadable(Exception):
 
 
 def row_id(message_id: str) -> str:
-    """The id column's value for a messageId (or, in `users`, a userId): itself, or when it
-    is longer than MAX_ID_BYTES, its first 64 characters, "...sha256:" and the SHA-256 of
-    the whole (unique, and the same on a replay). The planner keeps such an id whole in
+    """The id column's value for a messageId (or, in `users` and `identities`, a userId or
+    anonymousId): itself, or when it is longer than MAX_ID_BYTES or holds a NUL, its first
+    64 characters (a NUL written as \\u0000), "...sha256:" and the SHA-256 of the whole
+    (unique, and the same on a replay). The planner keeps such an id whole in
     rejected_values."""
-    if len(message_id) <= SHORT_ID_CHARS:
+    if len(message_id) <= SHORT_ID_CHARS and "\x00" not in message_id:
         return message_id
     encoded = message_id.encode("utf-8", "surrogatepass")
-    if len(encoded) <= MAX_ID_BYTES:
+    if len(encoded) <= MAX_ID_BYTES and "\x00" not in message_id:
         return message_id
-    return f"{message_id[:64]}...sha256:{hashlib.sha256(encoded).hexdigest()}"
+    head = message_id[:64].replace("\x00", "\\u0000")
+    return f"{head}...sha256:{hashlib.sha256(encoded).hexdigest()}"
+
+
+def key_ids(ids: list[str]) -> list[str]:
+    """The keys a person's `users` and `identities` rows may have: each id's stand-in
+    (row_id), and the id itself unless it holds a NUL, which no key holds (DuckDB kept
+    a long one whole in `identities` before it had a stand-in there)."""
+    return list(dict.fromkeys([*(i for i in ids if "\x00" not in i), *map(row_id, ids)]))
 
 
 def fixed_columns(table: str) -> dict[str, str]:
@@ -119,7 +130,8 @@ def rows_for(message: dict, message_id: str, profile_id: str | None,
     rows = [Row(table, fixed, context_cols + payload_cols)]
     user_id = fixed.get("user_id")
     if kind == "identify" and user_id not in (None, ""):
-        # users.id is the table's key: a userId too long to index gets a stand-in too
+        # users.id is the table's key: a userId too long to index or holding a NUL gets
+        # a stand-in too
         users_fixed = {"id": row_id(user_id) if isinstance(user_id, str) else user_id,
                        "profile_id": profile_id,
                        "received_at": fixed.get("received_at"), "uuid_ts": loaded_at}

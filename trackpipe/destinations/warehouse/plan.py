@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import logging
 import operator
 from typing import Any, NamedTuple, Sequence
@@ -99,16 +100,17 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     users: dict[Any, list[tuple[str, layout.Row]]] = {}
     identities: dict[tuple[str, str], str] = {}
     failed: dict[int, Outcome] = {}
-    fixed_rejects: dict[tuple[str, str, str], RejectedValue] = {}
+    # (table, column, message id) -> every value rejected there: see _one_row
+    fixed_rejects: dict[tuple[str, str, str], list[RejectedValue]] = {}
     fits: dict[int, bool] = {}  # id(shape) -> whether its cells fit the tables as they are
     for i, event in enumerate(batch):
         laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
         if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid, fits):
             if event.profile_id:
                 _identity_pairs(event.profile_id, laid.fixed["user_id"],
-                                laid.fixed["anonymous_id"], identities)
+                                laid.fixed["anonymous_id"], identities, fixed_rejects)
             continue
-        message_id = layout.row_id(event.message_id)  # itself, unless too long to index
+        message_id = layout.row_id(event.message_id)  # itself, unless no key can hold it
         try:
             rows = layout.rows_for(event.message, message_id, event.profile_id, loaded_at)
         except layout.Unloadable as exc:
@@ -120,7 +122,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                                    " is a bug: report it, then replay the event once fixed")
             continue
         if message_id != event.message_id:
-            _reject_long_id(fixed_rejects, rows[0].table, message_id, event.message_id)
+            _reject_stand_in(fixed_rejects, rows[0].table, "id", message_id, event.message_id,
+                             "messageId", "its rows have as id")
         converted: set[int] = set()
         no_table = False  # its own table could not be created (max_tables)
         for row in rows:
@@ -128,8 +131,10 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 converted.add(id(row.fixed))
                 fixed_values(row, message_id, fixed_rejects)
             if row.table == "users":
-                if row.fixed["id"] != rows[0].fixed["user_id"]:
-                    _reject_long_user_id(fixed_rejects, message_id, rows[0].fixed["user_id"])
+                user_id = event.message.get("userId")  # (as sent: fixed_values nulls a NUL)
+                if row.fixed["id"] != user_id and isinstance(user_id, str):
+                    _reject_stand_in(fixed_rejects, "users", "id", message_id, user_id,
+                                     "userId", "its users row has as id")
                 users.setdefault(row.fixed["id"], []).append((message_id, row))
                 continue
             table = tables.get(row.table)
@@ -143,7 +148,7 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
             table.add(message_id, row)
-        _identities(event, identities)
+        _identities(event, identities, fixed_rejects)
         if laid == NO_SHAPE and rows[0].table == "tracks" and not no_table:
             shapes.learn(event.message)  # (a shape for a name with no table is of no use)
         fits.clear()  # the slow path may have added or widened columns (or a shape)
@@ -155,21 +160,32 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     schema, changes, rejected = dict(known), [], fixed_rejects
     loads = [t.load(schema, changes, rejected) for t in tables.values()]
     ids = [(kind, value, profile) for (kind, value), profile in identities.items()]
-    return Plan(loaded_at, changes, loads, list(rejected.values()), ids, failed, schema,
-                len(batch))
+    return Plan(loaded_at, changes, loads, [_one_row(r) for r in rejected.values()], ids,
+                failed, schema, len(batch))
 
 
-def _identities(event: Event, out: dict[tuple[str, str], str]) -> None:
+def _identities(event: Event, out: dict[tuple[str, str], str], rejected: dict) -> None:
     if event.profile_id:
         _identity_pairs(event.profile_id, event.message.get("userId"),
-                        event.message.get("anonymousId"), out)
+                        event.message.get("anonymousId"), out, rejected)
+
+
+_ID_NAMES = {"user_id": "userId", "anonymous_id": "anonymousId"}
 
 
 def _identity_pairs(profile_id: str, user_id, anonymous_id,
-                    out: dict[tuple[str, str], str]) -> None:
+                    out: dict[tuple[str, str], str], rejected: dict) -> None:
+    """An identifier is the key of its identities row: one too long to index or holding
+    a NUL is mapped under its stand-in (as in `users`), and kept whole in rejected_values
+    with the stand-in as message_id."""
     for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id)):
         if value not in (None, ""):
-            out[(kind, value if isinstance(value, str) else raw_text(value))] = profile_id
+            value = value if isinstance(value, str) else raw_text(value)
+            key = layout.row_id(value)
+            if key != value:
+                _reject_stand_in(rejected, "identities", kind, key, value, _ID_NAMES[kind],
+                                 "its identities row has as identifier")
+            out[(kind, key)] = profile_id
 
 
 def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid: Laid,
@@ -238,7 +254,7 @@ class _Table:
         self.ids: set = set()
         self.first_cause: dict[str, str] = {}  # column -> the message that (re)typed it
         self.mixed: set[str] = set()           # columns holding values to convert
-        self.rejected: dict[tuple[str, str, str], RejectedValue] = {}
+        self.rejected: dict[tuple[str, str, str], list[RejectedValue]] = {}
 
     def add(self, message_id: str, row: layout.Row) -> None:
         if row.fixed["id"] in self.ids:  # a messageId sent twice in one batch loads once
@@ -286,7 +302,9 @@ class _Table:
         dynamic = list(dict.fromkeys(itertools.chain.from_iterable(r[2] for r in self.rows)))
         if self.mixed:
             self._convert([c for c in dynamic if c in self.mixed])
-        rejected.update((k, v) for k, v in self.rejected.items() if k not in rejected)
+        for entries in self.rejected.values():
+            for entry in entries:
+                _keep(rejected, entry)
         fixed_of = operator.itemgetter(*self.fixed)
         rows = [fixed_of(fixed) + tuple(map(cells.get, dynamic))
                 for _, fixed, cells, _ in self.rows]
@@ -369,26 +387,45 @@ def _reject_row(rejected: dict, row: layout.Row, event: Event, message_id: str,
         " was loaded"))
 
 
-def _reject_long_id(rejected: dict, table: str, row_id: str, message_id: str) -> None:
-    """A messageId too long for the id column, kept whole; its rows load under `row_id`."""
-    size = len(message_id.encode("utf-8", "surrogatepass"))
-    _reject(rejected, table, "id", row_id, message_id, Rejected(
-        f"the messageId is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id column"
-        " holds (PostgreSQL cannot index a longer key), so its rows have as id its first 64"
-        " characters and the SHA-256 of the whole; this value is the whole messageId"))
+def _reject_stand_in(rejected: dict, table: str, column: str, key: str, whole: str,
+                     what: str, where: str) -> None:
+    """An id that cannot be a key as it is (layout.row_id), kept whole; `key` is its
+    stand-in, `where` says what holds the stand-in ("its users row has as id")."""
+    _reject(rejected, table, column, key, whole, Rejected(
+        f"{_why_no_key(whole, what)}, so {where} its first 64 characters and the SHA-256 of"
+        f" the whole; this value is the whole {what}"))
 
 
-def _reject_long_user_id(rejected: dict, message_id: str, user_id: str) -> None:
-    """A userId too long for the users table's key, kept whole; its row loads under a
-    stand-in (its identifies row keeps the whole userId)."""
-    size = len(user_id.encode("utf-8", "surrogatepass"))
-    _reject(rejected, "users", "id", message_id, user_id, Rejected(
-        f"the userId is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id column"
-        " holds (PostgreSQL cannot index a longer key), so its users row has as id its first"
-        " 64 characters and the SHA-256 of the whole; this value is the whole userId"))
+def _why_no_key(value: str, what: str) -> str:
+    if "\x00" in value:
+        return f"the {what} holds a NUL character, which no text column can"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return (f"the {what} is {size:,} bytes, more than the {layout.MAX_ID_BYTES:,} an id"
+            " column holds (PostgreSQL cannot index a longer key)")
 
 
 def _reject(rejected: dict, table, column, message_id, value, why: Rejected) -> None:
-    key = (table, column, message_id)
-    if key not in rejected:
-        rejected[key] = RejectedValue(table, column, message_id, raw_text(value), why.reason)
+    _keep(rejected, RejectedValue(table, column, message_id, raw_text(value), why.reason))
+
+
+def _keep(rejected: dict, entry: RejectedValue) -> None:
+    """Every rejected value is kept, under rejected_values' key (table, column, message);
+    the same one twice (a message sent twice in a batch) only once."""
+    entries = rejected.setdefault(entry[:3], [])
+    if entry not in entries:
+        entries.append(entry)
+
+
+def _one_row(entries: list[RejectedValue]) -> RejectedValue:
+    """The rejected_values row of one table, column and message. A second value rejected
+    there (two keys naming the column, each holding a NUL) cannot have a row of its own
+    (that is the table's key), so then the row holds them all: value is a JSON array of
+    {"value", "reason"}, in the order they were met, each value as its own row would hold
+    it. The same every time the message loads, so a replay neither adds nor grows a row."""
+    if len(entries) == 1:
+        return entries[0]
+    values = [{"value": e.value, "reason": e.reason} for e in entries]
+    return entries[0]._replace(
+        value=json.dumps(values, ensure_ascii=False),
+        reason=f"{len(entries)} values of this message were rejected for this column; value"
+               " is a JSON array of each (value, as text, and reason)")

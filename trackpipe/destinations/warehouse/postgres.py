@@ -3,10 +3,22 @@
 Each batch is one transaction: schema changes, then per table a COPY into a
 temporary staging table and `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING`,
 then the identities, rejected values and schema-change records. The connection
-is kept between batches and the known schema is cached, so a batch without new
-columns costs no catalog query. The staging tables are kept too (emptied at each
-commit) while their table's columns stay the same: creating them costs catalog
-writes that, per batch, weighed as much as a tenth of the load.
+is kept between batches and the known schema is cached, so a batch is planned without
+a catalog query. The staging tables are kept too (emptied at each commit) while their
+table's columns stay the same: creating them costs catalog writes that, per batch,
+weighed as much as a tenth of the load.
+
+The cache may be stale, though: another writer on the schema (a second destination, a
+second node) widens a column, or a person alters one by hand. Binary COPY sends each
+value in the binary format of the type trackpipe believes the column has, and the
+server takes it on trust: a boolean written into what is now a text column is stored
+as the character 0x01, a bigint into numeric as 0.00. So each load first locks the
+tables it writes and reads their column types, in one round trip (`_lock_columns`):
+a column whose type differs from the cached one makes the batch be planned again
+with the types read (`StaleSchema`, common.py), before anything is written; a column
+of a type trackpipe does not make (numeric(12,2), varchar(20), timestamp without
+time zone...) gets its values as text, cast by the database, and a value the cast
+refuses goes to rejected_values (`_load_cast`).
 
 Classification (by SQLSTATE class): 08 connection, 40 serialization/deadlock,
 53 insufficient resources, 57 operator intervention (admin shutdown), 58 system
@@ -26,12 +38,14 @@ import hashlib
 
 import psycopg
 import msgspec
+from psycopg import sql
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
-from trackpipe.destinations.warehouse.common import Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES
+from trackpipe.destinations.warehouse.common import StaleSchema, Warehouse
+from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables)
+    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
+    check_max_tables)
 from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote
 from trackpipe.destinations.warehouse.sql import (
     POSTGRES, create_meta, delete_person, insert_from, qualified)
@@ -49,6 +63,23 @@ REJECTED_COLUMNS = [("table_name", TEXT), ("column_name", TEXT), ("message_id", 
                     ("value", TEXT), ("reason", TEXT), ("rejected_at", TIMESTAMP)]
 COPY_TYPES = {BOOLEAN: "bool", BIGINT: "int8", DOUBLE: "float8", TIMESTAMP: "timestamptz",
               TEXT: "text"}
+# column SQL types (format_type's spelling) of some tables of one schema
+COLUMN_TYPES = ("SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)"
+                " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = {schema} AND c.relname = ANY({tables})"
+                " AND a.attnum > 0 AND NOT a.attisdropped")
+# Whether a text casts to a SQL type: a value the column's type refuses goes to
+# rejected_values instead of failing its event. (PostgreSQL 16 has pg_input_is_valid;
+# a temporary function works on every version and needs no privilege.)
+CASTABLE = """CREATE OR REPLACE FUNCTION pg_temp.trackpipe_castable(value text, sql_type text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('SELECT CAST($1 AS %s)', sql_type) USING value;
+    RETURN true;
+EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+    RETURN false;
+END $$"""
 
 
 class PostgresWarehouse(Warehouse):
@@ -128,11 +159,20 @@ class PostgresWarehouse(Warehouse):
         conn = await self._connection()
         try:
             async with conn.transaction(), conn.cursor() as cur:
+                found = await self._lock_columns(cur, todo)
+                stale = self._stale(todo, found)
+                if stale:
+                    raise StaleSchema(stale)
                 for change in todo.changes:
-                    for sql, params in self._ddl(self.settings.schema, change, todo.loaded_at):
-                        await cur.execute(sql, params or None)
+                    for statement, params in self._ddl(self.settings.schema, change,
+                                                       todo.loaded_at):
+                        await cur.execute(statement, params or None)
                 for load in todo.loads:
-                    await self._load(cur, load, list(todo.schema[load.table].items()))
+                    casts = self._casts(todo, load, found)
+                    if casts:
+                        await self._load_cast(cur, load, casts, todo.loaded_at)
+                    else:
+                        await self._load(cur, load, list(todo.schema[load.table].items()))
                 await self._meta(cur, todo)
         except psycopg.Error as exc:
             if self._refused_data(exc) and not conn.closed:
@@ -143,6 +183,92 @@ class PostgresWarehouse(Warehouse):
         except BaseException:
             self._stages.clear()  # rolled back: staging tables made or dropped are unknown
             raise
+
+    async def _lock_columns(self, cur, todo: Plan) -> dict[str, dict[str, str]]:
+        """Lock the tables the plan writes, so that no one alters them before we commit,
+        then read their columns: table -> column -> SQL type. One round trip. Tables the
+        plan creates are not locked (they should not exist); the others in name order
+        (no deadlock between two trackpipes), those it alters as ALTER TABLE would."""
+        created = {c.table for c in todo.changes if c.new_type == TABLE}
+        altered = {c.table for c in todo.changes} - created
+        tables = sorted({load.table for load in todo.loads} | altered)
+        statements = [sql.SQL("LOCK TABLE {} IN {} MODE").format(
+            sql.Identifier(self.settings.schema, t),
+            sql.SQL("ACCESS EXCLUSIVE" if t in altered else "ROW EXCLUSIVE"))
+            for t in tables if t not in created]
+        statements.append(sql.SQL(COLUMN_TYPES).format(
+            schema=sql.Literal(self.settings.schema), tables=sql.Literal(tables)))
+        # no parameters, so one message of several statements; each sees what the locks
+        # before it waited for
+        await cur.execute(sql.SQL("; ").join(statements), prepare=False)
+        while cur.description is None:
+            cur.nextset()
+        found: dict[str, dict[str, str]] = {}
+        for table, column, sql_type in await cur.fetchall():
+            found.setdefault(table, {})[column] = sql_type
+        return found
+
+    def _stale(self, todo: Plan, found: dict[str, dict[str, str]]) -> str | None:
+        """How the tables differ from the schema `todo` was planned against, for the
+        columns it writes or changes; None when they do not. (A property's column that
+        is gone is added back by the new plan; a fixed column stays missing, and its
+        load fails with 42703, retried, as a table gone does with 42P01.)"""
+        created = {c.table for c in todo.changes if c.new_type == TABLE}
+        before = {(c.table, c.column): c.old_type
+                  for c in todo.changes if c.table not in created}
+        written = [(load.table, column) for load in todo.loads for column, _ in load.columns]
+        for table, column in [*before, *written]:
+            if table in created:
+                if table in found:
+                    return f"table {table} exists already"
+                continue
+            sql_type = found.get(table, {}).get(column)
+            planned = before.get((table, column), todo.schema[table].get(column))
+            if sql_type is None and planned is not None:
+                return f"column {table}.{column} is gone"
+            if sql_type is not None and planned is None:
+                return f"column {table}.{column} exists already, as {sql_type}"
+            if sql_type is not None and self.dialect.logical(sql_type) != planned:
+                return (f"column {table}.{column} is {sql_type}, not"
+                        f" {self.dialect.sql_type(planned)}")
+        return None
+
+    def _casts(self, todo: Plan, load: TableLoad, found: dict[str, dict[str, str]]
+               ) -> dict[str, str]:
+        """The load's columns whose SQL type is not the one their values are written in
+        (a type trackpipe does not make, set by hand): column -> that type."""
+        types = found.get(load.table, {})
+        ours = {c.column for c in todo.changes if c.table == load.table}
+        if None in ours:  # the plan created the table: every column is trackpipe's
+            return {}
+        return {column: types[column] for column, logical in load.columns
+                if column not in ours and column in types
+                and types[column] != self.dialect.sql_type(logical)}
+
+    async def _load_cast(self, cur, load: TableLoad, casts: dict[str, str], at) -> None:
+        """Stage the rows in trackpipe's types, then insert them with each of `casts`
+        cast from text by the database. A value its column's type refuses is inserted
+        as NULL and kept in rejected_values, as a value no trackpipe type holds is."""
+        s = self.settings.schema
+        await cur.execute(CASTABLE)
+        stage = await self._stage(cur, load.table + " (cast)", load.columns, load.columns,
+                                  load.rows)
+        exprs = {}
+        for column, sql_type in casts.items():
+            text, kind = f"CAST({quote(column)} AS text)", sql.Literal(sql_type).as_string(cur)
+            castable = f"pg_temp.trackpipe_castable({text}, {kind})"
+            exprs[column] = f"CASE WHEN {castable} THEN CAST({text} AS {sql_type}) END"
+            reason = (f"the column's type is {sql_type}, set outside trackpipe, and this value"
+                      " does not convert to it")
+            if load.table == "users":
+                reason += " (message_id is the users row's id, its userId)"
+            await cur.execute(
+                f"INSERT INTO {qualified(s, 'rejected_values')} (table_name, column_name,"
+                f" message_id, value, reason, rejected_at) SELECT %s, %s, \"id\", {text}, %s, %s"
+                f" FROM {stage} WHERE {quote(column)} IS NOT NULL AND NOT {castable}"
+                " ON CONFLICT DO NOTHING", (load.table, column, reason, at))
+        names = [c for c, _ in load.columns]
+        await cur.execute(insert_from(s, load.table, stage, names, load.upsert, exprs))
 
     async def _load(self, cur, load: TableLoad, table_columns: list[tuple[str, str]]) -> None:
         if not load.upsert and await self._copy_new(cur, load):
@@ -266,6 +392,11 @@ class PostgresWarehouse(Warehouse):
 
     async def _delete(self, tables, users: list[str], anons: list[str]) -> int:
         conn, s, ids, count = await self._connection(), self.settings.schema, [], 0
+        # `users` and `identities` key a long id, or one holding a NUL, by its stand-in.
+        user_keys, anon_keys = key_ids(users), key_ids(anons)
+        # PostgreSQL takes no NUL, and no event row holds an id with one (stored as NULL).
+        users = [u for u in users if "\x00" not in u]
+        anons = [a for a in anons if "\x00" not in a]
         async with conn.transaction(), conn.cursor() as cur:
             for table in (t for t in tables if t != "users"):
                 await cur.execute(delete_person(s, table, "%s::text[]", "%s::text[]"),
@@ -274,12 +405,15 @@ class PostgresWarehouse(Warehouse):
             statements = [
                 (f"DELETE FROM {qualified(s, 'identities')} WHERE (identifier_type = 'user_id'"
                  " AND identifier = ANY(%s)) OR (identifier_type = 'anonymous_id'"
-                 " AND identifier = ANY(%s))", (users, anons)),
+                 " AND identifier = ANY(%s))", (user_keys, anon_keys)),
                 (f"DELETE FROM {qualified(s, 'rejected_values')} WHERE message_id = ANY(%s)"
-                 " OR (table_name = 'users' AND message_id = ANY(%s))", (ids, users))]
+                 " OR (table_name = 'users' AND message_id = ANY(%s))"
+                 " OR (table_name = 'identities' AND (column_name = 'user_id'"
+                 " AND message_id = ANY(%s) OR column_name = 'anonymous_id'"
+                 " AND message_id = ANY(%s)))", (ids, user_keys, user_keys, anon_keys))]
             if "users" in tables:
                 statements.append((f"DELETE FROM {qualified(s, 'users')} WHERE id = ANY(%s)",
-                                   (users,)))
+                                   (user_keys,)))
             for sql, params in statements:
                 await cur.execute(sql, params)
                 count += cur.rowcount

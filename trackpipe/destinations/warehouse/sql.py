@@ -33,7 +33,8 @@ class Dialect:
 
     def logical(self, sql_type: str) -> str:
         """A column's logical type from the catalog; an unknown type (someone altered the
-        column by hand) is treated as text: values go as text and the database casts."""
+        column by hand, say to numeric(12,2)) is treated as text: values are planned as
+        text and the database casts them (in PostgreSQL, postgres.py `_casts`)."""
         wanted = sql_type.lower()
         for logical, name in self.types.items():
             if name.lower() == wanted:
@@ -47,11 +48,19 @@ class Dialect:
         return f"CAST({q} AS {self.sql_type(new)})"
 
 
+def postgres_timestamp_text(q: str) -> str:
+    """ISO 8601 in UTC, and " BC" after a year before 1 AD, as PostgreSQL itself writes it
+    (to_char's YYYY has no era: 1 BC would read as 1 AD, another instant). The text casts
+    back to the same timestamptz."""
+    utc = f"({q} AT TIME ZONE 'UTC')"
+    return (f"""to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+            f" || CASE WHEN {utc} < '0001-01-01' THEN ' BC' ELSE '' END")
+
+
 POSTGRES = Dialect(
     {BOOLEAN: "boolean", BIGINT: "bigint", DOUBLE: "double precision",
      TIMESTAMP: "timestamp with time zone", TEXT: "text"},
-    lambda q: f"""to_char({q} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
-    "%s")
+    postgres_timestamp_text, "%s")
 
 DUCKDB = Dialect(
     {BOOLEAN: "BOOLEAN", BIGINT: "BIGINT", DOUBLE: "DOUBLE",
@@ -112,11 +121,15 @@ def keep_rounded(d: Dialect, schema: str, table: str, column: str,
     return sql, (table, column, reason, at)
 
 
-def insert_from(schema: str, table: str, source: str, columns: list[str], upsert: bool) -> str:
+def insert_from(schema: str, table: str, source: str, columns: list[str], upsert: bool,
+                exprs: dict[str, str] | None = None) -> str:
     """Rows of `source` into the table; an id already there is left alone, except in
-    `users`, where a newer identify fills in its values (older ones never overwrite)."""
+    `users`, where a newer identify fills in its values (older ones never overwrite).
+    `exprs` gives, for some columns, the SQL to select instead of the column itself."""
     cols = ", ".join(quote(c) for c in columns)
-    head = f"INSERT INTO {qualified(schema, table)} AS t ({cols}) SELECT {cols} FROM {source}"
+    exprs = exprs or {}
+    values = ", ".join(exprs.get(c, quote(c)) for c in columns)
+    head = f"INSERT INTO {qualified(schema, table)} AS t ({cols}) SELECT {values} FROM {source}"
     if not upsert:
         return head + ' ON CONFLICT ("id") DO NOTHING'
     sets = ", ".join(f"{quote(c)} = COALESCE(EXCLUDED.{quote(c)}, t.{quote(c)})"
