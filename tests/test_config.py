@@ -174,6 +174,21 @@ def test_admin_token_that_no_http_header_can_carry_is_an_error(token):
         config.load(env={"TRACKPIPE_ADMIN_TOKEN": token})
 
 
+@pytest.mark.parametrize("name", ["user_id", "anonymous_id", "profile"])
+def test_a_trait_identifier_named_like_a_kind_of_identifier_is_an_error(name):
+    # its trait values would pass for userIds (anonymousIds, profile ids) of other people
+    with pytest.raises(ConfigError, match=f"identity.trait_identifiers cannot hold '{name}'"):
+        config.load(env={"TRACKPIPE_IDENTITY_TRAIT_IDENTIFIERS": f'["email", "{name}"]'})
+
+
+def test_check_refuses_a_trait_identifier_named_user_id(tmp_path):
+    path = write(tmp_path, '[identity]\ntrait_identifiers = ["user_id"]\n')
+    r = trackpipe("check", "--config", str(path), "--data-dir", str(tmp_path / "data"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "identity.trait_identifiers cannot hold 'user_id'" in r.stderr
+    assert "user_id, anonymous_id, profile are reserved" in r.stderr
+
+
 def test_unreadable_config_files_are_errors(tmp_path):
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b"\xff\xfe[server]\n")

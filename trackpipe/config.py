@@ -166,6 +166,11 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The destination type's own settings (URL, credentials, ...); see README#destinations."""
 
 
+# The kinds of identifiers (identity/facts.py USER and ANON, and privacy/suppress.py PROFILE)
+# that a trait identifier, whose name is its kind, must not pass for.
+RESERVED_TRAIT_NAMES = ("user_id", "anonymous_id", "profile")
+
+
 class Identity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     """Build profiles from the log (anonymous visitors stitched to known people)."""
@@ -184,6 +189,16 @@ class Identity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_identifiers: Count = 500_000
     """Identifiers the SQLite store keeps in memory between batches (~600 bytes each);
     past it the cache starts afresh and later batches load what they name again."""
+
+    def __post_init__(self) -> None:
+        reserved = [name for name in self.trait_identifiers if name in RESERVED_TRAIT_NAMES]
+        if reserved:
+            # A trait identifier's name is its identifiers' kind: "user_id" would make a
+            # trait value a userId (joining visitors to whoever has that userId).
+            raise ValueError(
+                f"identity.trait_identifiers cannot hold {reserved[0]!r}: "
+                f"{', '.join(RESERVED_TRAIT_NAMES)} are reserved for the identifiers trackpipe "
+                "keeps itself (a trait of that name would pass for one); remove it")
 
 
 class Privacy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -136,6 +136,59 @@ def test_alias_with_user_id_equal_to_previous_id_is_a_no_op(store, log):
     assert [m["edge"] for m in store.merges("u1")] == ["user_anonymous"]
 
 
+def test_an_alias_that_comes_before_the_old_user_ids_events_joins_them_all_the_same(stores, log):
+    # The server sent the alias while the old userId's events waited in a phone's queue.
+    stores().apply([log("alias", "new-id", ts="2024-05-01T10:00:10.000Z", previousId="old-id")])
+    store = stores()  # another store object: what it knows of old-id comes from the rows
+    store.apply([log("track", "old-id", ts="2024-05-01T10:00:05.000Z", event="Old Event"),
+                 log("identify", "new-id", traits={"plan": "pro"})])
+    pid = same_profile(store, "old-id", "new-id")
+    profile = store.profile(pid)
+    assert sorted(profile["user_ids"]) == ["new-id", "old-id"] and profile["anonymous_ids"] == []
+    assert profile["event_counts"] == {"Old Event": 1} and profile["traits"] == {"plan": "pro"}
+    assert store.resolve("old-id", None) == store.resolve("new-id", None) == pid
+    [merge] = store.merges("old-id")
+    assert (merge["kind"], merge["edge"]) == ("merge", "alias")
+    assert {(i["type"], i["value"]) for i in merge["identifiers"]} == {
+        ("user_id", "old-id"), ("user_id", "new-id")}
+    # the same within one batch
+    store.apply([log("alias", "new-2", previousId="old-2"), log("track", "old-2", event="E")])
+    assert sorted(store.profile("old-2")["user_ids"]) == ["new-2", "old-2"]
+
+
+def test_a_previous_id_an_event_named_as_an_anonymous_id_stays_one(stores, log):
+    stores().apply([log("alias", "u1", previousId="dev-1"), log("track", anon="dev-1", event="E"),
+                    log("alias", "u2", previousId="dev-2"), log("track", "u3", "dev-2", event="E")])
+    store = stores()
+    store.apply([log("identify", "dev-1"), log("identify", "dev-2")])
+    assert store.profile("u1")["anonymous_ids"] == ["dev-1"]
+    assert store.profile("u2")["anonymous_ids"] == ["dev-2"]
+    assert store.profile("u1")["profile_id"] != store.resolve("dev-1", None)
+    assert store.profile("u2")["profile_id"] != store.resolve("dev-2", None)
+
+
+def test_an_alias_without_user_id_joins_previous_id_to_its_anonymous_id(store, log):
+    store.apply([log("identify", "u-old", "a-old", traits={"x": 1}),
+                 log("alias", anon="a-new", previousId="u-old"),
+                 log("track", anon="a-new", event="E")])
+    pid = same_profile(store, "u-old", "a-old", "a-new")
+    assert store.profile(pid)["event_counts"] == {"E": 1}
+    [merge] = [m for m in store.merges("a-new") if m["edge"] == "alias"]
+    assert merge["kind"] == "merge"
+    assert {(i["type"], i["value"]) for i in merge["identifiers"]} == {
+        ("user_id", "u-old"), ("anonymous_id", "a-new")}
+
+
+def test_an_alias_without_user_id_is_refused_as_any_alias(stores, log):
+    store = stores(max_identifiers_per_profile=2)
+    store.apply([log("identify", "u-old", "a-old"), log("track", anon="a-new", event="E"),
+                 log("alias", anon="a-new", previousId="u-old")])
+    assert store.profile("a-new")["profile_id"] != store.profile("u-old")["profile_id"]
+    [refused] = [m for m in store.merges("a-new") if m["kind"] == "refused"]
+    assert (refused["rule"], refused["edge"]) == ("max_identifiers", "alias")
+    assert store.stats()["refused"] == 1
+
+
 def test_a_shared_anonymous_id_never_joins_two_user_ids(store, log):
     store.apply([log("identify", "u1", "shared-device"), log("track", "u2", event="Signed In")])
     late = log("track", "u2", "shared-device", event="Order Completed")
@@ -220,6 +273,16 @@ def test_traits_merge_by_timestamp_with_nested_objects(store, log):
     assert store.profile("u1")["traits"] == {
         "plan": "pro", "name": "Ada", "title": "CTO", "company": {"name": "ACME"},
         "address": {"city": "Paris", "street": "1 Rue", "zip": "69001"}}
+
+
+def test_an_empty_object_merges_into_an_object_and_replaces_a_null(store, log):
+    store.apply([
+        log("identify", "u1", traits={"prefs": {"color": "red"}, "plan": {"tier": 1}}),
+        log("identify", "u1", traits={"prefs": None}),
+        log("identify", "u1", traits={"prefs": {}, "plan": {}}),
+    ])
+    # as the calls deep-merged in timestamp order: the null cleared prefs for good
+    assert store.profile("u1")["traits"] == {"prefs": {}, "plan": {"tier": 1}}
 
 
 def test_traits_of_every_identifier_fold_into_the_profile(store, log):

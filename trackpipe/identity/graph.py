@@ -4,10 +4,15 @@ Nodes are identifiers: a `user_id`, an `anonymous_id`, or a configured trait
 identifier such as `email` (trimmed, lower-cased). Edges come from events:
 
 - `user_anonymous`: an event of any type carrying both userId and anonymousId;
-- `alias`: an alias call, from previousId to userId (userId == previousId, as
-  analytics-next sends it, is a no-op). previousId is the known userId of
-  that value, else the known anonymousId, else a new anonymousId (the usual
-  alias: a visitor's anonymous id to the id they sign up with);
+- `alias`: an alias call, from previousId to userId, or to anonymousId when
+  the call has no userId (the reference's SDKs accept that; userId ==
+  previousId, as analytics-next sends it, is a no-op). previousId is the
+  known userId of that value, else the known anonymousId, else a new
+  identifier known only as a previousId: it is kept as an anonymousId (the
+  usual alias: a visitor's anonymous id to the id they sign up with) until
+  an event names it, and the first event naming it as a userId makes it
+  that userId, edges and all. So an alias that arrives before the events of
+  the userId it names joins them as it would have after them;
 - `trait`: a trait identifier (identify traits / context.traits) to the
   event's userId, or its anonymousId when it has no userId.
 
@@ -68,13 +73,16 @@ class Limits:
 
 
 class Node:
-    __slots__ = ("born", "id", "kind", "origin", "profile", "value")
+    __slots__ = ("born", "id", "kind", "origin", "previous_only", "profile", "value")
 
     def __init__(self, id: int, kind: str, value: str, profile: str, origin: str | None,
                  born: int = -1):
         self.id, self.kind, self.value = id, kind, value
         self.profile, self.origin = profile, origin
         self.born = born  # position of the fact that created it in this batch, else -1
+        # An anonymousId only an alias's previousId named so far (see `_as_user`); None:
+        # loaded and not asked yet (the store tells, see `undecided`).
+        self.previous_only: bool | None = None
 
 
 class Profile:
@@ -89,6 +97,7 @@ class Changes:
 
     def __init__(self):
         self.new_nodes: list[Node] = []
+        self.retyped: list[Node] = []  # previousId-only anonymousIds that became userIds
         self.relabels: list[tuple[str, str]] = []  # (absorbed profile, survivor), in order
         self.dirty: set[str] = set()
         self.dead: set[str] = set()
@@ -127,6 +136,18 @@ class Graph:
             keys.update(f.trait_ids)
         return {k for k in keys if k not in nodes}
 
+    def undecided(self, facts: list[Fact]) -> list[Node]:
+        """Loaded anonymousIds that a userId of these facts turns into if they were only ever
+        an alias's previousId, and that the working set cannot tell: the store sets their
+        `previous_only` before apply()."""
+        nodes, found = self.nodes, {}
+        for f in facts:
+            if f.user and (USER, f.user) not in nodes:
+                node = nodes.get((ANON, f.user))
+                if node is not None and node.previous_only is None:
+                    found[node.id] = node
+        return list(found.values())
+
     def find(self, profile_id: str) -> str:
         redirect = self.redirect
         while profile_id in redirect:
@@ -150,15 +171,19 @@ class Graph:
         nodes = self.nodes
         user = anon = None
         if f.user:
-            user = nodes.get((USER, f.user)) or self._new(USER, f.user, f, ch)
+            user = (nodes.get((USER, f.user)) or self._as_user(f.user, ch)
+                    or self._new(USER, f.user, f, ch))
         if f.anon:
             anon = nodes.get((ANON, f.anon)) or self._new(ANON, f.anon, f, ch)
+            if anon is not None:
+                anon.previous_only = False  # an event's anonymousId: it stays one
         if user and anon:
             self._link(anon, user, "user_anonymous", f, ch)
-        if f.previous and f.previous != f.user and user:
+        target = user if f.user else anon  # an alias without userId joins its anonymousId
+        if f.previous and f.previous != (f.user or f.anon) and target:
             prev = self._previous(f, ch)
             if prev is not None:
-                self._link(prev, user, "alias", f, ch)
+                self._link(prev, target, "alias", f, ch)
         owner = user or anon
         for key in f.trait_ids:
             node = nodes.get(key) or self._new(*key, f, ch)
@@ -173,7 +198,28 @@ class Graph:
 
     def _previous(self, f: Fact, ch: Changes) -> Node | None:
         known = self.nodes.get((USER, f.previous)) or self.nodes.get((ANON, f.previous))
-        return known or self._new(ANON, f.previous, f, ch)
+        if known:
+            return known
+        node = self._new(ANON, f.previous, f, ch)
+        if node is not None:
+            node.previous_only = True
+        return node
+
+    def _as_user(self, value: str, ch: Changes) -> Node | None:
+        """The anonymousId `value` made a userId, when only an alias's previousId named it
+        (the old userId of someone whose alias came first): its edges are then what they
+        would have been had its events come before the alias."""
+        node = self.nodes.get((ANON, value))
+        if node is None or not node.previous_only:
+            return None
+        del self.nodes[(ANON, value)]
+        node.kind, node.previous_only = USER, False
+        self.nodes[(USER, value)] = node
+        profile = self.profiles[self.profile_of(node)]
+        profile.users += 1
+        ch.retyped.append(node)
+        ch.dirty.add(profile.id)
+        return node
 
     def _new(self, kind: str, value: str, f: Fact, ch: Changes) -> Node | None:
         """A node for an identifier seen for the first time, in a profile of its own;
@@ -182,7 +228,7 @@ class Graph:
             ch.blocked += 1
             return None
         node = Node(self.new_node_id(), kind, value, self.new_profile_id(), None, f.position)
-        node.origin = node.profile
+        node.origin, node.previous_only = node.profile, False
         self.nodes[(kind, value)] = node
         self.profiles[node.profile] = Profile(node.profile, node.id, 1, int(kind == USER), 0)
         ch.new_nodes.append(node)

@@ -8,6 +8,11 @@ identifiers' data:
   `timestamp` (then log position). Nested objects are flattened to leaf paths,
   so `{"address": {"city": ...}}` and a later `{"address": {"street": ...}}`
   both survive; the fold replays leaves oldest first, so later values win.
+  An empty object gets a row of its own, at the object's path plus a null
+  (`["prefs", null]`; no trait key is null): it only makes the path an object
+  from then on, so it must not replace the row of a value set there earlier,
+  such as a null that cleared what the object held (the fold then matches the
+  calls deep-merged in timestamp order).
 - groups: one row per (node, groupId): the traits of the newest group call.
 - timeline: one row per event (node, timestamp, position, count kind, count key), where
   the count is ("event", track event name) or ("type", "page" | "screen"). Event counts
@@ -53,11 +58,14 @@ def _newest(rows: dict, key, row: tuple[str, str, int]) -> None:
 
 
 def flatten(traits: dict, prefix: tuple = ()) -> Iterable[tuple[str, str]]:
-    """(JSON path, JSON value) per leaf; an empty object is a leaf of its own."""
+    """(JSON path, JSON value) per leaf; an empty object is a leaf of its own, at the
+    object's path and a null."""
     for key, value in traits.items():
         path = (*prefix, key)
         if isinstance(value, dict) and value:
             yield from flatten(value, path)
+        elif value == {}:
+            yield _encode((*path, None)).decode(), "{}"
         else:
             yield _encode(path).decode(), _encode(value).decode()
 
@@ -67,16 +75,26 @@ def fold_traits(rows: Iterable[tuple[str, str, str, int]]) -> dict:
     merged: dict = {}
     for path, value, _, _ in sorted(rows, key=lambda r: (r[2], r[3])):
         *parents, leaf = json.loads(path)
-        target = merged
-        for key in parents:
-            child = target.get(key)
-            if not isinstance(child, dict):
-                child = target[key] = {}
-            target = child
+        if leaf is None:  # an empty object: the parents are objects from here on
+            _object_at(merged, parents)
+            continue
+        target = _object_at(merged, parents)
         decoded = json.loads(value)
+        # An empty object stored at its own path (before flatten kept it apart) said the same.
         if not (decoded == {} and isinstance(target.get(leaf), dict)):
             target[leaf] = decoded
     return merged
+
+
+def _object_at(merged: dict, keys: list[str]) -> dict:
+    """The object at `keys`, made one (replacing any other value) where it is not."""
+    target = merged
+    for key in keys:
+        child = target.get(key)
+        if not isinstance(child, dict):
+            child = target[key] = {}
+        target = child
+    return target
 
 
 def fold_groups(rows: Iterable[tuple[str, str, str, int]]) -> list[dict]:

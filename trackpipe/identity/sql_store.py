@@ -136,7 +136,9 @@ class SQLStore(IdentityStore):
         facts = [self.reader.fact(e) for e in todo]
         graph = self.working_graph()
         missing = graph.missing(facts)
-        self._load(graph, missing)
+        # A new userId may be a stored anonymousId only an alias named (graph.py `_as_user`).
+        self._load(graph, missing | {(ANON, v) for kind, v in missing if kind == USER})
+        self._tell_previous_only(graph.undecided(facts))
         new = sum(1 for key in missing if key not in graph.nodes)  # at most this many nodes
         ids = iter(self.node_ids(new))
         graph.new_node_id = ids.__next__
@@ -164,10 +166,27 @@ class SQLStore(IdentityStore):
             graph.edges.update(self.db.fetch_in(
                 f"SELECT a, b, rule FROM edges WHERE {column} IN ({{}})", ids))
 
+    def _tell_previous_only(self, nodes: list[Node]) -> None:
+        """Set whether each of these stored anonymousIds was only ever an alias's previousId:
+        an event naming it gave it a timeline row (it owned the event) or a user_anonymous
+        edge (the event's userId did), and an alias's previousId neither."""
+        if not nodes:
+            return
+        ids = [n.id for n in nodes]
+        seen = {n for (n,) in self.db.fetch_in(
+            "SELECT DISTINCT node FROM timeline WHERE node IN ({})", ids)}
+        for column in ("a", "b"):
+            seen.update(n for (n,) in self.db.fetch_in(
+                f"SELECT {column} FROM edges WHERE rule <> 'alias' AND {column} IN ({{}})", ids))
+        for node in nodes:
+            node.previous_only = node.id not in seen
+
     def _write(self, graph: Graph, ch: Changes) -> None:
         db = self.db
         db.insert("INSERT INTO nodes (id, kind, value, profile, origin)",
                   [(n.id, n.kind, n.value, n.profile, n.origin) for n in ch.new_nodes])
+        if ch.retyped:
+            db.many("UPDATE nodes SET kind = ? WHERE id = ?", [(n.kind, n.id) for n in ch.retyped])
         # Each absorbed profile's nodes go straight to the profile that survives the batch
         # (the same end state as replaying the merges in order).
         db.relabel({old: graph.find(old) for old, _ in ch.relabels})
