@@ -288,6 +288,21 @@ def test_widening_to_double_keeps_the_exact_integers_it_rounds(db):
         "m1", "m2", "m5"}
 
 
+def test_delete_user_finds_an_id_with_a_nul_kept_whole_in_identities_before(db):
+    # before stand-ins keyed identities, DuckDB kept such an id whole there; a delete
+    # looking only for the stand-in left that row, which names the person
+    run(warehouse(db), send(event(1, profile="p1", anonymousId="a\x00z")))
+    with duckdb.connect(str(db)) as con:
+        con.execute("INSERT INTO identities VALUES ('anonymous_id', 'a' || chr(0) || 'z',"
+                    " 'p1', now())")
+    assert len(query(db, "SELECT * FROM identities WHERE identifier_type = 'anonymous_id'"
+                     )) == 2  # under its stand-in, and whole
+    outcome, = run(warehouse(db), lambda d: d.delete_user([], ["a\x00z"]))
+    assert outcome.state == "delivered"
+    assert query(db, "SELECT identifier FROM identities WHERE identifier_type = 'anonymous_id'"
+                 ) == []
+
+
 def test_an_over_long_message_id_loads_under_the_stand_in_postgres_needs(db):
     long_id = "x" * 3000
     outcomes = run(warehouse(db), send(event(1, messageId=long_id), event(2)),

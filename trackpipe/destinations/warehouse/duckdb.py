@@ -26,7 +26,8 @@ from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables)
+    MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables,
+    rejected_rows)
 from trackpipe.destinations.warehouse.schema import quote
 from trackpipe.destinations.warehouse.sql import (
     DUCKDB, create_meta, delete_person, insert_from, qualified)
@@ -116,7 +117,8 @@ class DuckDBWarehouse(Warehouse):
                               " WHERE t.profile_id IS DISTINCT FROM EXCLUDED.profile_id")
         if todo.rejected:
             self._insert_rows(con, "rejected_values", REJECTED_COLUMNS,
-                              [(*r, at) for r in todo.rejected], " ON CONFLICT DO NOTHING")
+                              [(*r, at) for r in rejected_rows(todo.rejected)],
+                              " ON CONFLICT DO NOTHING")
         if todo.changes:
             self._insert_rows(con, "schema_changes", CHANGE_COLUMNS,
                               [self.change_row(c, at) for c in todo.changes], "")

@@ -99,9 +99,10 @@ def row_id(message_id: str) -> str:
 
 def key_ids(ids: list[str]) -> list[str]:
     """The keys a person's `users` and `identities` rows may have: each id's stand-in
-    (row_id), and the id itself unless it holds a NUL, which no key holds (DuckDB kept
-    a long one whole in `identities` before it had a stand-in there)."""
-    return list(dict.fromkeys([*(i for i in ids if "\x00" not in i), *map(row_id, ids)]))
+    (row_id), and the id itself: DuckDB kept a long one, or one holding a NUL, whole in
+    `identities` before it had a stand-in there. (PostgreSQL, which takes no NUL, leaves
+    those out.)"""
+    return list(dict.fromkeys([*ids, *map(row_id, ids)]))
 
 
 def fixed_columns(table: str) -> dict[str, str]:

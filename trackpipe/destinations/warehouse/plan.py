@@ -80,7 +80,7 @@ class Plan(NamedTuple):
     loaded_at: dt.datetime
     changes: list[Change]
     loads: list[TableLoad]
-    rejected: list[RejectedValue]
+    rejected: list[RejectedValue]          # each value; rejected_rows() makes the rows
     identities: list[tuple[str, str, str]]  # (identifier_type, identifier, profile_id)
     failed: dict[int, Outcome]              # batch index -> why that event cannot load
     schema: Schema                          # the known schema once this plan is applied
@@ -160,7 +160,7 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     schema, changes, rejected = dict(known), [], fixed_rejects
     loads = [t.load(schema, changes, rejected) for t in tables.values()]
     ids = [(kind, value, profile) for (kind, value), profile in identities.items()]
-    return Plan(loaded_at, changes, loads, [_one_row(r) for r in rejected.values()], ids,
+    return Plan(loaded_at, changes, loads, [e for es in rejected.values() for e in es], ids,
                 failed, schema, len(batch))
 
 
@@ -414,6 +414,15 @@ def _keep(rejected: dict, entry: RejectedValue) -> None:
     entries = rejected.setdefault(entry[:3], [])
     if entry not in entries:
         entries.append(entry)
+
+
+def rejected_rows(entries: Sequence[RejectedValue]) -> list[RejectedValue]:
+    """The rejected_values rows of rejected values, one per table, column and message
+    (see _one_row); the values of one row in the order given."""
+    by_key: dict[tuple[str, str, str], list[RejectedValue]] = {}
+    for entry in entries:
+        _keep(by_key, entry)
+    return [_one_row(e) for e in by_key.values()]
 
 
 def _one_row(entries: list[RejectedValue]) -> RejectedValue:

@@ -44,8 +44,8 @@ from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import StaleSchema, Warehouse
 from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
 from trackpipe.destinations.warehouse.plan import (
-    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, Schema, TableLoad, check_max_columns,
-    check_max_tables)
+    MAX_COLUMNS, MAX_TABLES, TABLE, Plan, RejectedValue, Schema, TableLoad, check_max_columns,
+    check_max_tables, rejected_rows)
 from trackpipe.destinations.warehouse.schema import BIGINT, BOOLEAN, DOUBLE, TEXT, TIMESTAMP, quote
 from trackpipe.destinations.warehouse.sql import (
     POSTGRES, create_meta, delete_person, insert_from, qualified)
@@ -63,20 +63,28 @@ REJECTED_COLUMNS = [("table_name", TEXT), ("column_name", TEXT), ("message_id", 
                     ("value", TEXT), ("reason", TEXT), ("rejected_at", TIMESTAMP)]
 COPY_TYPES = {BOOLEAN: "bool", BIGINT: "int8", DOUBLE: "float8", TIMESTAMP: "timestamptz",
               TEXT: "text"}
-# column SQL types (format_type's spelling) of some tables of one schema
+# The column SQL types of the tables (and views) of one schema, in format_type's
+# spelling: numeric(12,2), timestamp(3) with time zone, a domain's own name. The cached
+# schema and the types read under the load's locks both come from it, so that a type
+# one read spells otherwise (information_schema calls a domain by its base type, and
+# drops the precision) never looks changed at every attempt.
 COLUMN_TYPES = ("SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)"
                 " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
                 " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = {schema} AND c.relname = ANY({tables})"
+                " WHERE n.nspname = {schema} AND c.relkind IN ('r', 'p', 'v', 'f')"
                 " AND a.attnum > 0 AND NOT a.attisdropped")
-# Whether a text casts to a SQL type: a value the column's type refuses goes to
-# rejected_values instead of failing its event. (PostgreSQL 16 has pg_input_is_valid;
-# a temporary function works on every version and needs no privilege.)
-CASTABLE = """CREATE OR REPLACE FUNCTION pg_temp.trackpipe_castable(value text, sql_type text)
-RETURNS boolean LANGUAGE plpgsql AS $$
+# Whether a text goes into a column of a SQL type as an INSERT would put it there: a
+# value the type refuses goes to rejected_values instead of failing its event. A
+# PL/pgSQL assignment has an INSERT's rules (CAST has not: it cuts a text to
+# varchar(20) silently). (PostgreSQL 16 has pg_input_is_valid; a temporary function
+# works on every version and needs no privilege.)
+FITS = """CREATE OR REPLACE FUNCTION {name}(value text) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('SELECT CAST($1 AS %s)', sql_type) USING value;
-    RETURN true;
+    DECLARE
+        assigned {sql_type} := value;
+    BEGIN
+        RETURN true;
+    END;
 EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
     RETURN false;
 END $$"""
@@ -127,9 +135,8 @@ class PostgresWarehouse(Warehouse):
         conn = await self._connection()
         name = self.settings.schema
         await self._ensure_schema(conn)
-        cur = await conn.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns"
-            " WHERE table_schema = %s ORDER BY table_name, ordinal_position", (name,))
+        cur = await conn.execute(sql.SQL(COLUMN_TYPES + " ORDER BY c.relname, a.attnum").format(
+            schema=sql.Literal(name)))
         schema: Schema = {}
         for table, column, sql_type in await cur.fetchall():
             schema.setdefault(table, {})[column] = self.dialect.logical(sql_type)
@@ -167,13 +174,14 @@ class PostgresWarehouse(Warehouse):
                     for statement, params in self._ddl(self.settings.schema, change,
                                                        todo.loaded_at):
                         await cur.execute(statement, params or None)
+                refused: list[RejectedValue] = []  # values cast by the database, refused
                 for load in todo.loads:
                     casts = self._casts(todo, load, found)
                     if casts:
-                        await self._load_cast(cur, load, casts, todo.loaded_at)
+                        refused += await self._load_cast(cur, load, casts)
                     else:
                         await self._load(cur, load, list(todo.schema[load.table].items()))
-                await self._meta(cur, todo)
+                await self._meta(cur, todo, refused)
         except psycopg.Error as exc:
             if self._refused_data(exc) and not conn.closed:
                 self._stages.clear()  # rolled back, staging tables made in it with it
@@ -196,7 +204,7 @@ class PostgresWarehouse(Warehouse):
             sql.Identifier(self.settings.schema, t),
             sql.SQL("ACCESS EXCLUSIVE" if t in altered else "ROW EXCLUSIVE"))
             for t in tables if t not in created]
-        statements.append(sql.SQL(COLUMN_TYPES).format(
+        statements.append(sql.SQL(COLUMN_TYPES + " AND c.relname = ANY({tables})").format(
             schema=sql.Literal(self.settings.schema), tables=sql.Literal(tables)))
         # no parameters, so one message of several statements; each sees what the locks
         # before it waited for
@@ -245,30 +253,42 @@ class PostgresWarehouse(Warehouse):
                 if column not in ours and column in types
                 and types[column] != self.dialect.sql_type(logical)}
 
-    async def _load_cast(self, cur, load: TableLoad, casts: dict[str, str], at) -> None:
+    async def _load_cast(self, cur, load: TableLoad, casts: dict[str, str]
+                         ) -> list[RejectedValue]:
         """Stage the rows in trackpipe's types, then insert them with each of `casts`
         cast from text by the database. A value its column's type refuses is inserted
-        as NULL and kept in rejected_values, as a value no trackpipe type holds is."""
-        s = self.settings.schema
-        await cur.execute(CASTABLE)
+        as NULL; it is returned, for rejected_values, where it shares the row of the
+        values the plan rejected for the same column of the message (_meta)."""
         stage = await self._stage(cur, load.table + " (cast)", load.columns, load.columns,
                                   load.rows)
-        exprs = {}
+        exprs, refused = {}, []
+        reason = "the column's type is {}, set outside trackpipe, and this value does not" \
+                 " convert to it"
+        if load.table == "users":
+            reason += " (message_id is the users row's id, its userId)"
+        logical = dict(load.columns)
         for column, sql_type in casts.items():
-            text, kind = f"CAST({quote(column)} AS text)", sql.Literal(sql_type).as_string(cur)
-            castable = f"pg_temp.trackpipe_castable({text}, {kind})"
-            exprs[column] = f"CASE WHEN {castable} THEN CAST({text} AS {sql_type}) END"
-            reason = (f"the column's type is {sql_type}, set outside trackpipe, and this value"
-                      " does not convert to it")
-            if load.table == "users":
-                reason += " (message_id is the users row's id, its userId)"
-            await cur.execute(
-                f"INSERT INTO {qualified(s, 'rejected_values')} (table_name, column_name,"
-                f" message_id, value, reason, rejected_at) SELECT %s, %s, \"id\", {text}, %s, %s"
-                f" FROM {stage} WHERE {quote(column)} IS NOT NULL AND NOT {castable}"
-                " ON CONFLICT DO NOTHING", (load.table, column, reason, at))
+            fits = await self._fits(cur, sql_type)
+            # as trackpipe writes it as text: a date-time in UTC (CAST would write it in
+            # the session's time zone, the server's setting, dropped by a timestamp column)
+            text = self.dialect.widen_using(column, logical[column], TEXT)
+            exprs[column] = f"CASE WHEN {fits}({text}) THEN CAST({text} AS {sql_type}) END"
+            await cur.execute(f'SELECT "id", {text} FROM {stage}'
+                              f" WHERE {quote(column)} IS NOT NULL AND NOT {fits}({text})")
+            refused += [RejectedValue(load.table, column, row_id, value,
+                                      reason.format(sql_type))
+                        for row_id, value in await cur.fetchall()]
         names = [c for c, _ in load.columns]
-        await cur.execute(insert_from(s, load.table, stage, names, load.upsert, exprs))
+        await cur.execute(insert_from(self.settings.schema, load.table, stage, names,
+                                      load.upsert, exprs))
+        return refused
+
+    async def _fits(self, cur, sql_type: str) -> str:
+        """The name of a temporary function telling whether a text goes into a column of
+        `sql_type` (FITS), made for this transaction's connection."""
+        name = "pg_temp.trackpipe_fits_" + hashlib.sha1(sql_type.encode()).hexdigest()[:16]
+        await cur.execute(FITS.format(name=name, sql_type=sql_type))
+        return name
 
     async def _load(self, cur, load: TableLoad, table_columns: list[tuple[str, str]]) -> None:
         if not load.upsert and await self._copy_new(cur, load):
@@ -311,7 +331,9 @@ class PostgresWarehouse(Warehouse):
             for row in rows:
                 await copy.write_row(row)
 
-    async def _meta(self, cur, todo: Plan) -> None:
+    async def _meta(self, cur, todo: Plan, refused: list[RejectedValue]) -> None:
+        """Identities, rejected values (a value the database refused first: it is the
+        one loaded, the first the message had for its column) and schema changes."""
         s, at = self.settings.schema, todo.loaded_at
         if todo.identities:
             stage = await self._stage(cur, "identities (meta)", IDENTITY_COLUMNS,
@@ -323,9 +345,10 @@ class PostgresWarehouse(Warehouse):
                 # unchanged mappings are not rewritten: cheaper, and updated_at stays the
                 # time the identifier was last assigned to a (new) person
                 " WHERE identities.profile_id IS DISTINCT FROM EXCLUDED.profile_id")
-        if todo.rejected:
+        if todo.rejected or refused:
+            rows = [(*r, at) for r in rejected_rows([*refused, *todo.rejected])]
             stage = await self._stage(cur, "rejected_values (meta)", REJECTED_COLUMNS,
-                                      REJECTED_COLUMNS, [(*r, at) for r in todo.rejected])
+                                      REJECTED_COLUMNS, rows)
             await cur.execute(f"INSERT INTO {qualified(s, 'rejected_values')}"
                               f" SELECT * FROM {stage} ON CONFLICT DO NOTHING")
         if todo.changes:
@@ -390,14 +413,25 @@ class PostgresWarehouse(Warehouse):
                 self.forget()
         return Outcome("delivered", None, f"deleted {deleted} rows")
 
+    async def _lock_for_delete(self, cur, tables) -> None:
+        """Lock the tables a delete writes first, in the order a load locks them
+        (_lock_columns): deleting table by table in another order, a delete held one
+        that a load altering two tables waited for, while it waited for the other."""
+        if not tables:
+            return
+        await cur.execute(sql.SQL("; ").join(
+            sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(
+                sql.Identifier(self.settings.schema, t)) for t in sorted(tables)),
+            prepare=False)
+
     async def _delete(self, tables, users: list[str], anons: list[str]) -> int:
         conn, s, ids, count = await self._connection(), self.settings.schema, [], 0
         # `users` and `identities` key a long id, or one holding a NUL, by its stand-in.
-        user_keys, anon_keys = key_ids(users), key_ids(anons)
-        # PostgreSQL takes no NUL, and no event row holds an id with one (stored as NULL).
-        users = [u for u in users if "\x00" not in u]
-        anons = [a for a in anons if "\x00" not in a]
+        # PostgreSQL takes no NUL, and no row holds an id with one (an event row, NULL).
+        user_keys, anon_keys = _without_nul(key_ids(users)), _without_nul(key_ids(anons))
+        users, anons = _without_nul(users), _without_nul(anons)
         async with conn.transaction(), conn.cursor() as cur:
+            await self._lock_for_delete(cur, tables)
             for table in (t for t in tables if t != "users"):
                 await cur.execute(delete_person(s, table, "%s::text[]", "%s::text[]"),
                                   (users, anons) * (2 if table == "aliases" else 1))
@@ -414,7 +448,11 @@ class PostgresWarehouse(Warehouse):
             if "users" in tables:
                 statements.append((f"DELETE FROM {qualified(s, 'users')} WHERE id = ANY(%s)",
                                    (user_keys,)))
-            for sql, params in statements:
-                await cur.execute(sql, params)
+            for statement, params in statements:
+                await cur.execute(statement, params)
                 count += cur.rowcount
         return count + len(ids)
+
+
+def _without_nul(ids: list[str]) -> list[str]:
+    return [i for i in ids if "\x00" not in i]
