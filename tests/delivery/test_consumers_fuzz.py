@@ -155,8 +155,8 @@ def test_vendor_translations_take_any_message(messages):
 
     records, updates = [], []
     for i, m in enumerate(messages):
-        event = Event(i, f"m{i}", m, "p1", None, None)
-        skipped = mixpanel.plan(i, m, "token", records, updates)
+        event = Event(i, f"m{i}", m, "p1", None, None, stored_time=1714557600000)
+        skipped = mixpanel.plan(i, event, "token", records, updates)
         assert skipped is None or skipped.state in ("delivered", "failed")
         made = amplitude.amplitude_events(event, "company")
         if isinstance(made, list):

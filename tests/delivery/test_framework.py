@@ -261,3 +261,43 @@ def test_events_carry_the_resolved_profile_id_at_delivery(fresh_server, tmp_path
     carried = {a["id"]: a["profile"] for a in f.attempts()}
     # the oldest identifier's profile id survives the merge, so all three agree
     assert carried == {anonymous: profile_id, "identify-person-1": profile_id, known: profile_id}
+
+
+def test_the_failed_store_is_listed_page_by_page(fresh_server, tmp_path):
+    """It stopped at 1,000 rows, with no way on; now `next` is the `cursor` of the next page."""
+    f = Faulty(tmp_path / "f", "faulty")
+    f.control(fail_status=400)
+    srv = start(fresh_server, tmp_path, [f.table(batch_size=25)])
+    ids = send(srv, 25)
+    wait_for(lambda: api(srv, "/api/v1/destinations/faulty").json()["failed"] == 25,
+             what="25 failed events")
+    seen, query = [], "limit=10"
+    while True:
+        page = api(srv, f"/api/v1/destinations/faulty/failed?{query}").json()
+        seen.append([row["message_id"] for row in page["failed"]])
+        if page["next"] is None:
+            break
+        query = f"limit=10&cursor={page['next']}"
+    assert seen == [ids[:10], ids[10:20], ids[20:]]
+    r = api(srv, "/api/v1/destinations/faulty/failed?after=10")  # not a parameter: said so
+    assert r.status_code == 400 and r.json()["code"] == "invalid_parameter", r.text
+    ledger(srv, f, ids, failed=ids)
+
+
+def test_a_replay_that_could_send_nothing_is_refused_with_why(fresh_server, tmp_path):
+    """Into a disabled destination it answered {"queued": n}, sent nothing, and the queued
+    events held the log; a range whose `since` is past its `until` queued 0 silently."""
+    f, g = Faulty(tmp_path / "f", "faulty"), Faulty(tmp_path / "g", "gee")
+    srv = start(fresh_server, tmp_path, [f.table(), g.table(enabled=False)])
+    f.wait_delivered(send(srv, 3))
+    r = api(srv, "/api/v1/destinations/gee/replay", "POST", json={})
+    assert r.status_code == 409 and r.json()["code"] == "destination_disabled", r.text
+    assert "enabled = true" in r.json()["message"]
+    c = cli(srv, "replay", "--destination", "gee")
+    assert c.returncode == 2 and "'gee' is disabled" in c.stderr, c.stdout + c.stderr
+    assert api(srv, "/api/v1/destinations/gee").json()["pending"] == 0
+
+    r = api(srv, "/api/v1/destinations/faulty/replay", "POST", json={"since": 2000, "until": 1000})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_parameter", r.text
+    c = cli(srv, "replay", "--destination", "faulty", "--since", "2000", "--until", "1000")
+    assert c.returncode == 2 and "must be before `until`" in c.stderr, c.stdout + c.stderr

@@ -152,7 +152,7 @@ def test_the_delivery_state_holds_and_forgets_what_the_retention_asks(tmp_path, 
         for position in (2, 5, 7):
             db.execute("INSERT INTO attempts (destination, position, at, state, attempt)"
                        " VALUES ('b', ?, 0, 'failed', 1)", (position,))
-        state.forget_traces(["a", "b"], [1, 2, 3, 4, 6], below=5)
+        state.forget_traces([1, 2, 3, 4, 6], below=5)
         assert sorted(db.execute("SELECT destination, lo FROM batches")) == [
             ("a", 5), ("b", 1), ("b", 10)]  # a delivered batch holding a kept event stays
         assert sorted(p for (p,) in db.execute("SELECT position FROM attempts")) == [5, 7]
@@ -207,6 +207,86 @@ def test_what_cannot_be_forgotten_now_is_forgotten_after_the_next_prune(tmp_path
         assert not reader.read(0, 10)
     finally:
         retaining.close()
+        reader.close()
+        state.close()
+        writer.close()
+
+
+def _retention_rig(tmp_path, names: list[str], events: int):
+    """A log of `events` old events, a deliveries.db, and settings naming `names`."""
+    from trackpipe.config import Destination, load
+    from trackpipe.delivery.state import DeliveryState
+    from trackpipe.log.base import Record
+    from trackpipe.log.sqlite import SQLiteLog
+
+    writer = SQLiteLog(tmp_path / "log.db")
+    writer.append([Record(f"m{i}", 1, "track", "E", "u", None, "src", b"{}")
+                   for i in range(events)])
+    settings = load(None, {"TRACKPIPE_DEDUP_WINDOW_SECONDS": "1",
+                           "TRACKPIPE_LOG_RETENTION_SECONDS": "1"})
+    settings.destinations = [msgspec.convert({"name": n, "type": "webhook"}, Destination)
+                             for n in names]
+    return writer, SQLiteLog(tmp_path / "log.db", writable=False), \
+        DeliveryState(tmp_path / "deliveries.db"), settings
+
+
+def _prune(tmp_path, settings, state, reader) -> list[int]:
+    """One prune; the positions the log still holds."""
+    from trackpipe.delivery.process import LogRetention
+
+    retaining = LogRetention(tmp_path, settings, state, reader, None)
+    try:
+        retaining.prune(0)
+    finally:
+        retaining.close()
+    return [e.position for e in reader.read(0, 100)]
+
+
+def test_a_held_failure_keeps_only_the_batch_rows_around_it(tmp_path):
+    """One old failed event used to keep every batch row of every destination above it:
+    deliveries.db grew by a row per read for as long as the failure was kept."""
+    writer, reader, state, settings = _retention_rig(tmp_path, ["hook", "other"], 20)
+    try:
+        db = state._db()
+        for name in ("hook", "other"):
+            state.set_cursor(name, 20)
+            for lo in range(1, 21, 2):  # reads of two events each
+                db.execute("INSERT INTO batches (destination, lo, hi, events, at, state)"
+                           " VALUES (?, ?, ?, 2, 0, 'delivered')", (name, lo, lo + 1))
+        db.execute("INSERT INTO failed VALUES ('hook', 3, 'm2', 0, 1, 400, '', 'terminal', 0)")
+        db.execute("INSERT INTO unsent SELECT id, '{\"filter\": [6]}' FROM batches WHERE lo = 5")
+
+        assert _prune(tmp_path, settings, state, reader) == [3]
+        assert sorted(db.execute("SELECT destination, lo, hi FROM batches")) == [
+            ("hook", 3, 4), ("other", 3, 4)]
+        assert db.execute("SELECT count(*) FROM unsent").fetchone() == (0,)
+    finally:
+        reader.close()
+        state.close()
+        writer.close()
+
+
+def test_a_destination_removed_from_the_config_no_longer_holds_the_log(tmp_path, caplog):
+    """Its failures were kept (and its rows) forever, though nothing could replay them or
+    show them; now they go with their events, and the start says so once."""
+    writer, reader, state, settings = _retention_rig(tmp_path, ["kept"], 4)
+    try:
+        db = state._db()
+        state.set_cursor("kept", 4)
+        state.set_cursor("gone", 4)
+        db.executemany("INSERT INTO failed VALUES ('gone', ?, ?, 0, 1, 400, '', 'terminal', 0)",
+                       [(p, f"m{p - 1}") for p in range(1, 5)])
+
+        assert _prune(tmp_path, settings, state, reader) == []
+        assert state.leftovers("gone") == (0, 0)
+
+        from trackpipe.delivery.process import report_removed
+
+        db.execute("INSERT INTO pending VALUES ('gone', 9, NULL, 1, 0, 0, NULL, '', 0)")
+        report_removed(settings, state)
+        assert "destination gone is no longer in the config: its 1 queued and 0 failed" \
+            in caplog.text and "kept" not in caplog.text
+    finally:
         reader.close()
         state.close()
         writer.close()

@@ -26,6 +26,8 @@ from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.privacy.suppress import Watch, id_hash, trait_hash
 from trackpipe.sources.catalog import Catalog
 
+from delivery.views import outcome
+
 
 def in_loop(test):
     @functools.wraps(test)
@@ -328,3 +330,39 @@ async def test_a_suppress_after_an_unsuppress_waits_for_a_send_of_theirs(rig):
     await until(lambda: rig.state.suppression_taken() == ticket)
     stop.set()
     await following
+
+
+@in_loop
+async def test_their_events_show_as_skipped_suppressed_not_as_part_of_a_send(rig):
+    """GET /api/v1/events/{id}/deliveries: a batch's range does not claim their event,
+    which was never sent, and one read on its own is not 'stored before the destination
+    was added'."""
+    dest = Switch()
+    dest.failing = False
+    w = rig.worker(dest, "plain")
+    follower = SuppressionFollower(rig.watch, rig.state, rig.log, [w])
+    rig.suppress(*U_HASHES(rig.key))
+    await follower.follow()
+    before, theirs, after = rig.append([("other", {"userId": "o1"}), ("U", {"userId": "U"}),
+                                        ("other", {"userId": "o2"})])
+    await drain(w)
+    assert dest.sends == [[before, after]]
+    assert outcome(rig.log, rig.state, theirs, w) == ("skipped (suppressed)", [])
+    assert outcome(rig.log, rig.state, after, w) == ("delivered", [("delivered", 1)])
+    [alone] = rig.append([("U", {"anonymousId": "anon-U"})])
+    await drain(w)
+    assert outcome(rig.log, rig.state, alone, w) == ("skipped (suppressed)", [])
+    assert skipped(rig.state, "plain") == 2
+
+
+@in_loop
+async def test_a_retrying_event_purged_by_a_suppress_shows_skipped_with_its_attempt(rig):
+    dest = Switch()  # 503s: the event waits for a retry
+    w = rig.worker(dest, "plain", retry_initial_seconds=60)
+    follower = SuppressionFollower(rig.watch, rig.state, rig.log, [w])
+    [theirs] = rig.append([("U", {"userId": "U"})])
+    await w.step()
+    assert outcome(rig.log, rig.state, theirs, w) == ("retrying", [("retry", 1)])
+    rig.suppress(*U_HASHES(rig.key))
+    await follower.follow()
+    assert outcome(rig.log, rig.state, theirs, w) == ("skipped (suppressed)", [("retry", 1)])

@@ -23,9 +23,11 @@ from trackpipe import config
 from trackpipe.delivery import replay as replays
 from trackpipe.delivery.state import DeliveryState, Sent
 from trackpipe.delivery.worker import DestinationWorker, user_key
-from trackpipe.destinations.base import DELIVERED, Destination, classify_http, retry
+from trackpipe.destinations.base import DELIVERED, Destination, classify_http, fail, retry
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
+
+from delivery.views import deliveries, outcome
 
 
 def in_loop(test):
@@ -676,3 +678,95 @@ def test_a_delete_never_runs_between_identitys_read_and_its_apply(files, monkeyp
     finally:
         identity.pool.shutdown(wait=True)
     assert order[:2] == ["apply", "delete"], order
+
+
+# -- what GET /api/v1/events/{messageId}/deliveries shows --------------------------------
+
+
+@in_loop
+async def test_a_held_event_shows_no_attempt_until_it_goes_and_then_exactly_one(files):
+    """A fresh batch's row covers the events held back for per-user ordering too; it must
+    not claim them (a phantom attempt 1, then two 'delivered' attempts once sent)."""
+    _, event_log, state = files
+    [a1] = append(event_log, ["a"])
+    dest = Scripted(retry_ids={a1})
+    w = worker(state, event_log, dest, ordered=True, batch_size=10, retry_initial_seconds=60)
+    await w.step()  # a1 fails retryably: user a now waits
+    a2, b1 = append(event_log, ["a", "b"])
+    await w.step()  # b1 goes; a2 is held behind a1
+    assert dest.sends[-1] == [b1]
+    assert outcome(event_log, state, a2, w) == ("queued", [])
+    assert outcome(event_log, state, b1, w) == ("delivered", [("delivered", 1)])
+
+    dest.retry_ids.clear()
+    come_due(state)
+    await drain(w)
+    assert dest.delivered()[a2] == 1
+    assert outcome(event_log, state, a2, w) == ("delivered", [("delivered", 1)])
+    assert outcome(event_log, state, a1, w) == ("delivered", [("retry", 1), ("delivered", 2)])
+
+
+@in_loop
+async def test_a_filter_added_later_does_not_rewrite_what_was_delivered(files):
+    _, event_log, state = files
+    sent = append(event_log, ["a", "b"])
+    await drain(worker(state, event_log, Scripted()))
+    deny_tracks = msgspec.convert({"mode": "deny", "types": ["track"]}, config.Filter)
+    filtered = worker(state, event_log, Scripted(), filter=deny_tracks)
+    [later] = append(event_log, ["c"])
+    await drain(filtered)
+    assert outcome(event_log, state, sent[0], filtered) == ("delivered", [("delivered", 1)])
+    assert outcome(event_log, state, later, filtered) == ("skipped (filter)", [])
+
+
+class FailsFirst(Scripted):
+    """Refuses the first send for good (400), delivers every later one."""
+
+    async def send(self, batch):
+        self.sends.append([e.message_id for e in batch])
+        return [fail(400, "bad") if len(self.sends) == 1 else DELIVERED for _ in batch]
+
+
+@in_loop
+async def test_every_stored_copy_of_a_message_id_shows_its_own_deliveries(files):
+    """Past the dedup window a messageId is stored again: the first copy failed, the
+    second was delivered; the answer lists both (the top level stays the newest)."""
+    _, event_log, state = files
+    [mid] = append(event_log, ["a"])
+    [copy] = event_log.get([1])
+    event_log.append([Record(mid, 1_700_000_100_000, "track", "Tested", "a", None, "src",
+                             copy.body)])
+    w = worker(state, event_log, FailsFirst(), batch_size=1)
+    await drain(w)
+    answer = deliveries(event_log, state, mid, w)
+    assert [(c["position"], c["deliveries"][0]["state"]) for c in answer["copies"]] == [
+        (1, "failed"), (2, "delivered")]
+    assert answer["position"] == 2 and answer["deliveries"][0]["state"] == "delivered"
+
+
+@in_loop
+async def test_a_replay_reaches_a_destination_that_has_not_started_yet(files):
+    """Added to the config but not started (no cursor): the replay queues up to the log's
+    head; once it starts (at the head) it sends them, each once."""
+    _, event_log, state = files
+    ids = append(event_log, ["a", "b", "c"])
+    dest = Scripted()
+    w = worker(state, event_log, dest)
+    assert replays.replay(event_log, state, w.cfg) == 3
+    state.set_cursor(w.name, event_log.head())  # what the consumers process does at start
+    await drain(w)
+    assert dest.delivered() == Counter(ids)
+
+
+def test_a_replay_into_a_disabled_destination_or_an_empty_range_is_refused(files):
+    _, event_log, state = files
+    append(event_log, ["a"])
+    disabled = config.Destination(name="off", type="scripted", enabled=False)
+    with pytest.raises(replays.ReplayRefused) as refused:
+        replays.replay(event_log, state, disabled)
+    assert refused.value.status == 409 and "enabled = true" in refused.value.message
+    with pytest.raises(replays.ReplayRefused) as refused:
+        replays.replay(event_log, state, config.Destination(name="on", type="scripted"),
+                       since=2_000, until=1_000)
+    assert refused.value.status == 400 and "must be before `until`" in refused.value.message
+    assert state.pending_after("off", 0, 10) == [] == state.pending_after("on", 0, 10)

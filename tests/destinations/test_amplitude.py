@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import uuid
 
 import pytest
+from support import wait_for, write_config
 
 from trackpipe import config
 from trackpipe.destinations.base import DestinationError, Event
+from trackpipe.dsn import MASK
 from trackpipe.destinations.build import build_destination, masked
 from trackpipe.errors import ConfigError
 
@@ -30,10 +35,11 @@ def cfg(mock, **settings) -> config.Destination:
         "api_key": "key-1", "api_url": mock.url, "allow_private_targets": True, **settings})
 
 
-def send(mock, messages: list[dict], options: dict | None = None, **settings):
+def send(mock, messages: list[dict], options: dict | None = None,
+         stored_time: int | None = None, **settings):
     dest = build_destination(cfg(mock, **settings))
-    batch = [Event(k, m.get("messageId", f"m{k}"), m, None, options, None)
-             for k, m in enumerate(messages)]
+    batch = [Event(k, m.get("messageId", f"m{k}"), m, None, options, None,
+                   stored_time=stored_time) for k, m in enumerate(messages)]
 
     async def go():
         await dest.start()
@@ -115,11 +121,10 @@ def test_alias_is_not_sent(mock):
 
 
 def test_invalid_events_fail_and_the_rest_are_resent(mock):
-    bad = track(mid="m-2")
-    bad["properties"]["quantity"] = "two"  # Amplitude wants an integer
+    bad = track(mid="m-2", event="")  # Amplitude wants a non-empty event_type
     outcomes = send(mock, [track(mid="m-1"), bad, track(mid="m-3")])
     assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
-    assert "invalid field 'quantity'" in outcomes[1].detail
+    assert "missing field 'event_type'" in outcomes[1].detail
     assert len(mock.requests) == 2  # the refused request, then the others again
     assert mock.received() == ["m-1", "m-3"]
 
@@ -166,3 +171,84 @@ def test_bad_settings_are_config_errors(mock, settings, message):
 
 def test_api_key_is_masked(mock):
     assert masked(cfg(mock))["api_key"] == "********"
+
+
+def test_the_event_time_is_the_messages_even_at_0_else_the_stored_one(mock):
+    """`timestamp or now` sent 1970-01-01T00:00:00Z as the time of sending, and a message
+    an action built without `timestamp` with a new time on every attempt."""
+    untimed = track(mid="m-2")
+    del untimed["timestamp"]
+    send(mock, [track(mid="m-1", timestamp="1970-01-01T00:00:00Z"), untimed],
+         stored_time=TS_MS)
+    assert [e["time"] for e in mock.accepted] == [0, TS_MS]
+
+
+def revenue_event(mid: str, **properties) -> dict:
+    return {"type": "track", "event": "Product Added", "messageId": mid, "userId": "u1",
+            "timestamp": TS, "properties": {"product_id": "p1", **properties}}
+
+
+def test_revenue_fields_of_the_wrong_type_stay_event_properties(mock):
+    """quantity 0.5 or price "abc" at the top level would make Amplitude refuse the event."""
+    messages = [revenue_event("q-half", price=12.0, quantity=0.5),
+                revenue_event("q-2.0", price=12.0, quantity=2.0),
+                revenue_event("rev-str", revenue="19.99", price="cheap", quantity="2"),
+                revenue_event("id-num", product_id=123, revenue=True)]
+    outcomes = send(mock, messages)
+    assert [o.state for o in outcomes] == ["delivered"] * 4, outcomes
+    half, whole, text, number = mock.accepted
+    assert "quantity" not in half and half["event_properties"]["quantity"] == 0.5
+    assert whole["quantity"] == 2 and type(whole["quantity"]) is int
+    assert text["revenue"] == 19.99 and "price" not in text and "quantity" not in text
+    assert text["event_properties"]["price"] == "cheap"
+    assert number["productId"] == "123" and "revenue" not in number
+
+
+@pytest.mark.parametrize("odd", [{"type": {"v": 1}}, {"event": {"name": "x"}},
+                                 {"userId": {"id": 7}}, {"anonymousId": [1]},
+                                 {"messageId": False}])
+def test_a_mapped_field_of_the_wrong_type_fails_that_event_alone(mock, odd):
+    """Sent on, an object id reached Amplitude as a Python repr ("{'id': 7}")."""
+    outcomes = send(mock, [track(mid="m-1"), track(mid="m-2", **odd), track(mid="m-3")])
+    assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
+    assert f"`{next(iter(odd))}`" in outcomes[1].detail
+    assert mock.received() == ["m-1", "m-3"]
+
+
+# A real key of another project (an EU key sent to the US host): Amplitude answers
+# 400 "Invalid API key: <the key>", and that answer is an outcome's detail.
+LEAKED_KEY = "eu-project-REAL-api-key-7f3a9c"
+
+
+def test_an_echoed_api_key_is_masked_in_the_failed_store_api_and_log(mock, fresh_server,
+                                                                      tmp_path):
+    table = {"name": "amp", "type": "amplitude", "settings": {
+        "api_key": LEAKED_KEY, "api_url": mock.url, "allow_private_targets": True}}
+    path = write_config(tmp_path / "t.toml", [table], identity={"enabled": False})
+    srv = fresh_server(config=path).start()
+    wait_for(lambda: b"consumers ready" in srv.log_path.read_bytes(), 20,
+             what="the destinations to start")
+    mid = uuid.uuid4().hex
+    assert srv.post("/v1/batch", {"batch": [
+        {"type": "track", "event": "E", "userId": "user-1", "messageId": mid}]}).status_code == 200
+    with srv.admin() as c:
+        failed = wait_for(lambda: (f := c.get("/api/v1/destinations/amp/failed").json()["failed"])
+                          and f, 30, what="the event in the failed store")
+        summary = c.get("/api/v1/destinations/amp").json()
+    assert [f["message_id"] for f in failed] == [mid]
+    assert failed[0]["detail"] == f'{{"code": 400, "error": "Invalid API key: {MASK}"}}'
+    assert summary["last_error"]["detail"] == failed[0]["detail"]
+    wait_for(lambda: mid.encode() in srv.log_path.read_bytes(), 10, what="the log line")
+    assert LEAKED_KEY not in json.dumps(summary) + srv.log_path.read_text(errors="replace")
+
+
+def test_trackpipe_check_masks_an_echoed_api_key(mock, tmp_path):
+    path = write_config(tmp_path / "t.toml", [{"name": "amp", "type": "amplitude", "settings": {
+        "api_key": LEAKED_KEY, "api_url": mock.url, "allow_private_targets": True}}])
+    r = subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(path),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"FAIL  amp (amplitude): Amplitude answered 400: {{\"code\": 400, \"error\":" \
+           f" \"Invalid API key: {MASK}\"}}. Check api_key" in r.stderr, r.stderr
+    assert LEAKED_KEY not in r.stdout + r.stderr

@@ -103,6 +103,17 @@ def test_chunks_respect_count_and_size():
     assert [len(r) for r in chunk_by_size([b"x" * 50, b"y"], 100, 25)] == [1, 1]
 
 
+@pytest.mark.parametrize("odd", [{"type": {"v": 1}}, {"type": "purchase"}, {"type": None},
+                                 {"event": ["x"]}, {"userId": {"id": 7}}, {"groupId": True}])
+def test_a_mapped_field_of_the_wrong_type_fails_that_event_alone(mock, odd):
+    """The receiver drops such a message (a trackpipe) or refuses the whole request for it
+    (Customer.io's strict mode, the mock): it fails here, and the others go."""
+    outcomes = send(mock.url, [stored("m-1"), stored("m-2", **odd), stored("m-3")])
+    assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
+    assert f"`{next(iter(odd))}`" in outcomes[1].detail
+    assert mock.received() == ["m-1", "m-3"] and len(mock.requests) == 1
+
+
 def test_failures_are_classified(mock):
     mock.break_()
     assert send(mock.url, [stored("m-1")])[0].state == "retry"

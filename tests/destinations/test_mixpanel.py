@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 
 import pytest
 
@@ -31,10 +32,11 @@ def cfg(mock, **settings) -> config.Destination:
         "project_token": "tok", "api_url": mock.url, "allow_private_targets": True, **settings})
 
 
-def send(mock, messages: list[dict], options: dict | None = None, **settings):
+def send(mock, messages: list[dict], options: dict | None = None,
+         stored_time: int | None = None, **settings):
     dest = build_destination(cfg(mock, **settings))
-    batch = [Event(k, m.get("messageId", f"m{k}"), m, None, options, None)
-             for k, m in enumerate(messages)]
+    batch = [Event(k, m.get("messageId", f"m{k}"), m, None, options, None,
+                   stored_time=stored_time) for k, m in enumerate(messages)]
 
     async def go():
         await dest.start()
@@ -138,6 +140,38 @@ def test_group_and_alias_are_not_sent(mock):
 def test_an_unknown_message_shape_fails_with_a_hint(mock):
     [outcome] = send(mock, [{"order": 1}])
     assert outcome.state == "failed" and "map `type`" in outcome.detail
+
+
+def test_a_1970_timestamp_is_sent_as_it_is_and_fails_with_mixpanels_reason(mock):
+    """Epoch 0 is falsy: it used to be replaced by the time of sending."""
+    [outcome] = send(mock, [track(timestamp="1970-01-01T00:00:00Z")], stored_time=TS_MS)
+    assert outcome.state == "failed" and "before 1971" in outcome.detail
+    [req] = mock.requests
+    assert json.loads(req.body)[0]["properties"]["time"] == 0 and mock.accepted == []
+
+
+def test_a_message_without_timestamp_is_sent_with_its_stored_time_on_every_attempt(mock):
+    """A mapping that leaves `timestamp` out: Mixpanel deduplicates on (event, distinct_id,
+    time, $insert_id), so a time taken when sending would double every retried event."""
+    message = track()
+    del message["timestamp"]
+    for _ in range(2):  # a retry
+        [outcome] = send(mock, [message], stored_time=TS_MS)
+        assert outcome.state == "delivered"
+    assert [r["properties"]["time"] for r in mock.accepted] == [TS_MS, TS_MS]
+
+
+@pytest.mark.parametrize("odd", [{"type": {"v": 1}}, {"type": ["track"]}, {"type": None},
+                                 {"event": {"name": "x"}}, {"userId": {"id": 7}},
+                                 {"anonymousId": ["a"]}, {"messageId": True}])
+def test_a_mapped_field_of_the_wrong_type_fails_that_event_alone(mock, odd):
+    """An action's mapping can put any JSON value anywhere; an object `type` used to raise
+    (unhashable), which retried the whole batch for hours and sent nothing."""
+    outcomes = send(mock, [track(mid="m-1"), track(mid="m-2", **odd), track(mid="m-3")])
+    assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
+    field = next(iter(odd))
+    assert f"`{field}`" in outcomes[1].detail and "map `" in outcomes[1].detail
+    assert mock.received() == ["m-1", "m-3"]
 
 
 def test_failed_records_fail_only_those_events(mock):

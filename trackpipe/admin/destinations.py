@@ -9,8 +9,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from trackpipe.admin.common import error, int_param, json_body, json_response, time_param
-from trackpipe.delivery.replay import replay
+from trackpipe.admin.common import (cursor_param, error, int_param, json_body, json_response,
+                                    time_param)
+from trackpipe.delivery.replay import ReplayRefused, replay
 from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.destinations.build import masked
 from trackpipe.events import format_ts
@@ -78,11 +79,19 @@ class DestinationsAPI:
         cfg = self._cfg(request)
         if isinstance(cfg, Response):
             return cfg
-        limit = int_param(request.query_params, "limit", 100, 1, 1000)
-        rows = await run_in_threadpool(self.p.deliveries.failed, cfg.name, limit)
-        for row in rows:
+        q = request.query_params
+        if set(q) - {"limit", "cursor"}:
+            return error(400, "invalid_parameter", "The failed store is listed by position with"
+                         " `limit` (1 to 1000) and `cursor` (the `next` of the previous page);"
+                         f" got {sorted(set(q) - {'limit', 'cursor'})}.")
+        limit = int_param(q, "limit", 100, 1, 1000)
+        rows = await run_in_threadpool(self.p.deliveries.failed, cfg.name, limit + 1,
+                                       cursor_param(q) or 0)
+        page, more = rows[:limit], len(rows) > limit
+        for row in page:
             row["failed_at"] = format_ts(row["failed_at"])
-        return json_response({"failed": rows})
+        return json_response({"failed": page,
+                              "next": str(page[-1]["position"]) if more else None})
 
     async def replay(self, request: Request) -> Response:
         cfg = self._cfg(request)
@@ -102,8 +111,11 @@ class DestinationsAPI:
         failed_only = body.get("failed_only", False)
         if not isinstance(failed_only, bool):
             return error(400, "invalid_parameter", "`failed_only` must be true or false.")
-        queued = await run_in_threadpool(replay, self.p.log, self.p.deliveries, cfg,
-                                         failed_only=failed_only, **times)
+        try:
+            queued = await run_in_threadpool(replay, self.p.log, self.p.deliveries, cfg,
+                                             failed_only=failed_only, **times)
+        except ReplayRefused as refused:
+            return error(refused.status, refused.code, refused.message)
         return json_response({"destination": cfg.name, "queued": queued})
 
     async def deliveries(self, request: Request) -> Response:
@@ -115,29 +127,34 @@ class DestinationsAPI:
         return json_response(answer)
 
     def _deliveries(self, message_id: str) -> dict | None:
+        """Every stored copy of the message (one past the dedup window is stored again),
+        oldest first; the top level repeats the newest, as before copies were listed."""
         positions = self.p.lookup.positions(message_id)
-        entries = [e for e in self.p.log.get(positions) if e.message_id == message_id]
+        entries = sorted((e for e in self.p.log.get(positions) if e.message_id == message_id),
+                         key=lambda e: e.position)
         if not entries:
             return None
-        entry = entries[-1]
-        message = msgspec.json.decode(entry.body)
-        attempts = self.p.deliveries.attempts_for(entry.position)
+        copies = [{"position": e.position, "receivedAt": format_ts(e.received_at),
+                   "deliveries": self._copy_deliveries(e)} for e in entries]
+        newest = copies[-1]
+        return {"messageId": message_id, "position": newest["position"],
+                "deliveries": newest["deliveries"], "copies": copies}
+
+    def _copy_deliveries(self, entry) -> list[dict]:
+        """Per destination, what the records say became of this stored event. Only with no
+        record at all (it was stored before the destination was added) does routing say."""
         out = []
         for cfg in self.p.settings.destinations:
-            routed = Router(cfg).route(message)
-            tries = attempts.get(cfg.name, [])
+            state, tries = self.p.deliveries.history(cfg.name, entry.position)
             for t in tries:
                 t["at"] = format_ts(t["at"])
-            state = self.p.deliveries.where_is(cfg.name, entry.position)
-            if state == "done" and isinstance(routed, Skipped):
-                # A batch row spans the skipped events between the sent ones; never sent.
-                state, tries = f"skipped ({routed.reason})", []
-            elif state == "done":
-                state = tries[-1]["state"] if tries else (
-                    "not sent (stored before the destination was added)")
+            if state is None:
+                routed = Router(cfg).route(msgspec.json.decode(entry.body))
+                state = (f"skipped ({routed.reason})" if isinstance(routed, Skipped)
+                         else "not sent (stored before the destination was added)")
             out.append({"destination": cfg.name, "type": cfg.type, "state": state,
                         "attempts": tries})
-        return {"messageId": message_id, "position": entry.position, "deliveries": out}
+        return out
 
     def _cfg(self, request: Request):
         name = request.path_params["name"]

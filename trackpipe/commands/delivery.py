@@ -91,7 +91,7 @@ def _list(p, settings, as_json: bool) -> int:
 
 def _replay(p, settings, args) -> int:
     from trackpipe.admin.common import time_param
-    from trackpipe.delivery.replay import replay
+    from trackpipe.delivery.replay import ReplayRefused, replay
 
     cfg = next((d for d in settings.destinations if d.name == args.destination), None)
     if cfg is None:
@@ -104,7 +104,10 @@ def _replay(p, settings, args) -> int:
                  if getattr(args, k) is not None}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)
+    try:
+        queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)
+    except ReplayRefused as refused:
+        raise ConfigError(refused.message) from None  # exit status 2, the message on stderr
     print(f"queued {queued} events for {cfg.name}")
     return 0
 
@@ -129,12 +132,13 @@ async def _check_all(settings) -> int:
             await dest.start()
             what = await dest.check()
             print(f"  ok    {cfg.name} ({cfg.type}): {what}")
-        except DestinationError as exc:
+        except DestinationError as exc:  # its text may quote the tool, which may echo a secret
             failures += 1
-            print(f"  FAIL  {cfg.name} ({cfg.type}): {exc}", file=sys.stderr)
+            print(f"  FAIL  {cfg.name} ({cfg.type}): {dest.scrub(str(exc))}", file=sys.stderr)
         except Exception as exc:
             failures += 1
-            print(f"  FAIL  {cfg.name} ({cfg.type}): {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"  FAIL  {cfg.name} ({cfg.type}): {type(exc).__name__}:"
+                  f" {dest.scrub(str(exc))}", file=sys.stderr)
         finally:
             try:
                 await dest.close()

@@ -328,7 +328,9 @@ class LogRetention:
         self.state.make_durable()
         if self.identity is not None:
             self.identity.store.make_durable()
-        holders = self.state.known_destinations()
+        # Only a configured destination holds the log (disabled too: its failures stay
+        # replayable); a removed one's leftovers go with their events (report_removed).
+        holders = [d.name for d in self.settings.destinations]
         seconds = self.settings.log.retention_seconds
 
         def deleted(gone: list[tuple[int, str]], below: int) -> None:
@@ -341,13 +343,13 @@ class LogRetention:
                 older_than=int(time.time() * 1000) - seconds * 1000,
                 held=lambda lo, hi: self.state.held(holders, lo, hi), forget=deleted)
         finally:
-            self.forget(holders)
+            self.forget()
         if pruned.events or pruned.discards or pruned.repeats:
             log.info("retention: deleted %d events, %d discards and %d repeat records older"
                      " than %d s", pruned.events, pruned.discards, pruned.repeats, seconds)
         return pruned
 
-    def forget(self, holders: list[str]) -> None:
+    def forget(self) -> None:
         """What refers to the deleted events goes with them: delivery traces and dedup index
         entries, once a prune (sorted and many at a time, for the index's random keys).
         What fails is tried again after the next prune; left for good it only takes space."""
@@ -355,7 +357,7 @@ class LogRetention:
         if not gone:
             return
         try:
-            self.state.forget_traces(holders, [position for position, _ in gone], self._below)
+            self.state.forget_traces([position for position, _ in gone], self._below)
             self.index.forget(gone)
             self._unforgotten = []
         except Exception:
@@ -396,6 +398,24 @@ def environmental(exc: BaseException) -> bool:
             or sqlstate in _PG_SERVER_FAULTS)
 
 
+def report_removed(settings: config.Settings, state: DeliveryState) -> None:
+    """Say once, at start, what a destination no longer in the config left queued or
+    failed: nothing sends it, and it no longer holds the log (the retention, when on,
+    deletes those events and their rows like any others). Put back in the config, it
+    resumes where it stopped and can replay what is left."""
+    configured = {d.name for d in settings.destinations}
+    for name in state.known_destinations():
+        if name in configured:
+            continue
+        pending, failed = state.leftovers(name)
+        if pending or failed:
+            log.warning("destination %s is no longer in the config: its %d queued and %d failed"
+                        " events are not sent and no longer hold the log%s; add it back to"
+                        " deliver or replay them", name, pending, failed,
+                        " (the retention deletes them with their events)"
+                        if settings.log.retention_seconds else "")
+
+
 def worker_for(cfg: config.Destination, destination, event_log: SQLiteLog,
                state: DeliveryState, identity: IdentityConsumer | None,
                suppressions: Watch | None = None) -> DestinationWorker:
@@ -417,6 +437,7 @@ async def run(settings: config.Settings) -> None:
 
     tasks = []
     identity = None
+    report_removed(settings, state)
     if settings.identity.enabled:
         from trackpipe.identity.store import open_store
         identity = IdentityConsumer(open_store(settings.identity, data), event_log)

@@ -7,11 +7,15 @@ of every attempt. Every outcome of a send and the cursor move commit in ONE
 transaction, so a crash can only repeat a delivery, never lose one.
 
 Tracing every attempt per event would cost a row per delivered event; instead a
-fresh batch (a run of log positions read past the cursor) is recorded as one
-`batches` row covering [lo, hi] when all its events got the same outcome, and
+fresh read (a run of log positions past the cursor) is recorded as one
+`batches` row covering [lo, hi] when all its sent events got the same outcome, and
 per-event `attempts` rows are written only for retries, replays and mixed
-outcomes. The batch row is written before the send (state 'sending'), so after
-a crash the same range is re-sent as the same batch (same webhook-id).
+outcomes. The events of the range that were not in the send (skipped by routing,
+suppressed, held back for per-user ordering) are listed beside it (`unsent`), so
+the range never claims them; a queued event removed without a send leaves a `drops`
+row. A read that sends nothing leaves a row too (state 'skipped'). The batch row is
+written before the send (state 'sending'), so after a crash the same range is
+re-sent as the same batch (same webhook-id).
 
 synchronous=NORMAL: a power loss can only roll back the newest transactions
 whole, which re-delivers (at least once), never skips.
@@ -19,6 +23,7 @@ whole, which re-delivers (at least once), never skips.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import sqlite3
@@ -47,12 +52,23 @@ CREATE TABLE IF NOT EXISTS batches (
     hi          INTEGER NOT NULL,
     events      INTEGER NOT NULL,
     at          INTEGER NOT NULL,
-    state       TEXT NOT NULL,           -- sending | delivered | retry | failed | mixed
+    state       TEXT NOT NULL,           -- sending | delivered | retry | failed | mixed | skipped
     status      INTEGER,
     duration_ms REAL,
     detail      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS batches_by_range ON batches (destination, hi);
+CREATE TABLE IF NOT EXISTS unsent (
+    batch       INTEGER PRIMARY KEY,     -- batches.id; no row: every event of its range was sent
+    positions   TEXT NOT NULL            -- {reason: [positions]} of its range not in its send
+);
+CREATE TABLE IF NOT EXISTS drops (
+    destination TEXT NOT NULL,           -- a queued event removed without a send
+    position    INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    reason      TEXT NOT NULL            -- suppressed | deleted | a routing reason
+);
+CREATE INDEX IF NOT EXISTS drops_by_position ON drops (position);
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
     destination TEXT NOT NULL,
@@ -115,8 +131,24 @@ CREATE TABLE IF NOT EXISTS last_errors (
 """
 
 
+HELD = "held"  # in `unsent`: held back for per-user ordering; its own attempts follow
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _set_unsent(db: sqlite3.Connection, batch_id: int,
+                skipped: dict[str, Sequence[int]] | None,
+                held: Sequence[tuple[int, str, int]]) -> None:
+    """Record what of a batch's range did not go in its send, and why (nothing when all
+    went: the usual batch costs no statement here)."""
+    unsent = {reason: list(positions) for reason, positions in (skipped or {}).items()
+              if positions}
+    if held:
+        unsent[HELD] = [p for p, _, _ in held]
+    if unsent:
+        db.execute("INSERT OR REPLACE INTO unsent VALUES (?, ?)", (batch_id, json.dumps(unsent)))
 
 
 class Sent(NamedTuple):
@@ -267,11 +299,11 @@ class DeliveryState:
 
     def record(self, destination: str, sent: Sequence[Sent], *, duration_ms: float,
                policy, batch_id: int | None = None, cursor: int | None = None,
-               skipped: dict[str, int] | None = None,
+               skipped: dict[str, Sequence[int]] | None = None,
                held: Sequence[tuple[int, str, int]] = (),
                keep_requests: bool = False) -> list[Sent]:
-        """Commit the outcome of one send (and, for a fresh batch, the cursor move and the
-        events it held back for per-user ordering).
+        """Commit the outcome of one send (and, for a fresh batch, the cursor move, the
+        positions it skipped, by reason, and the events it held back for per-user ordering).
 
         An event a privacy delete erased while it was being sent leaves no row (it is
         counted as skipped:deleted), and no detail of this send is kept: the
@@ -287,15 +319,18 @@ class DeliveryState:
                 if held or not uniform or states - {"delivered"} else set()
             rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased,
                             keep_requests)
-            for reason, n in (skipped or {}).items():
-                rows.counts[f"skipped:{reason}"] = rows.counts.get(f"skipped:{reason}", 0) + n
+            for reason, positions in (skipped or {}).items():
+                rows.counts[f"skipped:{reason}"] = (rows.counts.get(f"skipped:{reason}", 0)
+                                                    + len(positions))
             if batch_id is not None:
                 first = sent[0].outcome if sent else Outcome("delivered")
                 state = first.state if uniform else "mixed"
+                # hi: a resent batch cut short (routing changed) covers only what it read.
                 db.execute("UPDATE batches SET state = ?, status = ?, duration_ms = ?, detail = ?,"
-                           " at = ? WHERE id = ?",
+                           " at = ?, hi = min(hi, coalesce(?, hi)) WHERE id = ?",
                            (state, first.status if uniform else None, duration_ms,
-                            rows.detail(first.detail) if uniform else "", at, batch_id))
+                            rows.detail(first.detail) if uniform else "", at, cursor, batch_id))
+                _set_unsent(db, batch_id, skipped, held)
             # Statements per batch, not per event (executemany): each call into SQLite hands
             # the GIL back, and beside a busy identity thread winning it back can take 5 ms
             # (bench/gil_convoy.py); recording a failed batch of 5000 took 6-8 s that way.
@@ -330,24 +365,49 @@ class DeliveryState:
             (json.dumps(sorted(wanted)),)).fetchall()}
         return wanted - found
 
-    def skip(self, destination: str, cursor: int, skipped: dict[str, int],
-             dropped: Iterable[tuple[int]] = (), held: Sequence[tuple[int, str, int]] = (),
-             batch_id: int | None = None) -> None:
-        """Move the cursor past events that were all routed elsewhere or held back (or drop
-        pending retries that the current routing no longer sends: `dropped` positions).
+    def skip(self, destination: str, lo: int, cursor: int, skipped: dict[str, Sequence[int]],
+             held: Sequence[tuple[int, str, int]] = (), batch_id: int | None = None) -> None:
+        """Move the cursor past the read [lo, cursor], whose events were all routed elsewhere
+        (`skipped`: positions by reason) or held back; recorded as a 'skipped' batch row.
         `batch_id`: an unfinished batch that turned out to have nothing left to send."""
+        at = now_ms()
         db = self._db()
         with immediate(db):
             erased = self._erased([p for p, _, _ in held])
-            self._count(db, destination, {f"skipped:{r}": n for r, n in skipped.items()})
-            self._hold(db, destination, [h for h in held if h[0] not in erased], now_ms())
+            self._count(db, destination, {f"skipped:{r}": len(ps) for r, ps in skipped.items()})
+            self._hold(db, destination, [h for h in held if h[0] not in erased], at)
             if batch_id is not None:
-                db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            _delete_pending(db, destination, [p for (p,) in dropped])
-            if cursor:
-                db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
-                           " DO UPDATE SET position = max(position, excluded.position)",
-                           (destination, cursor))
+                db.execute("UPDATE batches SET state = 'skipped', events = 0, at = ?,"
+                           " hi = min(hi, ?) WHERE id = ?", (at, cursor, batch_id))
+            else:
+                batch_id = db.execute("INSERT INTO batches (destination, lo, hi, events, at, state)"
+                                      " VALUES (?, ?, ?, 0, ?, 'skipped')",
+                                      (destination, lo, cursor, at)).lastrowid
+            _set_unsent(db, batch_id, skipped, held)
+            db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (destination)"
+                       " DO UPDATE SET position = max(position, excluded.position)",
+                       (destination, cursor))
+
+    def drop(self, destination: str, dropped: dict[str, Sequence[int]]) -> None:
+        """Remove queued events that will not be sent (positions by reason: deleted from
+        the log, or no longer routed here), counted as skipped and recorded as drops."""
+        db = self._db()
+        with immediate(db):
+            for reason, positions in dropped.items():
+                removed = self._remove_pending(db, destination, positions, reason)
+                self._count(db, destination, {f"skipped:{reason}": len(removed)})
+
+    @staticmethod
+    def _remove_pending(db: sqlite3.Connection, destination: str, positions: Sequence[int],
+                        reason: str) -> list[int]:
+        """Delete these pending rows; each one deleted leaves a `drops` row saying why."""
+        removed = [p for (p,) in db.execute(
+            "DELETE FROM pending WHERE destination = ? AND position IN"
+            " (SELECT value FROM json_each(?)) RETURNING position",
+            (destination, json.dumps(list(positions)))).fetchall()]
+        at = now_ms()
+        _insert(db, "INSERT INTO drops VALUES", [(destination, p, at, reason) for p in removed])
+        return removed
 
     @staticmethod
     def _hold(db: sqlite3.Connection, destination: str,
@@ -491,9 +551,7 @@ class DeliveryState:
                            " AND position IN (SELECT value FROM json_each(?))",
                            (now_ms() + 1000, destination, json.dumps(list(positions))))
                 return 0
-            n = db.execute("DELETE FROM pending WHERE destination = ? AND position IN"
-                           " (SELECT value FROM json_each(?))",
-                           (destination, json.dumps(list(positions)))).rowcount
+            n = len(self._remove_pending(db, destination, positions, "suppressed"))
             self._count(db, destination, {"skipped:suppressed": n})
         return n
 
@@ -545,6 +603,7 @@ class DeliveryState:
             n = db.executemany("DELETE FROM pending WHERE position = ?", rows).rowcount
             db.executemany("DELETE FROM failed WHERE position = ?", rows)
             db.executemany("DELETE FROM attempts WHERE position = ?", rows)
+            db.executemany("DELETE FROM drops WHERE position = ?", rows)
         return n
 
     # -- retention (log/retention.py) -------------------------------------------
@@ -557,6 +616,12 @@ class DeliveryState:
     def known_destinations(self) -> list[str]:
         """Every destination that ever ran (each has a cursor from its first start)."""
         return [d for (d,) in self._db().execute("SELECT destination FROM cursors")]
+
+    def leftovers(self, destination: str) -> tuple[int, int]:
+        """(events waiting for a retry or a replay, events failed) of this destination."""
+        db = self._db()
+        return tuple(db.execute(f"SELECT count(*) FROM {table} WHERE destination = ?",
+                                (destination,)).fetchone()[0] for table in ("pending", "failed"))
 
     def held(self, destinations: Sequence[str], lo: int, hi: int) -> set[int]:
         """Positions in [lo, hi] a destination still needs: waiting for a retry, or failed
@@ -574,17 +639,49 @@ class DeliveryState:
             db.execute("COMMIT")
         return found
 
-    def forget_traces(self, destinations: Sequence[str], positions: Sequence[int],
-                      below: int) -> None:
-        """The retention deleted these events: drop their attempts, and the batches that
-        end below `below`, the lowest position the log still holds (an event that is
-        still retrying or failed is still in the log: a batch below it is all done)."""
+    def forget_traces(self, positions: Sequence[int], below: int) -> None:
+        """The retention deleted these events: drop every row naming them (attempts, drops,
+        and the queued or failed rows of a destination no longer configured, which no
+        longer holds the log), the batches that end below `below`, the lowest position the
+        log still holds, and the batches around these positions whose range holds no event
+        the log still has (one held event at the bottom of the log keeps only its own)."""
+        doomed = json.dumps(sorted(positions))
         db = self._db()
         with immediate(db):
-            db.execute("DELETE FROM attempts WHERE position IN (SELECT value FROM json_each(?))",
-                       (json.dumps(list(positions)),))
-            db.executemany("DELETE FROM batches WHERE destination = ? AND hi < ?",
-                           [(d, below) for d in destinations])
+            for table in ("attempts", "drops", "pending", "failed"):
+                db.execute(f"DELETE FROM {table} WHERE position IN"
+                           " (SELECT value FROM json_each(?))", (doomed,))
+            for destination in self.known_destinations():
+                gone = [i for (i,) in db.execute(
+                    "DELETE FROM batches WHERE destination = ? AND hi < ? RETURNING id",
+                    (destination, below)).fetchall()]
+                if positions:
+                    gone += self._forget_emptied(db, destination, min(positions), max(positions))
+                db.execute("DELETE FROM unsent WHERE batch IN (SELECT value FROM json_each(?))",
+                           (json.dumps(gone),))
+
+    def _forget_emptied(self, db: sqlite3.Connection, destination: str, lo: int,
+                        hi: int) -> list[int]:
+        """Delete this destination's batch rows that overlap [lo, hi] and whose range the
+        log no longer holds any event of; returns their ids."""
+        rows = []
+        found = db.execute("SELECT id, lo, hi FROM batches WHERE destination = ? AND hi >= ?"
+                           " ORDER BY hi", (destination, lo))
+        for row in found:
+            if row[1] > hi:
+                break  # ranges follow the cursor: the rest lie past the deleted positions
+            rows.append(row)
+        found.close()
+        if not rows or not self._log_path.exists():
+            return []
+        kept = [p for (p,) in self._log.get().execute(
+            "SELECT position FROM events WHERE position BETWEEN ? AND ? ORDER BY position",
+            (min(r[1] for r in rows), max(r[2] for r in rows)))]
+        empty = [i for i, first, last in rows
+                 if bisect.bisect_left(kept, first) == bisect.bisect_right(kept, last)]
+        db.execute("DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?))",
+                   (json.dumps(empty),))
+        return empty
 
     def make_durable(self) -> None:
         """fsync what is committed: the cursors just read must survive a power cut before
@@ -606,26 +703,32 @@ class DeliveryState:
 
     # -- inspection --------------------------------------------------------------
 
-    def attempts_for(self, position: int) -> dict[str, list[dict]]:
-        """Every recorded attempt to deliver the event at `position`, per destination."""
+    def history(self, destination: str, position: int) -> tuple[str | None, list[dict]]:
+        """What became of the event at `position` for this destination, as recorded:
+        (its state, its attempts oldest first). The state is None when nothing about it
+        is recorded (it was stored before the destination was added): the caller may
+        derive it from routing. Read in one transaction."""
         db = self._db()
-        out: dict[str, list[dict]] = {}
-        for dest, at, state, status, dur, detail, attempt in db.execute(
-                "SELECT destination, at, state, status, duration_ms, detail, attempt FROM attempts"
-                " WHERE position = ? ORDER BY id", (position,)):
-            out.setdefault(dest, []).append(_attempt(at, state, status, dur, detail, attempt))
-        for (dest,) in db.execute("SELECT destination FROM cursors").fetchall():
-            row = db.execute("SELECT lo, at, state, status, duration_ms, detail FROM batches"
-                             " WHERE destination = ? AND hi >= ? ORDER BY hi LIMIT 1",
-                             (dest, position)).fetchone()
-            if row and row[0] <= position and row[2] != "mixed":
-                first = _attempt(row[1], row[2], row[3], row[4], row[5], 1)
-                out.setdefault(dest, []).insert(0, first)
-        return out
+        db.execute("BEGIN")
+        try:
+            queued = self._queued_state(db, destination, position)
+            steps = self._steps(db, destination, position)
+        finally:
+            db.execute("COMMIT")
+        attempts = [step for _, kind, step in steps if kind == "attempt"]
+        if queued is not None:
+            return queued, attempts
+        if position > self.cursor(destination):
+            return "pending", attempts  # not read yet
+        if not steps:
+            return None, []
+        _, kind, last = steps[-1]
+        if kind == "skip":
+            return last, attempts
+        return {"retry": "retrying"}.get(last["state"], last["state"]), attempts
 
-    def where_is(self, destination: str, position: int) -> str:
-        """The event's state for this destination: pending, retrying, failed or done."""
-        db = self._db()
+    @staticmethod
+    def _queued_state(db: sqlite3.Connection, destination: str, position: int) -> str | None:
         if db.execute("SELECT 1 FROM failed WHERE destination = ? AND position = ?",
                       (destination, position)).fetchone():
             return "failed"
@@ -633,6 +736,39 @@ class DeliveryState:
                          (destination, position)).fetchone()
         if row:
             return "retrying" if row[0] else "queued"
+        return None
+
+    @staticmethod
+    def _steps(db: sqlite3.Connection, destination: str, position: int) -> list[tuple]:
+        """(at, "attempt" | "skip", attempt dict | state), in order: the fresh read that
+        covered the position, then its attempts and drops."""
+        steps: list[tuple] = []
+        row = db.execute("SELECT lo, at, state, status, duration_ms, detail, unsent.positions"
+                         " FROM batches LEFT JOIN unsent ON unsent.batch = batches.id"
+                         " WHERE destination = ? AND hi >= ? AND state != 'sending'"
+                         " ORDER BY hi LIMIT 1", (destination, position)).fetchone()
+        if row and row[0] <= position:
+            lo, at, state, status, duration_ms, detail, unsent = row
+            reason = next((r for r, ps in json.loads(unsent or "{}").items() if position in ps),
+                          None)
+            if reason is not None and reason != HELD:
+                steps.append((at, "skip", f"skipped ({reason})"))
+            elif reason is None and state not in ("mixed", "skipped"):
+                steps.append((at, "attempt",
+                               _attempt(at, state, status, duration_ms, detail, 1)))
+        steps += [(at, "attempt", _attempt(at, *rest)) for at, *rest in db.execute(
+            "SELECT at, state, status, duration_ms, detail, attempt FROM attempts"
+            " WHERE destination = ? AND position = ? ORDER BY id", (destination, position))]
+        steps += [(at, "skip", f"skipped ({reason})") for at, reason in db.execute(
+            "SELECT at, reason FROM drops WHERE destination = ? AND position = ? ORDER BY rowid",
+            (destination, position))]
+        return sorted(steps, key=lambda step: step[0])  # stable: ties keep this order
+
+    def where_is(self, destination: str, position: int) -> str:
+        """The event's state for this destination: pending, queued, retrying, failed or done."""
+        queued = self._queued_state(self._db(), destination, position)
+        if queued is not None:
+            return queued
         return "done" if position <= self.cursor(destination) else "pending"
 
     def summary(self, destination: str) -> dict:
@@ -668,10 +804,12 @@ class DeliveryState:
             "stopped": None if stop is None else {"at": stop[0], "detail": stop[1]},
         }
 
-    def failed(self, destination: str, limit: int = 100) -> list[dict]:
+    def failed(self, destination: str, limit: int = 100, after: int = 0) -> list[dict]:
+        """A page of the failed store, by position: up to `limit` past position `after`."""
         rows = self._db().execute(
             "SELECT position, message_id, failed_at, attempts, status, detail, reason FROM failed"
-            " WHERE destination = ? ORDER BY position LIMIT ?", (destination, limit)).fetchall()
+            " WHERE destination = ? AND position > ? ORDER BY position LIMIT ?",
+            (destination, after, limit)).fetchall()
         keys = ("position", "message_id", "failed_at", "attempts", "status", "detail", "reason")
         return [dict(zip(keys, r)) for r in rows]
 

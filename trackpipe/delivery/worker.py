@@ -27,7 +27,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import defaultdict
 from typing import Callable, Sequence
 
 from trackpipe import config
@@ -132,7 +132,7 @@ class DestinationWorker:
             return False
         batch, skipped, held, last = self._route_fresh(entries)
         if not batch:
-            self.state.skip(self.name, last, skipped, held=held)
+            self.state.skip(self.name, entries[0].position, last, skipped, held=held)
             return True
         batch_id = self.state.begin_batch(self.name, entries[0].position, last, len(batch))
         await self._deliver(batch, batch_id=batch_id, cursor=last, skipped=skipped, held=held)
@@ -141,7 +141,7 @@ class DestinationWorker:
     def _route_fresh(self, entries: Sequence[Entry]):
         muted = self._muted(entries)
         batch: list[tuple[Entry, object]] = []
-        skipped: Counter = Counter()
+        skipped: dict[str, list[int]] = defaultdict(list)  # reason -> positions
         held: list[tuple[int, str, int]] = []
         ordered = self.cfg.ordered
         waiting = (self.state.waiting_users(self.name, (user_key(e) for e in entries))
@@ -154,18 +154,18 @@ class DestinationWorker:
                 break  # one event per user per request, so a retry can never overtake
             last = entry.position
             if muted is not None and muted(entry):
-                skipped["suppressed"] += 1
+                skipped["suppressed"].append(entry.position)
                 continue
             routed = self.router.route_body(entry.body)
             if isinstance(routed, Skipped):
-                skipped[routed.reason] += 1
+                skipped[routed.reason].append(entry.position)
                 continue
             if ordered and key in waiting:
                 held.append((entry.position, key, entry.received_at))
                 continue
             in_batch.add(key)
             batch.append((entry, routed))
-        if skipped["suppressed"] and self.suppressions.refresh():
+        if skipped.get("suppressed") and self.suppressions.refresh():
             return self._route_fresh(entries)  # the list changed (an unsuppress?): again
         return batch, skipped, held, last
 
@@ -175,7 +175,7 @@ class DestinationWorker:
         queued = self.state.pending_positions(self.name, lo, hi)
         entries = [e for e in self.log.read(lo - 1, limit=hi - lo + 1)
                    if e.position <= hi and e.position not in queued]
-        batch, skipped, held, cursor = [], Counter(), [], hi
+        batch, skipped, held, cursor = [], {}, [], hi
         if entries:
             batch, skipped, held, last = self._route_fresh(entries)
             if last < entries[-1].position:  # cut short (routing changed): read the rest fresh
@@ -183,14 +183,14 @@ class DestinationWorker:
         if batch:
             await self._deliver(batch, batch_id=batch_id, cursor=cursor, skipped=skipped, held=held)
         else:
-            self.state.skip(self.name, cursor, skipped, held=held, batch_id=batch_id)
+            self.state.skip(self.name, lo, cursor, skipped, held=held, batch_id=batch_id)
 
     # -- retries and replays ------------------------------------------------------
 
     async def _send_retries(self, due: Sequence[Retry]) -> None:
         by_position = {e.position: e for e in self.log.get([r.position for r in due])}
         muted = self._muted(list(by_position.values()))
-        batch, attempts, gone, why, suppressed = [], [], [], Counter(), []
+        batch, attempts, why, suppressed = [], [], defaultdict(list), []
         for r in due:
             entry = by_position.get(r.position)
             if muted is not None and entry is not None and muted(entry):
@@ -200,8 +200,7 @@ class DestinationWorker:
             if routed is None or isinstance(routed, Skipped):
                 # Deleted from the log (a privacy delete, or a replay of an event the
                 # retention took meanwhile), or no longer routed here: counted as skipped.
-                gone.append((r.position,))
-                why["deleted" if routed is None else routed.reason] += 1
+                why["deleted" if routed is None else routed.reason].append(r.position)
                 continue
             batch.append((entry, routed))
             attempts.append(r)
@@ -209,8 +208,8 @@ class DestinationWorker:
             return await self._send_retries(due)  # the list changed (an unsuppress?): again
         if suppressed:
             self.state.drop_suppressed(self.name, suppressed)
-        if gone:
-            self.state.skip(self.name, 0, why, dropped=gone)
+        if why:
+            self.state.drop(self.name, why)
         if batch:
             await self._deliver(batch, retries=attempts)
 
@@ -225,6 +224,7 @@ class DestinationWorker:
                                              SEND_TIMEOUT)
         except Exception as exc:
             outcome = retry(None, f"{type(exc).__name__}: {exc}")
+        [outcome] = self.destination.scrub_outcomes([outcome])
         self._honour_retry_after([outcome])
         if outcome.state != "retry":
             self.state.finish_notice(notice_id, outcome.state, outcome.detail)
@@ -249,7 +249,8 @@ class DestinationWorker:
                        skipped: dict | None = None, held: Sequence = (),
                        retries: Sequence[Retry] | None = None) -> None:
         profiles = await self._profiles([e for e, _ in batch])
-        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action, r.raw)
+        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action, r.raw,
+                        stored_time=e.ts if e.ts is not None else e.received_at)
                   for (e, r), p in zip(batch, profiles)]
         started = time.perf_counter()
         outcomes = await self._send(events)
@@ -292,12 +293,18 @@ class DestinationWorker:
             self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
     async def _send(self, events: list[Event]) -> list[Outcome]:
+        """The destination's outcomes, its secrets masked in their details: a tool may
+        echo a credential in its answer, and these are stored, logged and shown."""
+        return self.destination.scrub_outcomes(await self._outcomes(events))
+
+    async def _outcomes(self, events: list[Event]) -> list[Outcome]:
         try:
             result = await asyncio.wait_for(self.destination.send(events), SEND_TIMEOUT)
         except asyncio.TimeoutError:
             return [retry(None, f"no answer within {SEND_TIMEOUT:.0f} s")] * len(events)
         except Exception as exc:  # the seam says a raise is a retryable failure of the batch
-            log.warning("destination %s: send raised %r", self.name, exc)
+            log.warning("destination %s: send raised %s", self.name,
+                        self.destination.scrub(repr(exc)))
             return [retry(None, f"{type(exc).__name__}: {exc}")] * len(events)
         if isinstance(result, Outcome):
             return [result] * len(events)

@@ -12,28 +12,34 @@
 userId → `user_id`, anonymousId → `device_id`, messageId → `insert_id` (Amplitude
 drops a repeated insert_id, so retries do not double). Reserved properties:
 `revenue`, `price`, `quantity`, `productId`/`product_id` and
-`revenueType`/`revenue_type` also go to Amplitude's top-level revenue fields;
-`currency` stays an event property. `options.min_id_length` is 1, so the short
-user ids that Segment accepts are not refused (Amplitude's default minimum is 5).
+`revenueType`/`revenue_type` also go to Amplitude's top-level revenue fields
+when their type fits, as Amplitude refuses the whole event otherwise: quantity
+an integer (2.0 → 2), price and revenue numbers (a decimal string such as
+"19.99" → 19.99), productId and revenueType strings (a number → its digits); a
+value that does not fit stays an event property only. `currency` stays an event
+property. `options.min_id_length` is 1, so the short user ids that Segment
+accepts are not refused (Amplitude's default minimum is 5).
 """
 
 from __future__ import annotations
 
-import time
+import math
+import re
 from typing import Any, Sequence
 
 import httpx
 import msgspec
 
-from trackpipe.destinations.base import DestinationError, Event, Outcome
-from trackpipe.destinations.base import classify_http, excerpt, fail, parse_retry_after, retry
-from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, worst
+from trackpipe.destinations.base import DestinationError, Event, Outcome, classify_http
+from trackpipe.destinations.base import event_time, excerpt, fail, parse_retry_after, retry
+from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, odd_field
+from trackpipe.destinations.forward import unknown_type, worst
 from trackpipe.destinations.httpclient import HttpDestination
-from trackpipe.events import parse_ts
 
 MAX_EVENTS = 2000           # per request, after which Amplitude answers 413
 MAX_BYTES = 1000 * 1000     # "keep request sizes under 1 MB"
 THROTTLE_WAIT = 30.0        # Amplitude asks throttled senders to pause about 30 s
+DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 CONTEXT_FIELDS = {  # Amplitude event field ← context path
     "ip": ("ip",), "os_name": ("os", "name"), "os_version": ("os", "version"),
@@ -147,9 +153,20 @@ class Amplitude(HttpDestination):
 # -- translation ---------------------------------------------------------------------
 
 def amplitude_events(event: Event, group_type: str) -> list[dict] | Outcome:
+    """What the event becomes, or its outcome when nothing is sent. Never raises, whatever
+    a mapping put in a field: a raise would retry the whole batch for one odd message."""
     message = event.message
-    kind = message.get("type")
-    base = common_fields(message, event.options)
+    refused = unknown_type("Amplitude", message)
+    if refused is not None:
+        return refused
+    kind = message["type"]
+    if kind == "alias":
+        return Outcome("delivered", None, "not sent: Amplitude maps user ids only through its"
+                                          " separate, enterprise-only user mapping API")
+    refused = odd_field("Amplitude", message)
+    if refused is not None:
+        return refused
+    base = common_fields(message, event.options, event_time(event))
     if kind in ("track", "page", "screen"):
         return [{**base, "event_type": event_name(message),
                  "event_properties": _dict(message.get("properties")),
@@ -157,28 +174,22 @@ def amplitude_events(event: Event, group_type: str) -> list[dict] | Outcome:
     if kind == "identify":
         return [{**base, "event_type": "$identify",
                  "user_properties": {"$set": _dict(message.get("traits"))}}]
-    if kind == "group":
-        group_id = str(message.get("groupId") or "")
-        membership = {**base, "event_type": "$identify", "groups": {group_type: group_id},
-                      "user_properties": {"$set": {group_type: group_id}}}
-        traits = {**base, "event_type": "$groupidentify", "groups": {group_type: group_id},
-                  "group_properties": {"$set": _dict(message.get("traits"))},
-                  "insert_id": base["insert_id"] + "-group"}
-        return [membership, traits]
-    if kind == "alias":
-        return Outcome("delivered", None, "not sent: Amplitude maps user ids only through its"
-                                          " separate, enterprise-only user mapping API")
-    return fail(None, f"Amplitude takes Segment messages (type track, page, screen, identify,"
-                      f" group, alias); this one has type {kind!r}. If an action built it, map"
-                      " `type` and the fields of that call.")
+    group_id = str(message.get("groupId") or "")  # a group call
+    membership = {**base, "event_type": "$identify", "groups": {group_type: group_id},
+                  "user_properties": {"$set": {group_type: group_id}}}
+    traits = {**base, "event_type": "$groupidentify", "groups": {group_type: group_id},
+              "group_properties": {"$set": _dict(message.get("traits"))},
+              "insert_id": base["insert_id"] + "-group"}
+    return [membership, traits]
 
 
 
 
-def common_fields(message: dict, options: dict | None) -> dict:
-    fields: dict[str, Any] = {
-        "time": parse_ts(message.get("timestamp")) or int(time.time() * 1000),
-        "insert_id": str(message.get("messageId") or ""), "library": "trackpipe"}
+def common_fields(message: dict, options: dict | None, at: int | None) -> dict:
+    fields: dict[str, Any] = {"insert_id": str(message.get("messageId") or ""),
+                              "library": "trackpipe"}
+    if at is not None:  # else Amplitude uses its upload time (only an Event built without one)
+        fields["time"] = at
     if message.get("userId"):
         fields["user_id"] = str(message["userId"])
     if message.get("anonymousId"):
@@ -197,14 +208,38 @@ def common_fields(message: dict, options: dict | None) -> dict:
 
 
 def revenue_fields(properties: dict) -> dict:
+    """The revenue fields whose property has a type Amplitude takes (see the top)."""
     fields: dict[str, Any] = {}
     for name, sources in REVENUE_FIELDS.items():
-        for source in sources:
-            value = properties.get(source)
-            if value is not None and not isinstance(value, (dict, list, bool)):
-                fields[name] = value
-                break
+        value = next((properties[s] for s in sources if properties.get(s) is not None), None)
+        typed = REVENUE_TYPES[name](value)
+        if typed is not None:
+            fields[name] = typed
     return fields
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, str):
+        value = float(value) if DECIMAL.fullmatch(value.strip()) else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else None
+
+
+REVENUE_TYPES = {"revenue": _number, "price": _number, "quantity": _integer,
+                 "productId": _text, "revenueType": _text}
 
 
 def rejected_events(body: bytes) -> dict[int, str]:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import email.utils
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, NamedTuple, Sequence
+from functools import cached_property
+from typing import Any, ClassVar, Iterable, NamedTuple, Sequence
 
 import msgspec
 
+from trackpipe.events import parse_ts
+
 EXCERPT_CHARS = 500
+MIN_SECRET_CHARS = 4  # shorter setting values (a header "1") would mask every digit of a text
 
 
 class Event:
@@ -34,6 +38,8 @@ class Event:
     options     this destination's option object from `integrations`, if any
     action      name of the mapping action that matched, if the destination has actions
     json        the message as JSON bytes
+    stored_time the stored message's time in ms (its `timestamp`, else when it was
+                received): stable across retries, for a `message` without a timestamp
 
     The framework hands over the stored JSON of a message that routing leaves
     unchanged, and decodes it only when a destination reads `message`; a
@@ -42,15 +48,17 @@ class Event:
     `json` does not follow changes made to it.
     """
 
-    __slots__ = ("position", "message_id", "_message", "profile_id", "options", "action", "_json")
+    __slots__ = ("position", "message_id", "_message", "profile_id", "options", "action", "_json",
+                 "stored_time")
 
     def __init__(self, position: int, message_id: str, message: dict | None,
                  profile_id: str | None, options: dict | None, action: str | None,
-                 json: bytes | None = None):
+                 json: bytes | None = None, stored_time: int | None = None):
         if message is None and json is None:
             raise ValueError("an Event needs its message, as a dict or as JSON")
         self.position, self.message_id, self._message = position, message_id, message
         self.profile_id, self.options, self.action, self._json = profile_id, options, action, json
+        self.stored_time = stored_time
 
     @property
     def message(self) -> dict:
@@ -69,6 +77,15 @@ class Event:
 
 
 _decode = msgspec.json.Decoder().decode
+
+
+def event_time(event: Event) -> int | None:
+    """The event's time in ms: its message's `timestamp` (0 is 1970, not "missing"), else
+    the stored message's time, when an action built a message without one. Never the
+    time of sending: a retry must carry the same time as the first attempt (Mixpanel
+    deduplicates on it), and the event did not happen when it was sent."""
+    ts = parse_ts(event.message.get("timestamp"))
+    return ts if ts is not None else event.stored_time
 
 
 class Outcome(NamedTuple):
@@ -132,12 +149,51 @@ class DestinationError(Exception):
     """A destination's settings are wrong or its health check failed; the message says how."""
 
 
+def secret_values(settings: msgspec.Struct, fields: Iterable[str]) -> set[str]:
+    """Every text in these settings, found inside dicts and lists too (a headers table)."""
+    found: set[str] = set()
+    todo = [getattr(settings, f, None) for f in fields]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo += value.values()
+        elif isinstance(value, (list, tuple)):
+            todo += value
+        elif isinstance(value, str) and len(value) >= MIN_SECRET_CHARS:
+            found.add(value)
+            found.add(msgspec.json.encode(value).decode()[1:-1])  # as a JSON answer quotes it
+    return found
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret masked, and a connection string's password too (dsn.scrub).
+    Longest first, so a secret inside another one leaves none of the longer one showing."""
+    from trackpipe import dsn  # loads psycopg: only once some text needs scrubbing
+
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = _scrub_cut_tail(dsn.scrub(text, secret), secret, dsn.MASK)
+    return text
+
+
+def _scrub_cut_tail(text: str, secret: str, mask: str) -> str:
+    """An excerpt cut inside a secret ("…Invalid API key: 7f3a…") still shows its start."""
+    if not text.endswith("…"):
+        return text
+    body = text[:-1]
+    for k in range(len(secret) - 1, MIN_SECRET_CHARS - 1, -1):
+        if body.endswith(secret[:k]):
+            return body[:-k] + mask + "…"
+    return text
+
+
 class Destination(ABC):
     """One configured destination instance.
 
     Subclasses set `kind` and `Settings` (a msgspec Struct with
     forbid_unknown_fields=True, built from the instance's `settings` table), and
-    list in `secret_fields` the settings that must never be shown or logged.
+    list in `secret_fields` the settings that must never be shown or logged. The
+    framework masks their values in every detail it records, logs or prints (`scrub`):
+    a tool may echo a credential in its error ("Invalid API key: ...").
     """
 
     kind: ClassVar[str]
@@ -161,6 +217,27 @@ class Destination(ABC):
     def __init__(self, name: str, settings: msgspec.Struct):
         self.name = name
         self.settings = settings
+
+    @cached_property
+    def _secrets(self) -> frozenset[str]:
+        return frozenset(secret_values(self.settings, self.secret_fields))
+
+    def scrub(self, text: str) -> str:
+        """`text` with the values of this destination's secret settings masked."""
+        return scrub(text, self._secrets) if text and self._secrets else text
+
+    def scrub_outcomes(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """The outcomes with their details scrubbed. Events that shared an Outcome object
+        still share one: that is how a send says they went in one request."""
+        scrubbed: dict[int, Outcome] = {}
+        shown: dict[str, str] = {}  # a batch's "not sent" details are many copies of one text
+        for o in outcomes:
+            if id(o) not in scrubbed:
+                if o.detail not in shown:
+                    shown[o.detail] = self.scrub(o.detail)
+                detail = shown[o.detail]
+                scrubbed[id(o)] = o if detail == o.detail else o._replace(detail=detail)
+        return [scrubbed[id(o)] for o in outcomes]
 
     async def start(self) -> None:
         """Open clients, pools and files. Called once before the first send."""

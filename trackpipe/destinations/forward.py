@@ -28,10 +28,13 @@ import msgspec
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
 from trackpipe.destinations.base import classify_http, fail, retry
 from trackpipe.destinations.httpclient import HttpDestination
+from trackpipe.events import TYPES
 
 MAX_EVENT_BYTES = 32 * 1024     # Segment's and Customer.io's per-event limit
 MAX_REQUEST_BYTES = 475_000     # under the 500 KB request limit, as analytics-python keeps
 LOCAL_FIELDS = ("sourceId", "writeKey", "receivedAt", "sentAt", "originalTimestamp", "_metadata")
+RECEIVER = "a Segment-compatible receiver"
+TEXT_FIELDS = ("event", "name", "userId", "anonymousId", "messageId", "groupId", "previousId")
 
 
 class SegmentForward(HttpDestination):
@@ -68,6 +71,11 @@ class SegmentForward(HttpDestination):
         outcomes: list[Outcome | None] = [None] * len(batch)
         items: list[tuple[int, bytes]] = []
         for i, event in enumerate(batch):
+            # The receiver would drop such a message, or refuse the whole request for it.
+            outcomes[i] = (unknown_type(RECEIVER, event.message)
+                           or odd_field(RECEIVER, event.message))
+            if outcomes[i] is not None:
+                continue
             item = msgspec.json.encode(outgoing(event.message))
             if len(item) > MAX_EVENT_BYTES:
                 outcomes[i] = fail(None, f"the message is {len(item)} bytes as JSON; Segment and"
@@ -132,6 +140,31 @@ def chunk_by_size(items: Sequence[bytes], max_count: int, max_bytes: int) -> Ite
         total += size
     if start < len(items):
         yield range(start, len(items))
+
+
+def unknown_type(tool: str, message: dict) -> Outcome | None:
+    """The failed Outcome of a message whose `type` is not a Segment call's (an action's
+    mapping may put any JSON value there, an object too); None when it is one."""
+    kind = message.get("type")
+    if isinstance(kind, str) and kind in TYPES:
+        return None
+    return fail(None, f"Only Segment messages (type {', '.join(TYPES)}) go to {tool}; this"
+                      f" one has type {kind!r}. If an action built it, map `type` and the"
+                      " fields of that call.")
+
+
+def odd_field(tool: str, message: dict) -> Outcome | None:
+    """The failed Outcome of a message with an object, array or boolean where a name or
+    an id goes. Ingest refuses those, but an action's mapping can put one there; sent
+    on, it would reach the tool as a Python repr, or make it refuse the whole request."""
+    for field in TEXT_FIELDS:
+        value = message.get(field)
+        if isinstance(value, (dict, list, bool)):
+            shown = msgspec.json.encode(value).decode()
+            shown = shown if len(shown) <= 60 else shown[:59] + "…"
+            return fail(None, f"`{field}` must be a string for {tool}; this message has"
+                              f" {shown}. If an action built it, map `{field}` to a string.")
+    return None
 
 
 def event_name(message: dict) -> str:

@@ -25,17 +25,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
-import time
 from typing import Any, Sequence
 
 import httpx
 import msgspec
 
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
-from trackpipe.destinations.base import classify_http, excerpt, fail, retry
-from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, worst
+from trackpipe.destinations.base import classify_http, event_time, excerpt, fail, retry
+from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, odd_field
+from trackpipe.destinations.forward import unknown_type, worst
 from trackpipe.destinations.httpclient import HttpDestination
-from trackpipe.events import parse_ts
 
 IMPORT_MAX_EVENTS = 2000
 IMPORT_MAX_BYTES = 2 * 1000 * 1000  # Mixpanel's docs have said 2 MB and 10 MB: keep the lower
@@ -111,7 +110,7 @@ class Mixpanel(HttpDestination):
         records: list[tuple[int, bytes]] = []
         updates: list[tuple[int, dict]] = []
         for i, event in enumerate(batch):
-            skipped = plan(i, event.message, self.settings.project_token, records, updates)
+            skipped = plan(i, event, self.settings.project_token, records, updates)
             if skipped is not None:
                 results[i].append(skipped)
         encoded = [r for _, r in records]
@@ -189,37 +188,45 @@ class Mixpanel(HttpDestination):
 
 # -- translation ---------------------------------------------------------------------
 
-def plan(i: int, message: dict, token: str, records: list[tuple[int, bytes]],
+def plan(i: int, event: Event, token: str, records: list[tuple[int, bytes]],
          updates: list[tuple[int, dict]]) -> Outcome | None:
-    """Add what message i becomes to the import records and engage updates; or return
-    its outcome when nothing is sent."""
-    kind = message.get("type")
-    if kind in ("track", "page", "screen"):
-        records.append((i, msgspec.json.encode(event_record(message, event_name(message)))))
-    elif kind == "identify":
-        if message.get("userId") and message.get("anonymousId"):
-            records.append((i, msgspec.json.encode(identify_record(message))))
-        updates.append((i, profile_update(message, token)))
-    elif kind in NOT_SENT:
+    """Add what event i becomes to the import records and engage updates; or return
+    its outcome when nothing is sent. Never raises, whatever a mapping put in a field:
+    a raise would retry the whole batch, for hours, for one odd message."""
+    message = event.message
+    refused = unknown_type("Mixpanel", message)
+    if refused is not None:
+        return refused
+    kind = message["type"]
+    if kind in NOT_SENT:
         return Outcome("delivered", None, NOT_SENT[kind])
+    refused = odd_field("Mixpanel", message)
+    if refused is not None:
+        return refused
+    links_ids = kind == "identify" and bool(message.get("userId") and message.get("anonymousId"))
+    at = event_time(event)
+    if at is None and (kind != "identify" or links_ids):  # only an Event built without one
+        return fail(None, "the message has no `timestamp` and no stored time; Mixpanel imports"
+                          " an event only with its time")
+    if kind == "identify":
+        if links_ids:
+            records.append((i, msgspec.json.encode(identify_record(message, at))))
+        updates.append((i, profile_update(message, token)))
     else:
-        return fail(None, f"Mixpanel takes Segment messages (type track, page, screen, identify,"
-                          f" group, alias); this one has type {kind!r}. If an action built it,"
-                          " map `type` and the fields of that call.")
+        records.append((i, msgspec.json.encode(event_record(message, event_name(message), at))))
     return None
 
 
 
 
-def event_record(message: dict, name: str) -> dict:
+def event_record(message: dict, name: str, at: int) -> dict:
     user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
     mid = str(message.get("messageId") or "")
     props = context_properties(_dict(message.get("context")))
     if message.get("type") == "page" and _dict(message.get("properties")).get("url"):
         props["$current_url"] = message["properties"]["url"]
     props.update(_dict(message.get("properties")))
-    props.update({"time": parse_ts(message.get("timestamp")) or int(time.time() * 1000),
-                  "distinct_id": distinct_id(message), "$insert_id": insert_id(mid),
+    props.update({"time": at, "distinct_id": distinct_id(message), "$insert_id": insert_id(mid),
                   "mp_lib": "trackpipe", "trackpipe_message_id": mid})
     if user_id:
         props["$user_id"] = user_id
@@ -228,8 +235,8 @@ def event_record(message: dict, name: str) -> dict:
     return {"event": name, "properties": props}
 
 
-def identify_record(message: dict) -> dict:
-    record = event_record(message, "$identify")
+def identify_record(message: dict, at: int) -> dict:
+    record = event_record(message, "$identify", at)
     record["properties"].update({"$identified_id": message["userId"],
                                  "$anon_id": message["anonymousId"]})
     return record
