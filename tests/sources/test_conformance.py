@@ -732,8 +732,16 @@ def test_c29_resend_after_window_stored_again(fresh_server):
     copies = srv.events(message_id=mid)
     assert len(copies) == 2
     assert copies[0]["receivedAt"] != copies[1]["receivedAt"]
+    # The status names the newest copy; the one repeat so far was of the first copy.
+    status = srv.status(mid).json()
+    assert status["stored"]["copies"] == 2
+    assert status["stored"]["receivedAt"] == copies[1]["receivedAt"]
+    assert status["deduplicated"]["firstSeenAt"] == copies[0]["receivedAt"]
+    assert status["deduplicated"]["repeats"] == 1
     ok(srv.post("/v1/track", track(mid)))  # within the window of the second copy
     assert len(srv.events(message_id=mid)) == 2
+    status = srv.status(mid).json()
+    assert status["deduplicated"]["firstSeenAt"] == copies[1]["receivedAt"]
 
 
 def test_c29b_dedup_survives_restart_and_crash(fresh_server):

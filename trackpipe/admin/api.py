@@ -131,13 +131,17 @@ class AdminAPI:
             return None
         answer: dict = {"messageId": message_id}
         if stored:
-            first = stored[-1]
+            # The newest copy is the one deduplication holds on to now; a messageId is stored
+            # again only once the window has passed since the copy before.
+            newest = stored[-1]
             answer["status"] = "deduplicated" if repeat else "stored"
-            answer["stored"] = {"receivedAt": format_ts(first.received_at),
-                                "sourceId": first.source, "position": first.position,
-                                "type": first.type, "copies": len(stored)}
+            answer["stored"] = {"receivedAt": format_ts(newest.received_at),
+                                "sourceId": newest.source, "position": newest.position,
+                                "type": newest.type, "copies": len(stored)}
             if repeat:
-                answer["deduplicated"] = {"firstSeenAt": format_ts(first.received_at),
+                # Repeats count against the copy at repeat[0] (kept by position).
+                held = next((e for e in stored if e.position == repeat[0]), newest)
+                answer["deduplicated"] = {"firstSeenAt": format_ts(held.received_at),
                                           "repeats": repeat[1],
                                           "lastRepeatAt": format_ts(repeat[3])}
         else:
