@@ -204,6 +204,17 @@ def test_revenue_fields_of_the_wrong_type_stay_event_properties(mock):
     assert number["productId"] == "123" and "revenue" not in number
 
 
+def test_a_quantity_beyond_amplitudes_integer_stays_an_event_property(mock):
+    """1e300.is_integer(): it went to Amplitude as a 301-digit quantity."""
+    outcomes = send(mock, [revenue_event("huge", price=2.0, quantity=1e300),
+                           revenue_event("big", price=2.0, quantity=2**31),
+                           revenue_event("ok", price=2.0, quantity=-(2**31 - 1))])
+    assert [o.state for o in outcomes] == ["delivered"] * 3
+    huge, big, ok = mock.accepted
+    assert "quantity" not in huge and huge["event_properties"]["quantity"] == 1e300
+    assert "quantity" not in big and ok["quantity"] == -(2**31 - 1)
+
+
 @pytest.mark.parametrize("odd", [{"type": {"v": 1}}, {"event": {"name": "x"}},
                                  {"userId": {"id": 7}}, {"anonymousId": [1]},
                                  {"messageId": False}])
@@ -252,3 +263,19 @@ def test_trackpipe_check_masks_an_echoed_api_key(mock, tmp_path):
     assert f"FAIL  amp (amplitude): Amplitude answered 400: {{\"code\": 400, \"error\":" \
            f" \"Invalid API key: {MASK}\"}}. Check api_key" in r.stderr, r.stderr
     assert LEAKED_KEY not in r.stdout + r.stderr
+
+
+def test_trackpipe_check_masks_an_api_key_cut_inside_a_long_answer(mock, tmp_path):
+    """check() quotes the excerpt inside a sentence: the cut ("…") was not at the end of
+    the text, so the start of the key showed."""
+    shown = 'Amplitude answered 401: {"error": "'
+    pad = "x" * (499 - len('{"error": "') - len(" key ") - 12)
+    mock.answer_next(401, {"error": f"{pad} key {LEAKED_KEY}"})  # 12 chars of it before the cut
+    path = write_config(tmp_path / "t.toml", [{"name": "amp", "type": "amplitude", "settings": {
+        "api_key": LEAKED_KEY, "api_url": mock.url, "allow_private_targets": True}}])
+    r = subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(path),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{shown}{pad} key {MASK}…. Check api_key" in r.stderr, r.stderr
+    assert LEAKED_KEY[:8] not in r.stdout + r.stderr

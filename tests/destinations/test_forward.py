@@ -15,6 +15,7 @@ from trackpipe import config
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.build import build_destination, masked
 from trackpipe.destinations.forward import chunk_by_size
+from trackpipe.dsn import MASK
 from trackpipe.errors import ConfigError
 from trackpipe.events import parse_ts
 
@@ -124,6 +125,15 @@ def test_failures_are_classified(mock):
     assert wrong_key.state == "failed" and wrong_key.status == 401
     [unreachable] = send("http://127.0.0.1:9", [stored("m-1")])
     assert unreachable.state == "retry" and "cannot reach" in unreachable.detail
+
+
+def test_a_write_key_echoed_as_its_basic_auth_header_is_masked(mock):
+    """The receiver quotes the header it got: base64 of "wk-1-secret:"."""
+    header = "Basic " + base64.b64encode(b"wk-1-secret:").decode()
+    mock.answer_next(401, {"error": f"no source for authorization {header}"})
+    dest = build_destination(cfg(mock.url, write_key="wk-1-secret"))
+    [outcome] = dest.scrub_outcomes(send(mock.url, [stored("m-1")], write_key="wk-1-secret"))
+    assert outcome.detail == f'{{"error": "no source for authorization {MASK}"}}'
 
 
 def test_check(mock):

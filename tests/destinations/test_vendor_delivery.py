@@ -4,10 +4,13 @@ and any destination's secrets kept out of what is stored, logged and shown."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import urllib.parse
 
 import msgspec
+import pytest
 
 from trackpipe import config
 from trackpipe.delivery.worker import DestinationWorker
@@ -146,3 +149,51 @@ def test_scrub_masks_escaped_cut_and_connection_string_secrets():
     # a short header value ("1") would mask every digit: left as it is
     dest = Echoing()
     assert dest.scrub("HTTP 401 for Bearer hdr-42abc") == f"HTTP 401 for {MASK}"
+
+
+
+@in_loop
+async def test_a_service_accounts_basic_auth_echoed_by_mixpanel_is_masked(files):
+    """A tool quoting the Authorization header it got shows the credentials in base64;
+    only the settings' own values were masked."""
+    _, event_log, state = files
+    mock = MixpanelMock(token="tok", service_account=("sa.user", "sa-secret-987"),
+                        project_id="42")
+    try:
+        append_tracks(event_log, ["track"])
+        cfg = msgspec.convert({"name": "mp", "type": "mixpanel", "max_attempts": 1, "settings": {
+            "project_token": "tok", "api_url": mock.url, "allow_private_targets": True,
+            "service_account_username": "sa.user", "service_account_secret": "sa-secret-987",
+            "project_id": "42"}}, config.Destination)
+        w = DestinationWorker(cfg, build_destination(cfg), event_log, state)
+        basic = base64.b64encode(b"sa.user:sa-secret-987").decode()
+        mock.answer_next(401, {"error": f"Authorization: Basic {basic} may not import"})
+        await drain(w)
+        await w.destination.close()
+        [failed] = state.failed("mp")
+        assert failed["detail"] == f'{{"error": "Authorization: {MASK} may not import"}}'
+        assert basic not in json.dumps(state.summary("mp"))
+    finally:
+        mock.close()
+
+
+WEBHOOK_KEY = "whsec_" + base64.b64encode(b"k" * 30 + b"\xfb\xff").decode()  # has + and /
+
+
+@pytest.mark.parametrize("echoed", [
+    "token hdr-token-42abc is not valid",               # a Bearer header's token alone
+    f"bad key {WEBHOOK_KEY.removeprefix('whsec_')}",    # the signing key, as libraries decode it
+    f"secret={urllib.parse.quote(WEBHOOK_KEY, safe='')}",  # URL-encoded
+    json.dumps({"key": WEBHOOK_KEY}).replace("/", "\\/"),  # JSON as PHP writes it
+    "shared s3gment-shared-77 refused",
+])
+def test_a_webhooks_secrets_are_masked_in_the_forms_a_receiver_echoes_them(echoed):
+    hook = build_destination(config.Destination(name="hook", type="webhook", settings={
+        "url": "https://example.com/hook", "secret": WEBHOOK_KEY,
+        "segment_shared_secret": "s3gment-shared-77",
+        "headers": {"Authorization": "Bearer hdr-token-42abc", "X-Env": "1"}}))
+    [outcome] = hook.scrub_outcomes([fail(401, echoed)])
+    assert MASK in outcome.detail
+    for secret in ("hdr-token-42abc", "s3gment-shared-77", WEBHOOK_KEY.removeprefix("whsec_"),
+                   "a2tra2tra2tra2tr"):
+        assert secret not in outcome.detail

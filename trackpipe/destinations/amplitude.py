@@ -14,7 +14,7 @@ drops a repeated insert_id, so retries do not double). Reserved properties:
 `revenue`, `price`, `quantity`, `productId`/`product_id` and
 `revenueType`/`revenue_type` also go to Amplitude's top-level revenue fields
 when their type fits, as Amplitude refuses the whole event otherwise: quantity
-an integer (2.0 → 2), price and revenue numbers (a decimal string such as
+an integer of Java's int range (2.0 → 2), price and revenue numbers (a decimal string such as
 "19.99" → 19.99), productId and revenueType strings (a number → its digits); a
 value that does not fit stays an event property only. `currency` stays an event
 property. `options.min_id_length` is 1, so the short user ids that Segment
@@ -40,6 +40,7 @@ MAX_EVENTS = 2000           # per request, after which Amplitude answers 413
 MAX_BYTES = 1000 * 1000     # "keep request sizes under 1 MB"
 THROTTLE_WAIT = 30.0        # Amplitude asks throttled senders to pause about 30 s
 DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+JAVA_INT_MAX = 2**31 - 1  # Amplitude's quantity is an Integer
 
 CONTEXT_FIELDS = {  # Amplitude event field ← context path
     "ip": ("ip",), "os_name": ("os", "name"), "os_version": ("os", "version"),
@@ -219,9 +220,12 @@ def revenue_fields(properties: dict) -> dict:
 
 
 def _integer(value: Any) -> int | None:
+    """A whole number that fits Amplitude's quantity, a Java int (1e300 became 301 digits)."""
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= JAVA_INT_MAX:
+        return value
+    return None
 
 
 def _number(value: Any) -> int | float | None:

@@ -13,8 +13,12 @@ PostgreSQL connection is worth retrying, a permission error is not.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
+import re
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import Any, ClassVar, Iterable, NamedTuple, Sequence
@@ -25,6 +29,7 @@ from trackpipe.events import parse_ts
 
 EXCERPT_CHARS = 500
 MIN_SECRET_CHARS = 4  # shorter setting values (a header "1") would mask every digit of a text
+AUTHORIZATION = re.compile(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*) +(\S+)")  # scheme credentials
 
 
 class Event:
@@ -159,10 +164,38 @@ def secret_values(settings: msgspec.Struct, fields: Iterable[str]) -> set[str]:
             todo += value.values()
         elif isinstance(value, (list, tuple)):
             todo += value
-        elif isinstance(value, str) and len(value) >= MIN_SECRET_CHARS:
+        elif isinstance(value, str):
             found.add(value)
-            found.add(msgspec.json.encode(value).decode()[1:-1])  # as a JSON answer quotes it
     return found
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The secret as it is and as a tool may echo it: JSON-quoted (also with "\\/", as PHP
+    writes it), URL-encoded, and an Authorization value's credentials without their scheme
+    ("Bearer x" → "x"; a Basic pair decoded, and its password). Forms shorter than
+    MIN_SECRET_CHARS are left out: they would mask every digit of a text."""
+    quoted = msgspec.json.encode(secret).decode()[1:-1]
+    forms = {secret, quoted, quoted.replace("/", "\\/"), urllib.parse.quote(secret, safe=""),
+             urllib.parse.quote_plus(secret, safe="")}
+    credentials = AUTHORIZATION.fullmatch(secret)
+    if credentials:
+        forms |= secret_forms(credentials.group(2))
+        if credentials.group(1).lower() == "basic":
+            forms |= _basic_pair(credentials.group(2))
+    return {f for f in forms if len(f) >= MIN_SECRET_CHARS}
+
+
+def _basic_pair(token: str) -> set[str]:
+    try:
+        pair = base64.b64decode(token, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return set()
+    return {pair, pair.partition(":")[2]}
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """The Authorization value httpx sends for this Basic auth pair."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
@@ -171,19 +204,24 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     from trackpipe import dsn  # loads psycopg: only once some text needs scrubbing
 
     for secret in sorted(secrets, key=len, reverse=True):
-        text = _scrub_cut_tail(dsn.scrub(text, secret), secret, dsn.MASK)
+        if "password" in secret or "://" in secret:  # a connection string with a password
+            text = dsn.scrub(text, secret)
+        text = _scrub_cut(text.replace(secret, dsn.MASK), secret, dsn.MASK)
     return text
 
 
-def _scrub_cut_tail(text: str, secret: str, mask: str) -> str:
-    """An excerpt cut inside a secret ("…Invalid API key: 7f3a…") still shows its start."""
-    if not text.endswith("…"):
+def _scrub_cut(text: str, secret: str, mask: str) -> str:
+    """An excerpt cut inside a secret ("Invalid API key: 7f3a…") still shows its start:
+    at the end of a detail, or inside a sentence that quotes the excerpt (`check`)."""
+    if "…" not in text:
         return text
-    body = text[:-1]
-    for k in range(len(secret) - 1, MIN_SECRET_CHARS - 1, -1):
-        if body.endswith(secret[:k]):
-            return body[:-k] + mask + "…"
-    return text
+    parts = text.split("…")
+    for i, part in enumerate(parts[:-1]):
+        for k in range(len(secret) - 1, MIN_SECRET_CHARS - 1, -1):
+            if part.endswith(secret[:k]):
+                parts[i] = part[:-k] + mask
+                break
+    return "…".join(parts)
 
 
 class Destination(ABC):
@@ -220,7 +258,13 @@ class Destination(ABC):
 
     @cached_property
     def _secrets(self) -> frozenset[str]:
-        return frozenset(secret_values(self.settings, self.secret_fields))
+        sent = secret_values(self.settings, self.secret_fields) | set(self.sent_secrets())
+        return frozenset(form for secret in sent for form in secret_forms(secret))
+
+    def sent_secrets(self) -> Iterable[str]:
+        """Secrets that the settings' values become on the wire, which a tool may echo
+        too: a Basic auth header built from them, a signing key's base64 without prefix."""
+        return ()
 
     def scrub(self, text: str) -> str:
         """`text` with the values of this destination's secret settings masked."""

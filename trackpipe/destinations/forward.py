@@ -17,7 +17,6 @@ every event by the delivery delay. Sent as `timestamp` with a fresh batch
 
 from __future__ import annotations
 
-import base64
 import gzip
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
@@ -26,7 +25,7 @@ import httpx
 import msgspec
 
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
-from trackpipe.destinations.base import classify_http, fail, retry
+from trackpipe.destinations.base import basic_authorization, classify_http, fail, retry
 from trackpipe.destinations.httpclient import HttpDestination
 from trackpipe.events import TYPES
 
@@ -61,11 +60,13 @@ class SegmentForward(HttpDestination):
     def __init__(self, name: str, settings: msgspec.Struct):
         super().__init__(name, settings)
         self._url = self.settings.api_url.rstrip("/") + "/v1/batch"
-        token = base64.b64encode(f"{self.settings.write_key}:".encode()).decode()
-        self._headers = {"authorization": f"Basic {token}", "content-type": "application/json",
-                         "user-agent": "trackpipe"}
+        self._headers = {"authorization": basic_authorization(self.settings.write_key, ""),
+                         "content-type": "application/json", "user-agent": "trackpipe"}
         if self.settings.gzip:
             self._headers["content-encoding"] = "gzip"
+
+    def sent_secrets(self) -> list[str]:
+        return [self._headers["authorization"]]  # as a receiver may echo it back
 
     async def send(self, batch: Sequence[Event]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(batch)

@@ -31,6 +31,7 @@ import httpx
 import msgspec
 
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
+from trackpipe.destinations.base import basic_authorization
 from trackpipe.destinations.base import classify_http, event_time, excerpt, fail, retry
 from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, odd_field
 from trackpipe.destinations.forward import unknown_type, worst
@@ -104,6 +105,9 @@ class Mixpanel(HttpDestination):
             self._import_params["project_id"] = s.project_id
         else:
             self._auth = (s.project_token, "")
+
+    def sent_secrets(self) -> list[str]:
+        return [basic_authorization(*self._auth)]  # as an Authorization header echoed back
 
     async def send(self, batch: Sequence[Event]) -> list[Outcome]:
         results: list[list[Outcome]] = [[] for _ in batch]

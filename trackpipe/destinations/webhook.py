@@ -108,6 +108,12 @@ class Webhook(Destination):
         # A batch's webhook-id names its events: a retry must carry the same ones.
         self.retries_keep_requests = settings.mode == "batch"
 
+    def sent_secrets(self) -> list[str]:
+        """The signing keys' base64 without "whsec_", as a receiver's library decodes them."""
+        secrets = [self.settings.secret] if isinstance(self.settings.secret, str) else \
+            self.settings.secret
+        return [s.removeprefix("whsec_") for s in secrets]
+
     async def start(self) -> None:
         self._client = new_client(allow_private=self.settings.allow_private_targets,
                                   timeout=self.settings.timeout_seconds,
