@@ -92,7 +92,7 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_event_bytes: Count = 32 * 1024
-    """Largest single event, as re-encoded JSON."""
+    """Largest single event, as sent (its JSON as the client wrote it)."""
     max_request_bytes: Count = 500 * 1024
     """Largest request body after gzip decompression."""
     max_batch_events: Count = 2500

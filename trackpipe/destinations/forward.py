@@ -100,7 +100,9 @@ class SegmentForward(HttpDestination):
             if opened:
                 await self.close()
         if outcome.state != "delivered":
-            raise DestinationError(f"{self._url} answered {outcome.status}: {outcome.detail}."
+            answered = (f"answered {outcome.status}" if outcome.status is not None
+                        else "could not be asked")
+            raise DestinationError(f"{self._url} {answered}: {outcome.detail}."
                                    " Check api_url and write_key.")
         return f"{self._url} accepted an empty batch"
 
