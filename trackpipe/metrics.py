@@ -150,6 +150,9 @@ class DeliveryCollector:
                                         labels=["destination"])
         failed = CounterMetricFamily("trackpipe_delivery_failed",
                                      "Events given up on, by reason", labels=["destination", "reason"])
+        skipped = CounterMetricFamily("trackpipe_delivery_skipped",
+                                      "Events not sent here: routed away, suppressed or deleted",
+                                      labels=["destination", "reason"])
         retries = CounterMetricFamily("trackpipe_delivery_retries",
                                       "Failed attempts that were scheduled for a retry",
                                       labels=["destination"])
@@ -163,13 +166,27 @@ class DeliveryCollector:
         for s in self.summaries():
             name = s["name"]
             delivered.add_metric([name], s["delivered"])
-            for reason in ("terminal", "retries_exhausted"):
-                failed.add_metric([name, reason], s["failed_total"].get(reason, 0))
+            for reason, n in _by_reason(FAILED_REASONS, s["failed_total"]):
+                failed.add_metric([name, reason], n)
+            for reason, n in _by_reason(SKIPPED_REASONS, s["skipped"]):
+                skipped.add_metric([name, reason], n)
             retries.add_metric([name], s["retries"])
             pending.add_metric([name], s["pending"])
             oldest.add_metric([name], s["oldest_pending_age_seconds"] or 0)
             stopped.add_metric([name], 1 if s["stopped"] else 0)
-        yield from (delivered, failed, retries, pending, oldest, stopped)
+        yield from (delivered, failed, skipped, retries, pending, oldest, stopped)
+
+
+# Each event stored since a destination was added is, for it, delivered, failed, skipped
+# or pending (README.md, GET /metrics): a reason left out would break that sum.
+FAILED_REASONS = ("terminal", "retries_exhausted")
+SKIPPED_REASONS = ("integrations", "filter", "no_action", "suppressed", "deleted")
+
+
+def _by_reason(known: tuple[str, ...], counts: dict) -> list[tuple[str, int]]:
+    """Each known reason (0 when none yet) and any other counted: none may go unshown."""
+    return [*((r, counts.get(r, 0)) for r in known),
+            *((r, n) for r, n in counts.items() if r not in known)]
 
 
 def register_delivery(summaries) -> DeliveryCollector:

@@ -127,11 +127,11 @@ class TrackingAPI:
 
     async def _accept(self, kind: str, scope, headers: dict, raw: bytes):
         if len(raw) < TAKES_TURNS_BYTES:  # parsed in well under a millisecond
-            records, discards, items = self._parse(kind, scope, headers, raw)
+            records, discards, items, suppressed = self._parse(kind, scope, headers, raw)
         else:
             await self.turns.take()  # see sources/turns.py: one per event-loop iteration
             try:
-                records, discards, items = self._parse(kind, scope, headers, raw)
+                records, discards, items, suppressed = self._parse(kind, scope, headers, raw)
             finally:
                 self.turns.done()
         # Counted once the writer has seen them: a counter never goes down (Prometheus
@@ -144,6 +144,8 @@ class TrackingAPI:
         if outcome.too_deep:  # found by the log writer: not a well-formed request after all
             raise RequestRejected("too_deep", TOO_DEEP)
         metrics.EVENTS_RECEIVED.add((), items)
+        if suppressed:  # counted here, not on parsing: a request too deep is refused whole
+            metrics.EVENTS_SUPPRESSED.add((), suppressed)
         metrics.EVENTS_ACCEPTED.add((), outcome.stored)
         if outcome.deduplicated:
             metrics.EVENTS_DEDUPLICATED.add((), outcome.deduplicated)
@@ -151,7 +153,9 @@ class TrackingAPI:
             metrics.EVENTS_DISCARDED.add((d.reason,))
 
     def _parse(self, kind: str, scope, headers: dict, raw: bytes):
-        """Decode, authenticate, validate and enrich: (records, discards, events received)."""
+        """Decode, authenticate, validate and enrich: (records, discards, events received,
+        events suppressed). An empty batch is received as one event, its empty_batch
+        discard: received = accepted + deduplicated + discarded + suppressed."""
         body = decode_object(raw)
         source = self.registry.resolve(headers.get(b"authorization"), body)
         type_ = None if kind in BATCH_PATHS else PATH_TYPES[kind]
@@ -169,11 +173,11 @@ class TrackingAPI:
                   or headers.get(b"x-strict-mode", b"").strip() in (b"1", b"true"))
         records, discards = prepare(items, type_, rc, self.limits, strict,
                                     AsSent(raw, type_ is None))
+        dropped = 0
         if self.suppressions.hashes:  # invalid events too: a discard keeps the payload
             records, discards, dropped = self.suppressions.drop(
                 records, discards, self.settings.identity.trait_identifiers)
-            metrics.EVENTS_SUPPRESSED.add((), dropped)
-        return records, discards, len(items)
+        return records, discards, max(len(items), 1), dropped
 
     def _peer_ip(self, scope, headers: dict) -> str | None:
         """The client's IPv4 address for context.ip, or None (Segment does not auto-collect
