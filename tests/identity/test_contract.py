@@ -167,6 +167,37 @@ def test_a_previous_id_an_event_named_as_an_anonymous_id_stays_one(stores, log):
     assert store.profile("u2")["profile_id"] != store.resolve("dev-2", None)
 
 
+def test_a_previous_id_named_as_a_user_id_then_as_an_anonymous_id_in_one_batch(stores, log):
+    stores().apply([log("alias", "u1", previousId="old")])
+    store = stores()  # what it knows of "old" comes from the rows
+    store.apply([log("identify", "old"), log("track", anon="old", event="E")])
+    profile = store.profile("u1")
+    assert sorted(profile["user_ids"]) == ["old", "u1"] and profile["anonymous_ids"] == []
+    assert store.profile(store.resolve(None, "old"))["anonymous_ids"] == ["old"]
+    assert store.resolve(None, "old") != profile["profile_id"]
+    store.apply([log("alias", "u2", previousId="old-2")])  # a graph that holds "old-2"
+    store.apply([log("identify", "old-2"), log("track", anon="old-2", event="E")])
+    assert sorted(store.profile("u2")["user_ids"]) == ["old-2", "u2"]
+
+
+def test_a_previous_id_never_becomes_a_user_id_that_rule_1_would_have_kept_apart(stores, log):
+    # Had "old" been sent as a userId first, dev's identify as u2 would have been refused.
+    stores().apply([log("alias", anon="dev", previousId="old"), log("identify", "u2", "dev")])
+    store = stores()
+    store.apply([log("track", "old", event="E")])
+    assert store.profile("u2")["user_ids"] == ["u2"] and store.profile("old")["user_ids"] == ["old"]
+    # the same within one batch, and through a trait identifier
+    store.apply([log("alias", anon="dev-2", previousId="old-2"), log("identify", "u3", "dev-2"),
+                 log("track", "old-2", event="E")])
+    assert store.profile("u3")["user_ids"] == ["u3"]
+    store.apply([log("alias", anon="x", previousId="p1"), log("identify", anon="x",
+                                                              traits={"email": "e@x.io"}),
+                 log("alias", anon="y", previousId="p2"), log("identify", anon="y",
+                                                              traits={"email": "e@x.io"}),
+                 log("track", "p1", event="E"), log("track", "p2", event="E")])
+    assert store.profile("p1")["user_ids"] == ["p1"]
+
+
 def test_an_alias_without_user_id_joins_previous_id_to_its_anonymous_id(store, log):
     store.apply([log("identify", "u-old", "a-old", traits={"x": 1}),
                  log("alias", anon="a-new", previousId="u-old"),

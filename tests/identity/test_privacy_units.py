@@ -326,3 +326,31 @@ def test_suppression_drops_a_cut_short_discard_by_the_ids_it_names(tmp_path):
     assert {d.payload.split('"')[3] for d in kept} == {
         name for name, (_, gone) in events.items() if not gone}
     assert dropped == 2
+
+
+def test_a_delete_erases_the_events_of_a_previous_id_identity_has_not_applied_yet(tmp_path):
+    """An alias's previousId identity saw only there is a userId to be (graph.py _as_user):
+    the old userId's events still waiting in the log are the person's."""
+    from trackpipe.config import Identity
+    from trackpipe.identity.sqlite_store import SQLiteStore
+
+    def record(type_: str, user: str, **fields) -> Record:
+        body = {"type": type_, "userId": user, "timestamp": "2024-05-01T10:00:00.000Z",
+                **fields}
+        return Record(f"m-{type_}", 1, type_, fields.get("event"), user, None, "src",
+                      msgspec.json.encode(body))
+    log = SQLiteLog(tmp_path / "log.db")
+    log.append([record("alias", "new-id", previousId="old-id"),
+                record("track", "old-id", event="Old Event")], [])
+    alias = log.read(0, 1)
+    log.close()
+    DeliveryState(tmp_path / "deliveries.db").close()
+    identity = SQLiteStore(tmp_path / "identity.db", Identity(), "identity")
+    identity.apply(alias)  # the old userId's event is not applied yet
+    with opened(tmp_path / "deliveries.db") as db:
+        request_id = erase.queue(db, [(None, "new-id")])
+        assert erase.process_requests(tmp_path, identity, []) == 1
+        assert erase.result(db, request_id)["events"] == 2
+    identity.close()
+    with opened(tmp_path / "log.db") as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)

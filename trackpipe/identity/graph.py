@@ -12,7 +12,10 @@ identifier such as `email` (trimmed, lower-cased). Edges come from events:
   usual alias: a visitor's anonymous id to the id they sign up with) until
   an event names it, and the first event naming it as a userId makes it
   that userId, edges and all. So an alias that arrives before the events of
-  the userId it names joins them as it would have after them;
+  the userId it names joins them as it would have after them. Not when its
+  profile has since gained a userId through an edge that rule 1 below would
+  have refused had it been a userId (a shared anonymousId, a trait): it then
+  stays an anonymousId, and that userId is an identifier of its own;
 - `trait`: a trait identifier (identify traits / context.traits) to the
   event's userId, or its anonymousId when it has no userId.
 
@@ -122,6 +125,9 @@ class Graph:
         self.profiles: dict[str, Profile] = {}
         self.redirect: dict[str, str] = {}  # absorbed profile id -> survivor, for cached nodes
         self.edges: set[tuple[int, int, str]] = set()
+        # Per profile, its previousId-only anonymousIds that may still become userIds
+        # (see `_settle`).
+        self.awaiting: dict[str, list[Node]] = {}
 
     def missing(self, facts: list[Fact]) -> set[tuple[str, str]]:
         """Identifier keys the facts name that the working set does not hold yet."""
@@ -202,8 +208,13 @@ class Graph:
             return known
         node = self._new(ANON, f.previous, f, ch)
         if node is not None:
-            node.previous_only = True
+            self.await_user(node)
         return node
+
+    def await_user(self, node: Node) -> None:
+        """`node` is an anonymousId only an alias's previousId named so far."""
+        node.previous_only = True
+        self.awaiting.setdefault(self.profile_of(node), []).append(node)
 
     def _as_user(self, value: str, ch: Changes) -> Node | None:
         """The anonymousId `value` made a userId, when only an alias's previousId named it
@@ -216,6 +227,8 @@ class Graph:
         node.kind, node.previous_only = USER, False
         self.nodes[(USER, value)] = node
         profile = self.profiles[self.profile_of(node)]
+        if not profile.users:  # its first userId: the others' paths to it are not known here
+            self._settle(profile, Profile("", 0, 0, 1, 0))
         profile.users += 1
         ch.retyped.append(node)
         ch.dirty.add(profile.id)
@@ -256,7 +269,18 @@ class Graph:
             (x if x.profile == younger.id else y).origin = None
         ch.edges.append((*key, APPLIED, None, int(joined), None if fresh else younger.id,
                          older.id, f.position, f.message_id, f.ts))
+        if rule != "alias":
+            self._settle(older, younger)
         self._merge(older, younger, joined, ch)
+
+    def _settle(self, a: Profile, b: Profile) -> None:
+        """An edge that is no alias joins a profile without a userId to one with: had a
+        previousId-only anonymousId of the first been a userId, rule 1 would have refused
+        it. So those stay anonymousIds (a userId of their value is someone else)."""
+        if bool(a.users) == bool(b.users):
+            return
+        for node in self.awaiting.pop((b if a.users else a).id, ()):
+            node.previous_only = False
 
     def _merge(self, older: Profile, younger: Profile, joined: bool, ch: Changes) -> None:
         older.nodes += younger.nodes
@@ -264,6 +288,8 @@ class Graph:
         older.merges += younger.merges + int(joined)
         del self.profiles[younger.id]
         self.redirect[younger.id] = older.id
+        if younger.id in self.awaiting:
+            self.awaiting.setdefault(older.id, []).extend(self.awaiting.pop(younger.id))
         ch.relabels.append((younger.id, older.id))
         ch.dirty.add(older.id)
         ch.dead.add(younger.id)

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 
+from trackpipe.identity.facts import ANON
 from trackpipe.identity.graph import APPLIED, REFUSED, UNMERGED, Limits, rebuild
 from trackpipe.identity.reads import LEGACY, Rows, lookup, members
 from trackpipe.identity.store import Erasure, Forgotten
@@ -95,15 +96,15 @@ def _forget_profile(db, pid: str, verify: Callable[[Rows], set[int]], others: li
     nodes = members(db, pid)
     ids = [n[0] for n in nodes]
     named = {n[0]: (n[1], n[2]) for n in nodes}
-    rows = [(position, log, ts, *named[node]) for position, log, ts, node in db.fetch_in(
-        "SELECT position, log, ts, node FROM timeline WHERE node IN ({})", ids)]
+    timeline = db.fetch_in("SELECT position, log, ts, node FROM timeline WHERE node IN ({})", ids)
+    rows = [(position, log, ts, *named[node]) for position, log, ts, node in timeline]
     positions = verify(rows)
+    identifiers = _identifiers(db, nodes, {row[3] for row in timeline})
     for table in _CONTRIBUTIONS:
         db.many(f"DELETE FROM {table} WHERE node = ?", [(i,) for i in ids])
     db.many("DELETE FROM edges WHERE a = ? OR b = ?", [(i, i) for i in ids])
     db.run("DELETE FROM nodes WHERE profile = ?", (pid,))
     db.run("DELETE FROM profiles WHERE id = ?", (pid,))
-    identifiers = [(n[1], n[2]) for n in nodes]
     asked = 0
     if others is not None:
         theirs: dict[str, set[int]] = {log: set() for log in others}
@@ -115,6 +116,19 @@ def _forget_profile(db, pid: str, verify: Callable[[Rows], set[int]], others: li
         legacy = [r for r in rows if r[1] == LEGACY and r[0] not in positions]
         asked = ask(db, identifiers, {log: sorted(p) for log, p in theirs.items()}, legacy)
     return Forgotten(identifiers, sorted(positions), asked)
+
+
+def _identifiers(db, nodes, owners: set[int]) -> list[tuple[str | None, str]]:
+    """(kind, value) of each identifier; kind None (either reading) for an anonymousId only
+    an alias's previousId named (graph.py `_as_user`): an event of the log not applied yet
+    may name it as the userId it turns into."""
+    anons = [n[0] for n in nodes if n[1] == ANON and n[0] not in owners]
+    named = set()
+    for column in ("a", "b"):
+        named.update(n for (n,) in db.fetch_in(
+            f"SELECT {column} FROM edges WHERE rule <> 'alias' AND {column} IN ({{}})", anons))
+    either = set(anons) - named
+    return [(None if n[0] in either else n[1], n[2]) for n in nodes]
 
 
 # -- a delete other nodes carry out (privacy/erase.py) --------------------------------------

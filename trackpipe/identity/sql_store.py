@@ -26,8 +26,8 @@ from contextlib import AbstractContextManager
 
 from trackpipe.identity import reads, repair
 from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
-from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile
-from trackpipe.identity.reads import LEGACY, Rows
+from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile, rebuild
+from trackpipe.identity.reads import LEGACY, Rows, members
 from trackpipe.identity.store import (CONSUMER, Erasure, Forgotten, IdentityStore, ReadLog,
                                       new_profile_id)
 from trackpipe.log.base import Entry
@@ -138,7 +138,7 @@ class SQLStore(IdentityStore):
         missing = graph.missing(facts)
         # A new userId may be a stored anonymousId only an alias named (graph.py `_as_user`).
         self._load(graph, missing | {(ANON, v) for kind, v in missing if kind == USER})
-        self._tell_previous_only(graph.undecided(facts))
+        self._tell_previous_only(graph, graph.undecided(facts))
         new = sum(1 for key in missing if key not in graph.nodes)  # at most this many nodes
         ids = iter(self.node_ids(new))
         graph.new_node_id = ids.__next__
@@ -166,7 +166,7 @@ class SQLStore(IdentityStore):
             graph.edges.update(self.db.fetch_in(
                 f"SELECT a, b, rule FROM edges WHERE {column} IN ({{}})", ids))
 
-    def _tell_previous_only(self, nodes: list[Node]) -> None:
+    def _tell_previous_only(self, graph: Graph, nodes: list[Node]) -> None:
         """Set whether each of these stored anonymousIds was only ever an alias's previousId:
         an event naming it gave it a timeline row (it owned the event) or a user_anonymous
         edge (the event's userId did), and an alias's previousId neither."""
@@ -179,14 +179,32 @@ class SQLStore(IdentityStore):
             seen.update(n for (n,) in self.db.fetch_in(
                 f"SELECT {column} FROM edges WHERE rule <> 'alias' AND {column} IN ({{}})", ids))
         for node in nodes:
-            node.previous_only = node.id not in seen
+            node.previous_only = False
+            if node.id not in seen and self._may_be_user(graph, node):
+                graph.await_user(node)
+
+    def _may_be_user(self, graph: Graph, node: Node) -> bool:
+        """Whether the rules, replayed over the profile's edges (graph.rebuild), refuse no
+        more with `node` a userId than as the anonymousId it is (graph.py `_settle`)."""
+        profile = graph.profiles[graph.profile_of(node)]
+        if not profile.users:
+            return True
+        nodes = [(n[0], n[1]) for n in members(self.db, profile.id)]
+        ids = {n for n, _ in nodes}
+        edges = sorted(e for e in self.db.fetch_in(
+            "SELECT id, a, b, rule, joined FROM edges WHERE state = 'applied' AND a IN ({})",
+            sorted(ids)) if e[2] in ids)
+        as_user = [(n, USER if n == node.id else kind) for n, kind in nodes]
+        return (len(rebuild(self.limits, as_user, edges)[2])
+                <= len(rebuild(self.limits, nodes, edges)[2]))
 
     def _write(self, graph: Graph, ch: Changes) -> None:
         db = self.db
-        db.insert("INSERT INTO nodes (id, kind, value, profile, origin)",
-                  [(n.id, n.kind, n.value, n.profile, n.origin) for n in ch.new_nodes])
+        # Retyped first: a new anonymousId of the same value may be among the new nodes.
         if ch.retyped:
             db.many("UPDATE nodes SET kind = ? WHERE id = ?", [(n.kind, n.id) for n in ch.retyped])
+        db.insert("INSERT INTO nodes (id, kind, value, profile, origin)",
+                  [(n.id, n.kind, n.value, n.profile, n.origin) for n in ch.new_nodes])
         # Each absorbed profile's nodes go straight to the profile that survives the batch
         # (the same end state as replaying the merges in order).
         db.relabel({old: graph.find(old) for old, _ in ch.relabels})

@@ -56,7 +56,7 @@ class Forgotten(NamedTuple):
     log of the events attributed to them, so the caller can delete those events from the
     log; `asked`: how many other nodes were asked to erase theirs (see Erasure)."""
 
-    identifiers: list[tuple[str, str]]
+    identifiers: list[tuple[str | None, str]]  # None: a userId or an anonymousId
     positions: list[int]
     asked: int = 0
 
