@@ -4,6 +4,7 @@ leave the log; failed ones stay, and can still be replayed."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 
 import msgspec
@@ -286,6 +287,26 @@ def test_a_destination_removed_from_the_config_no_longer_holds_the_log(tmp_path,
         report_removed(settings, state)
         assert "destination gone is no longer in the config: its 1 queued and 0 failed" \
             in caplog.text and "kept" not in caplog.text
+    finally:
+        reader.close()
+        state.close()
+        writer.close()
+
+
+def test_traces_of_an_event_the_retention_never_met_go_once_it_passes_them(tmp_path):
+    """A privacy delete erases the event but leaves the drops row that its suppression
+    left (it only knew attempts, pending and failed); the retention never deletes that
+    position, so the row stayed for good, one per such event."""
+    writer, reader, state, settings = _retention_rig(tmp_path, ["hook"], 6)
+    try:
+        db = state._db()
+        state.set_cursor("hook", 6)
+        db.execute("INSERT INTO drops VALUES ('hook', 3, 0, 'suppressed')")
+        with sqlite3.connect(tmp_path / "log.db") as log_db:
+            log_db.execute("DELETE FROM events WHERE position = 3")  # the privacy delete
+
+        assert _prune(tmp_path, settings, state, reader) == []
+        assert db.execute("SELECT count(*) FROM drops").fetchone() == (0,)
     finally:
         reader.close()
         state.close()

@@ -770,3 +770,91 @@ def test_a_replay_into_a_disabled_destination_or_an_empty_range_is_refused(files
                        since=2_000, until=1_000)
     assert refused.value.status == 400 and "must be before `until`" in refused.value.message
     assert state.pending_after("off", 0, 10) == [] == state.pending_after("on", 0, 10)
+
+
+def append_body(event_log: SQLiteLog, user: str, **fields) -> str:
+    """One track event of `user` with these extra message fields; returns its messageId."""
+    message_id = f"m{event_log.head() + 1}"
+    body = msgspec.json.encode({"type": "track", "event": "Tested", "userId": user,
+                                "messageId": message_id, **fields})
+    event_log.append([Record(message_id, 1_700_000_000_000, "track", "Tested", user, None,
+                             "src", body)])
+    return message_id
+
+
+@in_loop
+async def test_a_batch_recorded_before_the_upgrade_does_not_claim_what_it_skipped(files):
+    """A deliveries.db from before `unsent`: its batch rows span the events their read
+    skipped, with no word of which. Those are shown as routing says (as before the
+    upgrade), not as delivered; rows recorded after the upgrade say for themselves."""
+    path, event_log, state = files
+    [sent] = append(event_log, ["a"])
+    elsewhere = append_body(event_log, "b", integrations={"All": False})
+    w = worker(state, event_log, Scripted(), batch_size=10)
+    await drain(w)
+    db = state._db()
+    db.execute("DROP TABLE unsent")  # the file as the version before wrote it
+    db.execute("DROP TABLE drops")
+    state.close()
+    upgraded = DeliveryState(path / "deliveries.db")
+    try:
+        assert outcome(event_log, upgraded, elsewhere, w)[0].startswith("skipped (")
+        assert outcome(event_log, upgraded, sent, w) == ("delivered", [("delivered", 1)])
+
+        [later] = append(event_log, ["c"])
+        await drain(worker(upgraded, event_log, Scripted(), batch_size=10))
+        deny_all = worker(upgraded, event_log, Scripted(), filter=msgspec.convert(
+            {"mode": "deny", "types": ["track"]}, config.Filter))
+        assert outcome(event_log, upgraded, later, deny_all) == ("delivered", [("delivered", 1)])
+    finally:
+        upgraded.close()
+
+
+class TwoAnswers(Scripted):
+    """Answers the two halves of a send apart (as a webhook does after a 413): both
+    retryable, with different statuses."""
+
+    async def send(self, batch):
+        self.sends.append([e.message_id for e in batch])
+        half = len(batch) // 2
+        return [retry(503, "busy")] * half + [retry(429, "slow down")] * (len(batch) - half)
+
+
+@in_loop
+async def test_a_send_answered_apart_shows_each_event_its_own_answer(files):
+    """Every event of the send was to be retried, but not for the same answer: the batch
+    row's one status and detail would claim the first half's for all of them."""
+    _, event_log, state = files
+    first, second = append(event_log, ["a", "b"])
+    w = worker(state, event_log, TwoAnswers(), batch_size=10, retry_initial_seconds=60)
+    await w.step()
+    shown = {mid: deliveries(event_log, state, mid, w)["deliveries"][0]["attempts"]
+             for mid in (first, second)}
+    assert [(a["state"], a["status"], a["detail"]) for a in shown[first]] == [
+        ("retry", 503, "busy")]
+    assert [(a["state"], a["status"], a["detail"]) for a in shown[second]] == [
+        ("retry", 429, "slow down")]
+
+
+def test_the_deliveries_view_reads_the_cursor_in_the_same_snapshot(files, monkeypatch):
+    """A batch recorded between the view's read of the records and its read of the
+    cursor made a sent event look as if it was stored before the destination existed."""
+    path, event_log, state = files
+    [mid] = append(event_log, ["a"])
+    w = worker(state, event_log, Scripted())
+    state.set_cursor(w.name, 0)
+    batch_id = state.begin_batch(w.name, 1, 1, 1)
+    other = DeliveryState(path / "deliveries.db")
+    steps = DeliveryState._steps
+
+    def recorded_meanwhile(*args):
+        found = steps(*args)
+        other.record(w.name, [Sent(1, mid, 0, "u:a", 1, 0, DELIVERED)], duration_ms=1.0,
+                     policy=w.policy, batch_id=batch_id, cursor=1)
+        return found
+
+    monkeypatch.setattr(DeliveryState, "_steps", staticmethod(recorded_meanwhile))
+    try:
+        assert outcome(event_log, state, mid, w) == ("pending", [])
+    finally:
+        other.close()

@@ -142,15 +142,20 @@ class DestinationsAPI:
 
     def _copy_deliveries(self, entry) -> list[dict]:
         """Per destination, what the records say became of this stored event. Only with no
-        record at all (it was stored before the destination was added) does routing say."""
+        record at all (it was stored before the destination was added), or a batch row
+        from before trackpipe recorded what its reads skipped, does routing say."""
         out = []
         for cfg in self.p.settings.destinations:
-            state, tries = self.p.deliveries.history(cfg.name, entry.position)
+            def routed_away(cfg=cfg) -> str | None:
+                routed = Router(cfg).route(msgspec.json.decode(entry.body))
+                return routed.reason if isinstance(routed, Skipped) else None
+
+            state, tries = self.p.deliveries.history(cfg.name, entry.position, routed_away)
             for t in tries:
                 t["at"] = format_ts(t["at"])
             if state is None:
-                routed = Router(cfg).route(msgspec.json.decode(entry.body))
-                state = (f"skipped ({routed.reason})" if isinstance(routed, Skipped)
+                reason = routed_away()
+                state = (f"skipped ({reason})" if reason is not None
                          else "not sent (stored before the destination was added)")
             out.append({"destination": cfg.name, "type": cfg.type, "state": state,
                         "attempts": tries})

@@ -29,7 +29,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import msgspec
 
@@ -39,6 +39,17 @@ from trackpipe.pipeline.clock import StepWatch
 from trackpipe.privacy import erase
 
 log = logging.getLogger("trackpipe.delivery")
+
+# Created beside the rest, or by _mark_legacy_batches in a file written before them.
+UNSENT_TABLES = ("""
+CREATE TABLE IF NOT EXISTS unsent (
+    batch       INTEGER PRIMARY KEY,     -- batches.id; no row: every event of its range was sent
+    positions   TEXT NOT NULL            -- {reason: [positions]} of its range not in its send
+)""", """
+CREATE TABLE IF NOT EXISTS legacy_batches (
+    destination TEXT PRIMARY KEY,        -- its batch rows up to `hi` predate `unsent`: they
+    hi          INTEGER NOT NULL         -- do not say which events of their range went
+) WITHOUT ROWID""")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
@@ -58,10 +69,7 @@ CREATE TABLE IF NOT EXISTS batches (
     detail      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS batches_by_range ON batches (destination, hi);
-CREATE TABLE IF NOT EXISTS unsent (
-    batch       INTEGER PRIMARY KEY,     -- batches.id; no row: every event of its range was sent
-    positions   TEXT NOT NULL            -- {reason: [positions]} of its range not in its send
-);
+""" + ";".join(UNSENT_TABLES) + """;
 CREATE TABLE IF NOT EXISTS drops (
     destination TEXT NOT NULL,           -- a queued event removed without a send
     position    INTEGER NOT NULL,
@@ -136,6 +144,26 @@ HELD = "held"  # in `unsent`: held back for per-user ordering; its own attempts 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _mark_legacy_batches(db: sqlite3.Connection) -> None:
+    """A file written before `unsent` existed: its batch rows span the events their read
+    did not send (skipped, held back), with no word of which. How far those rows reach
+    (each destination's cursor then) is kept, so that history() asks routing about them,
+    as it did then, instead of taking every event of their range for sent. In the
+    transaction that creates `unsent`, so the mark is made once, before any new row."""
+    def tables() -> set[str]:
+        return {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    if "unsent" in tables() or "cursors" not in tables():
+        return  # written with `unsent` from the start, or a new file
+    with immediate(db):
+        if "unsent" in tables():
+            return  # another process opening the file was first
+        for table in UNSENT_TABLES:
+            db.execute(table)
+        db.execute("INSERT OR IGNORE INTO legacy_batches SELECT destination, position"
+                   " FROM cursors")
 
 
 def _set_unsent(db: sqlite3.Connection, batch_id: int,
@@ -260,6 +288,7 @@ class DeliveryState:
         # The committing connection checkpoints after its own commit (SQLite's default
         # every 1000 pages); without it the WAL grew by ~270 bytes per delivered event.
         self._conns = PerThread(self.path, synchronous="NORMAL", autocheckpoint=1000)
+        _mark_legacy_batches(self._db())
         self._db().executescript(SCHEMA + erase.QUEUE_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
@@ -310,20 +339,22 @@ class DeliveryState:
         destination's answer may quote it. Returns the events that were given up on
         (moved to `failed`)."""
         at = now_ms()
-        states = {s.outcome.state for s in sent}
-        uniform = batch_id is not None and len(states) <= 1
+        first = sent[0].outcome if sent else Outcome("delivered")
+        # One batch row tells the whole send only when every event got the same answer
+        # (a send cut into requests, as after a 413, may get a status per request).
+        uniform = batch_id is not None and all(s.outcome is first or _shown(s.outcome)
+                                               == _shown(first) for s in sent)
         db = self._db()
         with immediate(db):
             # Only a send that leaves rows naming its events needs to ask the log.
             erased = self._erased([*(s.position for s in sent), *(p for p, _, _ in held)]) \
-                if held or not uniform or states - {"delivered"} else set()
+                if held or not uniform or first.state != "delivered" else set()
             rows = _Rows.of(destination, sent, at, duration_ms, policy, uniform, erased,
                             keep_requests)
             for reason, positions in (skipped or {}).items():
                 rows.counts[f"skipped:{reason}"] = (rows.counts.get(f"skipped:{reason}", 0)
                                                     + len(positions))
             if batch_id is not None:
-                first = sent[0].outcome if sent else Outcome("delivered")
                 state = first.state if uniform else "mixed"
                 # hi: a resent batch cut short (routing changed) covers only what it read.
                 db.execute("UPDATE batches SET state = ?, status = ?, duration_ms = ?, detail = ?,"
@@ -651,6 +682,10 @@ class DeliveryState:
             for table in ("attempts", "drops", "pending", "failed"):
                 db.execute(f"DELETE FROM {table} WHERE position IN"
                            " (SELECT value FROM json_each(?))", (doomed,))
+            # Below `below` no event is left: traces of events the retention never met
+            # (a privacy delete leaves `drops`; a forget given up on, attempts) go too.
+            for table in ("attempts", "drops"):
+                db.execute(f"DELETE FROM {table} WHERE position < ?", (below,))
             for destination in self.known_destinations():
                 gone = [i for (i,) in db.execute(
                     "DELETE FROM batches WHERE destination = ? AND hi < ? RETURNING id",
@@ -703,22 +738,28 @@ class DeliveryState:
 
     # -- inspection --------------------------------------------------------------
 
-    def history(self, destination: str, position: int) -> tuple[str | None, list[dict]]:
+    def history(self, destination: str, position: int,
+                routed_away: Callable[[], str | None] | None = None
+                ) -> tuple[str | None, list[dict]]:
         """What became of the event at `position` for this destination, as recorded:
         (its state, its attempts oldest first). The state is None when nothing about it
         is recorded (it was stored before the destination was added): the caller may
-        derive it from routing. Read in one transaction."""
+        derive it from routing. `routed_away`: why routing skips the event (None: it does
+        not), asked only about a batch row from before `unsent` (_mark_legacy_batches).
+        Read in one transaction, the cursor too: a batch recorded meanwhile is seen
+        whole or not at all."""
         db = self._db()
         db.execute("BEGIN")
         try:
             queued = self._queued_state(db, destination, position)
-            steps = self._steps(db, destination, position)
+            steps = self._steps(db, destination, position, routed_away)
+            cursor = self.cursor(destination)
         finally:
             db.execute("COMMIT")
         attempts = [step for _, kind, step in steps if kind == "attempt"]
         if queued is not None:
             return queued, attempts
-        if position > self.cursor(destination):
+        if position > cursor:
             return "pending", attempts  # not read yet
         if not steps:
             return None, []
@@ -739,18 +780,24 @@ class DeliveryState:
         return None
 
     @staticmethod
-    def _steps(db: sqlite3.Connection, destination: str, position: int) -> list[tuple]:
+    def _steps(db: sqlite3.Connection, destination: str, position: int,
+               routed_away: Callable[[], str | None] | None = None) -> list[tuple]:
         """(at, "attempt" | "skip", attempt dict | state), in order: the fresh read that
         covered the position, then its attempts and drops."""
         steps: list[tuple] = []
-        row = db.execute("SELECT lo, at, state, status, duration_ms, detail, unsent.positions"
-                         " FROM batches LEFT JOIN unsent ON unsent.batch = batches.id"
+        row = db.execute("SELECT lo, at, state, status, duration_ms, detail, unsent.positions,"
+                         " hi <= (SELECT hi FROM legacy_batches l WHERE l.destination ="
+                         " batches.destination) FROM batches"
+                         " LEFT JOIN unsent ON unsent.batch = batches.id"
                          " WHERE destination = ? AND hi >= ? AND state != 'sending'"
                          " ORDER BY hi LIMIT 1", (destination, position)).fetchone()
         if row and row[0] <= position:
-            lo, at, state, status, duration_ms, detail, unsent = row
-            reason = next((r for r, ps in json.loads(unsent or "{}").items() if position in ps),
-                          None)
+            lo, at, state, status, duration_ms, detail, unsent, legacy = row
+            if legacy and unsent is None:  # it does not say what of its range went
+                reason = routed_away() if routed_away is not None else None
+            else:
+                reason = next((r for r, ps in json.loads(unsent or "{}").items()
+                               if position in ps), None)
             if reason is not None and reason != HELD:
                 steps.append((at, "skip", f"skipped ({reason})"))
             elif reason is None and state not in ("mixed", "skipped"):
@@ -812,6 +859,11 @@ class DeliveryState:
             (destination, after, limit)).fetchall()
         keys = ("position", "message_id", "failed_at", "attempts", "status", "detail", "reason")
         return [dict(zip(keys, r)) for r in rows]
+
+
+def _shown(outcome: Outcome) -> tuple:
+    """What an attempt shows of an outcome."""
+    return outcome.state, outcome.status, outcome.detail
 
 
 def _attempt(at, state, status, duration_ms, detail, attempt) -> dict:
