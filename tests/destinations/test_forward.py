@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from trackpipe import config
-from trackpipe.destinations.base import DestinationError, Event
+from trackpipe.destinations.base import DELIVERED, DestinationError, Event
 from trackpipe.destinations.build import build_destination, masked
 from trackpipe.destinations.forward import chunk_by_size
 from trackpipe.dsn import MASK
@@ -113,6 +113,27 @@ def test_a_mapped_field_of_the_wrong_type_fails_that_event_alone(mock, odd):
     assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
     assert f"`{next(iter(odd))}`" in outcomes[1].detail
     assert mock.received() == ["m-1", "m-3"] and len(mock.requests) == 1
+
+
+def test_a_message_without_timestamp_goes_with_the_stored_events_time(mock):
+    """An action may build a message without `timestamp`: the receiver would date it on
+    arrival, differently on each retry. It goes with the stored event's time instead."""
+    built = {"type": "track", "event": "Bought", "messageId": "m-1", "userId": "user-1"}
+    dest = build_destination(cfg(mock.url))
+
+    async def go():
+        await dest.start()
+        try:
+            for _ in range(2):  # a first attempt and its retry
+                event = Event(1, "m-1", dict(built), None, None, "a", stored_time=1772366400250)
+                [outcome] = await dest.send([event])
+                assert outcome.state == DELIVERED.state
+        finally:
+            await dest.close()
+    asyncio.run(go())
+    sent = [json.loads(r.body)["batch"][0] for r in mock.requests]
+    assert [m["timestamp"] for m in sent] == ["2026-03-01T12:00:00.250Z"] * 2
+    assert "timestamp" not in built
 
 
 def test_failures_are_classified(mock):

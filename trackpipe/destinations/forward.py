@@ -27,7 +27,7 @@ import msgspec
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
 from trackpipe.destinations.base import basic_authorization, classify_http, fail, retry
 from trackpipe.destinations.httpclient import HttpDestination
-from trackpipe.events import TYPES
+from trackpipe.events import TYPES, format_ts
 
 MAX_EVENT_BYTES = 32 * 1024     # Segment's and Customer.io's per-event limit
 MAX_REQUEST_BYTES = 475_000     # under the 500 KB request limit, as analytics-python keeps
@@ -77,7 +77,7 @@ class SegmentForward(HttpDestination):
                            or odd_field(RECEIVER, event.message))
             if outcomes[i] is not None:
                 continue
-            item = msgspec.json.encode(outgoing(event.message))
+            item = msgspec.json.encode(dated(outgoing(event.message), event))
             if len(item) > MAX_EVENT_BYTES:
                 outcomes[i] = fail(None, f"the message is {len(item)} bytes as JSON; Segment and"
                                          f" Customer.io refuse events over {MAX_EVENT_BYTES}"
@@ -129,6 +129,14 @@ def check_api_url(url: str) -> None:
 
 def outgoing(message: dict) -> dict:
     return {k: v for k, v in message.items() if k not in LOCAL_FIELDS}
+
+
+def dated(message: dict, event: Event) -> dict:
+    """A message an action built without `timestamp` gets the stored event's: the receiver
+    would date it when it arrives, hours late after retries, and differently each time."""
+    if message.get("timestamp") is None and event.stored_time is not None:
+        message["timestamp"] = format_ts(event.stored_time)
+    return message
 
 
 def chunk_by_size(items: Sequence[bytes], max_count: int, max_bytes: int) -> Iterable[range]:
