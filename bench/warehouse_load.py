@@ -41,8 +41,12 @@ def track(n: int, run: str) -> Event:
                        "products": [{"sku": "SEG-02", "price": 19.99}]},
     }
     # as the delivery framework hands it over: the stored JSON, decoded only if read
-    return Event(n, message["messageId"], None, f"profile-{n % 5000}", None, None,
-                 msgspec.json.encode(message))
+    event = Event(n, message["messageId"], None, f"profile-{n % 5000}", None, None,
+                  msgspec.json.encode(message))
+    # As the worker hands it over: each identifier the event names, with its profile.
+    event.identities = {("user_id", message["userId"]): event.profile_id,
+                        ("anonymous_id", message["anonymousId"]): event.profile_id}
+    return event
 
 
 async def run(dsn: str, events: int, batch_size: int) -> None:

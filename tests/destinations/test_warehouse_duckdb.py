@@ -13,6 +13,7 @@ import duckdb
 import msgspec
 import pytest
 
+from destinations.test_warehouse_schema import joined
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.warehouse import duckdb as module
 from trackpipe.destinations.warehouse.duckdb import DuckDBWarehouse
@@ -38,7 +39,8 @@ def event(n: int, type_: str = "track", profile: str | None = None, **fields) ->
                "context": {"ip": "203.0.113.7", "page": {"path": "/x"}}, **fields}
     if type_ == "track":
         message.setdefault("event", "Order Completed")
-    return Event(n, message["messageId"], message, profile, None, None)
+    return Event(n, message["messageId"], message, profile, None, None,
+                 identities=joined(message, profile))
 
 
 def query(path, sql):

@@ -18,6 +18,7 @@ import pytest
 from destinations import test_warehouse_duckdb as dk
 from destinations import test_warehouse_postgres as pg
 from destinations.test_warehouse_postgres import admin, schema  # noqa: F401 (fixtures)
+from destinations.test_warehouse_schema import joined
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse.layout import row_id
 
@@ -66,7 +67,8 @@ def event(n: int, profile: str | None = None, **fields) -> Event:
     message = {"type": "track", "event": "Viewed", "messageId": f"m{n}", "userId": "u1",
                "anonymousId": "a1", "receivedAt": "2024-05-01T10:00:00.000Z",
                "properties": {"n": n}, **fields}
-    return Event(n, message["messageId"], None, profile, None, None, msgspec.json.encode(message))
+    return Event(n, message["messageId"], None, profile, None, None, msgspec.json.encode(message),
+                 identities=joined(message, profile))
 
 
 def unique_text(seed: str, size: int) -> str:
@@ -176,3 +178,23 @@ def test_delete_user_finds_the_ids_stored_under_a_stand_in(wh):
     assert identities(wh) == [("anonymous_id", "a2", "q"), ("user_id", "u2", "q")]
     assert wh.rows("rejected_values") == []
     assert wh.rows("identifies", "id") == [{"id": "m2"}]
+
+
+def test_delete_user_removes_the_persons_trait_identifiers_too(wh):
+    # A delete notice names userIds and anonymousIds only: the person's email rows (one
+    # long enough to be kept whole under its stand-in) stayed behind.
+    long_email = unique_text("e", 3000) + "@example.com"
+    mine = {("user_id", "u1"): "p", ("anonymous_id", "a1"): "p", ("email", "x@y.z"): "p",
+            ("email", long_email): "p"}
+    batch = [Event(1, "m1", {"type": "identify", "messageId": "m1", "userId": "u1",
+                             "anonymousId": "a1", "receivedAt": "2024-05-01T10:00:00.000Z"},
+                   "p", None, None, identities=mine),
+             Event(2, "m2", {"type": "identify", "messageId": "m2", "userId": "u2",
+                             "receivedAt": "2024-05-01T10:00:00.000Z"},
+                   "q", None, None, identities={("user_id", "u2"): "q", ("email", "q@y.z"): "q",
+                                                ("email", "x@y.z"): "p"})]
+    assert load(wh, batch) == [["delivered"] * 2]
+    assert rejected(wh, "identities") == [("email", row_id(long_email), long_email)]
+    assert delete_user(wh, ["u1"], ["a1"]) == "delivered"
+    assert identities(wh) == [("email", "q@y.z", "q"), ("user_id", "u2", "q")]
+    assert wh.rows("rejected_values") == []

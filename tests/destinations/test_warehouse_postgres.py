@@ -18,6 +18,7 @@ import msgspec
 import psycopg
 import pytest
 
+from destinations.test_warehouse_schema import joined
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.warehouse.postgres import PostgresWarehouse
 
@@ -83,7 +84,8 @@ def event(n: int, type_: str = "track", profile: str | None = None, **fields) ->
                "context": {"ip": "203.0.113.7", "library": {"name": "analytics-python"}}, **fields}
     if type_ == "track":
         message.setdefault("event", "Order Completed")
-    return Event(n, message["messageId"], message, profile, None, None)
+    return Event(n, message["messageId"], message, profile, None, None,
+                 identities=joined(message, profile))
 
 
 def table(admin, schema, name, columns="*", order="id"):

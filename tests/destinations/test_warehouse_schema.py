@@ -15,9 +15,18 @@ from trackpipe.destinations.warehouse.plan import TABLE, plan, rejected_rows
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
 
+def joined(message: dict, profile: str | None) -> dict[tuple[str, str], str]:
+    """Identity's answer for an event whose userId and anonymousId are both in `profile`
+    (Event.identities); nothing without a profile."""
+    ids = [("user_id", message.get("userId")), ("anonymous_id", message.get("anonymousId"))]
+    return {(kind, value): profile for kind, value in ids
+            if profile and isinstance(value, str) and value}
+
+
 def event(message: dict, profile: str | None = None, n: int = 1) -> Event:
     message = {"messageId": f"m{n}", "receivedAt": "2024-05-01T10:00:00.000Z", **message}
-    return Event(n, message["messageId"], message, profile, None, None)
+    return Event(n, message["messageId"], message, profile, None, None,
+                 identities=joined(message, profile))
 
 
 @pytest.mark.parametrize("raw, name", [

@@ -17,6 +17,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from destinations.test_warehouse_schema import joined
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.plan import plan
@@ -71,8 +72,9 @@ def track(draw, n: int):
 
 
 def events(messages, profiled=True) -> list[Event]:
-    return [Event(i, m["messageId"], None, f"p{i % 3}" if profiled else None, None, None,
-                  msgspec.json.encode(m)) for i, m in enumerate(messages)]
+    return [Event(i, m["messageId"], None, p, None, None, msgspec.json.encode(m),
+                  identities=joined(m, p))
+            for i, m in enumerate(messages) for p in [f"p{i % 3}" if profiled else None]]
 
 
 def as_data(p):

@@ -510,6 +510,25 @@ def test_resolve_many_in_order(store, log):
                                ("u1", "a2")]) == [p1, p1, p2, None, p1]
 
 
+def test_resolve_entries_finds_the_person_of_each_identifier_an_event_names(stores, log):
+    # The warehouse's `identities` rows: each identifier with ITS profile, which is not
+    # the event's when identity refused to join them.
+    store = stores(blocked_values=["undefined"])
+    entries = [log("identify", "u3", "a3"), log("identify", "u4", "a3"),  # a3: u3's
+               log("alias", "u3", previousId="old3"),
+               log("track", "u5", "undefined", event="E", context={"traits": {"email": "X@y"}}),
+               log("identify", "u6", traits={"email": " X@Y "})]  # refused: u5's email
+    store.apply(entries)
+    p3, p4, p5, p6 = (store.profile(u)["profile_id"] for u in ("u3", "u4", "u5", "u6"))
+    assert store.resolve_entries(entries + [log("page", "nobody")]) == [
+        (p3, {("user_id", "u3"): p3, ("anonymous_id", "a3"): p3}),
+        (p4, {("user_id", "u4"): p4, ("anonymous_id", "a3"): p3}),
+        (p3, {("user_id", "u3"): p3, ("anonymous_id", "old3"): p3}),
+        (p5, {("user_id", "u5"): p5, ("email", "x@y"): p5}),  # a blocked value is no one's
+        (p6, {("user_id", "u6"): p6, ("email", "x@y"): p5}),
+        (None, {})]
+
+
 def test_two_nodes_applying_at_once_keep_one_consistent_graph(stores):
     # Each node has its own log (own positions) and its own position in the shared store.
     nodes = {name: (stores(consumer=name), Log()) for name in ("node-a", "node-b")}

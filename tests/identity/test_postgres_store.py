@@ -237,6 +237,8 @@ def test_a_nul_in_a_lookup_is_not_found(kind, tmp_path, request, opened):
     assert store.forget("a\x00b") is None
     assert store.resolve("a\x00b", None) is None
     assert store.resolve_many([("u\x001", "a1"), (None, "a\x00")]) == [pid, None]
+    assert store.resolve_entries([Log()("track", "u\x001", "a1", event="E")]) == [
+        (pid, {("anonymous_id", "a1"): pid})]
     with pytest.raises(LookupError):
         store.unmerge("prof_\x00", "m1")
     with pytest.raises(ValueError, match="not one a timeline page returned"):

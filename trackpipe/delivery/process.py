@@ -134,9 +134,10 @@ class IdentityConsumer:
             except asyncio.TimeoutError:
                 pass
 
-    async def resolve(self, pairs):
+    async def resolve(self, entries):
+        """Each entry's person, and the person of each identifier it names."""
         return await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.store.resolve_many, pairs)
+            self.pool, self.store.resolve_entries, entries)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

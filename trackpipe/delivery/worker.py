@@ -28,13 +28,14 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 from trackpipe import config
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.routing import Router, Skipped
 from trackpipe.delivery.state import DeliveryState, Retry, Sent, now_ms
 from trackpipe.destinations.base import GONE, Destination, Event, Outcome, retry
+from trackpipe.identity.store import NOBODY, Resolved
 from trackpipe.log.base import Entry, EventLog
 from trackpipe.privacy.suppress import Watch
 
@@ -44,13 +45,15 @@ SEND_TIMEOUT = 120.0  # a destination that hangs longer than this is failing, re
 IDLE_WAIT = 0.05
 ERROR_WAIT = 1.0  # after an unexpected error (a bug, a locked or full disk), before trying again
 
-Resolver = Callable[[Sequence[tuple[str | None, str | None]]], "asyncio.Future[list[str | None]]"]
+# entries -> each one's person and the person of each identifier it names (IdentityStore
+# resolve_entries), for a destination that uses profiles
+Resolver = Callable[[Sequence[Entry]], Awaitable[list[Resolved]]]
 
 
 class DestinationWorker:
     def __init__(self, cfg: config.Destination, destination: Destination, log_: EventLog,
                  state: DeliveryState, *, readable_up_to: Callable[[], int] | None = None,
-                 resolve=None, suppressions: Watch | None = None):
+                 resolve: Resolver | None = None, suppressions: Watch | None = None):
         self.name = cfg.name
         self.cfg = cfg
         self.destination = destination
@@ -60,7 +63,7 @@ class DestinationWorker:
         self.policy = RetryPolicy.of(cfg)
         self.batch_size = cfg.batch_size or destination.default_batch_size
         self.readable_up_to = readable_up_to or log_.head  # identity must have seen an event first
-        self.resolve = resolve  # async (user_id, anonymous_id) pairs -> profile ids
+        self.resolve = resolve
         self._next_notice_check = 0.0
         self._started = False
         self._resumed = False  # an unfinished fresh batch, if any, has been sent again
@@ -248,10 +251,11 @@ class DestinationWorker:
     async def _deliver(self, batch, *, batch_id: int | None = None, cursor: int | None = None,
                        skipped: dict | None = None, held: Sequence = (),
                        retries: Sequence[Retry] | None = None) -> None:
-        profiles = await self._profiles([e for e, _ in batch])
-        events = [Event(e.position, e.message_id, r.message, p, r.options, r.action, r.raw,
-                        stored_time=e.ts if e.ts is not None else e.received_at)
-                  for (e, r), p in zip(batch, profiles)]
+        people = await self._people([e for e, _ in batch])
+        events = [Event(e.position, e.message_id, r.message, p.profile_id, r.options, r.action,
+                        r.raw, stored_time=e.ts if e.ts is not None else e.received_at,
+                        identities=p.identifiers)
+                  for (e, r), p in zip(batch, people)]
         started = time.perf_counter()
         outcomes = await self._send(events)
         duration_ms = (time.perf_counter() - started) * 1000
@@ -314,10 +318,12 @@ class DestinationWorker:
                                 f"{len(events)} events")] * len(events)
         return result
 
-    async def _profiles(self, entries: Sequence[Entry]) -> list[str | None]:
+    async def _people(self, entries: Sequence[Entry]) -> list[Resolved]:
+        """Each event's person, and the person of each identifier it names, as identity
+        holds them now: one lookup for the batch (a warehouse's `identities` rows)."""
         if self.resolve is None:
-            return [None] * len(entries)
-        return await self.resolve([(e.user_id, e.anonymous_id) for e in entries])
+            return [NOBODY] * len(entries)
+        return await self.resolve(entries)
 
 
 def user_key(entry: Entry) -> str:

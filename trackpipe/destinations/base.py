@@ -45,6 +45,9 @@ class Event:
     json        the message as JSON bytes
     stored_time the stored message's time in ms (its `timestamp`, else when it was
                 received): stable across retries, for a `message` without a timestamp
+    identities  (kind, value) -> profile id of each identifier the message names (userId,
+                anonymousId, an alias's previousId, the configured trait identifiers),
+                as identity holds them at delivery; see identity/store.py Resolved
 
     The framework hands over the stored JSON of a message that routing leaves
     unchanged, and decodes it only when a destination reads `message`; a
@@ -54,16 +57,18 @@ class Event:
     """
 
     __slots__ = ("position", "message_id", "_message", "profile_id", "options", "action", "_json",
-                 "stored_time")
+                 "stored_time", "identities")
 
     def __init__(self, position: int, message_id: str, message: dict | None,
                  profile_id: str | None, options: dict | None, action: str | None,
-                 json: bytes | None = None, stored_time: int | None = None):
+                 json: bytes | None = None, stored_time: int | None = None,
+                 identities: dict[tuple[str, str], str] | None = None):
         if message is None and json is None:
             raise ValueError("an Event needs its message, as a dict or as JSON")
         self.position, self.message_id, self._message = position, message_id, message
         self.profile_id, self.options, self.action, self._json = profile_id, options, action, json
         self.stored_time = stored_time
+        self.identities = identities or {}
 
     @property
     def message(self) -> dict:

@@ -307,6 +307,9 @@ class PostgresStore(SQLStore):
         return super().resolve_many([(None if _nul(u) else u, None if _nul(a) else a)
                                      for u, a in pairs])
 
+    def _named(self, entry: Entry) -> list[tuple[tuple[str, str], ...]]:
+        return [keys for keys in super()._named(entry) if not _nul(keys[0][1])]
+
     def profile(self, ident: str) -> dict | None:
         return None if _nul(ident) else super().profile(ident)
 

@@ -29,7 +29,7 @@ from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
 from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile, rebuild
 from trackpipe.identity.reads import LEGACY, Rows, members
 from trackpipe.identity.store import (CONSUMER, Erasure, Forgotten, IdentityStore, ReadLog,
-                                      new_profile_id)
+                                      Resolved, new_profile_id)
 from trackpipe.log.base import Entry
 
 CHUNK = 500  # values per IN (...) list
@@ -258,6 +258,43 @@ class SQLStore(IdentityStore):
             if node is not None:
                 return graph.profile_of(node)
         return None
+
+    def resolve_entries(self, entries: Sequence[Entry]) -> list[Resolved]:
+        named = [self._named(e) for e in entries]
+        with self.lock, self.read_tx():
+            graph = self.working_graph()
+            keys = {key for ids in named for keys in ids for key in keys}
+            self._load(graph, {k for k in keys if k not in graph.nodes})  # one lookup for all
+            return [Resolved(self._resolve(graph, e.user_id, e.anonymous_id),
+                             self._holders(graph, ids)) for e, ids in zip(entries, named)]
+
+    def _named(self, entry: Entry) -> list[tuple[tuple[str, str], ...]]:
+        """The identifiers `entry` names, each as the keys the store may hold it under, in
+        the order apply() looks them up: a previousId is a userId, else an anonymousId."""
+        named: list[tuple[tuple[str, str], ...]] = []
+        if entry.user_id:
+            named.append(((USER, entry.user_id),))
+        if entry.anonymous_id:
+            named.append(((ANON, entry.anonymous_id),))
+        if entry.type in self.lean_types or not entry.body:
+            return named  # its body names no one else (the facts' lean read)
+        fact = self.reader.fact(entry)
+        if fact.previous:
+            named.append(((USER, fact.previous), (ANON, fact.previous)))
+        named.extend((key,) for key in fact.trait_ids)
+        return named
+
+    @staticmethod
+    def _holders(graph: Graph, named: list[tuple[tuple[str, str], ...]]
+                 ) -> dict[tuple[str, str], str]:
+        """(kind, value) -> profile id of each named identifier the store holds (a blocked
+        value, never a node, is no one's)."""
+        found = {}
+        for keys in named:
+            node = next(filter(None, map(graph.nodes.get, keys)), None)
+            if node is not None:
+                found[(node.kind, node.value)] = graph.profile_of(node)
+        return found
 
     # -- queries and repairs (reads.py, repair.py) ------------------------------------
 

@@ -7,6 +7,8 @@
     store.position() -> int     # the last position applied
     store.resolve(user_id, anonymous_id) -> profile id | None
     store.resolve_many([(user_id, anonymous_id), ...]) -> [profile id | None, ...]
+    store.resolve_entries(entries) -> [Resolved, ...]  # each entry's person, and the person
+                                # of each identifier it names (the delivery path: one lookup)
     store.profile(ident) -> dict | None     # ident: profile id (current or merged away), userId,
                                             # anonymousId, or a trait identifier value (email)
     store.timeline(ident, cursor, limit, read) -> (positions, next_cursor | None)
@@ -74,6 +76,19 @@ class Erasure(NamedTuple):
     legacy: Sequence[tuple] = ()
 
 
+class Resolved(NamedTuple):
+    """An event's person at delivery time (its userId's, else its anonymousId's), and the
+    person the store holds each identifier it names in: its userId, anonymousId, alias
+    previousId and configured trait identifiers, keyed (kind, value) as identity keeps
+    them (kind user_id, anonymous_id or the trait's name; a trait's value trimmed and
+    lower-cased). An identifier is another person's when identity refused to join it."""
+
+    profile_id: str | None
+    identifiers: dict[tuple[str, str], str]
+
+
+NOBODY = Resolved(None, {})
+
 ReadLog = Callable[[Sequence[int]], list[Entry]]
 """This node's EventLog.get: the entries at these positions."""
 
@@ -105,6 +120,9 @@ class IdentityStore(ABC):
 
     @abstractmethod
     def resolve_many(self, pairs: Sequence[tuple[str | None, str | None]]) -> list[str | None]: ...
+
+    @abstractmethod
+    def resolve_entries(self, entries: Sequence[Entry]) -> list[Resolved]: ...
 
     @abstractmethod
     def profile(self, ident: str) -> dict | None: ...

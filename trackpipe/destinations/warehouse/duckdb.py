@@ -222,6 +222,7 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
     # users and identities are keyed by an id's stand-in when it cannot be a key itself;
     # so is the rejected_values row that keeps such an identifier whole
     user_keys, anon_keys = key_ids(users), key_ids(anons)
+    count += _delete_traits(con, user_keys, anon_keys)
     statements = [
         (f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE (identifier_type = 'user_id'"
          " AND list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
@@ -238,3 +239,20 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
     for sql, params in statements:
         count += len(con.execute(sql, params).fetchall())
     return count
+
+
+def _delete_traits(con, user_keys: list[str], anon_keys: list[str]) -> int:
+    """The person's trait identifiers' rows (emails), which a delete notice does not name:
+    those mapped to a profile their userIds' or anonymousIds' rows map to."""
+    traits = [r[0] for r in con.execute(
+        f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE identifier_type NOT IN"
+        " ('user_id', 'anonymous_id') AND profile_id IN (SELECT profile_id FROM"
+        f" {qualified(SCHEMA, 'identities')} WHERE (identifier_type = 'user_id' AND"
+        " list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
+        " AND list_contains($2::VARCHAR[], identifier))) RETURNING identifier",
+        [user_keys, anon_keys]).fetchall()]
+    if traits:  # one kept whole under its stand-in
+        con.execute(f"DELETE FROM {qualified(SCHEMA, 'rejected_values')} WHERE table_name ="
+                    " 'identities' AND column_name NOT IN ('user_id', 'anonymous_id') AND"
+                    " list_contains($1::VARCHAR[], message_id)", [traits])
+    return len(traits)

@@ -15,8 +15,8 @@ and in every warehouse, so it lands in the same column in every row.
 
 The id column holds the messageId, or when that is longer than MAX_ID_BYTES (more
 than PostgreSQL can index) or holds a NUL (no text column can), a stand-in: see
-`row_id`. The keys of `users` (userId) and `identities` (userId, anonymousId) follow
-the same rule.
+`row_id`. The keys of `users` (userId) and `identities` (userId, anonymousId, trait
+identifier) follow the same rule.
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ class Unloadable(Exception):
 
 
 def row_id(message_id: str) -> str:
-    """The id column's value for a messageId (or, in `users` and `identities`, a userId or
-    anonymousId): itself, or when it is longer than MAX_ID_BYTES or holds a NUL, its first
-    64 characters (a NUL written as \\u0000), "...sha256:" and the SHA-256 of the whole
-    (unique, and the same on a replay). The planner keeps such an id whole in
-    rejected_values."""
+    """The id column's value for a messageId (or, in `users` and `identities`, a userId,
+    anonymousId or trait identifier): itself, or when it is longer than MAX_ID_BYTES or
+    holds a NUL, its first 64 characters (a NUL written as \\u0000), "...sha256:" and the
+    SHA-256 of the whole (unique, and the same on a replay). The planner keeps such an id
+    whole in rejected_values."""
     if len(message_id) <= SHORT_ID_CHARS and "\x00" not in message_id:
         return message_id
     encoded = message_id.encode("utf-8", "surrogatepass")

@@ -106,9 +106,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     for i, event in enumerate(batch):
         laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
         if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid, fits):
-            if event.profile_id:
-                _identity_pairs(event.profile_id, laid.fixed["user_id"],
-                                laid.fixed["anonymous_id"], identities, fixed_rejects)
+            if event.identities:
+                _identities(event, identities, fixed_rejects)
             continue
         message_id = layout.row_id(event.message_id)  # itself, unless no key can hold it
         try:
@@ -148,7 +147,8 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
             table.add(message_id, row)
-        _identities(event, identities, fixed_rejects)
+        if event.identities:
+            _identities(event, identities, fixed_rejects)
         if laid == NO_SHAPE and rows[0].table == "tracks" and not no_table:
             shapes.learn(event.message)  # (a shape for a name with no table is of no use)
         fits.clear()  # the slow path may have added or widened columns (or a shape)
@@ -165,27 +165,20 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
 
 
 def _identities(event: Event, out: dict[tuple[str, str], str], rejected: dict) -> None:
-    if event.profile_id:
-        _identity_pairs(event.profile_id, event.message.get("userId"),
-                        event.message.get("anonymousId"), out, rejected)
+    """Each identifier the event names, with the profile identity holds IT in (not the
+    event's: identity may have refused to join them). One too long to index or holding a
+    NUL is mapped under its stand-in (as in `users`), and kept whole in rejected_values
+    with the stand-in as message_id."""
+    for (kind, value), profile_id in event.identities.items():
+        key = layout.row_id(value)
+        if key != value:
+            _reject_stand_in(rejected, "identities", kind, key, value,
+                             _ID_NAMES.get(kind, f"{kind} trait"),
+                             "its identities row has as identifier")
+        out[(kind, key)] = profile_id
 
 
 _ID_NAMES = {"user_id": "userId", "anonymous_id": "anonymousId"}
-
-
-def _identity_pairs(profile_id: str, user_id, anonymous_id,
-                    out: dict[tuple[str, str], str], rejected: dict) -> None:
-    """An identifier is the key of its identities row: one too long to index or holding
-    a NUL is mapped under its stand-in (as in `users`), and kept whole in rejected_values
-    with the stand-in as message_id."""
-    for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id)):
-        if value not in (None, ""):
-            value = value if isinstance(value, str) else raw_text(value)
-            key = layout.row_id(value)
-            if key != value:
-                _reject_stand_in(rejected, "identities", kind, key, value, _ID_NAMES[kind],
-                                 "its identities row has as identifier")
-            out[(kind, key)] = profile_id
 
 
 def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid: Laid,

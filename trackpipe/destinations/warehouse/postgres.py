@@ -436,6 +436,7 @@ class PostgresWarehouse(Warehouse):
                 await cur.execute(delete_person(s, table, "%s::text[]", "%s::text[]"),
                                   (users, anons) * (2 if table == "aliases" else 1))
                 ids += [r[0] for r in await cur.fetchall()]
+            count += await self._delete_traits(cur, user_keys, anon_keys)
             statements = [
                 (f"DELETE FROM {qualified(s, 'identities')} WHERE (identifier_type = 'user_id'"
                  " AND identifier = ANY(%s)) OR (identifier_type = 'anonymous_id'"
@@ -452,6 +453,25 @@ class PostgresWarehouse(Warehouse):
                 await cur.execute(statement, params)
                 count += cur.rowcount
         return count + len(ids)
+
+
+    async def _delete_traits(self, cur, user_keys: list[str], anon_keys: list[str]) -> int:
+        """The person's trait identifiers' rows (emails), which a delete notice does not
+        name: those mapped to a profile their userIds' or anonymousIds' rows map to."""
+        s = self.settings.schema
+        await cur.execute(
+            f"DELETE FROM {qualified(s, 'identities')} WHERE identifier_type NOT IN"
+            " ('user_id', 'anonymous_id') AND profile_id IN (SELECT profile_id FROM"
+            f" {qualified(s, 'identities')} WHERE (identifier_type = 'user_id' AND identifier"
+            " = ANY(%s)) OR (identifier_type = 'anonymous_id' AND identifier = ANY(%s)))"
+            " RETURNING identifier", (user_keys, anon_keys))
+        traits = [r[0] for r in await cur.fetchall()]
+        if traits:  # one kept whole under its stand-in
+            await cur.execute(
+                f"DELETE FROM {qualified(s, 'rejected_values')} WHERE table_name = 'identities'"
+                " AND column_name NOT IN ('user_id', 'anonymous_id') AND message_id = ANY(%s)",
+                (traits,))
+        return len(traits)
 
 
 def _without_nul(ids: list[str]) -> list[str]:
