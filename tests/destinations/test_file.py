@@ -8,6 +8,8 @@ import gzip
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from trackpipe import config
+from trackpipe.destinations import file as file_destination
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.build import build_destination
 from trackpipe.destinations.file import FileDestination, os_error_outcome
@@ -115,6 +118,153 @@ def test_gzip_file_cut_mid_batch_keeps_the_earlier_batches(tmp_path):
     second = raw.index(b"\x1f\x8b\x08", 10)
     path.write_bytes(raw[:second + (len(raw) - second) // 2])  # a crash mid second batch
     assert [m["messageId"] for m in read_messages(path)] == ["m-0", "m-1"]
+
+
+def strict_ids(path: Path) -> list[str]:
+    """The file read as jq, DuckDB and zcat read it: a cut line or gzip member fails."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    assert raw.endswith(b"\n")
+    return [json.loads(line)["messageId"] for line in raw.split(b"\n")[:-1]]
+
+
+def crash_mid_write(path: Path, batch: list[Event]) -> int:
+    """Append part of `batch` as a write killed half way leaves it (half its first line,
+    half its gzip member); the size the file had before."""
+    size = path.stat().st_size
+    data = b"".join(e.json + b"\n" for e in batch)
+    cut = len(batch[0].json) // 2
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+        cut = len(data) // 2
+    with open(path, "ab") as f:
+        f.write(data[:cut])
+    return size
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 7])  # 7: lines and members across reads
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_batch_a_crash_cut_is_cut_back_at_the_next_start(tmp_path, monkeypatch, caplog,
+                                                           gz, chunk):
+    # The cut line (or gzip member) stayed for good: the next run started a new file, and
+    # jq, DuckDB's read_ndjson over the directory and zcat failed on the old one forever.
+    monkeypatch.setattr(file_destination, "CHUNK", chunk, raising=False)
+    run(make(tmp_path, gzip=gz), events(2), events(2, start=2))
+    [crashed] = files(tmp_path)
+    whole = crash_mid_write(crashed, events(3, start=4, pad=300))
+    outcomes = run(make(tmp_path, gzip=gz), events(3, start=4))  # the batch goes again
+    assert [o.state for o in outcomes] == ["delivered"]
+    assert crashed.stat().st_size == whole
+    assert [strict_ids(p) for p in files(tmp_path)] == [["m-0", "m-1", "m-2", "m-3"],
+                                                        ["m-4", "m-5", "m-6"]]
+    assert f"off the end of {crashed}, now {whole} bytes" in caplog.text
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_every_file_earlier_runs_left_cut_is_cut_back(tmp_path, gz):
+    # Runs before the repair existed could each leave one, not only the newest file.
+    for k in range(3):
+        run(make(tmp_path, gzip=gz), events(2, start=10 * k))
+    sizes = [crash_mid_write(p, events(2, start=100)) for p in files(tmp_path)]
+    run(make(tmp_path, gzip=gz), events(1, start=30))
+    paths = files(tmp_path)
+    assert [p.stat().st_size for p in paths[:3]] == sizes
+    assert [strict_ids(p) for p in paths] == [["m-0", "m-1"], ["m-10", "m-11"],
+                                              ["m-20", "m-21"], ["m-30"]]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_file_a_crash_cut_in_its_first_batch_is_removed(tmp_path, caplog, gz):
+    run(make(tmp_path, gzip=gz), events(1, pad=300))
+    [crashed] = files(tmp_path)
+    os.truncate(crashed, crashed.stat().st_size // 2)  # no whole line, or member, left
+    run(make(tmp_path, gzip=gz), events(1))
+    [again] = files(tmp_path)
+    assert again != crashed and strict_ids(again) == ["m-0"]
+    assert f"removed {crashed}" in caplog.text
+
+
+def test_files_not_this_destinations_or_not_cut_by_a_crash_are_left_alone(tmp_path):
+    cut = b'{"messageId":"a"}\n{"messageId":"b'
+    theirs = {"other-20261207T100000.000000Z.ndjson": cut,  # another destination's prefix
+              "events-notes.ndjson": cut,  # a user's
+              "events-20261207T100000.000000Z.ndjson.bak": cut,
+              "events-20261207T100000.000000Z.ndjson.gz": b"not gzip at all\n"}  # damaged
+    for name, data in theirs.items():
+        (tmp_path / name).write_bytes(data)
+    run(make(tmp_path, gzip=True), events(1))
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
+
+
+def test_the_file_a_live_writer_holds_is_left_alone(tmp_path):
+    # `trackpipe check` (or a second node on a shared directory) starts a destination
+    # while the server writes: the half-written batch in its file is not a crash's.
+    live = make(tmp_path)
+
+    async def go():
+        await live.start()
+        await live.send(events(2))
+        [path] = files(tmp_path)
+        crash_mid_write(path, events(2, start=2))  # its next write, under way
+        size = path.stat().st_size
+        await make(tmp_path).start()
+        during = path.stat().st_size
+        await live.close()
+        return path, size, during
+    path, size, during = asyncio.run(go())
+    assert during == size
+    run(make(tmp_path), events(1, start=2))  # its writer gone, it is cut back
+    assert [strict_ids(p) for p in files(tmp_path)] == [["m-0", "m-1"], ["m-2"]]
+
+
+KILLED_MID_WRITE = """
+import asyncio, os, sys, time
+from trackpipe import config
+from trackpipe.destinations import file
+from trackpipe.destinations.base import Event
+from trackpipe.destinations.build import build_destination
+
+dest = build_destination(config.Destination(name="files", type="file", settings={
+    "directory": sys.argv[1], "gzip": sys.argv[2] == "gzip"}))
+
+def batch(start):
+    return [Event(k, f"m-{k}", {"type": "track", "messageId": f"m-{k}",
+                                "properties": {"pad": os.urandom(2000).hex()}},
+                  None, None, None) for k in range(start, start + 100)]
+
+def half_then_hang(fd, payload):
+    os.write(fd, payload[:len(payload) // 2 + 7])  # (+7: not at a line's end)
+    print("writing", flush=True)
+    time.sleep(60)
+
+async def go():
+    await dest.start()
+    await dest.send(batch(0))
+    file._write_all = half_then_hang
+    await dest.send(batch(100))
+
+asyncio.run(go())
+"""
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_writer_killed_mid_write_leaves_files_that_read_whole_after_the_next_start(
+        tmp_path, gz):
+    with subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path),
+                           "gzip" if gz else "plain"], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout.readline() == b"writing\n"
+        finally:
+            child.kill()  # SIGKILL; its flock goes with it
+    [crashed] = files(tmp_path)
+    with pytest.raises(EOFError if gz else AssertionError):  # (a cut member, a cut line)
+        strict_ids(crashed)
+    run(make(tmp_path, gzip=gz), events(1, start=200))  # (the batch again, in short)
+    kept = strict_ids(crashed)  # a plain file keeps the lines written whole before the kill
+    assert kept == [f"m-{k}" for k in range(len(kept))]
+    assert len(kept) == 100 if gz else 100 < len(kept) < 200
+    assert [strict_ids(p) for p in files(tmp_path)][1:] == [["m-200"]]
 
 
 def fsync_fails(code: int):

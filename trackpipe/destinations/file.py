@@ -9,16 +9,27 @@ the batch being written and everything before it stays readable. A batch that
 fails is cut back out of the file, and a file created for it is removed (retries
 during an outage leave no empty files). A file moved away or replaced while trackpipe
 runs is left alone: the next batch starts a new file.
+
+A run killed while writing (kill -9, a crash) leaves that batch cut at the end of
+its file, a partial line or gzip member that jq, DuckDB and zcat refuse. The next
+start cuts every such tail back to the last whole line (or member) and removes a
+file left empty; the batch was never counted delivered, so it goes again. The file
+being written is flock()ed, so a start elsewhere (`trackpipe check`, another node
+on a shared directory) leaves it alone while its writer lives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import gzip
+import logging
 import os
+import re
 import tempfile
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Sequence
@@ -32,6 +43,15 @@ from trackpipe.destinations.base import fail, retry
 # can heal on its own; a permission or path problem needs someone to change something.
 RETRYABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOENT,
                               errno.EAGAIN, errno.EINTR, errno.ESTALE})
+
+# Every member trackpipe writes starts so (gzip.compress(mtime=0)): how the end of a
+# file finds its last member without inflating all the ones before it.
+MEMBER_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
+OUR_NAME_AFTER_PREFIX = r"-\d{8}T\d{6}\.\d{6}Z\.ndjson(\.gz)?"  # what _create names files
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+CHUNK = 1 << 20  # how much of a file a repair reads (and inflates) at a time
+
+log = logging.getLogger("trackpipe.file")
 
 
 class FileDestination(Destination):
@@ -63,6 +83,7 @@ class FileDestination(Destination):
             Path(self.settings.directory).mkdir(parents=True, exist_ok=True)
         except OSError:
             pass  # each send reports the problem with the file it tried to write
+        await asyncio.to_thread(self._repair_cut_files)
 
     async def send(self, batch: Sequence[Event]) -> Outcome:
         data = b"".join(e.json + b"\n" for e in batch)
@@ -98,6 +119,68 @@ class FileDestination(Destination):
                                    " running trackpipe write access to it.") from None
         return f"can write files in {directory}"
 
+    # -- at start, in a thread: the tails earlier runs left cut ---------------------
+
+    def _repair_cut_files(self) -> None:
+        """Cut back every file of ours that ends in part of a batch. Not just the newest:
+        runs before this check existed may have left one each, a repair that met a disk
+        error leaves one behind newer files, and a clock set back breaks name order.
+        Each check reads only the end of a file (the last member, with gzip)."""
+        directory = Path(self.settings.directory)
+        name = re.compile(re.escape(self.settings.prefix) + OUR_NAME_AFTER_PREFIX)
+        try:
+            paths = sorted(p for p in directory.iterdir()
+                           if name.fullmatch(p.name) and not p.is_symlink())
+        except OSError:
+            return  # no directory yet, or unreadable: each send reports it
+        changed = False
+        for path in paths:
+            try:
+                changed |= self._repair(path)
+            except OSError as exc:
+                log.warning("file destination %s: cannot check %s for a batch a crash cut:"
+                            " %s", self.name, path, exc.strerror)
+        if changed:
+            try:
+                _fsync_dir(directory)
+            except OSError:
+                pass  # the disk is failing; the next start checks again
+
+    def _repair(self, path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        try:
+            if not _lock(fd, wait=False) or not _is_at(path, fd):
+                return False  # a live writer's file (or one renamed meanwhile)
+            size = os.fstat(fd).st_size
+            gzipped = path.suffix == ".gz"
+            keep = _whole_members_end(fd, size) if gzipped else _whole_lines_end(fd, size)
+            if keep is None:
+                log.warning("file destination %s: %s holds something other than gzip members"
+                            " (not one a crash cut short); left as it is", self.name, path)
+                return False
+            if keep == size > 0:
+                return False
+            self._cut_tail(path, fd, size, keep)
+            return True
+        finally:
+            os.close(fd)
+
+    def _cut_tail(self, path: Path, fd: int, size: int, keep: int) -> None:
+        if keep == 0:  # (or empty all along: a crash between creating it and writing)
+            os.unlink(path)
+            log.warning("file destination %s: removed %s, which held no whole line, only"
+                        " %d bytes of a batch a crash cut short; that batch is sent again",
+                        self.name, path, size)
+            return
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        log.warning("file destination %s: cut %d bytes (a batch a crash cut short) off the"
+                    " end of %s, now %d bytes; that batch is sent again",
+                    self.name, size - keep, path, keep)
+
     # -- runs in a worker thread, one batch at a time (the lock) -------------------
 
     def _append(self, data: bytes) -> None:
@@ -121,14 +204,7 @@ class FileDestination(Destination):
 
     def _still_at_path(self, fd: int) -> bool:
         # The name is looked up each batch, so a file or directory moved away is noticed.
-        # Holding the file open keeps its inode number from being reused: equal numbers
-        # mean the very same file, not a new one created where ours was.
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:
-            return False  # a vanished directory: _create says so, and ours waits for it
-        held = os.fstat(fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+        return _is_at(self._path, fd)  # False for a vanished directory: _create says so
 
     def _due_for_rotation(self) -> bool:
         return (self._size >= self.settings.max_bytes
@@ -145,6 +221,9 @@ class FileDestination(Destination):
                 fd = os.open(path, flags, 0o644)
             except FileExistsError:
                 continue  # another writer took this microsecond
+            if not _lock(fd, wait=True) or not _is_at(path, fd):
+                os.close(fd)  # a starting run's repair took it, still empty, for a crash's
+                continue
             try:
                 _fsync_dir(directory)  # the new name must survive a crash too
             except OSError:
@@ -185,6 +264,87 @@ class FileDestination(Destination):
                 os.close(fd)
             except OSError:
                 pass  # every batch written to it was fsynced; nothing is left to lose
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """flock: held by the writer from creation to rotation, and released by the kernel
+    when the writer dies, so a repair skips exactly the files a live writer holds."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # a filesystem without locks: nothing to keep out, nothing to wait for
+    return True
+
+
+def _is_at(path: Path, fd: int) -> bool:
+    # Holding the file open keeps its inode number from being reused: equal numbers
+    # mean the very same file, not a new one created where ours was.
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _whole_lines_end(fd: int, size: int) -> int:
+    """Where the last whole line ends: a crash cuts only the line being written."""
+    end = size
+    while end > 0:
+        start = max(0, end - CHUNK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def _whole_members_end(fd: int, size: int) -> int | None:
+    """Where the last whole gzip member ends (a complete deflate stream and trailer);
+    None when the file holds something else than whole members and one cut short."""
+    last = _last_member_start(fd, size)
+    if last is not None and _members_end(fd, last, size) == size:
+        return size  # the usual case: whole, and only its last member inflated
+    return _members_end(fd, 0, size)
+
+
+def _last_member_start(fd: int, size: int) -> int | None:
+    end = size
+    while end > 0:
+        start = max(0, end - CHUNK)
+        # Overlap the next chunk read so a header across the boundary is found too.
+        window = os.pread(fd, min(size, end + len(MEMBER_HEADER) - 1) - start, start)
+        found = window.rfind(MEMBER_HEADER)
+        if found >= 0:
+            return start + found
+        end = start
+    return None
+
+
+def _members_end(fd: int, start: int, size: int) -> int | None:
+    """Inflate members from `start`, keeping none of the output, and say where the last
+    one that is whole ends. None when the data is not gzip (a crash cuts a member short;
+    it does not garble one)."""
+    end = offset = start
+    member = zlib.decompressobj(GZIP_WBITS)
+    while offset < size:
+        data = os.pread(fd, min(CHUNK, size - offset), offset)
+        if not data:
+            break  # cut by someone meanwhile: what was read is what counts
+        offset += len(data)
+        while data:
+            try:
+                member.decompress(data, CHUNK)
+            except zlib.error:
+                return None
+            data = member.unconsumed_tail
+            if member.eof:
+                rest = member.unused_data
+                end = offset - len(rest)  # (data, the unconsumed tail, is empty at eof)
+                member, data = zlib.decompressobj(GZIP_WBITS), rest
+    return end
 
 
 def _write_all(fd: int, payload: bytes) -> None:
