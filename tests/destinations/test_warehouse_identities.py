@@ -15,6 +15,7 @@ from delivery.faulty_rig import api
 from destinations import test_warehouse_duckdb as dk
 from destinations import test_warehouse_postgres as pg
 from destinations.test_warehouse_postgres import DSN, admin, schema  # noqa: F401 (fixtures)
+from identity.test_privacy import deliveries
 from support import wait_for, write_config
 
 
@@ -70,3 +71,41 @@ def test_each_identifier_maps_to_the_profile_identity_holds_it_in(fresh_server, 
     send(server, [("alias", {"userId": "u3", "previousId": "u4"})], total=5)
     assert profile(server, "u4")["profile_id"] == p3
     assert identities()[("user_id", "u4")] == p3
+
+
+def test_a_privacy_delete_removes_the_persons_trait_rows_and_no_one_elses(fresh_server,
+                                                                         tmp_path, warehouse):
+    # The delete took the trait rows mapped to a profile id of the person's userId and
+    # anonymousId rows. Those ids are what each row was loaded with: after a merge the
+    # person's email row kept the id merged away (left behind), and after an unmerge the
+    # other person's email row kept the person's id (deleted).
+    settings, identities = warehouse
+    kind = "postgres" if "dsn" in settings else "duckdb"
+    config = write_config(tmp_path / "trackpipe.toml",
+                          [{"name": "warehouse", "type": kind, "settings": settings}],
+                          identity={"enabled": True, "trait_identifiers": ["email"]})
+    server = fresh_server(config=config).start()
+    send(server, [
+        ("identify", {"userId": "uA", "anonymousId": "a1"}),
+        ("identify", {"anonymousId": "a2", "traits": {"email": "ann@x.io"}}),
+        ("identify", {"userId": "uB", "anonymousId": "b1", "traits": {"email": "bob@x.io"}}),
+        ("alias", {"userId": "uA", "previousId": "uB"}),  # merges Bob into Ann
+        ("identify", {"userId": "uB", "anonymousId": "b1", "traits": {"email": "bob@x.io"}})],
+        total=5)
+    send(server, [("identify", {"userId": "uA", "anonymousId": "a2"})], total=6)  # a2's too
+    ann = profile(server, "uA")["profile_id"]
+    assert identities()[("email", "bob@x.io")] == ann
+    assert identities()[("email", "ann@x.io")] != ann  # loaded before a2 joined Ann
+    [alias] = [m for m in api(server, f"/api/v1/profiles/{ann}/merges").json()["merges"]
+               if m["rule"] == "alias"]
+    unmerged = api(server, f"/api/v1/profiles/{ann}/unmerge", "POST",
+                   json={"merge_id": alias["id"]})
+    assert unmerged.status_code == 200, unmerged.text
+    assert profile(server, "bob@x.io")["profile_id"] != ann
+
+    done = api(server, "/api/v1/privacy/delete", "POST", json={"id": "uA"})
+    assert done.status_code == 200 and done.json()["state"] == "done", done.text
+    wait_for(lambda: deliveries(server, "SELECT state FROM delete_notices") == [("delivered",)],
+             timeout=60, what="the delete notice carried out in the warehouse")
+    assert set(identities()) == {("user_id", "uB"), ("anonymous_id", "b1"),
+                                 ("email", "bob@x.io")}

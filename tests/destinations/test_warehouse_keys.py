@@ -52,11 +52,12 @@ def load(wh: Warehouse, *batches: list[Event]) -> list[list[str]]:
     return asyncio.run(go())
 
 
-def delete_user(wh: Warehouse, user_ids: list[str], anonymous_ids: list[str]) -> str:
+def delete_user(wh: Warehouse, user_ids: list[str], anonymous_ids: list[str],
+                traits: list[tuple[str, str]] = ()) -> str:
     async def go():
         dest = wh.make()
         try:
-            return (await dest.delete_user(user_ids, anonymous_ids)).state
+            return (await dest.delete_user(user_ids, anonymous_ids, traits)).state
         finally:
             await dest.close()
     return asyncio.run(go())
@@ -181,11 +182,15 @@ def test_delete_user_finds_the_ids_stored_under_a_stand_in(wh):
 
 
 def test_delete_user_removes_the_persons_trait_identifiers_too(wh):
-    # A delete notice names userIds and anonymousIds only: the person's email rows (one
-    # long enough to be kept whole under its stand-in) stayed behind.
+    # A delete notice named userIds and anonymousIds only: the person's email rows (one
+    # long enough to be kept whole under its stand-in) stayed behind. Then they were
+    # taken by profile id, which is the one each row was loaded with: one of the person's
+    # under a profile merged away since stayed, and another person's under the person's
+    # profile id (loaded before an unmerge) went. The notice now names them.
     long_email = unique_text("e", 3000) + "@example.com"
     mine = {("user_id", "u1"): "p", ("anonymous_id", "a1"): "p", ("email", "x@y.z"): "p",
-            ("email", long_email): "p"}
+            ("email", long_email): "p", ("email", "old@y.z"): "p-merged-away",
+            ("email", "b@y.z"): "p"}
     batch = [Event(1, "m1", {"type": "identify", "messageId": "m1", "userId": "u1",
                              "anonymousId": "a1", "receivedAt": "2024-05-01T10:00:00.000Z"},
                    "p", None, None, identities=mine),
@@ -195,6 +200,8 @@ def test_delete_user_removes_the_persons_trait_identifiers_too(wh):
                                                 ("email", "x@y.z"): "p"})]
     assert load(wh, batch) == [["delivered"] * 2]
     assert rejected(wh, "identities") == [("email", row_id(long_email), long_email)]
-    assert delete_user(wh, ["u1"], ["a1"]) == "delivered"
-    assert identities(wh) == [("email", "q@y.z", "q"), ("user_id", "u2", "q")]
+    traits = [("email", "x@y.z"), ("email", long_email), ("email", "old@y.z")]
+    assert delete_user(wh, ["u1"], ["a1"], traits) == "delivered"
+    assert identities(wh) == [("email", "b@y.z", "p"), ("email", "q@y.z", "q"),
+                              ("user_id", "u2", "q")]
     assert wh.rows("rejected_values") == []

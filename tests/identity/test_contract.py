@@ -529,6 +529,41 @@ def test_resolve_entries_finds_the_person_of_each_identifier_an_event_names(stor
         (None, {})]
 
 
+def test_resolve_entries_reads_only_nodes_and_decodes_only_bodies_naming_someone(stores, log):
+    # On identity's thread, per delivery batch: it read each identifier's profile and edges
+    # too (four statements where one query of the nodes answers), and decoded every body
+    # of a type other than track, page and screen, each track's too with trait identifiers.
+    entries = [log("identify", "u1", "a1", traits={"email": "X@y", "plan": "pro"}),
+               log("track", "u1", "a1", event="E"),  # no email in it
+               log("alias", "u1", previousId="old1"),
+               log("group", "u1", groupId="g1", traits={"name": "G"})]
+    stores().apply(entries)
+    for trait_identifiers, decoded in (["email"], [1, 3]), ([], [3]):
+        store = stores(trait_identifiers=trait_identifiers)  # nothing cached yet
+        p1 = store.profile("u1")["profile_id"]
+        statements, facts = _spy(store.db, "fetch"), _spy(store.reader, "fact")
+        assert store.resolve_entries(entries) == [
+            (p1, {("user_id", "u1"): p1, ("anonymous_id", "a1"): p1, ("email", "x@y"): p1}
+             if trait_identifiers else {("user_id", "u1"): p1, ("anonymous_id", "a1"): p1}),
+            (p1, {("user_id", "u1"): p1, ("anonymous_id", "a1"): p1}),
+            (p1, {("user_id", "u1"): p1, ("anonymous_id", "old1"): p1}),
+            (p1, {("user_id", "u1"): p1})]
+        assert [sql.split(" WHERE")[0] for sql in statements] == [
+            "SELECT kind, value, profile FROM nodes"]
+        assert [entry.position for entry in facts] == decoded
+
+
+def _spy(obj, name: str) -> list:
+    """The first argument of each call of obj.name from now on."""
+    calls, real = [], getattr(obj, name)
+
+    def spy(first, *args, **kwargs):
+        calls.append(first)
+        return real(first, *args, **kwargs)
+    setattr(obj, name, spy)
+    return calls
+
+
 def test_two_nodes_applying_at_once_keep_one_consistent_graph(stores):
     # Each node has its own log (own positions) and its own position in the shared store.
     nodes = {name: (stores(consumer=name), Log()) for name in ("node-a", "node-b")}

@@ -31,21 +31,43 @@ def test_a_finished_delete_notice_leaves_no_byte_of_its_ids_on_disk(tmp_path):
     state = DeliveryState(tmp_path / "deliveries.db")
     try:
         person, anon = f"notice-user-{uuid.uuid4().hex}", f"notice-anon-{uuid.uuid4().hex}"
+        email = f"notice-{uuid.uuid4().hex}@example.com"
         db = state._db()
         db.execute("PRAGMA secure_delete=OFF")
         # A second notice, still owed, after it: the first one's old cell is then freed in
         # the middle of the page instead of being written over by its new version.
-        for ids in ([person], [anon]), (["someone-else"], []):
-            db.execute("INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at,"
-                       " state) VALUES ('hook', ?, ?, 0, 'pending')", tuple(map(json.dumps, ids)))
-        notice_id, users, anons = state.pending_notice("hook")
-        assert (users, anons) == ([person], [anon])
+        for ids in ([person], [anon], [["email", email]]), (["someone-else"], [], []):
+            db.execute("INSERT INTO delete_notices (destination, user_ids, anon_ids, traits,"
+                       " created_at, state) VALUES ('hook', ?, ?, ?, 0, 'pending')",
+                       tuple(map(json.dumps, ids)))
+        notice_id, users, anons, traits = state.pending_notice("hook")
+        assert (users, anons, traits) == ([person], [anon], [("email", email)])
 
         state.finish_notice(notice_id, "delivered", "")
         raw = b"".join(p.read_bytes() for p in tmp_path.glob("deliveries.db*"))
         assert person.encode() not in raw and anon.encode() not in raw
+        assert email.encode() not in raw
         assert b"someone-else" in raw
         assert db.execute("PRAGMA secure_delete").fetchone() == (0,), "left as it was"
+    finally:
+        state.close()
+
+
+def test_a_delete_notice_queued_before_notices_named_traits_is_still_sent(tmp_path):
+    # A deliveries.db made before the `traits` column: its table gains it, empty.
+    db = sqlite3.connect(tmp_path / "deliveries.db")
+    db.execute("CREATE TABLE delete_notices (id INTEGER PRIMARY KEY, destination TEXT NOT NULL,"
+               " user_ids TEXT NOT NULL, anon_ids TEXT NOT NULL, created_at INTEGER NOT NULL,"
+               " state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '')")
+    db.execute("INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at, state)"
+               " VALUES ('wh', '[\"u-1\"]', '[]', 0, 'pending')")
+    db.commit()
+    db.close()
+    state = DeliveryState(tmp_path / "deliveries.db")
+    try:
+        assert state.pending_notice("wh") == (1, ["u-1"], [], [])
+        state.finish_notice(1, "delivered", "")
+        assert state.pending_notice("wh") is None
     finally:
         state.close()
 
@@ -54,11 +76,13 @@ def test_a_delete_notice_answer_quoting_its_ids_is_not_kept(tmp_path):
     state = DeliveryState(tmp_path / "deliveries.db")
     try:
         db = state._db()
-        db.execute("INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at,"
-                   " state) VALUES ('hook', '[\"u-1\"]', '[]', 0, 'pending')")
+        db.execute("INSERT INTO delete_notices (destination, user_ids, anon_ids, traits,"
+                   " created_at, state) VALUES ('hook', '[\"u-1\"]', '[]', '[]', 0, 'pending'),"
+                   " ('wh', '[\"u-1\"]', '[]', '[[\"email\", \"ann@x.io\"]]', 0, 'pending')")
         state.finish_notice(1, "failed", '{"error": "no such user: u-1"}')
+        state.finish_notice(2, "failed", "no row for Ann@x.io")
         assert db.execute("SELECT state, detail FROM delete_notices").fetchall() == [
-            ("failed", erase.REMOVED)]
+            ("failed", erase.REMOVED)] * 2
     finally:
         state.close()
 
@@ -277,7 +301,8 @@ def test_a_delete_keeps_the_error_details_that_only_share_a_word_with_an_id(tmp_
         ("failed", ("other", 3, "m3", 0, 5, 500, f"{http}; gave up, {retry}", "terminal", 0)):
             True,
         ("last_errors", ("hook", 0, 500, http)): True,
-        ("delete_notices", (1, "hook", "[]", "[]", 0, "failed", f"{http}, {retry}")): True,
+        ("delete_notices", (1, "hook", "[]", "[]", 0, "failed", f"{http}, {retry}", "[]")):
+            True,
     }
     for table, row in rows:
         db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(row))})", row)

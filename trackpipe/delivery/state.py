@@ -289,7 +289,8 @@ class DeliveryState:
         # every 1000 pages); without it the WAL grew by ~270 bytes per delivered event.
         self._conns = PerThread(self.path, synchronous="NORMAL", autocheckpoint=1000)
         _mark_legacy_batches(self._db())
-        self._db().executescript(SCHEMA + erase.QUEUE_SCHEMA)
+        self._db().executescript(SCHEMA)
+        erase.create_queue(self._db())
 
     def _db(self) -> sqlite3.Connection:
         return self._conns.get()

@@ -221,9 +221,9 @@ class DestinationWorker:
         notice = self.state.pending_notice(self.name)
         if notice is None:
             return
-        notice_id, user_ids, anon_ids = notice
+        notice_id, user_ids, anon_ids, traits = notice
         try:
-            outcome = await asyncio.wait_for(self.destination.delete_user(user_ids, anon_ids),
+            outcome = await asyncio.wait_for(self._delete_user(user_ids, anon_ids, traits),
                                              SEND_TIMEOUT)
         except Exception as exc:
             outcome = retry(None, f"{type(exc).__name__}: {exc}")
@@ -233,6 +233,14 @@ class DestinationWorker:
             self.state.finish_notice(notice_id, outcome.state, outcome.detail)
         else:
             self._next_notice_check = time.monotonic() + 30.0
+
+    async def _delete_user(self, user_ids, anon_ids, traits) -> Outcome:
+        # The person's trait identifiers (emails) go to a destination that uses profiles: a
+        # warehouse's identities rows hold them, under profile ids a merge or an unmerge
+        # since may have made stale, so it finds them by value. The others take the ids.
+        if self.destination.uses_profiles:
+            return await self.destination.delete_user(user_ids, anon_ids, traits)
+        return await self.destination.delete_user(user_ids, anon_ids)
 
     # -- suppressed people --------------------------------------------------------
 

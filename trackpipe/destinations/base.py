@@ -302,8 +302,11 @@ class Destination(ABC):
         verified; raise DestinationError with a helpful message when unhealthy."""
         return "settings valid"
 
-    async def delete_user(self, user_ids: Sequence[str], anonymous_ids: Sequence[str]) -> Outcome:
-        """Forward a privacy delete for a person (only when `supports_delete`)."""
+    async def delete_user(self, user_ids: Sequence[str], anonymous_ids: Sequence[str],
+                          traits: Sequence[tuple[str, str]] = ()) -> Outcome:
+        """Forward a privacy delete for a person (only when `supports_delete`). `traits`,
+        the person's (trait name, normalised value) identifiers, is given only to a
+        destination that `uses_profiles`."""
         raise NotImplementedError
 
     async def close(self) -> None:

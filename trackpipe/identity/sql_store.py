@@ -24,6 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
+import msgspec
+
 from trackpipe.identity import reads, repair
 from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
 from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile, rebuild
@@ -84,6 +86,7 @@ class SQLStore(IdentityStore):
         self.log = log  # the name this store's timeline rows give this node's log
         self.limits = Limits.from_settings(settings)
         self.reader = Reader(settings.trait_identifiers)
+        self.trait_keys = [msgspec.json.encode(name) for name in settings.trait_identifiers]
         self.lean_types = () if settings.trait_identifiers else LEAN_TYPES
         self.lock = threading.RLock()
         self.db: Db
@@ -262,11 +265,24 @@ class SQLStore(IdentityStore):
     def resolve_entries(self, entries: Sequence[Entry]) -> list[Resolved]:
         named = [self._named(e) for e in entries]
         with self.lock, self.read_tx():
-            graph = self.working_graph()
-            keys = {key for ids in named for keys in ids for key in keys}
-            self._load(graph, {k for k in keys if k not in graph.nodes})  # one lookup for all
-            return [Resolved(self._resolve(graph, e.user_id, e.anonymous_id),
-                             self._holders(graph, ids)) for e, ids in zip(entries, named)]
+            held = self._held({key for ids in named for keys in ids for key in keys})
+        return [Resolved(held.get((USER, e.user_id)) or held.get((ANON, e.anonymous_id)),
+                         self._holders(held, ids)) for e, ids in zip(entries, named)]
+
+    def _held(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """key -> profile id of each of these identifiers the store holds: from the working
+        set, and the others in one query of their nodes alone (their edges and profiles,
+        which apply() needs, are not read, and the working set does not keep them)."""
+        graph = self.working_graph()
+        held = {key: graph.profile_of(graph.nodes[key]) for key in keys if key in graph.nodes}
+        rest = keys - held.keys()
+        if rest:
+            for kind, value, profile in self.db.fetch_in(
+                    "SELECT kind, value, profile FROM nodes WHERE value IN ({})",
+                    sorted({value for _, value in rest})):
+                if (kind, value) in rest:
+                    held[(kind, value)] = profile
+        return held
 
     def _named(self, entry: Entry) -> list[tuple[tuple[str, str], ...]]:
         """The identifiers `entry` names, each as the keys the store may hold it under, in
@@ -276,24 +292,33 @@ class SQLStore(IdentityStore):
             named.append(((USER, entry.user_id),))
         if entry.anonymous_id:
             named.append(((ANON, entry.anonymous_id),))
-        if entry.type in self.lean_types or not entry.body:
-            return named  # its body names no one else (the facts' lean read)
+        if not self._may_name_others(entry):
+            return named  # decoding its body would find no one else
         fact = self.reader.fact(entry)
         if fact.previous:
             named.append(((USER, fact.previous), (ANON, fact.previous)))
         named.extend((key,) for key in fact.trait_ids)
         return named
 
+    def _may_name_others(self, entry: Entry) -> bool:
+        """Whether the body may name a previousId (an alias) or a trait identifier: the log
+        holds it as the collector encoded it (msgspec), so a trait's key is spelt in it as
+        encoded here (privacy/names.py relies on the same)."""
+        if not entry.body:
+            return False
+        return entry.type == "alias" or any(key in entry.body for key in self.trait_keys)
+
     @staticmethod
-    def _holders(graph: Graph, named: list[tuple[tuple[str, str], ...]]
+    def _holders(held: dict[tuple[str, str], str], named: list[tuple[tuple[str, str], ...]]
                  ) -> dict[tuple[str, str], str]:
         """(kind, value) -> profile id of each named identifier the store holds (a blocked
         value, never a node, is no one's)."""
         found = {}
         for keys in named:
-            node = next(filter(None, map(graph.nodes.get, keys)), None)
-            if node is not None:
-                found[(node.kind, node.value)] = graph.profile_of(node)
+            for key in keys:
+                if key in held:
+                    found[key] = held[key]
+                    break
         return found
 
     # -- queries and repairs (reads.py, repair.py) ------------------------------------

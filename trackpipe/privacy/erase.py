@@ -58,14 +58,31 @@ CREATE TABLE IF NOT EXISTS delete_notices (
     anon_ids    TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
     state       TEXT NOT NULL,           -- pending | delivered | failed
-    detail      TEXT NOT NULL DEFAULT ''
+    detail      TEXT NOT NULL DEFAULT '',
+    traits      TEXT NOT NULL DEFAULT '[]'   -- JSON [[trait name, value], ...]; emptied too
 );
 """
 
 
+# A notice's `traits`, in a file made before it: the person's trait identifiers (emails),
+# which a warehouse's identities rows hold, each under the profile id it was loaded with.
+_NOTICE_TRAITS = "ALTER TABLE delete_notices ADD COLUMN traits TEXT NOT NULL DEFAULT '[]'"
+
+
+def create_queue(db: sqlite3.Connection) -> None:
+    """The queue's tables, and the notices' `traits` column in a file made before it."""
+    db.executescript(QUEUE_SCHEMA)
+    if "traits" not in {r[1] for r in db.execute("PRAGMA table_info(delete_notices)")}:
+        try:
+            db.execute(_NOTICE_TRAITS)
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another connection added it meanwhile
+                raise
+
+
 def queue(db: sqlite3.Connection, ids: list[tuple[str | None, str]]) -> int:
     """Queue a delete of these identifiers, (kind, value) as privacy/suppress.py has them."""
-    db.executescript(QUEUE_SCHEMA)
+    create_queue(db)
     return db.execute("INSERT INTO privacy_requests (ids, created_at) VALUES (?, ?)",
                       (json.dumps([list(i) for i in ids]), int(time.time() * 1000))).lastrowid
 
@@ -92,7 +109,7 @@ def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> 
     db = connect(data_dir / "deliveries.db", synchronous="NORMAL")
     try:
         db.execute("PRAGMA secure_delete=ON")  # every write here removes someone's ids
-        db.executescript(QUEUE_SCHEMA)
+        create_queue(db)
         todo = db.execute("SELECT id, ids FROM privacy_requests WHERE done_at IS NULL").fetchall()
         for request_id, ids in todo:
             counts = erase(data_dir, identity, _identifiers(ids), db, list(destinations))
@@ -234,6 +251,7 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
     stale = details.stale(deliveries, person.ids, person.trait_values())
     now = int(time.time() * 1000)
     users, anons = sorted(person.as_users), sorted(person.as_anons)
+    traits = json.dumps(sorted([kind, v] for kind, vs in person.traits.items() for v in vs))
     notify = destinations if users or anons else []
     erased = f"position IN (SELECT p FROM {details.ERASED})"
     with immediate(deliveries):
@@ -242,9 +260,9 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
         deliveries.execute(f"DELETE FROM attempts WHERE {erased}")
         details.replace(deliveries, stale)
         deliveries.executemany(
-            "INSERT INTO delete_notices (destination, user_ids, anon_ids, created_at, state)"
-            " VALUES (?, ?, ?, ?, 'pending')",
-            [(d, json.dumps(users), json.dumps(anons), now) for d in notify])
+            "INSERT INTO delete_notices (destination, user_ids, anon_ids, traits, created_at,"
+            " state) VALUES (?, ?, ?, ?, ?, 'pending')",
+            [(d, json.dumps(users), json.dumps(anons), traits, now) for d in notify])
     return {"profiles": profiles, "events": events, "deliveries_cancelled": cancelled,
             "identifiers": len(person.values()), "destinations_notified": len(notify),
             "other_nodes": others}
@@ -376,23 +394,27 @@ def _scrub(db: sqlite3.Connection, wait: bool = True) -> None:
 
 
 def pending_notice(db: sqlite3.Connection, destination: str):
-    """(id, user_ids, anonymous_ids) of the oldest delete notice still owed to `destination`."""
-    row = db.execute("SELECT id, user_ids, anon_ids FROM delete_notices WHERE destination = ?"
-                     " AND state = 'pending' ORDER BY id LIMIT 1", (destination,)).fetchone()
-    return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]))
+    """(id, user_ids, anonymous_ids, traits) of the oldest delete notice still owed to
+    `destination`; traits: the person's [(trait name, normalised value), ...]."""
+    row = db.execute("SELECT id, user_ids, anon_ids, traits FROM delete_notices WHERE"
+                     " destination = ? AND state = 'pending' ORDER BY id LIMIT 1",
+                     (destination,)).fetchone()
+    return None if row is None else (row[0], json.loads(row[1]), json.loads(row[2]),
+                                     [tuple(t) for t in json.loads(row[3])])
 
 
 def finish_notice(db: sqlite3.Connection, notice_id: int, state: str, detail: str) -> None:
     """Record the notice's outcome and forget whom it named: the ids' old bytes are zeroed
     (secure_delete) and the WAL that held them emptied. A destination's answer that
     quotes them is not kept either."""
-    row = db.execute("SELECT user_ids, anon_ids FROM delete_notices WHERE id = ?",
+    row = db.execute("SELECT user_ids, anon_ids, traits FROM delete_notices WHERE id = ?",
                      (notice_id,)).fetchone()
-    if row is not None and detail and mentions(json.loads(row[0]) + json.loads(row[1]))(detail):
+    if row is not None and detail and mentions(
+            json.loads(row[0]) + json.loads(row[1]) + [v for _, v in json.loads(row[2])])(detail):
         detail = REMOVED
     with secure_delete(db):
         db.execute("UPDATE delete_notices SET state = ?, detail = ?, user_ids = '[]',"
-                   " anon_ids = '[]' WHERE id = ?", (state, detail, notice_id))
+                   " anon_ids = '[]', traits = '[]' WHERE id = ?", (state, detail, notice_id))
     _scrub(db, wait=False)  # called on the consumers' event loop: every destination waits
 
 

@@ -24,7 +24,7 @@ import msgspec
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
+from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids, row_id
 from trackpipe.destinations.warehouse.plan import (
     MAX_COLUMNS, MAX_TABLES, Plan, Schema, TableLoad, check_max_columns, check_max_tables,
     rejected_rows)
@@ -169,13 +169,14 @@ class DuckDBWarehouse(Warehouse):
                 " process keeps the file open.") from None
         return f"opened {self.settings.path}; can create and alter tables"
 
-    async def delete_user(self, user_ids, anonymous_ids) -> Outcome:
+    async def delete_user(self, user_ids, anonymous_ids, traits=()) -> Outcome:
         users, anons = [str(u) for u in user_ids], [str(a) for a in anonymous_ids]
         async with self._lock:
             try:
                 tables = list(await self._known_schema())
                 deleted = await asyncio.to_thread(
-                    self._with_db, lambda con: _transaction(con, _delete, tables, users, anons))
+                    self._with_db, lambda con: _transaction(con, _delete, tables, users, anons,
+                                                            traits))
             except duckdb.Error as exc:
                 return self._classify(exc)
             finally:
@@ -213,7 +214,8 @@ def _probe(con) -> None:
     con.execute("ROLLBACK")
 
 
-def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
+def _delete(con, tables: list[str], users: list[str], anons: list[str],
+            traits: list[tuple[str, str]]) -> int:
     ids: list[str] = []
     for table in (t for t in tables if t != "users"):
         sql = delete_person(SCHEMA, table, "$1::VARCHAR[]", "$2::VARCHAR[]")
@@ -222,7 +224,7 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
     # users and identities are keyed by an id's stand-in when it cannot be a key itself;
     # so is the rejected_values row that keeps such an identifier whole
     user_keys, anon_keys = key_ids(users), key_ids(anons)
-    count += _delete_traits(con, user_keys, anon_keys)
+    count += _delete_traits(con, traits)
     statements = [
         (f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE (identifier_type = 'user_id'"
          " AND list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
@@ -241,18 +243,17 @@ def _delete(con, tables: list[str], users: list[str], anons: list[str]) -> int:
     return count
 
 
-def _delete_traits(con, user_keys: list[str], anon_keys: list[str]) -> int:
-    """The person's trait identifiers' rows (emails), which a delete notice does not name:
-    those mapped to a profile their userIds' or anonymousIds' rows map to."""
-    traits = [r[0] for r in con.execute(
-        f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE identifier_type NOT IN"
-        " ('user_id', 'anonymous_id') AND profile_id IN (SELECT profile_id FROM"
-        f" {qualified(SCHEMA, 'identities')} WHERE (identifier_type = 'user_id' AND"
-        " list_contains($1::VARCHAR[], identifier)) OR (identifier_type = 'anonymous_id'"
-        " AND list_contains($2::VARCHAR[], identifier))) RETURNING identifier",
-        [user_keys, anon_keys]).fetchall()]
-    if traits:  # one kept whole under its stand-in
-        con.execute(f"DELETE FROM {qualified(SCHEMA, 'rejected_values')} WHERE table_name ="
-                    " 'identities' AND column_name NOT IN ('user_id', 'anonymous_id') AND"
-                    " list_contains($1::VARCHAR[], message_id)", [traits])
-    return len(traits)
+def _delete_traits(con, traits: list[tuple[str, str]]) -> int:
+    """The rows of the person's trait identifiers (emails, as identity forgot them), found
+    by value: the profile id a row was loaded with may be gone (merged away) or another
+    person's (an unmerge). One kept whole under its stand-in leaves rejected_values too."""
+    if not traits:
+        return 0
+    keys = [[kind for kind, _ in traits], [row_id(value) for _, value in traits]]
+    pairs = "(SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]))"
+    deleted = con.execute(f"DELETE FROM {qualified(SCHEMA, 'identities')} WHERE"
+                          f" (identifier_type, identifier) IN {pairs} RETURNING 1", keys)
+    count = len(deleted.fetchall())
+    con.execute(f"DELETE FROM {qualified(SCHEMA, 'rejected_values')} WHERE table_name ="
+                f" 'identities' AND (column_name, message_id) IN {pairs}", keys)
+    return count

@@ -42,7 +42,7 @@ from psycopg import sql
 
 from trackpipe.destinations.base import DestinationError, Outcome, fail, retry
 from trackpipe.destinations.warehouse.common import StaleSchema, Warehouse
-from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids
+from trackpipe.destinations.warehouse.layout import META_TABLES, key_ids, row_id
 from trackpipe.destinations.warehouse.plan import (
     MAX_COLUMNS, MAX_TABLES, TABLE, Plan, RejectedValue, Schema, TableLoad, check_max_columns,
     check_max_tables, rejected_rows)
@@ -400,12 +400,12 @@ class PostgresWarehouse(Warehouse):
         await conn.execute(f"ALTER TABLE {s}._trackpipe_check ADD COLUMN probe bigint")
         await conn.rollback()
 
-    async def delete_user(self, user_ids, anonymous_ids) -> Outcome:
+    async def delete_user(self, user_ids, anonymous_ids, traits=()) -> Outcome:
         users, anons = [str(u) for u in user_ids], [str(a) for a in anonymous_ids]
         async with self._lock:
             try:
                 tables = list(await self._known_schema())
-                deleted = await self._delete(tables, users, anons)
+                deleted = await self._delete(tables, users, anons, traits)
             except psycopg.Error as exc:
                 await self.close()
                 return self._classify(exc)
@@ -424,7 +424,8 @@ class PostgresWarehouse(Warehouse):
                 sql.Identifier(self.settings.schema, t)) for t in sorted(tables)),
             prepare=False)
 
-    async def _delete(self, tables, users: list[str], anons: list[str]) -> int:
+    async def _delete(self, tables, users: list[str], anons: list[str],
+                      traits: list[tuple[str, str]]) -> int:
         conn, s, ids, count = await self._connection(), self.settings.schema, [], 0
         # `users` and `identities` key a long id, or one holding a NUL, by its stand-in.
         # PostgreSQL takes no NUL, and no row holds an id with one (an event row, NULL).
@@ -436,7 +437,7 @@ class PostgresWarehouse(Warehouse):
                 await cur.execute(delete_person(s, table, "%s::text[]", "%s::text[]"),
                                   (users, anons) * (2 if table == "aliases" else 1))
                 ids += [r[0] for r in await cur.fetchall()]
-            count += await self._delete_traits(cur, user_keys, anon_keys)
+            count += await self._delete_traits(cur, traits)
             statements = [
                 (f"DELETE FROM {qualified(s, 'identities')} WHERE (identifier_type = 'user_id'"
                  " AND identifier = ANY(%s)) OR (identifier_type = 'anonymous_id'"
@@ -455,23 +456,22 @@ class PostgresWarehouse(Warehouse):
         return count + len(ids)
 
 
-    async def _delete_traits(self, cur, user_keys: list[str], anon_keys: list[str]) -> int:
-        """The person's trait identifiers' rows (emails), which a delete notice does not
-        name: those mapped to a profile their userIds' or anonymousIds' rows map to."""
-        s = self.settings.schema
-        await cur.execute(
-            f"DELETE FROM {qualified(s, 'identities')} WHERE identifier_type NOT IN"
-            " ('user_id', 'anonymous_id') AND profile_id IN (SELECT profile_id FROM"
-            f" {qualified(s, 'identities')} WHERE (identifier_type = 'user_id' AND identifier"
-            " = ANY(%s)) OR (identifier_type = 'anonymous_id' AND identifier = ANY(%s)))"
-            " RETURNING identifier", (user_keys, anon_keys))
-        traits = [r[0] for r in await cur.fetchall()]
-        if traits:  # one kept whole under its stand-in
-            await cur.execute(
-                f"DELETE FROM {qualified(s, 'rejected_values')} WHERE table_name = 'identities'"
-                " AND column_name NOT IN ('user_id', 'anonymous_id') AND message_id = ANY(%s)",
-                (traits,))
-        return len(traits)
+    async def _delete_traits(self, cur, traits: list[tuple[str, str]]) -> int:
+        """The rows of the person's trait identifiers (emails, as identity forgot them),
+        found by value: the profile id a row was loaded with may be gone (merged away) or
+        another person's (an unmerge). One kept whole under its stand-in leaves
+        rejected_values too. (A stand-in holds no NUL; no row has a trait name with one.)"""
+        traits = [(kind, value) for kind, value in traits if "\x00" not in kind]
+        if not traits:
+            return 0
+        s, pairs = self.settings.schema, "(SELECT * FROM unnest(%s::text[], %s::text[]))"
+        keys = ([kind for kind, _ in traits], [row_id(value) for _, value in traits])
+        await cur.execute(f"DELETE FROM {qualified(s, 'identities')} WHERE"
+                          f" (identifier_type, identifier) IN {pairs}", keys)
+        count = cur.rowcount
+        await cur.execute(f"DELETE FROM {qualified(s, 'rejected_values')} WHERE table_name ="
+                          f" 'identities' AND (column_name, message_id) IN {pairs}", keys)
+        return count
 
 
 def _without_nul(ids: list[str]) -> list[str]:
