@@ -253,12 +253,17 @@ def test_an_echoed_api_key_is_masked_in_the_failed_store_api_and_log(mock, fresh
     assert LEAKED_KEY not in json.dumps(summary) + srv.log_path.read_text(errors="replace")
 
 
-def test_trackpipe_check_masks_an_echoed_api_key(mock, tmp_path):
+def check_with_leaked_key(mock, tmp_path) -> subprocess.CompletedProcess:
+    """`trackpipe check` on an amplitude destination whose api_key is LEAKED_KEY."""
     path = write_config(tmp_path / "t.toml", [{"name": "amp", "type": "amplitude", "settings": {
         "api_key": LEAKED_KEY, "api_url": mock.url, "allow_private_targets": True}}])
-    r = subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(path),
-                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
-                       timeout=60)
+    return subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(path),
+                           "--data-dir", str(tmp_path / "data")], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_trackpipe_check_masks_an_echoed_api_key(mock, tmp_path):
+    r = check_with_leaked_key(mock, tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"FAIL  amp (amplitude): Amplitude answered 400: {{\"code\": 400, \"error\":" \
            f" \"Invalid API key: {MASK}\"}}. Check api_key" in r.stderr, r.stderr
@@ -271,11 +276,7 @@ def test_trackpipe_check_masks_an_api_key_cut_inside_a_long_answer(mock, tmp_pat
     shown = 'Amplitude answered 401: {"error": "'
     pad = "x" * (499 - len('{"error": "') - len(" key ") - 12)
     mock.answer_next(401, {"error": f"{pad} key {LEAKED_KEY}"})  # 12 chars of it before the cut
-    path = write_config(tmp_path / "t.toml", [{"name": "amp", "type": "amplitude", "settings": {
-        "api_key": LEAKED_KEY, "api_url": mock.url, "allow_private_targets": True}}])
-    r = subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(path),
-                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
-                       timeout=60)
+    r = check_with_leaked_key(mock, tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{shown}{pad} key {MASK}…. Check api_key" in r.stderr, r.stderr
     assert LEAKED_KEY[:8] not in r.stdout + r.stderr

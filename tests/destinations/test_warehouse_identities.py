@@ -46,14 +46,19 @@ def profile(server, ident: str) -> dict:
     return api(server, f"/api/v1/profiles/{ident}").json()
 
 
-def test_each_identifier_maps_to_the_profile_identity_holds_it_in(fresh_server, tmp_path,
-                                                                  warehouse):
-    settings, identities = warehouse
+def serve_with_email_identity(fresh_server, tmp_path, settings: dict):
+    """A server loading the warehouse `settings` are for, with email as a trait identifier."""
     kind = "postgres" if "dsn" in settings else "duckdb"
     config = write_config(tmp_path / "trackpipe.toml",
                           [{"name": "warehouse", "type": kind, "settings": settings}],
                           identity={"enabled": True, "trait_identifiers": ["email"]})
-    server = fresh_server(config=config).start()
+    return fresh_server(config=config).start()
+
+
+def test_each_identifier_maps_to_the_profile_identity_holds_it_in(fresh_server, tmp_path,
+                                                                  warehouse):
+    settings, identities = warehouse
+    server = serve_with_email_identity(fresh_server, tmp_path, settings)
     send(server, [
         ("identify", {"userId": "u3", "anonymousId": "a3"}),
         ("identify", {"userId": "u4", "anonymousId": "a3"}),  # refused: distinct_user_ids
@@ -80,11 +85,7 @@ def test_a_privacy_delete_removes_the_persons_trait_rows_and_no_one_elses(fresh_
     # person's email row kept the id merged away (left behind), and after an unmerge the
     # other person's email row kept the person's id (deleted).
     settings, identities = warehouse
-    kind = "postgres" if "dsn" in settings else "duckdb"
-    config = write_config(tmp_path / "trackpipe.toml",
-                          [{"name": "warehouse", "type": kind, "settings": settings}],
-                          identity={"enabled": True, "trait_identifiers": ["email"]})
-    server = fresh_server(config=config).start()
+    server = serve_with_email_identity(fresh_server, tmp_path, settings)
     send(server, [
         ("identify", {"userId": "uA", "anonymousId": "a1"}),
         ("identify", {"anonymousId": "a2", "traits": {"email": "ann@x.io"}}),
