@@ -155,6 +155,7 @@ def test_serve_first_start_prints_key_token_url_and_curl_once(tmp_path):
     curl = out[-1].strip()
     assert curl.startswith(f"curl -u '{key}:'") and curl.endswith(f"{url}/v1/track"), curl
     assert text.count(token) == 1 and text.count(key) == 2  # creation line + curl line
+    assert (data / "format").read_text() == "2\n"  # the data dir's format (data_format.py)
 
     second = LineReader(args, clean_env())
     try:
@@ -659,6 +660,56 @@ def test_serve_on_a_log_damaged_inside_refuses_to_start(tmp_path):
     assert f"{data / 'log.db'} is damaged" in r.stderr and ".recover" in r.stderr
 
 
+def snapshot(data) -> dict:
+    """Every file of a data dir, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(data.iterdir())}
+
+
+def test_serve_upgrades_a_data_dir_from_before_the_format_marker(tmp_path):
+    """A data dir an older trackpipe wrote has no marker (format 1): marked 2 on start, so an
+    older version that knows the marker refuses it from now on."""
+    from support import ServerProcess
+
+    server = ServerProcess(tmp_path / "data")  # its source, added as an older version would
+    assert not (server.data_dir / "format").exists()
+    server.start()
+    try:
+        assert (server.data_dir / "format").read_text() == "2\n"
+        assert track(server.url, server.write_key).json() == {"success": True}
+    finally:
+        server.stop()
+
+
+def test_sources_add_marks_the_data_dir_it_makes(tmp_path):
+    data = tmp_path / "data"
+    assert cli("sources", "add", "web", "--data-dir", str(data)).returncode == 0
+    assert (data / "format").read_text() == "2\n"
+
+
+def test_a_data_dir_a_newer_trackpipe_wrote_is_refused_and_left_as_it_was(tmp_path):
+    """The older version started on it answered 500 for profiles of a new shape and wrote
+    delivery rows the newer one misread later: every command that opens it stops first."""
+    from trackpipe.log.sqlite import SQLiteLog
+
+    data = tmp_path / "data"
+    add_source(data, "default", WRITE_KEY)
+    SQLiteLog(data / "log.db").close()
+    (data / "format").write_text("99\n")
+    before = snapshot(data)
+    env = clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN)
+    for args in (("serve", "--port", str(free_port())), ("sources", "list"),
+                 ("sources", "add", "web"), ("destinations",),
+                 ("replay", "--destination", "archive", "--failed-only")):
+        r = cli(*args, "--data-dir", str(data), env=env)
+        assert r.returncode == 1, (args, r.stdout + r.stderr)
+        assert "Traceback" not in r.stderr and "listening" not in r.stdout, r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr
+        assert ("this data dir was written by a newer trackpipe (format 99; this one reads up"
+                " to 2): run that version, or restore a backup taken before the upgrade"
+                in r.stderr), (args, r.stderr)
+    assert snapshot(data) == before
+
+
 def test_replay_refuses_an_empty_time(tmp_path):
     from trackpipe.log.sqlite import SQLiteLog
 
@@ -713,3 +764,61 @@ def test_profile_of_the_ids_dot_and_dot_dot(server):
                                        ADMIN_TOKEN)).returncode == 0 and f"Dots {run}" in p.stdout
                      and p, what=f"the profile of {user!r}")
         assert f"userIds:       {user}\n" in r.stdout, r.stdout
+
+
+# -- the data dir's permissions ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The usual 022 for the commands started inside, whatever the test runner's is."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_a_new_data_dir_is_private_and_the_catalog_0600(tmp_path):
+    data = tmp_path / "new" / "data"
+    with umask(0o022):
+        r = cli("sources", "add", "web", "--data-dir", str(data))
+    assert r.returncode == 0, r.stderr
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "catalog.db").stat().st_mode & 0o777 == 0o600  # the keys live there
+    assert r.stderr == ""  # nothing to tighten
+
+
+def test_an_open_data_dir_is_made_0700_at_start_with_one_line(tmp_path):
+    from support import ServerProcess
+
+    server = ServerProcess(tmp_path / "data")
+    server.data_dir.chmod(0o755)  # made by hand, or by a trackpipe that did not set a mode
+    with umask(0o022):
+        server.start()
+    try:
+        assert server.data_dir.stat().st_mode & 0o777 == 0o700
+        assert track(server.url, server.write_key).json() == {"success": True}
+    finally:
+        server.stop()
+    said = [line for line in server.log_path.read_text().splitlines() if "0700" in line]
+    assert len(said) == 1 and "was mode 755" in said[0], said
+
+    server.data_dir.chmod(0o750)  # the CLI commands that open the data dir do the same
+    r = cli("sources", "list", "--data-dir", str(server.data_dir))
+    assert r.returncode == 0, r.stderr
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700
+    assert "was mode 750" in r.stderr and "made it 0700" in r.stderr, r.stderr
+
+
+def test_sources_add_refuses_keys_a_documented_form_cannot_carry(tmp_path):
+    data = str(tmp_path / "data")
+    for key, rule in ((" sk", "no space at either end"), ("sk ", "no space at either end"),
+                      ("sk?a", "'?' or '#'"), ("sk#a", "'?' or '#'"),
+                      ("k" * 300, "over 256")):
+        r = cli("sources", "add", "web", "--write-key", key, "--data-dir", data)
+        assert r.returncode == 1 and rule in r.stderr, (key[:20], r.stderr)
+        assert r.stdout == "" and "Traceback" not in r.stderr
+    assert cli("sources", "list", "--data-dir", data).stdout.count("\n") == 1  # the header
+    r = cli("sources", "add", "web", "--write-key", "team/web%2F", "--data-dir", data)
+    assert r.returncode == 0 and r.stdout.strip() == "team/web%2F", r.stderr

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+from trackpipe import data_format
 from trackpipe.admin import api as admin_api
 from trackpipe.config import Settings, make_data_dir
 from trackpipe.delivery.state import DeliveryState
@@ -39,8 +40,10 @@ class Pipeline:
         destinations.validate(settings)  # a bad destination stops the start, not the first event
         data = settings.data_path
         make_data_dir(data)
+        data_format.refuse_newer(data)  # before anything there is written to
         self._lock = _lock_data_dir(data)
         _check_files(data)
+        data_format.mark(data)  # before its files migrate, as each does when opened
         self.catalog = Catalog(data)
         if settings.admin_token:
             self.catalog.set_admin_token(settings.admin_token)

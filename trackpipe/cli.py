@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 
-from trackpipe import config
+from trackpipe import config, data_format
 from trackpipe.commands.terminal import printable
 from trackpipe.errors import ConfigError, StartFailed
 
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trackpipe: {exc}", file=sys.stderr)
         return 2
+    except StartFailed as exc:  # a data dir it must not open (written by a newer version)
+        print(f"trackpipe: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -83,7 +86,10 @@ def _dispatch(args) -> int:
     from trackpipe.commands import delivery, people
 
     if args.command in ("destinations", "check", "replay"):
-        return delivery.run(args, _settings(args))
+        settings = _settings(args)
+        if args.command != "check":  # the only one of them that leaves the data dir alone
+            _open_data_dir(settings.data_path)
+        return delivery.run(args, settings)
     if args.command in ("profile", "privacy"):
         return people.run(args)
     if args.command == "serve":
@@ -114,6 +120,15 @@ def _settings(args) -> config.Settings:
     if getattr(args, "port", None):
         settings.server.port = args.port
     return settings
+
+
+def _open_data_dir(data) -> None:
+    """Refuse a data dir a newer trackpipe wrote, and mark one of an older, before its files
+    are opened (they migrate then). A dir holding no log is not marked: the command says
+    so, and the dir may be no trackpipe's."""
+    data_format.refuse_newer(data)
+    if (data / "log.db").exists():
+        data_format.mark(data)
 
 
 def _serve(args) -> int:
@@ -216,7 +231,10 @@ def _uvicorn_server():
 def _sources(args) -> int:
     from trackpipe.sources.catalog import Catalog
 
-    catalog = Catalog(_settings(args).data_path)
+    data = _settings(args).data_path
+    config.make_data_dir(data)  # as the catalog would: `sources add` may come before serve
+    data_format.open_data_dir(data)
+    catalog = Catalog(data)
     try:
         if args.action == "add":
             try:

@@ -297,11 +297,34 @@ def _parse_env_value(value: str):
 
 
 def make_data_dir(path: Path) -> None:
-    """Create the data dir; a ConfigError (not a traceback) when the path cannot be one."""
+    """Create the data dir, 0700; a ConfigError (not a traceback) when the path cannot be one.
+
+    The dir's mode is what keeps the events' personal data, the write keys and the privacy
+    key from other local users: the files in it follow the umask (the catalog excepted)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
         raise ConfigError(f"Cannot use {path} as the data dir: it is a file, not a"
                           " directory.") from None
     except OSError as exc:
         raise ConfigError(f"Cannot use {path} as the data dir: {exc.strerror or exc}.") from None
+    _make_private(path)
+
+
+def _make_private(path: Path) -> None:
+    """A data dir that group or others can read or enter (made by hand, or by a trackpipe
+    before 0700) is tightened, once, with a line saying so."""
+    import logging
+
+    mode = path.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return
+    log = logging.getLogger("trackpipe")
+    try:
+        os.chmod(path, 0o700)
+    except OSError as exc:  # not its owner: say so, and go on as before
+        log.warning("the data dir %s is mode %o, open to other local users, and could not"
+                    " be made 0700 (%s); run `chmod 700 %s`", path, mode, exc.strerror, path)
+        return
+    log.warning("the data dir %s was mode %o, open to other local users; made it 0700",
+                path, mode)

@@ -17,6 +17,7 @@ import pytest
 from trackpipe.delivery.retry import RetryPolicy
 from trackpipe.delivery.state import DeliveryState, Sent
 from trackpipe.destinations.base import DELIVERED, fail, retry
+from trackpipe.identity.facts import USER
 from trackpipe.log.base import Discard, Record
 from trackpipe.log.sqlite import SQLiteLog, connect
 from trackpipe.pipeline.ingest import DISCARD_PAYLOAD_CHARS
@@ -70,6 +71,42 @@ def test_a_delete_notice_queued_before_notices_named_traits_is_still_sent(tmp_pa
         assert state.pending_notice("wh") is None
     finally:
         state.close()
+
+
+def test_only_a_destination_that_uses_profiles_has_the_emails_in_its_delete_notice(tmp_path):
+    """The webhook never reads the person's trait identifiers: its notice held their email
+    on disk all the same, until sent (for good, under a version rolled back to)."""
+    from trackpipe.config import Destination
+
+    SQLiteLog(tmp_path / "log.db").close()
+    DeliveryState(tmp_path / "deliveries.db").close()
+    hook = Destination(name="hook", type="webhook")
+    warehouse = Destination(name="wh", type="duckdb")  # uses profiles, as postgres does
+    done = delete(tmp_path, (USER, "u-1"), ("email", "ann@x.io"), destinations=[hook, warehouse])
+    assert done["destinations_notified"] == 2
+    with opened(tmp_path / "deliveries.db") as db:
+        assert db.execute("SELECT destination, user_ids, traits FROM delete_notices"
+                          " ORDER BY destination").fetchall() == [
+            ("hook", '["u-1"]', "[]"), ("wh", '["u-1"]', '[["email", "ann@x.io"]]')]
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("deliveries.db*"))
+    assert raw.count(b"ann@x.io") == 1, "once: in the warehouse's notice"
+
+
+def test_a_sent_notice_still_naming_its_person_is_blanked_at_start(tmp_path):
+    """An older version (rolled back to) knew nothing of `traits`: it sent the notice and
+    blanked its ids only, leaving the email there for good."""
+    state = DeliveryState(tmp_path / "deliveries.db")
+    state._db().execute(
+        "INSERT INTO delete_notices (destination, user_ids, anon_ids, traits, created_at,"
+        " state) VALUES ('wh', '[]', '[]', '[[\"email\", \"ann@x.io\"]]', 0, 'delivered'),"
+        " ('wh', '[\"u-2\"]', '[]', '[[\"email\", \"bob@x.io\"]]', 0, 'pending')")
+    state.close()
+    DeliveryState(tmp_path / "deliveries.db").close()  # the next start
+    with opened(tmp_path / "deliveries.db") as db:
+        assert db.execute("SELECT state, user_ids, traits FROM delete_notices").fetchall() == [
+            ("delivered", "[]", "[]"), ("pending", '["u-2"]', '[["email", "bob@x.io"]]')]
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("deliveries.db*"))
+    assert b"ann@x.io" not in raw and b"bob@x.io" in raw
 
 
 def test_a_delete_notice_answer_quoting_its_ids_is_not_kept(tmp_path):
@@ -152,12 +189,12 @@ def discard(event: dict) -> Discard:
     return Discard(1, "src", None, "missing_event", "no event", payload(event))
 
 
-def delete(data_dir, *ids: tuple[str | None, str]) -> dict:
+def delete(data_dir, *ids: tuple[str | None, str], destinations=()) -> dict:
     """Queue a delete of these (kind, value) identifiers and carry it out, with no identity
-    store (as the server does without one)."""
+    store (as the server does without one), notifying these destinations."""
     with opened(data_dir / "deliveries.db") as db:
         request_id = erase.queue(db, list(ids))
-        assert erase.process_requests(data_dir, None, []) == 1
+        assert erase.process_requests(data_dir, None, list(destinations)) == 1
         return erase.result(db, request_id)
 
 

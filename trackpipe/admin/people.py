@@ -19,6 +19,7 @@ from trackpipe.log.sqlite import connect
 from trackpipe.privacy import erase
 from trackpipe.privacy import suppress as suppression
 from trackpipe.privacy.suppress import id_hash
+from trackpipe.sources.catalog import Catalog
 
 ERASE_WAIT_SECONDS = 30.0
 SUPPRESS_WAIT_SECONDS = 30.0  # for the consumers process to stop delivering their events
@@ -112,7 +113,7 @@ class PeopleAPI:
             profiles = await run_in_threadpool(self.identity.unmerge, found["profile_id"], merge_id)
         except (KeyError, LookupError) as exc:
             return error(404, "not_found", f"No merge {merge_id!r} in this profile: {exc}")
-        self._audit("unmerge", ident, {"merge_id": merge_id, "profiles": len(profiles)})
+        await self._audit("unmerge", ident, {"merge_id": merge_id, "profiles": len(profiles)})
         return json_response({"profiles": profiles})
 
     # -- privacy --------------------------------------------------------------------
@@ -127,11 +128,10 @@ class PeopleAPI:
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
-        await run_in_threadpool(self.p.catalog.suppress, _all(by_value))
-        self.p.reload_catalog(force=True)
+        by_value = await self._in_catalog(_suppress, ids)
+        self.p.reload_catalog(force=True)  # reads only: never waits for a writer (WAL)
         stopped = await self._deliveries_stopped()
-        self._audit("suppress", ident, {"identifiers": len(by_value)})
+        await self._audit("suppress", ident, {"identifiers": len(by_value)})
         # 202: dropped at ingest already; the consumers process (down, or finishing a send
         # of theirs to a slow destination) skips and purges their queued events when it can.
         return json_response({"suppressed": len(by_value), "deliveries_stopped": stopped},
@@ -157,13 +157,13 @@ class PeopleAPI:
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
 
-        def lift() -> int:  # how many identifiers were suppressed, not how many hashes
-            return sum(1 for hs in by_value.values() if self.p.catalog.unsuppress(hs))
-        n = await run_in_threadpool(lift)
+        def lift(catalog) -> tuple[int, int]:  # identifiers that were suppressed, not hashes
+            by_value = suppression.hashes(catalog.privacy_key(), ids)
+            return len(by_value), sum(1 for hs in by_value.values() if catalog.unsuppress(hs))
+        asked, n = await self._in_catalog(lift)
         self.p.reload_catalog(force=True)
-        self._audit("unsuppress", ident, {"identifiers": len(by_value), "lifted": n})
+        await self._audit("unsuppress", ident, {"identifiers": asked, "lifted": n})
         return json_response({"unsuppressed": n})
 
     async def delete(self, request: Request) -> Response:
@@ -171,24 +171,26 @@ class PeopleAPI:
         if isinstance(ident, Response):
             return ident
         ids = await run_in_threadpool(self._identifiers, ident)
-        by_value = suppression.hashes(self.p.catalog.privacy_key(), ids)
         # Delete implies suppress (Segment's "delete and suppress"): no new events meanwhile.
-        await run_in_threadpool(self.p.catalog.suppress, _all(by_value))
+        await self._in_catalog(_suppress, ids)
         self.p.reload_catalog(force=True)
-        db = connect(self.p.settings.data_path / "deliveries.db", synchronous="NORMAL")
+        # deliveries.db is written by the consumers process too: its waits stay off the loop.
+        db = await run_in_threadpool(connect, self.p.settings.data_path / "deliveries.db",
+                                     synchronous="NORMAL")
         try:
-            request_id = erase.queue(db, ids)
+            request_id = await run_in_threadpool(erase.queue, db, ids)
             if not self.p.consumers.needed:  # no consumers process: do it here
                 await run_in_threadpool(erase.process_requests, self.p.settings.data_path, None, [])
             deadline = time.monotonic() + ERASE_WAIT_SECONDS
-            while (done := erase.result(db, request_id)) is None and time.monotonic() < deadline:
+            while ((done := await run_in_threadpool(erase.result, db, request_id)) is None
+                   and time.monotonic() < deadline):
                 await asyncio.sleep(0.1)
         finally:
             db.close()
         if done is None:
-            self._audit("delete", ident, {"request": request_id, "state": "queued"})
+            await self._audit("delete", ident, {"request": request_id, "state": "queued"})
             return json_response({"request_id": request_id, "state": "queued"}, 202)
-        self._audit("delete", ident, {"request": request_id, **done})
+        await self._audit("delete", ident, {"request": request_id, **done})
         return json_response({"request_id": request_id, "state": "done", **done})
 
     async def audit(self, request: Request) -> Response:
@@ -198,9 +200,24 @@ class PeopleAPI:
             {"id": r[0], "at": format_ts(r[1]), "action": r[2], "subject": r[3],
              "detail": json.loads(r[4])} for r in rows]})
 
-    def _audit(self, action: str, ident: str, detail: dict) -> None:
-        subject = id_hash(self.p.catalog.privacy_key(), ident)  # never the id itself
-        self.p.catalog.audit(action, subject, json.dumps(detail))
+    async def _audit(self, action: str, ident: str, detail: dict) -> None:
+        def write(catalog) -> None:
+            subject = id_hash(catalog.privacy_key(), ident)  # never the id itself
+            catalog.audit(action, subject, json.dumps(detail))
+        await self._in_catalog(write)
+
+    async def _in_catalog(self, work, *args):
+        """`work(catalog, *args)` in a thread, on a catalog connection of its own. A write
+        can wait (up to 30 s) for another writer's lock, the CLI's say; on the pipeline's
+        shared connection that wait would hold up the event loop's catalog reloads, and
+        with them every /v1/* request."""
+        def run():
+            catalog = Catalog(self.p.settings.data_path)
+            try:
+                return work(catalog, *args)
+            finally:
+                catalog.close()
+        return await run_in_threadpool(run)
 
 
 async def _ident(request: Request):
@@ -214,8 +231,10 @@ async def _ident(request: Request):
     return ident
 
 
-def _all(by_value: dict[str, list[str]]) -> list[str]:
-    return [h for hs in by_value.values() for h in hs]
+def _suppress(catalog: Catalog, ids: list[suppression.Identifier]) -> dict[str, list[str]]:
+    by_value = suppression.hashes(catalog.privacy_key(), ids)
+    catalog.suppress([h for hs in by_value.values() for h in hs])
+    return by_value
 
 
 MERGE_ID = re.compile(r"[mM]?[0-9]{1,18}")

@@ -444,7 +444,9 @@ async def run(settings: config.Settings) -> None:
         identity = IdentityConsumer(open_store(settings.identity, data), event_log)
         tasks.append(asyncio.create_task(identity.run(stop), name="identity"))
     erasing = identity or IdentityConsumer(None, event_log)
-    notified = [d.name for d in settings.destinations
+    # Configs, not names: a delete notice keeps the person's emails only for destinations
+    # that use profiles (privacy/erase.py).
+    notified = [d for d in settings.destinations
                 if d.enabled and destination_class(d.type).supports_delete]
     tasks.append(asyncio.create_task(erasing.erase_requests(stop, data, notified), name="privacy"))
     retaining = None

@@ -291,6 +291,7 @@ class DeliveryState:
         _mark_legacy_batches(self._db())
         self._db().executescript(SCHEMA)
         erase.create_queue(self._db())
+        erase.forget_sent_notices(self._db())
 
     def _db(self) -> sqlite3.Connection:
         return self._conns.get()

@@ -31,8 +31,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Union
 
+from trackpipe import config
+from trackpipe.destinations import destination_class
 from trackpipe.identity.facts import ANON, USER, normalize_trait
 from trackpipe.log.sqlite import KEEP_HEAD_SQL, SQLiteLog, connect, immediate
 from trackpipe.privacy import details, find, names
@@ -64,6 +66,9 @@ CREATE TABLE IF NOT EXISTS delete_notices (
 """
 
 
+# Whom a delete notice goes to: a destination's config, or its bare name (see _recipients).
+Recipient = Union[str, config.Destination]
+
 # A notice's `traits`, in a file made before it: the person's trait identifiers (emails),
 # which a warehouse's identities rows hold, each under the profile id it was loaded with.
 _NOTICE_TRAITS = "ALTER TABLE delete_notices ADD COLUMN traits TEXT NOT NULL DEFAULT '[]'"
@@ -93,7 +98,7 @@ def result(db: sqlite3.Connection, request_id: int) -> dict | None:
     return None if row is None else json.loads(row[0])
 
 
-def process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> int:
+def process_requests(data_dir: Path, identity, destinations: Iterable[Recipient]) -> int:
     """Carry out every queued delete; `identity` is the store or None. Returns how many.
 
     One call at a time: two admin requests' threads would each take the whole queue,
@@ -105,7 +110,7 @@ def process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> i
 _PROCESSING = threading.Lock()
 
 
-def _process_requests(data_dir: Path, identity, destinations: Iterable[str]) -> int:
+def _process_requests(data_dir: Path, identity, destinations: Iterable[Recipient]) -> int:
     db = connect(data_dir / "deliveries.db", synchronous="NORMAL")
     try:
         db.execute("PRAGMA secure_delete=ON")  # every write here removes someone's ids
@@ -145,7 +150,7 @@ def _asked(identity) -> list:
 
 
 def _erase_for_another_node(data_dir: Path, identity, erasure, db: sqlite3.Connection,
-                            destinations: list[str]) -> None:
+                            destinations: list[Recipient]) -> None:
     """Carry out here a delete another node was sent (see the module's docstring), and keep
     its outcome as a done request of this node's, and in its privacy audit."""
     catalog = Catalog(data_dir)
@@ -223,7 +228,7 @@ class Person:
 
 
 def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
-          deliveries: sqlite3.Connection, destinations: list[str],
+          deliveries: sqlite3.Connection, destinations: list[Recipient],
           positions: Iterable[int] = (), legacy: list = (), ask: bool = True) -> dict:
     """Erase the person from this node. `positions`: more of their events in this node's
     log, and `legacy` timeline rows that may be (another node's request carries them);
@@ -252,7 +257,7 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
     now = int(time.time() * 1000)
     users, anons = sorted(person.as_users), sorted(person.as_anons)
     traits = json.dumps(sorted([kind, v] for kind, vs in person.traits.items() for v in vs))
-    notify = destinations if users or anons else []
+    notify = _recipients(destinations) if users or anons else []
     erased = f"position IN (SELECT p FROM {details.ERASED})"
     with immediate(deliveries):
         cancelled = deliveries.execute(f"DELETE FROM pending WHERE {erased}").rowcount
@@ -262,10 +267,20 @@ def erase(data_dir: Path, identity, ids: list[tuple[str | None, str]],
         deliveries.executemany(
             "INSERT INTO delete_notices (destination, user_ids, anon_ids, traits, created_at,"
             " state) VALUES (?, ?, ?, ?, ?, 'pending')",
-            [(d, json.dumps(users), json.dumps(anons), traits, now) for d in notify])
+            [(name, json.dumps(users), json.dumps(anons), traits if profiled else "[]", now)
+             for name, profiled in notify])
     return {"profiles": profiles, "events": events, "deliveries_cancelled": cancelled,
             "identifiers": len(person.values()), "destinations_notified": len(notify),
             "other_nodes": others}
+
+
+def _recipients(destinations: Iterable[Recipient]) -> list[tuple[str, bool]]:
+    """(name, whether its notice keeps the person's trait identifiers) of each destination.
+    Only a destination that uses profiles reads them (a warehouse finds its identities rows
+    by them); in the others' notices an email would only wait on disk until sent. A bare
+    name says nothing of its type: its notice keeps them, as a warehouse's must."""
+    return [(d, True) if isinstance(d, str)
+            else (d.name, destination_class(d.type).uses_profiles) for d in destinations]
 
 
 def _forget(identity, ids, person: Person, positions: set[int], read, ask: bool
@@ -391,6 +406,19 @@ def _scrub(db: sqlite3.Connection, wait: bool = True) -> None:
     finally:
         if not wait:
             db.execute(f"PRAGMA busy_timeout={int(timeout)}")
+
+
+def forget_sent_notices(db: sqlite3.Connection) -> None:
+    """Blank what a notice no longer owed still holds of its person. A version rolled back
+    to, which knows nothing of `traits`, sent notices and left their emails there for good.
+    Called at start; only writes (and takes the write lock) when there is something to blank."""
+    sent = "state != 'pending' AND (traits != '[]' OR user_ids != '[]' OR anon_ids != '[]')"
+    if db.execute(f"SELECT 1 FROM delete_notices WHERE {sent} LIMIT 1").fetchone() is None:
+        return
+    with secure_delete(db):
+        db.execute(f"UPDATE delete_notices SET user_ids = '[]', anon_ids = '[]', traits = '[]'"
+                   f" WHERE {sent}")
+    _scrub(db, wait=False)  # busy: the next delete's checkpoint empties the WAL
 
 
 def pending_notice(db: sqlite3.Connection, destination: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import time
@@ -59,6 +60,7 @@ class Catalog:
     def __init__(self, data_dir: Path | str):
         path = Path(data_dir) / "catalog.db"
         make_data_dir(path.parent)
+        _create_private(path)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -72,10 +74,9 @@ class Catalog:
     def add_source(self, name: str, write_key: str | None = None, strict: bool = False) -> Source:
         if not name.strip():
             raise ValueError("A source needs a name that is not empty.")
-        if write_key is not None and (":" in write_key or not write_key.strip()
-                                      or not (write_key.isascii() and write_key.isprintable())):
-            # Basic auth splits "key:" at the first colon; HTTP headers carry ASCII.
-            raise ValueError("A write key is printable ASCII, not empty, and has no colon.")
+        problem = write_key_problem(write_key) if write_key is not None else None
+        if problem:
+            raise ValueError(f"{problem}. {WRITE_KEY_RULE}")
         source = Source(f"src_{secrets.token_hex(8)}", name, write_key or new_write_key(),
                         True, strict, int(time.time() * 1000))
         try:
@@ -136,6 +137,39 @@ class Catalog:
 
     def close(self) -> None:
         self.db.close()
+
+
+MAX_WRITE_KEY = 256
+WRITE_KEY_RULE = (f"A write key is 1 to {MAX_WRITE_KEY} printable ASCII characters, has no"
+                  " colon, '?' or '#', and no space at either end.")
+
+
+def write_key_problem(key: str) -> str | None:
+    """Why a chosen write key would fail in one of the forms README.md documents, or None.
+    Keys stored before these rules keep working: only new ones are checked."""
+    if not key.strip():
+        return "The write key is empty"
+    if not (key.isascii() and key.isprintable()):
+        return ("The write key has a character that is not printable ASCII (HTTP headers"
+                " carry ASCII)")
+    if ":" in key:
+        return "The write key has a colon (Basic auth splits the key at the first colon)"
+    if key != key.strip():
+        return "The write key starts or ends with a space (Bearer <key> loses it)"
+    if "?" in key or "#" in key:
+        return ("The write key has a '?' or '#' (the browser SDKs' settings URL"
+                " /v1/projects/<key>/settings cannot carry them)")
+    if len(key) > MAX_WRITE_KEY:
+        return (f"The write key is {len(key)} characters long, over {MAX_WRITE_KEY}"
+                " (a Basic auth header that long is refused)")
+    return None
+
+
+def _create_private(path: Path) -> None:
+    """catalog.db holds the write keys, the privacy key and the admin token's hash: 0600
+    from the start, whatever the umask (SQLite gives its -wal and -shm the same mode)."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def new_write_key() -> str:
