@@ -786,7 +786,7 @@ def test_a_new_data_dir_is_private_and_the_catalog_0600(tmp_path):
     assert r.returncode == 0, r.stderr
     assert data.stat().st_mode & 0o777 == 0o700
     assert (data / "catalog.db").stat().st_mode & 0o777 == 0o600  # the keys live there
-    assert r.stderr == ""  # nothing to tighten
+    assert "0700" not in r.stderr, r.stderr  # nothing to tighten
 
 
 def test_an_open_data_dir_is_made_0700_at_start_with_one_line(tmp_path):
@@ -822,3 +822,88 @@ def test_sources_add_refuses_keys_a_documented_form_cannot_carry(tmp_path):
     assert cli("sources", "list", "--data-dir", data).stdout.count("\n") == 1  # the header
     r = cli("sources", "add", "web", "--write-key", "team/web%2F", "--data-dir", data)
     assert r.returncode == 0 and r.stdout.strip() == "team/web%2F", r.stderr
+
+
+def poll_status(url: str, key: str, wanted: int, timeout: float) -> int:
+    """The status of a track call once it is `wanted`, or the last one after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = track(url, key).status_code
+        if status == wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_sources_disable_revokes_a_write_key_on_a_running_server_and_enable_restores_it(
+        fresh_server):
+    server = fresh_server().start()
+    data = str(server.data_dir)
+    key = server.add_source("leaky")
+    assert track(server.url, key).status_code == 200
+
+    r = cli("sources", "disable", "leaky", "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("Disabled source 'leaky': its write key is refused (401)"
+                                " within a second.")
+    assert r.stderr == ""  # the server has run here: no note about the data dir
+    assert poll_status(server.url, key, 401, timeout=2) == 401
+    assert track(server.url, key).json()["code"] == "invalid_write_key"
+    assert track(server.url, server.write_key).status_code == 200  # only that source
+    rows = {line.split()[0]: line.split() for line in
+            cli("sources", "list", "--data-dir", data).stdout.splitlines()[1:]}
+    assert rows["leaky"][2] == "False" and rows["default"][2] == "True"
+
+    r = cli("sources", "enable", "leaky", "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "Enabled source 'leaky': its write key is accepted again."
+    assert poll_status(server.url, key, 200, timeout=2) == 200
+
+
+def test_sources_disable_or_enable_of_an_unknown_name_exits_2_listing_the_names(tmp_path):
+    data = tmp_path / "data"
+    add_source(data, "web")
+    add_source(data, "backend")
+    for action in ("disable", "enable"):
+        r = cli("sources", action, "wbe", "--data-dir", str(data))
+        assert r.returncode == 2, r.stderr
+        assert r.stdout == "" and "Traceback" not in r.stderr
+        assert "no source named 'wbe'" in r.stderr and "'web', 'backend'" in r.stderr, r.stderr
+    assert all(s.split()[2] == "True" for s in
+               cli("sources", "list", "--data-dir", str(data)).stdout.splitlines()[1:])
+
+
+def test_sources_list_disable_enable_on_a_missing_data_dir_exit_2_and_make_nothing(tmp_path):
+    """A typo'd --data-dir (or another working dir) once made an empty data dir in silence."""
+    typo = tmp_path / "trackpipe-dta"
+    for action in ("list", "disable", "enable"):
+        args = ("sources", action) + (("web",) if action != "list" else ())
+        r = cli(*args, "--data-dir", str(typo))
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert f"There is no data dir at {typo}" in r.stderr, r.stderr
+        assert not typo.exists()  # nothing made
+
+
+def test_sources_add_on_a_data_dir_no_trackpipe_has_run_in_says_so(tmp_path):
+    """Allowed (sources may be added before the first serve), but said on stderr: the key
+    printed is one a server running on another data dir never sees."""
+    typo = tmp_path / "trackpipe-dta"
+    r = cli("sources", "add", "web", "--data-dir", str(typo))
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    note = r.stderr.splitlines()
+    assert len(note) == 1 and str(typo.resolve()) in note[0], r.stderr
+    assert "no trackpipe has run" in note[0]
+    assert add_source(typo, "web") == r.stdout.strip()  # the key was stored there
+
+
+def test_serve_first_start_says_to_export_the_admin_token_not_pass_it_as_a_flag(tmp_path):
+    port = free_port()
+    proc = LineReader(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                      clean_env())
+    try:
+        out = proc.read_until(r"curl ")
+    finally:
+        proc.stop()
+    token_line = next(i for i, line in enumerate(out) if line.startswith("Admin token"))
+    hint = out[token_line + 1]
+    assert "export TRACKPIPE_ADMIN_TOKEN=" in hint, out
+    assert "tpa_" not in hint  # the token itself is still printed only once

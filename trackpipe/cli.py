@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     _data_dir_arg(serve)
     serve.add_argument("--config", help="TOML settings file")
 
-    sources = sub.add_parser("sources", help="register and list sources (write keys)")
+    sources = sub.add_parser("sources", help="register, list, disable and enable sources"
+                             " (write keys)")
     ssub = sources.add_subparsers(dest="action", required=True)
     add = ssub.add_parser("add", help="register a source and print its write key")
     add.add_argument("name")
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ls = ssub.add_parser("list", help="list sources")
     _data_dir_arg(ls)
     ls.add_argument("--config")
+    for action, what in (("disable", "refuse its write key (401), e.g. a leaked one"),
+                         ("enable", "accept its write key again")):
+        toggle = ssub.add_parser(action, help=f"{action} a source: {what}")
+        toggle.add_argument("name")
+        _data_dir_arg(toggle)
+        toggle.add_argument("--config")
 
     send = sub.add_parser("send", help="send a test track call over HTTP")
     send.add_argument("--write-key", required=True)
@@ -173,6 +180,9 @@ def _serve(args) -> int:
         pipeline.catalog.set_admin_token(token)
         pipeline.reload_catalog(force=True)
         print(f"Admin token (shown once; keep it): {token}")
+        # The environment, not --admin-token: a flag shows in `ps` to other local users.
+        print("Admin commands read it from the environment:"
+              " export TRACKPIPE_ADMIN_TOKEN=<that token>")
     key = next(iter(pipeline.registry.by_key))
     print(f"trackpipe listening on {url}  (data in {settings.data_path.resolve()})")
     print("Point your SDK's host option at that URL, or try:")
@@ -232,24 +242,56 @@ def _sources(args) -> int:
     from trackpipe.sources.catalog import Catalog
 
     data = _settings(args).data_path
+    if args.action != "add" and not data.exists():  # a typo'd --data-dir: make nothing
+        raise ConfigError(f"There is no data dir at {data.resolve()}: pass the --data-dir"
+                          " the server uses (`trackpipe serve` prints it at start).")
     config.make_data_dir(data)  # as the catalog would: `sources add` may come before serve
     data_format.open_data_dir(data)
+    if args.action != "list" and not (data / "log.db").exists():
+        # Not refused (sources may be added before the first serve), but said: a server
+        # running on another data dir never sees this change.
+        print(f"trackpipe: note: no trackpipe has run in {data.resolve()} yet; a server"
+              " using another --data-dir will not see this change.", file=sys.stderr)
     catalog = Catalog(data)
     try:
         if args.action == "add":
-            try:
-                source = catalog.add_source(args.name, args.write_key, args.strict)
-            except ValueError as exc:
-                print(f"trackpipe: {exc}", file=sys.stderr)
-                return 1
-            print(source.write_key)
-            return 0
-        print(f"{'NAME':20} {'ID':22} {'ENABLED':8} {'STRICT':7} WRITE KEY")
-        for s in catalog.sources():
-            print(f"{s.name:20} {s.id:22} {str(s.enabled):8} {str(s.strict):7} {s.write_key}")
+            return _add_source(catalog, args)
+        if args.action in ("disable", "enable"):
+            return _set_enabled(catalog, args.name, args.action == "enable", data)
+        _list_sources(catalog)
         return 0
     finally:
         catalog.close()
+
+
+def _add_source(catalog, args) -> int:
+    try:
+        source = catalog.add_source(args.name, args.write_key, args.strict)
+    except ValueError as exc:
+        print(f"trackpipe: {exc}", file=sys.stderr)
+        return 1
+    print(source.write_key)
+    return 0
+
+
+def _set_enabled(catalog, name: str, enabled: bool, data) -> int:
+    """A running server reloads the catalog within a second: a disabled source's write key
+    is then answered 401 invalid_write_key (the way to revoke a leaked key)."""
+    if not catalog.set_enabled(name, enabled):
+        known = ", ".join(repr(s.name) for s in catalog.sources()) or "none yet"
+        raise ConfigError(f"There is no source named {name!r} in {data.resolve()}; the"
+                          f" sources there: {known}.")
+    if enabled:
+        print(f"Enabled source {name!r}: its write key is accepted again.")
+    else:
+        print(f"Disabled source {name!r}: its write key is refused (401) within a second.")
+    return 0
+
+
+def _list_sources(catalog) -> None:
+    print(f"{'NAME':20} {'ID':22} {'ENABLED':8} {'STRICT':7} WRITE KEY")
+    for s in catalog.sources():
+        print(f"{s.name:20} {s.id:22} {str(s.enabled):8} {str(s.strict):7} {s.write_key}")
 
 
 def _send(args) -> int:
