@@ -695,6 +695,7 @@ def test_a_data_dir_a_newer_trackpipe_wrote_is_refused_and_left_as_it_was(tmp_pa
     add_source(data, "default", WRITE_KEY)
     SQLiteLog(data / "log.db").close()
     (data / "format").write_text("99\n")
+    data.chmod(0o755)  # a mode a start would tighten: a refused one does not
     before = snapshot(data)
     env = clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN)
     for args in (("serve", "--port", str(free_port())), ("sources", "list"),
@@ -708,6 +709,30 @@ def test_a_data_dir_a_newer_trackpipe_wrote_is_refused_and_left_as_it_was(tmp_pa
                 " to 2): run that version, or restore a backup taken before the upgrade"
                 in r.stderr), (args, r.stderr)
     assert snapshot(data) == before
+    assert data.stat().st_mode & 0o777 == 0o755
+
+
+def test_the_format_file_is_its_dirs_owners_whoever_writes_it(tmp_path):
+    """Root running a CLI command on a service user's data dir (umask 077) wrote `format`
+    as root, 0600: that user's trackpipe could then not read it, and refused to start."""
+    from trackpipe.sources.catalog import Catalog
+
+    data = tmp_path / "data"
+    add_source(data, "default", WRITE_KEY)
+    (data / "format").unlink(missing_ok=True)  # a dir from before the marker
+    if os.geteuid() == 0:
+        os.chown(data, 65534, 65534)
+    with umask(0o077):
+        r = cli("sources", "list", "--data-dir", str(data))
+    assert r.returncode == 0, r.stderr
+    marker = (data / "format").stat()
+    assert marker.st_mode & 0o777 == 0o644 and (data / "format").read_text() == "2\n"
+    assert (marker.st_uid, marker.st_gid) == (data.stat().st_uid, data.stat().st_gid)
+
+    # Only a start tightens the dir: opening the catalog (each privacy request) does not.
+    data.chmod(0o750)
+    Catalog(data).close()
+    assert data.stat().st_mode & 0o777 == 0o750
 
 
 def test_replay_refuses_an_empty_time(tmp_path):

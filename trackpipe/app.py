@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trackpipe import data_format
 from trackpipe.admin import api as admin_api
-from trackpipe.config import Settings, make_data_dir
+from trackpipe.config import Settings, make_data_dir, make_private
 from trackpipe.delivery.state import DeliveryState
 from trackpipe.delivery.supervisor import ConsumersProcess
 from trackpipe.destinations import build as destinations
@@ -39,8 +39,9 @@ class Pipeline:
         self.settings = settings
         destinations.validate(settings)  # a bad destination stops the start, not the first event
         data = settings.data_path
+        data_format.refuse_newer(data)  # before anything there is made or changed
         make_data_dir(data)
-        data_format.refuse_newer(data)  # before anything there is written to
+        make_private(data)
         self._lock = _lock_data_dir(data)
         _check_files(data)
         data_format.mark(data)  # before its files migrate, as each does when opened

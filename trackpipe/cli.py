@@ -245,8 +245,10 @@ def _sources(args) -> int:
     if args.action != "add" and not data.exists():  # a typo'd --data-dir: make nothing
         raise ConfigError(f"There is no data dir at {data.resolve()}: pass the --data-dir"
                           " the server uses (`trackpipe serve` prints it at start).")
+    data_format.refuse_newer(data)  # before anything there is made or changed
     config.make_data_dir(data)  # as the catalog would: `sources add` may come before serve
-    data_format.open_data_dir(data)
+    config.make_private(data)
+    data_format.mark(data)
     if args.action != "list" and not (data / "log.db").exists():
         # Not refused (sources may be added before the first serve), but said: a server
         # running on another data dir never sees this change.

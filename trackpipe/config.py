@@ -300,7 +300,8 @@ def make_data_dir(path: Path) -> None:
     """Create the data dir, 0700; a ConfigError (not a traceback) when the path cannot be one.
 
     The dir's mode is what keeps the events' personal data, the write keys and the privacy
-    key from other local users: the files in it follow the umask (the catalog excepted)."""
+    key from other local users: the files in it follow the umask (the catalog excepted).
+    An existing dir is left as it is: `make_private` tightens it, once, at a start."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
@@ -308,10 +309,9 @@ def make_data_dir(path: Path) -> None:
                           " directory.") from None
     except OSError as exc:
         raise ConfigError(f"Cannot use {path} as the data dir: {exc.strerror or exc}.") from None
-    _make_private(path)
 
 
-def _make_private(path: Path) -> None:
+def make_private(path: Path) -> None:
     """A data dir that group or others can read or enter (made by hand, or by a trackpipe
     before 0700) is tightened, once, with a line saying so."""
     import logging

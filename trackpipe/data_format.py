@@ -25,13 +25,6 @@ answered 500 to such profiles and left the notices' emails on disk)."""
 MARKER = "format"
 
 
-def open_data_dir(data: Path) -> None:
-    """Refuse a data dir a newer trackpipe wrote, then mark it as this version's. Call
-    before opening any file of it (they migrate when opened)."""
-    refuse_newer(data)
-    mark(data)
-
-
 def refuse_newer(data: Path) -> None:
     found = read(data)
     if found > FORMAT:
@@ -46,7 +39,7 @@ def read(data: Path) -> int:
     path = data / MARKER
     try:
         text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no dir yet: making it says what is wrong
         return 1
     except (OSError, UnicodeDecodeError) as exc:
         raise StartFailed(f"{path} cannot be read ({exc}); it holds the data dir's format"
@@ -66,6 +59,12 @@ def mark(data: Path) -> None:
     # A name of its own: a CLI command may mark the dir while the server does.
     path, new = data / MARKER, data / f"{MARKER}.{os.getpid()}.new"
     with open(new, "w", encoding="ascii") as f:
+        # Readable by the dir's owner whoever writes it (root running a CLI command on a
+        # service user's dir, any umask): else that owner's trackpipe could not start.
+        os.fchmod(f.fileno(), 0o644)
+        owner = os.stat(data)
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
         f.write(f"{FORMAT}\n")
         f.flush()
         os.fsync(f.fileno())
