@@ -45,6 +45,16 @@ def test_a_discarded_event_keeps_only_the_network_part(server):
                                  "context": {"library": {"name": "analytics.js"}}}
                        ).status_code == 200
 
+    # an item that is no object, and a context that is none, may hold one anywhere
+    odd_context = mid()
+    assert server.post("/v1/batch", {"batch": [
+        ["203.0.113.90"], {"type": "track", "userId": "u", "event": "E",
+                           "messageId": odd_context, "context": ["203.0.113.91"]}]}
+                       ).status_code == 200
+    [kept] = server.discards(message_id=odd_context)
+    assert kept["reason"] == "context_not_object" and "203.0.113" not in str(kept)
+    assert [d["payload"] for d in server.discards(reason="event_not_object")] == ["null"]
+
     [event] = server.events(message_id=valid)
     assert event["context"]["ip"] == "203.0.113.0"
     payloads = {m: server.discards(message_id=m)[0]["payload"] for m in (invalid, item, browser)}
@@ -52,7 +62,8 @@ def test_a_discarded_event_keeps_only_the_network_part(server):
     assert '"ip":"198.51.100.0"' in payloads[item]
     assert '"ip"' not in payloads[browser]
     raw = written(server)
-    for ip in (b"203.0.113.77", b"203.0.113.78", b"198.51.100.23", b"198.51.100.24"):
+    for ip in (b"203.0.113.77", b"203.0.113.78", b"198.51.100.23", b"198.51.100.24",
+               b"203.0.113.90", b"203.0.113.91"):
         assert ip not in raw, ip
     assert b"127.0.0.1" not in stored(server)  # the peer's address
 

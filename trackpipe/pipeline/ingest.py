@@ -73,7 +73,7 @@ def prepare(items: list, type_: str | None, rc: RequestContext, limits: Limits, 
             _check_size(payload, max_bytes, index)
             check_depth(payload, ev)
             if rc.truncate_ip:
-                payload = _without_full_ip(ev, payload)
+                payload, problem = _without_full_ip(ev, payload, problem)
             errors.append({"index": index, "code": problem[0], "message": problem[1]})
             message_id = ev.get("messageId") if type(ev) is dict else None
             discards.append(Discard(rc.received_at, rc.source_id,
@@ -111,15 +111,23 @@ class AsSent:
         return _encode(self._body["batch"][index] if self.batch else self._body)
 
 
-def _without_full_ip(ev, payload: bytes) -> bytes:
+def _without_full_ip(ev, payload: bytes, problem: tuple[str, str]
+                     ) -> tuple[bytes, tuple[str, str]]:
     """A discard keeps the event as sent (its limits were checked on that form), but
     under truncate_ip only the network part of its context.ip, as an accepted event.
-    It is given no peer address: that is filled in by enrich, for valid events only."""
-    context = ev.get("context") if type(ev) is dict else None
-    if type(context) is not dict or context.get("ip") is None:
-        return payload
+    It is given no peer address: that is filled in by enrich, for valid events only.
+    An item that is no object, or a `context` that is none, may hold an address
+    anywhere: neither is kept, nor quoted in the reason's message."""
+    if type(ev) is not dict:
+        return b"null", problem
+    context = ev.get("context")
+    if context is not None and type(context) is not dict:
+        ev["context"] = None
+        return _encode(ev), (problem[0], "`context` must be an object.")
+    if context is None or context.get("ip") is None:
+        return payload, problem
     mask_ip(context)
-    return _encode(ev)
+    return _encode(ev), problem
 
 
 def _check_stored_size(body: bytes, sent: Callable[[int], bytes] | None, limit: int,
