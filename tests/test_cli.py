@@ -904,8 +904,34 @@ def test_sources_list_disable_enable_on_a_missing_data_dir_exit_2_and_make_nothi
         args = ("sources", action) + (("web",) if action != "list" else ())
         r = cli(*args, "--data-dir", str(typo))
         assert r.returncode == 2 and r.stdout == "", r.stderr
-        assert f"There is no data dir at {typo}" in r.stderr, r.stderr
+        assert f"There is no trackpipe data dir at {typo}" in r.stderr, r.stderr
         assert not typo.exists()  # nothing made
+
+    # A dir that exists but is no trackpipe's (`--data-dir ~`): nothing made or chmodded.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    home.chmod(0o755)
+    for args in (("list",), ("disable", "web"), ("add", "web")):
+        r = cli("sources", *args, "--data-dir", str(home))
+        assert r.returncode == 2 and r.stdout == "", (args, r.stderr)
+        assert sorted(p.name for p in home.iterdir()) == ["notes.txt"], args
+        assert home.stat().st_mode & 0o777 == 0o755, args
+
+
+def test_serve_prints_no_curl_line_with_a_disabled_key(tmp_path):
+    data = tmp_path / "data"
+    add_source(data, "default", WRITE_KEY)
+    add_source(data, "web", "wk_enabled_one")
+    assert cli("sources", "disable", "default", "--data-dir", str(data)).returncode == 0
+    port = free_port()
+    proc = LineReader(["serve", "--port", str(port), "--data-dir", str(data)],
+                      clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    try:
+        out = proc.read_until(r"curl ")
+    finally:
+        proc.stop()
+    assert "curl -u 'wk_enabled_one:'" in out[-1] and WRITE_KEY not in "".join(out), out
 
 
 def test_sources_add_on_a_data_dir_no_trackpipe_has_run_in_says_so(tmp_path):

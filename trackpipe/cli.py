@@ -183,12 +183,16 @@ def _serve(args) -> int:
         # The environment, not --admin-token: a flag shows in `ps` to other local users.
         print("Admin commands read it from the environment:"
               " export TRACKPIPE_ADMIN_TOKEN=<that token>")
-    key = next(iter(pipeline.registry.by_key))
+    enabled = [k for k, source in pipeline.registry.by_key.items() if source.enabled]
     print(f"trackpipe listening on {url}  (data in {settings.data_path.resolve()})")
-    print("Point your SDK's host option at that URL, or try:")
-    target = f"'{url}/v1/track'" if "[" in url else f"{url}/v1/track"  # [ ] glob in zsh
-    print(f"  curl -u '{key}:' -H 'Content-Type: application/json' "
-          f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {target}", flush=True)
+    if enabled:
+        print("Point your SDK's host option at that URL, or try:")
+        target = f"'{url}/v1/track'" if "[" in url else f"{url}/v1/track"  # [ ] glob in zsh
+        print(f"  curl -u '{enabled[0]}:' -H 'Content-Type: application/json' "
+              f"-d '{{\"userId\":\"u1\",\"event\":\"Hello\"}}' {target}", flush=True)
+    else:
+        print("Every source is disabled: `trackpipe sources enable NAME` or `sources add NAME`"
+              " gives events a way in.", flush=True)
     srv = settings.server
     protocol = OneWriteHttpToolsProtocol.configured(  # deadlines and limits: see oneshot.py
         header_seconds=srv.header_timeout_seconds, body_seconds=srv.body_timeout_seconds,
@@ -242,9 +246,15 @@ def _sources(args) -> int:
     from trackpipe.sources.catalog import Catalog
 
     data = _settings(args).data_path
-    if args.action != "add" and not data.exists():  # a typo'd --data-dir: make nothing
-        raise ConfigError(f"There is no data dir at {data.resolve()}: pass the --data-dir"
-                          " the server uses (`trackpipe serve` prints it at start).")
+    if data.exists() and not data.is_dir():
+        config.make_data_dir(data)  # says it is a file
+    ours = (data / "catalog.db").exists() or (data / "log.db").exists()
+    if args.action != "add" and not ours:  # a typo'd --data-dir: make and change nothing
+        raise ConfigError(f"There is no trackpipe data dir at {data.resolve()}: pass the"
+                          " --data-dir the server uses (`trackpipe serve` prints it at start).")
+    if not ours and data.is_dir() and any(data.iterdir()):  # `--data-dir ~`: not made 0700
+        raise ConfigError(f"{data.resolve()} holds other files and no trackpipe data: pass the"
+                          " --data-dir the server uses, or a new or empty dir.")
     data_format.refuse_newer(data)  # before anything there is made or changed
     config.make_data_dir(data)  # as the catalog would: `sources add` may come before serve
     config.make_private(data)
