@@ -14,6 +14,12 @@ from trackpipe.sources.http import TrackingAPI
 
 
 def get(path: str, raw_path: bytes, keys: list[str], env: dict | None = None):
+    answer = answer_of(path, raw_path, keys, env)
+    return answer["status"], json.loads(answer["body"])
+
+
+def answer_of(path: str, raw_path: bytes, keys: list[str], env: dict | None = None) -> dict:
+    """status, body and the Vary lines of the answer to one GET."""
     api = TrackingAPI(load_config(None, env or {}), SourceRegistry(
         [Source(f"src{i}", f"s{i}", key, True, False, 0) for i, key in enumerate(keys)]), None)
     scope = {"type": "http", "path": path, "raw_path": raw_path, "method": "GET",
@@ -26,11 +32,12 @@ def get(path: str, raw_path: bytes, keys: list[str], env: dict | None = None):
     async def send(message):
         if message["type"] == "http.response.start":
             answer["status"] = message["status"]
+            answer["vary"] = [v for k, v in message["headers"] if k == b"vary"]
         else:
             answer["body"] = answer.get("body", b"") + message.get("body", b"")
 
     asyncio.run(api(scope, receive, send))
-    return answer["status"], json.loads(answer["body"])
+    return answer
 
 
 @pytest.mark.parametrize("key, path, raw_path", [
@@ -60,3 +67,16 @@ def test_the_public_url_names_where_the_browser_sends(public_url, protocol, api_
                        {"TRACKPIPE_SERVER_PUBLIC_URL": public_url})
     segment = body["integrations"]["Segment.io"]
     assert status == 200 and (segment["protocol"], segment["apiHost"]) == (protocol, api_host)
+
+
+def test_an_answer_built_from_the_host_header_says_so_to_caches():
+    """Without public_url, apiHost comes from the request's Host: a caching proxy in
+    front must key on it, or one Host's answer sends another's browsers elsewhere."""
+    path = "/v1/projects/k/settings"
+    answer = answer_of(path, path.encode(), ["k"])
+    assert json.loads(answer["body"])["integrations"]["Segment.io"]["apiHost"] == \
+        "t.local:8080/v1"
+    assert answer["vary"] == [b"Host"]
+    fixed = answer_of(path, path.encode(), ["k"],
+                      {"TRACKPIPE_SERVER_PUBLIC_URL": "https://t.example.com"})
+    assert fixed["vary"] == []

@@ -65,6 +65,8 @@ class TrackingAPI:
             status, body, extra = 204, b"", self._preflight(cors)
         elif route and method in ("GET", "HEAD"):
             (status, body), extra = self._settings(route, kind, scope, headers), cors
+            if not self.settings.server.public_url:  # apiHost is read off Host: a cache
+                extra = [*extra, (b"vary", b"Host")]  # in front must not share it across hosts
         elif method != "POST":
             status, body = 405, responses.error_body("method_not_allowed",
                                                      f"{method} is not allowed here; use POST.")
