@@ -8,12 +8,16 @@ import logging
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import duckdb
 import msgspec
 import pytest
 
+from delivery.faulty_rig import api
+from destinations.sink_webhook import Sink as WebhookSink
 from destinations.test_warehouse_schema import joined
+from support import wait_for, write_config
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.warehouse import duckdb as module
 from trackpipe.destinations.warehouse.duckdb import DuckDBWarehouse
@@ -191,6 +195,65 @@ def test_a_file_held_by_another_process_is_retried(db, monkeypatch):
     assert states(outcomes) == ["retry"] and "another process" in outcomes[0].detail
     outcomes, = run(warehouse(db), send(event(2)))
     assert states(outcomes) == ["delivered"]
+
+
+def query_between_loads(path, sql):
+    """`query`, as a person does while trackpipe runs: an open that meets a load (the
+    file is locked for its length) is tried again."""
+    def attempt():
+        try:
+            return [query(path, sql)]
+        except duckdb.IOException as exc:
+            assert "Could not set lock" in str(exc)
+            return None
+    return wait_for(attempt, what="a gap between loads")[0]
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "read-write"])
+def test_a_person_holding_the_file_open_delays_loads_and_nothing_else(
+        fresh_server, tmp_path, read_only):
+    db, hook = tmp_path / "analytics.duckdb", WebhookSink(tmp_path / "hook")
+    fast = {"retry_initial_seconds": 0.2, "retry_max_delay_seconds": 0.5}
+    config = write_config(tmp_path / "trackpipe.toml", [
+        {"name": "wh", "type": "duckdb", **fast, "settings": {"path": str(db)}},
+        {**hook.config("hook"), **fast}])
+    server = fresh_server(config=config).start()
+
+    def send(n):
+        ids = [f"e-{uuid.uuid4().hex}" for _ in range(n)]
+        batch = [{"type": "track", "event": "Order Completed", "userId": f"user-{i}",
+                  "messageId": i} for i in ids]
+        assert server.post("/v1/batch", {"batch": batch}).status_code == 200
+        return ids
+
+    def loaded():
+        return [r["id"] for r in query_between_loads(db, "SELECT id FROM tracks")]
+
+    def wh():
+        return api(server, "/api/v1/destinations/wh").json()
+    try:
+        before = send(5)
+        wait_for(lambda: wh()["delivered"] == 5, what="the first events loaded")
+        assert sorted(loaded()) == sorted(before)
+        held = duckdb.connect(str(db), read_only=read_only)  # a person's session
+        try:
+            during = send(10)
+            wait_for(lambda: set(during) <= set(hook.received()),
+                     what="the webhook delivering while the file is held")
+            wait_for(lambda: api(server, f"/api/v1/profiles/user-{during[-1]}").status_code
+                     == 200, what="identity resolving while the file is held")
+            wait_for(lambda: wh()["retries"] >= len(during), what="loads retried")
+            assert wh()["failed"] == 0 and wh()["pending"] == len(during)
+            assert sorted(r[0] for r in held.execute("SELECT id FROM tracks").fetchall()
+                          ) == sorted(before)  # the session queries all along
+        finally:
+            held.close()
+        wait_for(lambda: wh()["pending"] == 0, what="the held-back events loaded")
+        assert sorted(loaded()) == sorted(before + during)  # each once
+        assert wh()["failed"] == 0
+        assert sorted(hook.received()) == sorted(before + during)
+    finally:
+        hook.close()
 
 
 def test_a_file_that_is_not_a_database_fails_for_good(tmp_path):
