@@ -255,7 +255,8 @@ def test_a_held_failure_keeps_only_the_batch_rows_around_it(tmp_path):
                 db.execute("INSERT INTO batches (destination, lo, hi, events, at, state)"
                            " VALUES (?, ?, ?, 2, 0, 'delivered')", (name, lo, lo + 1))
         db.execute("INSERT INTO failed VALUES ('hook', 3, 'm2', 0, 1, 400, '', 'terminal', 0)")
-        db.execute("INSERT INTO unsent SELECT id, '{\"filter\": [6]}' FROM batches WHERE lo = 5")
+        db.execute("INSERT INTO unsent SELECT id, '{\"filter\": [[6, 6]]}' FROM batches"
+                   " WHERE lo = 5")
 
         assert _prune(tmp_path, settings, state, reader) == [3]
         assert sorted(db.execute("SELECT destination, lo, hi FROM batches")) == [

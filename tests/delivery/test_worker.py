@@ -10,6 +10,7 @@ twice unless a send's outcome was never recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 import functools
 import logging
 import sqlite3
@@ -717,6 +718,20 @@ async def test_a_filter_added_later_does_not_rewrite_what_was_delivered(files):
     await drain(filtered)
     assert outcome(event_log, state, sent[0], filtered) == ("delivered", [("delivered", 1)])
     assert outcome(event_log, state, later, filtered) == ("skipped (filter)", [])
+
+
+@in_loop
+async def test_a_read_that_skips_everything_is_recorded_in_one_small_row(files):
+    """What a read skips is kept as [first, last] runs, not a position each: a filter
+    that skips every event wrote a row the size of the read."""
+    _, event_log, state = files
+    deny_tracks = msgspec.convert({"mode": "deny", "types": ["track"]}, config.Filter)
+    w = worker(state, event_log, Scripted(), filter=deny_tracks, batch_size=500)
+    mids = append(event_log, [f"u{i}" for i in range(500)])
+    await drain(w)
+    [(positions,)] = state._db().execute("SELECT positions FROM unsent").fetchall()
+    assert json.loads(positions) == {"filter": [[1, 500]]}
+    assert outcome(event_log, state, mids[250], w) == ("skipped (filter)", [])
 
 
 class FailsFirst(Scripted):

@@ -44,7 +44,7 @@ log = logging.getLogger("trackpipe.delivery")
 UNSENT_TABLES = ("""
 CREATE TABLE IF NOT EXISTS unsent (
     batch       INTEGER PRIMARY KEY,     -- batches.id; no row: every event of its range was sent
-    positions   TEXT NOT NULL            -- {reason: [positions]} of its range not in its send
+    positions   TEXT NOT NULL            -- {reason: [[first, last], ...]}: not in its send
 )""", """
 CREATE TABLE IF NOT EXISTS legacy_batches (
     destination TEXT PRIMARY KEY,        -- its batch rows up to `hi` predate `unsent`: they
@@ -171,12 +171,28 @@ def _set_unsent(db: sqlite3.Connection, batch_id: int,
                 held: Sequence[tuple[int, str, int]]) -> None:
     """Record what of a batch's range did not go in its send, and why (nothing when all
     went: the usual batch costs no statement here)."""
-    unsent = {reason: list(positions) for reason, positions in (skipped or {}).items()
+    unsent = {reason: _runs(positions) for reason, positions in (skipped or {}).items()
               if positions}
     if held:
-        unsent[HELD] = [p for p, _, _ in held]
+        unsent[HELD] = _runs(p for p, _, _ in held)
     if unsent:
         db.execute("INSERT OR REPLACE INTO unsent VALUES (?, ?)", (batch_id, json.dumps(unsent)))
+
+
+def _runs(positions: Iterable[int]) -> list[list[int]]:
+    """Positions as [first, last] runs: what a read skips is mostly contiguous (a filter
+    that skips everything), so a row stays small however large the read."""
+    runs: list[list[int]] = []
+    for p in sorted(positions):
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    return runs
+
+
+def _in_runs(position: int, runs: list) -> bool:
+    return any(first <= position <= last for first, last in runs)
 
 
 class Sent(NamedTuple):
@@ -798,8 +814,8 @@ class DeliveryState:
             if legacy and unsent is None:  # it does not say what of its range went
                 reason = routed_away() if routed_away is not None else None
             else:
-                reason = next((r for r, ps in json.loads(unsent or "{}").items()
-                               if position in ps), None)
+                reason = next((r for r, runs in json.loads(unsent or "{}").items()
+                               if _in_runs(position, runs)), None)
             if reason is not None and reason != HELD:
                 steps.append((at, "skip", f"skipped ({reason})"))
             elif reason is None and state not in ("mixed", "skipped"):
