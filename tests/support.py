@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
 import socket
@@ -17,6 +19,14 @@ WRITE_KEY = "WK"
 
 # With this set (CI does), a test that needs a real service or tool fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("TRACKPIPE_REQUIRE_SERVICES") == "1"
+
+
+def in_loop(test):
+    """Runs an async test function in a fresh event loop."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
 
 
 def free_port() -> int:

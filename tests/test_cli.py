@@ -712,6 +712,17 @@ def test_a_data_dir_a_newer_trackpipe_wrote_is_refused_and_left_as_it_was(tmp_pa
     assert data.stat().st_mode & 0o777 == 0o755
 
 
+def test_a_format_file_that_holds_no_number_stops_the_start_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    add_source(data, "default", WRITE_KEY)
+    (data / "format").write_text("two\n")
+    r = cli("serve", "--port", str(free_port()), "--data-dir", str(data),
+            env=clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "holds 'two', not the data dir's format" in r.stderr
+    assert (data / "format").read_text() == "two\n"
+
+
 def test_the_format_file_is_its_dirs_owners_whoever_writes_it(tmp_path):
     """Root running a CLI command on a service user's data dir (umask 077) wrote `format`
     as root, 0600: that user's trackpipe could then not read it, and refused to start."""

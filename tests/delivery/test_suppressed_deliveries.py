@@ -10,7 +10,6 @@ tests/identity/test_privacy_suppress_deliveries.py.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import Counter
 
 import msgspec
@@ -26,14 +25,9 @@ from trackpipe.log.sqlite import SQLiteLog
 from trackpipe.privacy.suppress import Watch, id_hash, trait_hash
 from trackpipe.sources.catalog import Catalog
 
+from support import in_loop
+
 from delivery.views import outcome
-
-
-def in_loop(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
 
 
 class Switch(Destination):

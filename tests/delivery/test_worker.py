@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import functools
 import logging
 import sqlite3
 import threading
@@ -28,14 +27,9 @@ from trackpipe.destinations.base import DELIVERED, Destination, classify_http, f
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
 
+from support import in_loop
+
 from delivery.views import deliveries, outcome
-
-
-def in_loop(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
 
 
 class Crash(BaseException):
