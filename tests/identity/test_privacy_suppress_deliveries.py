@@ -131,8 +131,12 @@ def test_retrying_held_and_unread_events_stop_at_suppress_and_the_rest_arrive(
         wait_for(lambda: summary(server, name)["retrying"] >= 20, what=f"{name} retrying")
     state = {name: summary(server, name) for name in ("plain", "ordered")}
     answered, answer = suppress(server, person)
-    for name, s in state.items():
-        assert s["pending"] > s["retrying"], f"{name}: nothing left unread at suppress"
+    # Events still unread at the suppress, at one sink at least: the plain one reads on
+    # only as its slow sends finish; the ordered one may have read the whole log by then
+    # (it holds their events without sending them), which left this check failing 1 run
+    # in 4-6, before and after this sitting's changes alike.
+    assert any(s["pending"] > s["retrying"] for s in state.values()), \
+        f"nothing left unread at suppress: {state}"
     mine = set(theirs)
 
     for sink in (plain, ordered):
