@@ -47,6 +47,7 @@ class _Head(msgspec.Struct):
 
 _decode_head = msgspec.json.Decoder(_Head).decode
 _decode = msgspec.json.Decoder().decode
+_new_tuple = tuple.__new__
 
 
 class Skipped(NamedTuple):
@@ -87,7 +88,8 @@ class Router:
         if self._filter is not None and not self._filter(
                 {"type": head.type, "event": head.event, "name": head.name}):
             return FILTER
-        return Routed(None, options, None, body)
+        # Routed(None, options, None, body), minus namedtuple's Python-level __new__ (per event)
+        return _new_tuple(Routed, (None, options, None, body))
 
     def route(self, message: dict) -> Routed | Skipped:
         options = self._options(message.get("integrations"))

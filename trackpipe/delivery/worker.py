@@ -152,7 +152,7 @@ class DestinationWorker:
         in_batch: set[str] = set()
         last = entries[0].position - 1
         for entry in entries:
-            key = user_key(entry)
+            key = user_key(entry) if ordered else None  # only per-user ordering asks whose
             if ordered and key in in_batch:
                 break  # one event per user per request, so a retry can never overtake
             last = entry.position
@@ -163,10 +163,11 @@ class DestinationWorker:
             if isinstance(routed, Skipped):
                 skipped[routed.reason].append(entry.position)
                 continue
-            if ordered and key in waiting:
-                held.append((entry.position, key, entry.received_at))
-                continue
-            in_batch.add(key)
+            if ordered:
+                if key in waiting:
+                    held.append((entry.position, key, entry.received_at))
+                    continue
+                in_batch.add(key)
             batch.append((entry, routed))
         if skipped.get("suppressed") and self.suppressions.refresh():
             return self._route_fresh(entries)  # the list changed (an unsuppress?): again
@@ -260,22 +261,16 @@ class DestinationWorker:
                        skipped: dict | None = None, held: Sequence = (),
                        retries: Sequence[Retry] | None = None) -> None:
         people = await self._people([e for e, _ in batch])
+        # positional, stored_time and identities too: keywords would cost a dict per event
         events = [Event(e.position, e.message_id, r.message, p.profile_id, r.options, r.action,
-                        r.raw, stored_time=e.ts if e.ts is not None else e.received_at,
-                        identities=p.identifiers)
+                        r.raw, e.ts if e.ts is not None else e.received_at, p.identifiers)
                   for (e, r), p in zip(batch, people)]
         started = time.perf_counter()
         outcomes = await self._send(events)
         duration_ms = (time.perf_counter() - started) * 1000
         self._honour_retry_after(outcomes)
         self._stop_if_gone(outcomes)
-        at = now_ms()
-        sent = []
-        for i, ((entry, _), outcome) in enumerate(zip(batch, outcomes)):
-            r = retries[i] if retries else None
-            sent.append(Sent(entry.position, entry.message_id, entry.received_at, user_key(entry),
-                             (r.attempts + 1) if r else 1,
-                             r.first_attempt_at if r and r.attempts else at, outcome))
+        sent = _sent(batch, outcomes, retries, now_ms())
         given_up = self.state.record(self.name, sent, duration_ms=duration_ms, policy=self.policy,
                                      batch_id=batch_id, cursor=cursor, skipped=skipped, held=held,
                                      keep_requests=self.destination.retries_keep_requests)
@@ -306,24 +301,29 @@ class DestinationWorker:
 
     async def _send(self, events: list[Event]) -> list[Outcome]:
         """The destination's outcomes, its secrets masked in their details: a tool may
-        echo a credential in its answer, and these are stored, logged and shown."""
-        return self.destination.scrub_outcomes(await self._outcomes(events))
+        echo a credential in its answer, and these are stored, logged and shown. One
+        outcome for the whole batch is scrubbed once, then shared by every event."""
+        result = await self._outcomes(events)
+        if isinstance(result, Outcome):
+            return self.destination.scrub_outcomes([result]) * len(events)
+        return self.destination.scrub_outcomes(result)
 
-    async def _outcomes(self, events: list[Event]) -> list[Outcome]:
+    async def _outcomes(self, events: list[Event]) -> Outcome | list[Outcome]:
+        """One outcome per event, or one that applies to all of them."""
         try:
             result = await asyncio.wait_for(self.destination.send(events), SEND_TIMEOUT)
         except asyncio.TimeoutError:
-            return [retry(None, f"no answer within {SEND_TIMEOUT:.0f} s")] * len(events)
+            return retry(None, f"no answer within {SEND_TIMEOUT:.0f} s")
         except Exception as exc:  # the seam says a raise is a retryable failure of the batch
             log.warning("destination %s: send raised %s", self.name,
                         self.destination.scrub(repr(exc)))
-            return [retry(None, f"{type(exc).__name__}: {exc}")] * len(events)
+            return retry(None, f"{type(exc).__name__}: {exc}")
         if isinstance(result, Outcome):
-            return [result] * len(events)
+            return result
         result = list(result)
         if len(result) != len(events):
-            return [retry(None, f"destination answered {len(result)} outcomes for "
-                                f"{len(events)} events")] * len(events)
+            return retry(None, f"destination answered {len(result)} outcomes for "
+                               f"{len(events)} events")
         return result
 
     async def _people(self, entries: Sequence[Entry]) -> list[Resolved]:
@@ -337,6 +337,21 @@ class DestinationWorker:
 def user_key(entry: Entry) -> str:
     """Whose event this is, for per-user ordering."""
     return f"u:{entry.user_id}" if entry.user_id else f"a:{entry.anonymous_id}"
+
+
+_new_tuple = tuple.__new__
+
+
+def _sent(batch, outcomes: Sequence[Outcome], retries: Sequence[Retry] | None,
+          at: int) -> list[Sent]:
+    """What record() takes of a send: each event with its outcome and attempt. Sent(...)
+    is built without namedtuple's Python-level __new__: a fresh batch makes one per event."""
+    if not retries:
+        return [_new_tuple(Sent, (e.position, e.message_id, e.received_at, user_key(e), 1, at,
+                                  o)) for (e, _), o in zip(batch, outcomes)]
+    return [_new_tuple(Sent, (e.position, e.message_id, e.received_at, user_key(e),
+                              r.attempts + 1, r.first_attempt_at if r.attempts else at, o))
+            for (e, _), o, r in zip(batch, outcomes, retries)]
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
