@@ -13,6 +13,7 @@ checkpoint_all for how it keeps the WAL from growing under steady load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -158,6 +159,20 @@ def insert_many(conn: sqlite3.Connection, head: str, width: int, rows: Sequence[
         chunk = rows[i:i + step]
         conn.execute(f"{head} {','.join([one] * len(chunk))} {tail}",
                      list(chain.from_iterable(chunk)))
+
+
+# The log's append: the rows are the Records themselves, flattened (no row tuple built per
+# event), and each row's position is the first one's (?1) plus its index in the statement.
+RECORD_WIDTH = len(Record._fields)
+EVENT_ROWS = (MAX_VARIABLES - 1) // RECORD_WIDTH
+
+
+@functools.lru_cache(maxsize=64)
+def _events_insert(rows: int) -> str:
+    """The INSERT of `rows` events (kept: the same text is neither rebuilt nor rehashed)."""
+    fields = ",?" * RECORD_WIDTH
+    return (f"INSERT INTO events ({COLUMNS}) VALUES "
+            + ",".join([f"(?1+{i}{fields})" for i in range(rows)]))
 
 
 def connect(path: Path, *, synchronous: str = "FULL", autocheckpoint: int = 0
@@ -311,13 +326,14 @@ class SQLiteLog(EventLog):
     def append(self, records: Sequence[Record], discards: Sequence[Discard] = (),
                repeats: Sequence[Repeat] = ()) -> list[int]:
         first = self._head + 1
-        rows = [(first + i, *r) for i, r in enumerate(records)]
         conn = self._write
         with self._commit_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                if rows:
-                    insert_many(conn, f"INSERT INTO events ({COLUMNS}) VALUES", 10, rows)
+                for i in range(0, len(records), EVENT_ROWS):
+                    chunk = records[i:i + EVENT_ROWS]
+                    conn.execute(_events_insert(len(chunk)),
+                                 [first + i, *chain.from_iterable(chunk)])
                 if discards:
                     conn.executemany(
                         "INSERT INTO discards (received_at, source, message_id, reason, message,"
@@ -331,7 +347,7 @@ class SQLiteLog(EventLog):
             except sqlite3.Error:
                 self._recover_writer()
                 raise
-        self._head = first + len(rows) - 1
+        self._head = first + len(records) - 1
         return list(range(first, self._head + 1))
 
     def _recover_writer(self) -> None:
@@ -401,13 +417,14 @@ class SQLiteLog(EventLog):
             raise sqlite3.DatabaseError("the log's batched read returned inconsistent lengths")
         entries, offset, last = [], 0, -1
         append = entries.append
+        new = tuple.__new__  # Entry(...) would run its Python __new__ for each entry
         for position, message_id, received_at, type_, event, user_id, anonymous_id, source, \
                 ts, size in rows:
             if position <= last:  # SQLite feeds the aggregate in the subquery's order
                 raise sqlite3.DatabaseError("the log's batched read came out of order")
             end = offset + size
-            append(Entry(position, message_id, received_at, type_, event, user_id, anonymous_id,
-                         source, bodies[offset:end], ts))
+            append(new(Entry, (position, message_id, received_at, type_, event, user_id,
+                               anonymous_id, source, bodies[offset:end], ts)))
             offset, last = end, position
         return entries
 

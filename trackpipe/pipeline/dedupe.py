@@ -80,16 +80,17 @@ class MessageIndex:
 
     def candidates(self, hashes: Iterable[int]) -> dict[int, list[int]]:
         """hash -> log positions that may hold a messageId with that hash."""
-        hashes = list(hashes)
+        hashes = set(hashes)
         found: dict[int, list[int]] = {}
         with self._lock:
             for table in (self._active, self._frozen):
-                for h in hashes:
-                    if h in table:
-                        found.setdefault(h, []).extend(table[h])
+                for h in table.keys() & hashes:  # a set operation in C, not a lookup in Python
+                    found.setdefault(h, []).extend(table[h])
         # One statement for the whole group: each call into SQLite costs a GIL hand-off.
+        # A join with the (distinct) hashes as its outer loop: `h IN (SELECT ...)` had SQLite
+        # build a temporary b-tree of them first, 2/3 of the lookup's cost.
         for h, position in self._db().execute(
-                "SELECT h, position FROM ids WHERE h IN (SELECT value FROM json_each(?))",
+                "SELECT h, position FROM json_each(?) CROSS JOIN ids ON h = value",
                 (msgspec.json.encode(hashes),)):
             found.setdefault(h, []).append(position)
         return found
