@@ -8,6 +8,7 @@ the rest), which keeps a batch of track events cheap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -41,6 +42,7 @@ _decoders = {t: msgspec.json.Decoder(_Message if t in ("identify", "group", "ali
              for t in ("identify", "group", "alias", "track", "page", "screen")}
 _fallback = msgspec.json.Decoder(_Event)
 _NOTHING = _Event()
+NO_COUNT = (None, None)  # the count kind and key of an event that counts as none
 # Types whose facts need only the entry's columns and ts when no trait identifiers
 # are configured (their context.traits is read only to find those): identity reads
 # them without their bodies.
@@ -67,6 +69,46 @@ class Reader:
     def __init__(self, trait_names: list[str]):
         self.trait_names = list(trait_names)
 
+    def facts(self, entries: Sequence[Entry], settled: Mapping[tuple, int] | None = None
+              ) -> tuple[list[Fact], list[tuple]]:
+        """fact() of each entry, and the timeline rows (node, ts, position, count kind,
+        count key) of the entries without a body (a lean read's track, page and screen
+        events) that name a pair in `settled`, in place of their facts: (userId,
+        anonymousId) -> the node owning their events, when that row is all an event of
+        theirs changes (graph.py `Graph.settled`). Entries without a body need only their
+        columns, and a batch's share a handful of timestamps and event names: each is
+        worked out once."""
+        out: list[Fact] = []
+        rows: list[tuple] = []
+        new, settled = tuple.__new__, settled or {}
+        stamps: dict[int, str] = {}
+        counts: dict[tuple[str, str | None], tuple[str, str] | None] = {}
+        # Unpacked, not read by name: a NamedTuple's field read is a descriptor call.
+        for entry in entries:
+            position, message_id, received_at, type_, event, user, anon, _, body, ms = entry
+            if body:
+                out.append(self.fact(entry))
+                continue
+            if ms is None:
+                ms = received_at
+            ts = stamps.get(ms)
+            if ts is None:
+                ts = stamps[ms] = format_ts(ms)
+            named = (type_, event)
+            count_key = counts.get(named, counts)  # counts itself: not worked out yet
+            if count_key is counts:
+                count_key = counts[named] = _count_key(type_, event)
+            user, anon = user or None, anon or None
+            owner = settled.get((user, anon))
+            if owner is not None:
+                kind, key = count_key or NO_COUNT
+                rows.append((owner, ts, position, kind, key))
+                continue
+            # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost.
+            out.append(new(Fact, (position, message_id, ts, type_, count_key, user, anon,
+                                  None, [], None, None)))
+        return out, rows
+
     def fact(self, entry: Entry) -> Fact:
         type_ = entry.type
         # No body: a lean read left it out, as this type needs only the entry's ts.
@@ -77,10 +119,7 @@ class Reader:
         ts = msg.timestamp
         if not (type(ts) is str and len(ts) == 24):  # the collector always sets one
             ts = format_ts(entry.ts if entry.ts is not None else entry.received_at)
-        if type_ == "track":
-            count_key = ("event", entry.event) if entry.event else None
-        else:
-            count_key = ("type", type_) if type_ in ("page", "screen") else None
+        count_key = _count_key(type_, entry.event)
         if isinstance(msg, _Event):
             return Fact(entry.position, entry.message_id, ts, type_, count_key,
                         entry.user_id or None, entry.anonymous_id or None, None,
@@ -102,6 +141,13 @@ class Reader:
             if isinstance(value, str) and value.strip():
                 found.append((name, normalize_trait(value)))
         return found
+
+
+def _count_key(type_: str, event: str | None) -> tuple[str, str] | None:
+    """What the event counts as: ("event", name) for a track, ("type", "page" | "screen")."""
+    if type_ == "track":
+        return ("event", event) if event else None
+    return ("type", type_) if type_ in ("page", "screen") else None
 
 
 def _decode(type_: str, body: bytes) -> _Message | _Event:

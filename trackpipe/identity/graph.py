@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from trackpipe.identity.facts import ANON, USER, Fact
+from trackpipe.identity.facts import ANON, NO_COUNT, USER, Fact
 from trackpipe.identity.profiles import Contributions
 
 APPLIED, REFUSED, UNMERGED = "applied", "refused", "unmerged"
@@ -128,24 +128,34 @@ class Graph:
         # Per profile, its previousId-only anonymousIds that may still become userIds
         # (see `_settle`).
         self.awaiting: dict[str, list[Node]] = {}
+        # (userId, anonymousId) -> the node owning an event that names just these, for
+        # pairs whose events change nothing but their timeline rows (see `_settled`).
+        self.settled: dict[tuple[str | None, str | None], int] = {}
 
     def missing(self, facts: list[Fact]) -> set[tuple[str, str]]:
         """Identifier keys the facts name that the working set does not hold yet."""
-        nodes, keys = self.nodes, set()
-        for f in facts:
-            if f.user and (USER, f.user) not in nodes:
-                keys.add((USER, f.user))
-            if f.anon and (ANON, f.anon) not in nodes:
-                keys.add((ANON, f.anon))
-            if f.previous:
-                keys.update(((USER, f.previous), (ANON, f.previous)))
-            keys.update(f.trait_ids)
+        nodes, settled, keys = self.nodes, self.settled, set()
+        # Facts unpacked, not read by name (a NamedTuple's field read is a descriptor call):
+        # this runs once per event.
+        for _, _, _, _, _, user, anon, previous, trait_ids, _, _ in facts:
+            if (user, anon) not in settled:  # a settled pair's ids are held
+                if user and (USER, user) not in nodes:
+                    keys.add((USER, user))
+                if anon and (ANON, anon) not in nodes:
+                    keys.add((ANON, anon))
+            if previous:
+                keys.update(((USER, previous), (ANON, previous)))
+            if trait_ids:
+                keys.update(trait_ids)
         return {k for k in keys if k not in nodes}
 
-    def undecided(self, facts: list[Fact]) -> list[Node]:
+    def undecided(self, facts: list[Fact], missing: set[tuple[str, str]]) -> list[Node]:
         """Loaded anonymousIds that a userId of these facts turns into if they were only ever
         an alias's previousId, and that the working set cannot tell: the store sets their
-        `previous_only` before apply()."""
+        `previous_only` before apply(). `missing`: what the facts named that the working
+        set did not hold before the store loaded it (none of their userIds: no such node)."""
+        if not any(kind == USER for kind, _ in missing):
+            return []
         nodes, found = self.nodes, {}
         for f in facts:
             if f.user and (USER, f.user) not in nodes:
@@ -167,11 +177,50 @@ class Graph:
 
     def apply(self, facts: list[Fact]) -> Changes:
         changes = Changes()
+        timeline, settled = changes.contributions.timeline, self.settled
         for fact in facts:
+            position, _, ts, _, count_key, user, anon, previous, trait_ids, traits, group = fact
+            # Most events name only people already known, as they were named before: then
+            # the event's timeline row is all it changes (what _apply would find too).
+            if not (previous or trait_ids or traits or group):
+                owner = settled.get((user, anon))
+                if owner is None:
+                    owner = self._settled(user, anon)
+                if owner is not None:
+                    kind, key = count_key or NO_COUNT
+                    timeline.append((owner, ts, position, kind, key))
+                    continue
             self._apply(fact, changes)
         for node in changes.new_nodes:
             self.profile_of(node)
         return changes
+
+    def _settled(self, user: str | None, anon: str | None) -> int | None:
+        """The node that owns an event naming only these ids (no alias, trait or group),
+        when applying it changes nothing else, else None: each id known (a userId as
+        one), the anonymousId known to stay one, and the edge between them recorded.
+        None of that is ever undone in this working set (nodes keep their ids, edges
+        stay, an anonymousId an event named stays one), so the answer is kept."""
+        nodes = self.nodes
+        owner = node = None
+        if user:
+            owner = nodes.get((USER, user))
+            if owner is None:
+                return None
+        if anon:
+            node = nodes.get((ANON, anon))
+            if node is None or node.previous_only is not False:
+                return None
+            if owner is None:
+                owner = node
+            elif (min(node.id, owner.id), max(node.id, owner.id),
+                  "user_anonymous") not in self.edges:
+                return None
+        if owner is None:
+            return None
+        # Keyed by the nodes' own strings: the event's copies are not kept alive.
+        self.settled[(user and owner.value, anon and node.value)] = owner.id
+        return owner.id
 
     def _apply(self, f: Fact, ch: Changes) -> None:
         nodes = self.nodes

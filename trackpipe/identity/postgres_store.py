@@ -337,7 +337,9 @@ class PostgresStore(SQLStore):
 
     def _write_timeline(self, rows: list[tuple]) -> None:
         if rows:
-            self.conn.execute(_CLAIM, [list(column) for column in zip(*rows)])
+            columns = [list(column) for column in zip(*rows)]
+            columns.insert(3, [self.log] * len(rows))  # (node, ts, position, log, kind, key)
+            self.conn.execute(_CLAIM, columns)
 
     def close(self) -> None:
         with self.lock:

@@ -136,16 +136,22 @@ class SQLStore(IdentityStore):
         todo = [e for e in entries if e.position > done]
         if not todo:
             return
-        facts = [self.reader.fact(e) for e in todo]
         graph = self.working_graph()
+        # The events of settled pairs come back as their timeline rows: once settled, a
+        # pair stays so (graph.py `_settled`), so the rules would find just that.
+        facts, rows = self.reader.facts(todo, graph.settled)
         missing = graph.missing(facts)
         # A new userId may be a stored anonymousId only an alias named (graph.py `_as_user`).
-        self._load(graph, missing | {(ANON, v) for kind, v in missing if kind == USER})
-        self._tell_previous_only(graph, graph.undecided(facts))
+        # One the working set holds is not loaded again: its node object (and what it knows,
+        # such as whether it stays an anonymousId) is the one settled pairs rely on.
+        self._load(graph, missing | {(ANON, v) for kind, v in missing
+                                     if kind == USER and (ANON, v) not in graph.nodes})
+        self._tell_previous_only(graph, graph.undecided(facts, missing))
         new = sum(1 for key in missing if key not in graph.nodes)  # at most this many nodes
         ids = iter(self.node_ids(new))
         graph.new_node_id = ids.__next__
         changes = graph.apply(facts)
+        changes.contributions.timeline.extend(rows)
         self._write(graph, changes)
         self.db.run("INSERT INTO positions (consumer, position) VALUES (?, ?) ON CONFLICT "
                     "(consumer) DO UPDATE SET position = excluded.position",
@@ -228,8 +234,8 @@ class SQLStore(IdentityStore):
     def _write_contributions(self, ch: Changes) -> None:
         c, db = ch.contributions, self.db
         # Rows go in key order: neighbouring inserts then share B-tree pages.
-        self._write_timeline([(n, ts, p, self.log, k, key)
-                              for n, ts, p, k, key in sorted(c.timeline)])
+        c.timeline.sort()
+        self._write_timeline(c.timeline)
         for table, key in (("traits", "path"), ("groups", "group_id")):
             value = "value" if table == "traits" else "traits"
             db.insert(f"INSERT INTO {table} (node, {key}, {value}, ts, position)",
@@ -238,12 +244,11 @@ class SQLStore(IdentityStore):
                       "ts = excluded.ts, position = excluded.position WHERE "
                       f"(excluded.ts, excluded.position) > ({table}.ts, {table}.position)")
 
+    @abstractmethod
     def _write_timeline(self, rows: list[tuple]) -> None:
-        """Insert timeline rows (node, ts, position, log, kind, key); one already there is
-        kept (a position applied again). A store several logs share also claims the
-        matching row of no known log (see PostgresStore)."""
-        self.db.insert("INSERT INTO timeline (node, ts, position, log, kind, key)", rows,
-                       "ON CONFLICT DO NOTHING")
+        """Insert timeline rows (node, ts, position, kind, key) of this node's log; one
+        already there is kept (a position applied again). A store several logs share also
+        claims the matching row of no known log (see PostgresStore)."""
 
     # -- the delivery path -------------------------------------------------------------
 

@@ -26,6 +26,8 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 from trackpipe.identity.graph import Graph
@@ -87,6 +89,16 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS positions (consumer TEXT PRIMARY KEY, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+
+
+@lru_cache(maxsize=None)
+def _timeline_insert(n: int) -> str:
+    """INSERT of n timeline rows, (node, ts, position, kind, key) each: parameter 1 is
+    their log, and row i's are 5i+2 .. 5i+6 (CONSUMER_ROWS rows at most)."""
+    rows = ",".join(f"(?{5 * i + 2},?{5 * i + 3},?{5 * i + 4},?1,?{5 * i + 5},?{5 * i + 6})"
+                    for i in range(n))
+    return f"INSERT INTO timeline (node, ts, position, log, kind, key) VALUES {rows} " \
+           "ON CONFLICT DO NOTHING"
 
 
 def _add_log_column(conn: sqlite3.Connection) -> None:
@@ -219,6 +231,12 @@ class SQLiteStore(SQLStore):
 
     def forget_cache(self) -> None:
         self._graph = None
+
+    def _write_timeline(self, rows: list[tuple]) -> None:
+        """A row per event: this store's one log is bound once per statement, not per row."""
+        for i in range(0, len(rows), CONSUMER_ROWS):
+            chunk = rows[i:i + CONSUMER_ROWS]
+            self.conn.execute(_timeline_insert(len(chunk)), [self.log, *chain.from_iterable(chunk)])
 
     def forget(self, ident: str, read=None):
         with self.lock:
