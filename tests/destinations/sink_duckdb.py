@@ -114,7 +114,10 @@ def _connect(path, read_only: bool) -> duckdb.DuckDBPyConnection:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
-            if "Could not set lock" not in str(exc) or time.monotonic() > deadline:
+            # held by a load, or just created by the destination and not written yet
+            # (seen once under load: "exists, but it is not a valid DuckDB database file")
+            if not any(s in str(exc) for s in ("Could not set lock", "not a valid DuckDB")) \
+                    or time.monotonic() > deadline:
                 raise
         time.sleep(0.02)
 

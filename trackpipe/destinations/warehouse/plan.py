@@ -8,7 +8,6 @@ rolls back leaves the in-memory schema as it was; the destination adopts
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import logging
 import operator
@@ -19,7 +18,7 @@ from trackpipe.destinations.warehouse import layout
 from trackpipe.destinations.warehouse.schema import (
     BIGINT, BOOLEAN, DOUBLE, JSON, TEXT, TIMESTAMP, Rejected, convert, parse_timestamp,
     raw_text, widen)
-from trackpipe.destinations.warehouse.shapes import NO_SHAPE, SLOW, Laid, ShapeBook
+from trackpipe.destinations.warehouse.shapes import NO_SHAPE, SLOW, Laid, Shape, ShapeBook
 
 log = logging.getLogger("trackpipe.warehouse")
 
@@ -102,12 +101,12 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
     failed: dict[int, Outcome] = {}
     # (table, column, message id) -> every value rejected there: see _one_row
     fixed_rejects: dict[tuple[str, str, str], list[RejectedValue]] = {}
-    fits: dict[int, bool] = {}  # id(shape) -> whether its cells fit the tables as they are
+    # id(shape) -> its rows' two tables, when its cells fit them as they are (_targets)
+    fits: dict[int, tuple] = {}
     for i, event in enumerate(batch):
         laid = shapes.lay_out(event, loaded_at) if shapes is not None else SLOW
-        if laid.__class__ is Laid and _add_laid(tables, known, max_columns, event, laid, fits):
-            if event.identities:
-                _identities(event, identities, fixed_rejects)
+        if laid.__class__ is tuple and _add_laid(tables, known, max_columns, event, laid, fits):
+            identities.update(event.identities)  # as they are: see _identity_rows
             continue
         message_id = layout.row_id(event.message_id)  # itself, unless no key can hold it
         try:
@@ -147,8 +146,7 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                 table = tables[row.table] = _Table(row.table, known.get(row.table),
                                                    max_columns)
             table.add(message_id, row)
-        if event.identities:
-            _identities(event, identities, fixed_rejects)
+        identities.update(event.identities)
         if laid == NO_SHAPE and rows[0].table == "tracks" and not no_table:
             shapes.learn(event.message)  # (a shape for a name with no table is of no use)
         fits.clear()  # the slow path may have added or widened columns (or a shape)
@@ -157,11 +155,26 @@ def plan(batch: Sequence[Event], known: Schema, loaded_at: dt.datetime,
                                          upsert=True)
         for rows in users.values():
             table.add(*_merge(rows))
+    ids = _identity_rows(batch, identities, failed, fixed_rejects)
     schema, changes, rejected = dict(known), [], fixed_rejects
     loads = [t.load(schema, changes, rejected) for t in tables.values()]
-    ids = [(kind, value, profile) for (kind, value), profile in identities.items()]
     return Plan(loaded_at, changes, loads, [e for es in rejected.values() for e in es], ids,
                 failed, schema, len(batch))
+
+
+def _identity_rows(batch: Sequence[Event], merged: dict[tuple[str, str], str],
+                   failed: dict[int, Outcome], rejected: dict) -> list[tuple[str, str, str]]:
+    """The identities rows of the events that did not fail, whose identities `merged`
+    holds as they are, a later event's over an earlier's: as they are their keys when
+    each identifier is short and holds no NUL (layout.row_id). When one is not, the
+    mapping is made again event by event, with stand-ins (_identities)."""
+    if not all(len(value) <= layout.SHORT_ID_CHARS and "\x00" not in value
+               for _, value in merged):
+        merged = {}
+        for i, event in enumerate(batch):
+            if i not in failed:
+                _identities(event, merged, rejected)
+    return [(kind, value, profile) for (kind, value), profile in merged.items()]
 
 
 def _identities(event: Event, out: dict[tuple[str, str], str], rejected: dict) -> None:
@@ -185,32 +198,37 @@ def _add_laid(tables: dict, known: Schema, max_columns: int, event: Event, laid:
               fits: dict) -> bool:
     """Add a laid-out track event's two rows when both tables have each of its columns,
     of the kind of its value; False (nothing added) when the slow path must add them."""
-    fit = fits.get(id(laid.shape))
-    if fit is None:
-        fit = fits[id(laid.shape)] = _fits(tables, known, laid)
-    if not fit:
+    shape, track_row, event_row, dynamic = laid
+    targets = fits.get(id(shape))
+    if targets is None:
+        targets = fits[id(shape)] = _targets(tables, known, max_columns, shape)
+    if not targets:
         return False
-    for name, cells in (("tracks", laid.context), (laid.shape.table, laid.cells)):
-        table = tables.get(name)
-        if table is None:
-            table = tables[name] = _Table(name, known.get(name), max_columns)
-        table.add_cells(event.message_id, laid.fixed, cells, laid.dynamic)
+    tracks, own = targets
+    tracks.add_laid(event.message_id, shape.track_columns, track_row, dynamic)
+    own.add_laid(event.message_id, shape.event_columns, event_row, dynamic)
     return True
 
 
-def _fits(tables: dict, known: Schema, laid: Laid) -> bool:
-    shape, n = laid.shape, laid.shape.n_context
+def _targets(tables: dict, known: Schema, max_columns: int, shape: Shape
+             ) -> tuple[_Table, _Table] | tuple[()]:
+    """The tables of a shape's two rows (`tracks`, its own), when its cells fit them as
+    they are; else ()."""
+    n = shape.n_context
     for name, columns, kinds in (("tracks", shape.columns[:n], shape.kinds[:n]),
                                  (shape.table, shape.columns, shape.kinds)):
         table = tables.get(name)
         types = table.types if table is not None else known.get(name)
         if types is None:
-            return False  # a new table: the slow path records its creation
+            return ()  # a new table: the slow path records its creation
         get = types.get
         for column, kind in zip(columns, kinds):
             if get(column) != kind:
-                return False
-    return True
+                return ()
+    for name in ("tracks", shape.table):
+        if name not in tables:
+            tables[name] = _Table(name, known.get(name), max_columns)
+    return tables["tracks"], tables[shape.table]
 
 
 def _merge(rows: list[tuple[str, layout.Row]]) -> tuple[str, layout.Row]:
@@ -235,7 +253,11 @@ class _Table:
     """One table's rows of a batch, typed as they arrive: the column types widen as values
     need, and each row keeps its cells as column -> value as loaded. A value that does not
     load as its column's final type as it is (an int in a double column, anything but text
-    in a text column) is converted once all rows are in, only in the columns that need it."""
+    in a text column) is converted once all rows are in, only in the columns that need it.
+
+    A row laid out by a shape (add_laid) comes as a tuple of values in its layout's
+    column order instead, and loads as it is when every row of the table has that
+    layout (the usual batch of known track events): no dict, no per-cell work."""
 
     def __init__(self, name: str, known: dict[str, str] | None, max_columns: int,
                  upsert: bool = False):
@@ -243,7 +265,11 @@ class _Table:
         self.max_columns = max_columns
         self.fixed = layout.fixed_columns(name)
         self.types = dict(known if known is not None else self.fixed)
-        self.rows: list[tuple[str, dict, dict, tuple]] = []  # (message id, fixed, cells, dynamic)
+        # (message id, fixed, cells, dynamic), or from add_laid (message id, layout, row,
+        # dynamic): a laid row's layout is a tuple of its columns, a dict row's fixed a dict
+        self.rows: list[tuple[str, dict | tuple, dict | tuple, tuple]] = []
+        self.layout: tuple | None = None  # the last laid row's
+        self.uniform = True  # every row is a laid row of one layout (none yet: see load)
         self.ids: set = set()
         self.first_cause: dict[str, str] = {}  # column -> the message that (re)typed it
         self.mixed: set[str] = set()           # columns holding values to convert
@@ -274,14 +300,20 @@ class _Table:
                     self.first_cause.setdefault(column, message_id)
                 if kind != new or (current is not None and new != current):
                     self.mixed.add(column)  # this value, or the ones before, to convert
+        self.uniform = False
         self.rows.append((message_id, row.fixed, cells, row.dynamic))
 
-    def add_cells(self, message_id: str, fixed: dict, cells: dict, dynamic: tuple) -> None:
-        """A row whose cells are each of their column's type already (shapes.py)."""
-        if fixed["id"] in self.ids:
+    def add_laid(self, message_id: str, layout: tuple, row: tuple, dynamic: tuple) -> None:
+        """A row of the values of `layout`'s columns, each of its column's type already
+        (shapes.py); its id is the message id, as a shape lays out only such events."""
+        if message_id in self.ids:
             return
-        self.ids.add(fixed["id"])
-        self.rows.append((message_id, fixed, cells, dynamic))
+        self.ids.add(message_id)
+        if layout is not self.layout:  # (shapes intern layouts: equal ones are one object)
+            if self.rows:
+                self.uniform = False
+            self.layout = layout
+        self.rows.append((message_id, layout, row, dynamic))
 
     def load(self, schema: Schema, changes: list[Change], rejected: dict) -> TableLoad:
         """The rows as tuples in column order; records the table's changes and rejections."""
@@ -292,17 +324,51 @@ class _Table:
             if self.types[column] != old:
                 changes.append(Change(self.name, column, old, self.types[column], message_id))
         schema[self.name] = self.types
-        dynamic = list(dict.fromkeys(itertools.chain.from_iterable(r[2] for r in self.rows)))
+        if self.uniform and self.layout is not None:
+            types = {**self.types, **self.fixed}  # (a fixed column's type is its own)
+            return TableLoad(self.name, [(c, types[c]) for c in self.layout],
+                             [r[2] for r in self.rows], self.upsert)
+        if self.mixed:  # the laid rows too may hold values to convert: as dict rows
+            self.rows = [self._cells(*r) if r[1].__class__ is tuple else r for r in self.rows]
+        dynamic = self._dynamic()
         if self.mixed:
             self._convert([c for c in dynamic if c in self.mixed])
         for entries in self.rejected.values():
             for entry in entries:
                 _keep(rejected, entry)
-        fixed_of = operator.itemgetter(*self.fixed)
-        rows = [fixed_of(fixed) + tuple(map(cells.get, dynamic))
-                for _, fixed, cells, _ in self.rows]
-        columns = [*self.fixed.items(), *((c, self.types[c]) for c in dynamic)]
-        return TableLoad(self.name, columns, rows, self.upsert)
+        columns = [*self.fixed, *dynamic]
+        fixed_of, reorders = operator.itemgetter(*self.fixed), {}
+        rows = []
+        for entry in self.rows:
+            if entry[1].__class__ is dict:
+                _, fixed, cells, _ = entry
+                rows.append(fixed_of(fixed) + tuple(map(cells.get, dynamic)))
+                continue
+            _, layout, row, _ = entry
+            reorder = reorders.get(id(layout))
+            if reorder is None:
+                reorder = reorders[id(layout)] = _reorder(layout, columns)
+            rows.append(reorder(row))
+        return TableLoad(self.name, [*self.fixed.items(), *((c, self.types[c]) for c in dynamic)],
+                         rows, self.upsert)
+
+    def _dynamic(self) -> list[str]:
+        """The columns of the rows but the fixed ones, in the order they first appear."""
+        seen: dict[str, None] = {}
+        layouts: set[int] = set()
+        for _, fixed_or_layout, cells, _ in self.rows:
+            if fixed_or_layout.__class__ is dict:
+                seen.update(dict.fromkeys(cells))
+            elif id(fixed_or_layout) not in layouts:  # each layout once
+                layouts.add(id(fixed_or_layout))
+                seen.update(dict.fromkeys(c for c in fixed_or_layout if c not in self.fixed))
+        return list(seen)
+
+    def _cells(self, message_id: str, layout: tuple, row: tuple, dynamic: tuple) -> tuple:
+        """A laid row as add() keeps a row: (message id, fixed, cells, dynamic)."""
+        cells = dict(zip(layout, row))
+        fixed = {column: cells.pop(column) for column in self.fixed}
+        return message_id, fixed, cells, dynamic
 
     def _convert(self, mixed: list[str]) -> None:
         for message_id, _, cells, dynamic in self.rows:
@@ -329,6 +395,16 @@ class _Table:
 
     def _reject(self, column, message_id, value, why: Rejected) -> None:
         _reject(self.rejected, self.name, column, message_id, value, why)
+
+
+def _reorder(layout: tuple, columns: list[str]) -> Any:
+    """row in `layout`'s column order -> the tuple of its values of `columns`, None for
+    each column the layout does not have."""
+    where = {column: i for i, column in enumerate(layout)}
+    get = operator.itemgetter(*(where.get(c, len(layout)) for c in columns))
+    if len(where) == len(columns):
+        return get
+    return lambda row: get(row + (None,))
 
 
 # the kind of a value as loaded; JSON values were turned into text when added

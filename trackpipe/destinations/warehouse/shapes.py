@@ -61,22 +61,32 @@ _FIXED_WHEN = {"receivedAt": "received_at", "sentAt": "sent_at",
 class Shape(NamedTuple):
     name: str                       # the event name
     table: str                      # its table
-    fixed: tuple                    # (column, getter or None, is a date-time)
-    leaves: Any                     # struct -> tuple of leaf values, context's first
-    columns: tuple[str, ...]        # per leaf
+    columns: tuple[str, ...]        # per leaf, in walk order, context's first
     kinds: tuple[str, ...]          # per leaf, the column type it asks for
     n_context: int                  # leaves of `context` (the `tracks` row's); then properties
-    special: tuple[tuple[int, str], ...]  # (leaf, "float" | "when" | "[" | "{}"): checked
-                                          # per event
+    # What an event of the shape is read into: its two rows, each a tuple of values in
+    # the order of its layout (track_columns, event_columns), the ids and times first:
+    #   head     id, profile_id, uuid_ts, then each date-time of `whens`, then `constants`
+    #   values   `plain` (the fixed texts, context's plain leaves, properties'), as decoded
+    #   specials per one of `checks` (context's leaves, properties'), checked, converted
+    # The `tracks` row takes the first `n_track` of values and `n_track_special` of specials.
+    track_columns: tuple[str, ...]  # interned (ShapeBook): shapes of one layout share it
+    event_columns: tuple[str, ...]
+    whens: Any                      # struct -> the fixed date-times as sent
+    constants: tuple                # the event's table and name; None for each fixed
+                                    # column the shape has no (or a null) value for
+    plain: Any                      # struct -> tuple of the values taken as they are
+    n_track: int
+    floats: tuple[int, ...]         # positions in `plain` of leaves that must be floats
+    checks: tuple[tuple[Any, str, str], ...]  # per leaf checked per event: (struct -> its
+                                              # value, column, "when" | "[" | "{}")
+    n_track_special: int
 
 
-class Laid(NamedTuple):
-    shape: Shape
-    fixed: dict         # the fixed columns' values, userId and anonymousId among them
-    context: dict       # column -> value, the `tracks` row's cells
-    cells: dict         # column -> value, the event table row's (context's too)
-    dynamic: tuple      # date-time leaves as layout entries (the value as sent, for
-                        # conversions to text)
+# A laid-out track event: (shape, its `tracks` row, its event table's row, its date-time
+# leaves as layout entries: the value as sent, for conversions to text). A plain tuple,
+# as one is made per event.
+Laid = tuple
 
 
 class ShapeBook:
@@ -89,9 +99,12 @@ class ShapeBook:
         self._compiled = 0
         self._decode = None
         self._when: dict[str, dt.datetime] = {}  # receivedAt, sentAt repeat within a request
+        # layouts by value, so that equal ones are one object (plan tells a table whose rows
+        # all have one layout by identity); at most two per shape ever compiled
+        self._layouts: dict[tuple, tuple] = {}
 
     def lay_out(self, event: Event, loaded_at: dt.datetime) -> Laid | str:
-        """The event's cells if it has a known shape; else NO_SHAPE (the slow path's turn,
+        """The event's rows if it has a known shape; else NO_SHAPE (the slow path's turn,
         and the shape to learn from it) or SLOW (a known shape; a value the slow path
         must see, such as a date-time that does not parse)."""
         raw = event._json
@@ -99,55 +112,55 @@ class ShapeBook:
             return SLOW  # already decoded (an action's message): nothing to gain here
         if self._decode is None:
             return NO_SHAPE
-        if b"\\u0000" in raw or b"\x00" in raw or "\x00" in event.message_id or (
-                event.profile_id and "\x00" in event.profile_id):
+        message_id, profile_id = event.message_id, event.profile_id
+        # (find, not `in`: a bytes `in` first tries its operand as an int, and formats the
+        # TypeError it gets, which costs more than the search; and most JSON has no
+        # backslash, which a search finds missing much faster than a longer string)
+        if (raw.find(b"\\") >= 0 and raw.find(b"\\u0000") >= 0) or raw.find(b"\x00") >= 0 \
+                or "\x00" in message_id or (profile_id and "\x00" in profile_id):
             return SLOW  # a NUL somewhere: rejected values, the slow path's work
-        if len(event.message_id) > layout.SHORT_ID_CHARS:
+        if len(message_id) > layout.SHORT_ID_CHARS:
             return SLOW  # maybe longer than an id column holds (layout.row_id): likewise
         try:
             obj = self._decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return NO_SHAPE
         shape = self._shapes[obj.__class__]
-        values = list(shape.leaves(obj))
-        dynamic: list = []
-        for i, check in shape.special:
-            value = values[i]
-            if check == "float":
-                if value.__class__ is not float:
-                    return SLOW
-            elif check == "when":
-                when = parse_timestamp(value)
-                if when is None:
-                    return SLOW
-                dynamic += (shape.columns[i], TIMESTAMP, when, value)
-                values[i] = when
-            else:
-                text = bytes(value)
-                if not (text == b"{}" if check == "{}" else text[:1] == b"["):
-                    return SLOW
-                values[i] = text.decode()
-        fixed: dict[str, Any] = {"id": event.message_id, "profile_id": event.profile_id,
-                                 "uuid_ts": loaded_at}
-        when = self._when
-        for column, get, is_when in shape.fixed:
-            value = get(obj) if get is not None else None
-            if is_when and value is not None:
-                parsed = when.get(value)
-                if parsed is None:
-                    parsed = parse_timestamp(value)
-                    if parsed is None:
-                        return SLOW
-                    if len(when) >= WHEN_CACHE:
-                        when.clear()
-                    when[value] = parsed
-                value = parsed
-            fixed[column] = value
-        fixed["event"], fixed["event_text"] = shape.table, shape.name
-        n = shape.n_context
-        context = dict(zip(shape.columns[:n], values[:n]))
-        cells = {**context, **dict(zip(shape.columns[n:], values[n:]))}
-        return Laid(shape, fixed, context, cells, tuple(dynamic))
+        values = shape.plain(obj)
+        for i in shape.floats:
+            if values[i].__class__ is not float:
+                return SLOW
+        try:  # the same few date-times in event after event: parsed once
+            whens = tuple(map(self._when.__getitem__, shape.whens(obj)))
+        except KeyError:
+            whens = self._parse_whens(shape.whens(obj))
+            if whens is None:
+                return SLOW
+        head = (message_id, profile_id, loaded_at, *whens, *shape.constants)
+        if not shape.checks:
+            return shape, head + values[:shape.n_track], head + values, ()
+        specials = _specials(shape, obj)
+        if specials is None:
+            return SLOW
+        done, dynamic = specials
+        return (shape, head + values[:shape.n_track] + done[:shape.n_track_special],
+                head + values + done, dynamic)
+
+    def _parse_whens(self, values: tuple) -> tuple | None:
+        """The fixed date-times parsed, and kept for the next events; None if one does not
+        parse (the slow path rejects it)."""
+        when, parsed = self._when, []
+        for value in values:
+            got = when.get(value)
+            if got is None:
+                got = parse_timestamp(value)
+                if got is None:
+                    return None
+                if len(when) >= WHEN_CACHE:
+                    when.clear()
+                when[value] = got
+            parsed.append(got)
+        return tuple(parsed)
 
     def learn(self, message: dict) -> None:
         """Compile the shape of a track message the slow path has just laid out."""
@@ -169,6 +182,10 @@ class ShapeBook:
         old = self._by_name.get(name)
         if old is not None:
             del self._shapes[old]
+        layouts = self._layouts
+        shape = shape._replace(
+            track_columns=layouts.setdefault(shape.track_columns, shape.track_columns),
+            event_columns=layouts.setdefault(shape.event_columns, shape.event_columns))
         self._by_name[name] = struct
         self._shapes[struct] = shape
         self._decode = msgspec.json.Decoder(Union[tuple(self._shapes)]).decode  # noqa: UP007
@@ -183,7 +200,7 @@ def _compile(message: dict, name: str, serial: int) -> tuple[type, Shape]:
         raise _NoShape
     table = layout.event_table(name)
     builder = _Builder(serial)
-    fields, fixed = [], []
+    fields = []
     for key, value in message.items():
         if key == "event":
             continue
@@ -206,22 +223,69 @@ def _compile(message: dict, name: str, serial: int) -> tuple[type, Shape]:
             fields.append((key, msgspec.Raw, None))
     struct = builder.define(fields, tag=name)
     attr = {key: a for a, key in builder.names[struct].items()}
-    for key, column in (*_FIXED_TEXT.items(), *_FIXED_WHEN.items()):
-        get = operator.attrgetter(attr[key]) if key in attr and message[key] is not None \
-            else None
-        fixed.append((column, get, key in _FIXED_WHEN))
     ctx = builder.leaves.get("context", [])
     props = builder.leaves.get("properties", [])
     leaves = [*ctx, *props]
     columns = [c for _, c, _ in leaves]
     if len(set(columns)) != len(columns) or len(leaves) > MAX_LEAVES:
         raise _NoShape  # two keys for one column: the slow path rejects the second
-    paths = [f"{attr[key]}.{path}" for key in ("context", "properties")
-             for path, _, _ in builder.leaves.get(key, [])]
-    getter = _leaf_getter(paths)
-    special = tuple((i, check) for i, (_, _, (_, check)) in enumerate(leaves) if check)
-    return struct, Shape(name, table, tuple(fixed), getter, tuple(columns),
-                         tuple(kind for _, _, (kind, _) in leaves), len(ctx), special)
+    return struct, _shape(name, table, message, attr, ctx, props)
+
+
+def _shape(name: str, table: str, message: dict, attr: dict[str, str], ctx: list,
+           props: list) -> Shape:
+    """The Shape of a struct (`attr`: message key -> field) with the leaves `ctx` and
+    `props` (_Builder.leaves): where each value of an event goes in its two rows."""
+    def has(key):  # a fixed field the struct holds a string for
+        return key in attr and message[key] is not None
+
+    def split(top, leaves):  # (column, attribute path, check): taken as they are, checked
+        read = [(column, f"{attr[top]}.{path}", check) for path, column, (_, check) in leaves]
+        return ([x for x in read if x[2] in (None, "float")],
+                [x for x in read if x[2] not in (None, "float")])
+
+    texts = [(column, attr[key], None) for key, column in _FIXED_TEXT.items() if has(key)]
+    whens = [(column, attr[key]) for key, column in _FIXED_WHEN.items() if has(key)]
+    absent = [column for key, column in (*_FIXED_TEXT.items(), *_FIXED_WHEN.items())
+              if not has(key)]
+    ctx_plain, ctx_special = split("context", ctx)
+    props_plain, props_special = split("properties", props)
+    plain, special = [*texts, *ctx_plain, *props_plain], [*ctx_special, *props_special]
+    n_track = len(texts) + len(ctx_plain)
+    head = ("id", "profile_id", "uuid_ts", *(c for c, _ in whens), "event", "event_text",
+            *absent)
+    leaves = [*ctx, *props]
+    return Shape(
+        name, table, tuple(c for _, c, _ in leaves), tuple(k for _, _, (k, _) in leaves),
+        len(ctx),
+        track_columns=(*head, *(c for c, _, _ in plain[:n_track]),
+                       *(c for c, _, _ in ctx_special)),
+        event_columns=(*head, *(c for c, _, _ in plain), *(c for c, _, _ in special)),
+        whens=_leaf_getter([a for _, a in whens]), constants=(table, name, *[None] * len(absent)),
+        plain=_leaf_getter([a for _, a, _ in plain]), n_track=n_track,
+        floats=tuple(i for i, (_, _, check) in enumerate(plain) if check == "float"),
+        checks=tuple((operator.attrgetter(a), c, check) for c, a, check in special),
+        n_track_special=len(ctx_special))
+
+
+def _specials(shape: Shape, obj: Any) -> tuple[tuple, tuple] | None:
+    """The values of the leaves a shape checks per event, as loaded, and the date-times
+    among them as layout entries; None when one is not of the shape's kind."""
+    done, dynamic = [], []
+    for get, column, check in shape.checks:
+        value = get(obj)
+        if check == "when":
+            when = parse_timestamp(value)
+            if when is None:
+                return None
+            dynamic += (column, TIMESTAMP, when, value)
+            done.append(when)
+        else:
+            text = bytes(value)
+            if not (text == b"{}" if check == "{}" else text[:1] == b"["):
+                return None
+            done.append(text.decode())
+    return tuple(done), tuple(dynamic)
 
 
 def _leaf_getter(paths: list[str]) -> Any:
