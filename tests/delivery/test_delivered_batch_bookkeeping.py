@@ -20,33 +20,12 @@ from trackpipe.delivery.routing import Routed, Router, Skipped
 from trackpipe.delivery.state import DeliveryState, Sent
 from trackpipe.delivery.worker import DestinationWorker, user_key
 from trackpipe.destinations.base import DELIVERED, Destination, retry
-from trackpipe.log.base import Record
-from trackpipe.log.sqlite import SQLiteLog
 
 from support import in_loop
 
+from delivery.backlog import append
+
 POLICY = RetryPolicy(3_600_000, 10)
-
-
-@pytest.fixture
-def files(tmp_path):
-    event_log = SQLiteLog(tmp_path / "log.db")
-    state = DeliveryState(tmp_path / "deliveries.db")
-    yield tmp_path, event_log, state
-    state.close()
-    event_log.close()
-
-
-def append(event_log: SQLiteLog, users: list[str]) -> list[str]:
-    records = []
-    for user in users:
-        message_id = f"m{event_log.head() + len(records) + 1}"
-        body = msgspec.json.encode({"type": "track", "event": "Tested", "userId": user,
-                                    "messageId": message_id})
-        records.append(Record(message_id, 1_700_000_000_000, "track", "Tested", user, None,
-                              "src", body))
-    event_log.append(records)
-    return [r.message_id for r in records]
 
 
 def pending(state: DeliveryState) -> list[tuple]:
