@@ -1,11 +1,23 @@
-"""Track events appended to a log, for the delivery tests."""
+"""A real log and deliveries.db (the `files` fixture) and track events appended to the
+log, for the delivery tests."""
 
 from __future__ import annotations
 
 import msgspec
+import pytest
 
+from trackpipe.delivery.state import DeliveryState
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
+
+
+@pytest.fixture
+def files(tmp_path):
+    event_log = SQLiteLog(tmp_path / "log.db")
+    state = DeliveryState(tmp_path / "deliveries.db")
+    yield tmp_path, event_log, state
+    state.close()
+    event_log.close()
 
 
 def append(event_log: SQLiteLog, users: list[str]) -> list[str]:

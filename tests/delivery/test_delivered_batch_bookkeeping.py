@@ -23,7 +23,10 @@ from trackpipe.destinations.base import DELIVERED, Destination, retry
 
 from support import in_loop
 
+from delivery import backlog
 from delivery.backlog import append
+
+files = backlog.files  # the fixture: a real SQLite log and deliveries.db
 
 POLICY = RetryPolicy(3_600_000, 10)
 

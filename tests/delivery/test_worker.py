@@ -29,8 +29,11 @@ from trackpipe.log.sqlite import SQLiteLog
 
 from support import in_loop
 
+from delivery import backlog
 from delivery.backlog import append
 from delivery.views import deliveries, outcome
+
+files = backlog.files  # the fixture: a real SQLite log and deliveries.db
 
 
 class Crash(BaseException):

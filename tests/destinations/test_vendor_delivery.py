@@ -19,11 +19,12 @@ from trackpipe.destinations.build import build_destination
 from trackpipe.dsn import MASK
 from trackpipe.log.base import Record
 
-from delivery import test_worker
+from delivery import backlog
 from delivery.test_worker import come_due, drain, in_loop
 from destinations.vendor_mocks import MixpanelMock
 
-files = test_worker.files  # the fixture: a real SQLite log and deliveries.db
+files = backlog.files  # the fixture: a real SQLite log and deliveries.db
+
 
 STORED_TS = 1_772_366_400_250  # the stored messages' `timestamp`, 2026-03-01T12:00:00.250Z
 
