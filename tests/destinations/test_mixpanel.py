@@ -1,4 +1,4 @@
-"""The mixpanel destination against a local Mixpanel Import/Engage API (vendor_mocks)."""
+"""The mixpanel destination against a local Mixpanel Import/Engage/Groups API (sink_mixpanel)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import gzip
 import hashlib
 import json
 
+import msgspec
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from trackpipe import config
+from trackpipe.destinations import mixpanel
 from trackpipe.destinations.base import DestinationError, Event
 from trackpipe.destinations.build import build_destination, masked
 from trackpipe.errors import ConfigError
 
-from destinations.vendor_mocks import MixpanelMock
+from delivery.test_consumers_fuzz import FUZZ, message as any_message, value as any_value
+from destinations.sink_mixpanel import MixpanelGroupsMock
 
 TS = "2026-03-01T12:00:00.250Z"
 TS_MS = 1772366400250
@@ -22,7 +26,8 @@ TS_MS = 1772366400250
 
 @pytest.fixture
 def mock():
-    m = MixpanelMock(token="tok", service_account=("sa.user", "sa-secret"), project_id="42")
+    m = MixpanelGroupsMock(token="tok", service_account=("sa.user", "sa-secret"),
+                           project_id="42")
     yield m
     m.close()
 
@@ -134,7 +139,134 @@ def test_group_and_alias_are_not_sent(mock):
                            {"type": "alias", "previousId": "a", "userId": "u", "messageId": "a1"}])
     assert [o.state for o in outcomes] == ["delivered", "delivered"]
     assert all(o.detail.startswith("not sent:") for o in outcomes)
+    assert "set group_key" in outcomes[0].detail  # the setting that would send it
     assert mock.requests == []
+
+
+# -- group calls (Group Analytics) ----------------------------------------------------
+
+def group(mid="g-1", **extra) -> dict:
+    return {"type": "group", "groupId": "acme", "messageId": mid, "userId": "user-1",
+            "anonymousId": "anon-1", "timestamp": TS, "context": {"ip": "203.0.113.9"},
+            "traits": {"name": "Acme Inc", "plan": "enterprise", "employees": 350}, **extra}
+
+
+def test_a_group_call_sets_the_group_profile_and_adds_the_group_to_the_user(mock):
+    [outcome] = send(mock, [group()], group_key="company_id")
+    assert outcome.state == "delivered"
+    [update] = mock.group_updates
+    assert update == {"$token": "tok", "$group_key": "company_id", "$group_id": "acme",
+                      "$set": {"$name": "Acme Inc", "plan": "enterprise", "employees": 350}}
+    [member] = mock.profile_updates  # $union: a user may belong to several companies
+    assert member == {"$token": "tok", "$distinct_id": "user-1", "$ip": "203.0.113.9",
+                      "$union": {"company_id": ["acme"]}}
+    groups = [r for r in mock.requests if r.path == "/groups"]
+    assert groups[0].query == {"verbose": ["1"]} and groups[0].basic_auth() is None
+    assert mock.accepted == []  # no event: a group call is not a track
+
+
+def test_a_trait_named_after_the_group_key_names_the_group_as_segment_classic_did(mock):
+    message = group(traits={"company_id": 12345, "name": "Initech"})
+    send(mock, [message], group_key="company_id")
+    assert mock.group_updates[0]["$group_id"] == "12345"  # a string, as Mixpanel takes it
+    assert mock.profile_updates[0]["$union"] == {"company_id": ["12345"]}
+
+
+def test_a_group_call_without_a_user_updates_only_the_group(mock):
+    message = group()
+    del message["userId"], message["anonymousId"]
+    [outcome] = send(mock, [message], group_key="company_id")
+    assert outcome.state == "delivered"
+    assert len(mock.group_updates) == 1 and mock.profile_updates == []
+
+
+def test_a_group_call_without_a_group_id_fails_alone(mock):
+    message = group(mid="g-2")
+    del message["groupId"]
+    outcomes = send(mock, [group(mid="g-1"), message], group_key="company_id")
+    assert [o.state for o in outcomes] == ["delivered", "failed"]
+    assert "groupId" in outcomes[1].detail and "company_id" in outcomes[1].detail
+    assert [u["$group_id"] for u in mock.group_updates] == ["acme"]
+
+
+def test_events_with_a_context_group_id_carry_the_group_key(mock):
+    in_group = track(mid="m-1", context={"groupId": "acme"})
+    explicit = track(mid="m-2", context={"groupId": "acme"},
+                     properties={"company_id": "other"})  # an explicit property wins
+    page = {"type": "page", "messageId": "p-1", "anonymousId": "a1", "timestamp": TS,
+            "context": {"groupId": "acme"}}
+    send(mock, [in_group, explicit, track(mid="m-3"), page], group_key="company_id")
+    values = [r["properties"].get("company_id") for r in mock.accepted]
+    assert values == ["acme", "other", None, "acme"]
+
+
+def test_without_a_group_key_events_do_not_get_a_group_property(mock):
+    send(mock, [track(context={"groupId": "acme"})])
+    assert "company_id" not in mock.accepted[0]["properties"]
+
+
+@pytest.mark.parametrize("status,body,headers,state", [
+    (429, {"error": "rate limited"}, {"Retry-After": "7"}, "retry"),
+    (503, {"error": "service unavailable"}, {}, "retry"),
+    (401, {"error": "Unauthorized", "status": "error"}, {}, "failed"),
+    (200, {"status": 0, "error": "Invalid token"}, {}, "failed"),  # refused, answered 200
+])
+def test_groups_failures_are_retried_or_final_as_mixpanel_means_them(mock, status, body,
+                                                                     headers, state):
+    message = group()
+    del message["userId"], message["anonymousId"]  # one request: /groups
+    mock.answer_next(status, body, headers)
+    [outcome] = send(mock, [message], group_key="company_id")
+    assert (outcome.state, outcome.status) == (state, status)
+    if headers:
+        assert outcome.retry_after == 7
+    assert mock.group_updates == []
+
+
+def test_a_refused_groups_request_fails_only_the_group_calls_of_the_batch(mock):
+    mock.answer_next(200, {"code": 200, "num_records_imported": 2, "status": "OK"})  # /import
+    mock.answer_next(200, {"status": 0, "error": "Invalid token"})                  # /groups
+    outcomes = send(mock, [track(mid="m-1"), group(), track(mid="m-3")],
+                    group_key="company_id")
+    assert [o.state for o in outcomes] == ["delivered", "failed", "delivered"]
+    assert "Groups refused the group profile update" in outcomes[1].detail
+    assert mock.profile_updates != []  # the membership went; only the group update failed
+
+
+def test_a_group_update_over_1_mb_fails_alone_before_sending(mock):
+    big = group(mid="g-2", traits={"notes": "x" * 1_000_001})
+    outcomes = send(mock, [group(mid="g-1"), big], group_key="company_id")
+    assert [o.state for o in outcomes] == ["delivered", "failed"]
+    assert "1 MB" in outcomes[1].detail
+    assert len(mock.group_updates) == 1
+
+
+def test_more_than_2000_group_updates_split_into_requests(mock):
+    messages = [{**group(mid=f"g-{k}", groupId=f"c-{k}"), "userId": None, "anonymousId": None}
+                for k in range(2001)]
+    outcomes = send(mock, messages, group_key="company_id")
+    assert all(o.state == "delivered" for o in outcomes)
+    assert [r.path for r in mock.requests] == ["/groups", "/groups"]
+    assert len(mock.group_updates) == 2001
+
+
+@settings(FUZZ, max_examples=30)  # the vendor fuzz test covers the rest of plan()
+@given(st.lists(any_message(), min_size=1, max_size=8),
+       st.lists(any_value, min_size=8, max_size=8))
+def test_group_key_translations_take_any_message(messages, group_ids):
+    """With a group key, whatever a mapping put in a message (context.groupId and the
+    key's trait too): request bodies that encode, or an outcome for that event alone."""
+    records, updates, groups = [], [], []
+    for i, (m, group_id) in enumerate(zip(messages, group_ids)):
+        m = {**m, "context": {**m["context"], "groupId": group_id}}
+        event = Event(i, f"m{i}", m, "p1", None, None, stored_time=1714557600000)
+        skipped = mixpanel.plan(i, event, "token", records, updates, groups, "id")
+        assert skipped is None or skipped.state in ("delivered", "failed")
+    msgspec.json.encode([u for _, u in updates])
+    for _, encoded in groups:
+        update = msgspec.json.decode(encoded)
+        assert isinstance(update["$group_id"], str) and update["$group_id"]
+        assert isinstance(update["$set"], dict)
 
 
 def test_an_unknown_message_shape_fails_with_a_hint(mock):
@@ -244,6 +376,10 @@ def test_check_verifies_credentials(mock):
     ({"service_account_username": "sa"}, "set both"),
     ({"service_account_username": "sa", "service_account_secret": "s"}, "needs project_id"),
     ({"api_url": "api.mixpanel.com"}, "must start with https://"),
+    ({"group_key": ""}, "group_key is empty"),
+    ({"group_key": "  "}, "group_key is empty"),
+    ({"group_key": " company_id"}, "group_key ' company_id' has spaces around it"),
+    ({"group_key": 5}, r"Expected `str \| null`, got `int` - at `\$.group_key`"),
 ])
 def test_bad_settings_are_config_errors(mock, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -5,9 +5,13 @@
   (screens likewise with "Screen").
 - identify → a profile `$set` on POST /engage; when it carries both userId and
   anonymousId, also an `$identify` event, so the anonymous history joins the user.
-- group and alias are not sent (delivered with a "not sent" detail): Simplified ID
-  Merge links ids through `$user_id`/`$device_id` on events, and group profiles
-  need a group key this destination does not ask for.
+- group, when `group_key` is set (Group Analytics) → a group profile `$set` on
+  POST /groups, and the group id `$union`ed into the user's profile under the group
+  key on POST /engage; events whose `context.groupId` is set carry the group key
+  as a property, which is how Mixpanel attributes them to the group.
+- alias, and group without `group_key`, are not sent (delivered with a "not sent"
+  detail): Simplified ID Merge links ids through `$user_id`/`$device_id` on events,
+  and group profiles need a group key set up in the project.
 
 Identity follows Mixpanel's Simplified ID Merge: `distinct_id` is the userId, or
 `$device:<anonymousId>` before one is known; `$user_id` and `$device_id` carry
@@ -40,6 +44,8 @@ from trackpipe.destinations.httpclient import HttpDestination
 IMPORT_MAX_EVENTS = 2000
 IMPORT_MAX_BYTES = 2 * 1000 * 1000  # Mixpanel's docs have said 2 MB and 10 MB: keep the lower
 ENGAGE_MAX_UPDATES = 50             # Engage's limit in its older docs; within the newer one
+GROUPS_MAX_UPDATES = 2000           # the Groups API's limits: updates per request ...
+GROUP_UPDATE_MAX_BYTES = 1000 * 1000  # ... and bytes per update (1 MB)
 INSERT_ID = re.compile(r"[A-Za-z0-9-]{1,36}")
 
 CONTEXT_PROPERTIES = {  # Mixpanel default property ← context path
@@ -57,7 +63,8 @@ PROFILE_TRAITS = {  # Segment reserved trait → Mixpanel reserved profile prope
     "createdAt": "$created", "created_at": "$created", "username": "$username",
 }
 NOT_SENT = {
-    "group": "not sent: Mixpanel group profiles need a group key; group calls are skipped",
+    "group": "not sent: Mixpanel group profiles need a group key; group calls are skipped"
+             " (set group_key to send them)",
     "alias": "not sent: with Simplified ID Merge, Mixpanel links ids through $user_id and"
              " $device_id on events; alias calls are skipped",
 }
@@ -79,6 +86,9 @@ class Mixpanel(HttpDestination):
         """https://api-eu.mixpanel.com or https://api-in.mixpanel.com for EU / India residency."""
         gzip: bool = False
         """Compress Import requests (Engage does not accept gzip)."""
+        group_key: str | None = None
+        """The Group Analytics key group calls go to (e.g. "company_id"), as set up in
+        Project Settings → Group Keys; unset, group calls are not sent."""
         allow_private_targets: bool = False
         timeout_seconds: float = 15.0
 
@@ -93,12 +103,20 @@ class Mixpanel(HttpDestination):
                 raise ValueError("a service account needs project_id (Project Settings →"
                                  " Overview)")
             check_api_url(self.api_url)
+            if self.group_key is not None and not self.group_key.strip():
+                raise ValueError("group_key is empty; set it to a group key of the project"
+                                 " (Project Settings → Group Keys), or leave it out to skip"
+                                 " group calls")
+            if self.group_key is not None and self.group_key != self.group_key.strip():
+                raise ValueError(f"group_key {self.group_key!r} has spaces around it; Mixpanel"
+                                 " matches group keys exactly")
 
     def __init__(self, name: str, settings: msgspec.Struct):
         super().__init__(name, settings)
         s = self.settings
         base = s.api_url.rstrip("/")
         self._import_url, self._engage_url = base + "/import", base + "/engage"
+        self._groups_url = base + "/groups"
         self._import_params = {"strict": "1"}
         if s.service_account_username:
             self._auth = (s.service_account_username, s.service_account_secret)
@@ -113,14 +131,21 @@ class Mixpanel(HttpDestination):
         results: list[list[Outcome]] = [[] for _ in batch]
         records: list[tuple[int, bytes]] = []
         updates: list[tuple[int, dict]] = []
+        groups: list[tuple[int, bytes]] = []
         for i, event in enumerate(batch):
-            skipped = plan(i, event, self.settings.project_token, records, updates)
+            skipped = plan(i, event, self.settings.project_token, records, updates,
+                           groups, self.settings.group_key)
             if skipped is not None:
                 results[i].append(skipped)
         encoded = [r for _, r in records]
         for chunk in chunk_by_size(encoded, IMPORT_MAX_EVENTS, IMPORT_MAX_BYTES):
             for k, outcome in zip(chunk, await self._import([encoded[k] for k in chunk])):
                 results[records[k][0]].append(outcome)
+        for start in range(0, len(groups), GROUPS_MAX_UPDATES):
+            part = groups[start:start + GROUPS_MAX_UPDATES]
+            outcome = await self._groups([g for _, g in part])
+            for i, _ in part:
+                results[i].append(outcome)
         for start in range(0, len(updates), ENGAGE_MAX_UPDATES):
             part = updates[start:start + ENGAGE_MAX_UPDATES]
             outcome = await self._engage([u for _, u in part])
@@ -172,36 +197,50 @@ class Mixpanel(HttpDestination):
         return [classify_http(r.status_code, r.content, r.headers)] * len(encoded)
 
     async def _engage(self, updates: list[dict]) -> Outcome:
+        return await self._update_profiles(self._engage_url, msgspec.json.encode(updates),
+                                           "Engage", "profile")
+
+    async def _groups(self, encoded: list[bytes]) -> Outcome:
+        return await self._update_profiles(self._groups_url, b"[" + b",".join(encoded) + b"]",
+                                           "Groups", "group profile")
+
+    async def _update_profiles(self, url: str, body: bytes, api: str, what: str) -> Outcome:
+        """Engage and Groups answer alike: the whole request succeeds or fails, with no
+        record-level detail; the token travels in the body."""
         try:
-            r = await self._client.post(self._engage_url, params={"verbose": "1"},
-                                        content=msgspec.json.encode(updates),
+            r = await self._client.post(url, params={"verbose": "1"}, content=body,
                                         headers={"content-type": "application/json",
                                                  "user-agent": "trackpipe"})
         except httpx.HTTPError as exc:
-            return retry(None, f"cannot reach {self._engage_url}: {exc!r}")
+            return retry(None, f"cannot reach {url}: {exc!r}")
         if r.status_code != 200:
             return classify_http(r.status_code, r.content, r.headers)
-        try:  # Engage answers 200 even when it rejects the data; the body tells
+        try:  # they answer 200 even when they reject the data; the body tells
             answer = msgspec.json.decode(r.content)
         except msgspec.DecodeError:
-            return retry(200, f"Engage answered 200 with an unreadable body: {excerpt(r.content)}")
+            return retry(200, f"{api} answered 200 with an unreadable body: {excerpt(r.content)}")
         if isinstance(answer, dict) and answer.get("status") == 1:
             return DELIVERED
-        return fail(200, f"Engage refused the profile update: {excerpt(r.content)}")
+        return fail(200, f"{api} refused the {what} update: {excerpt(r.content)}")
 
 
 # -- translation ---------------------------------------------------------------------
 
 def plan(i: int, event: Event, token: str, records: list[tuple[int, bytes]],
-         updates: list[tuple[int, dict]]) -> Outcome | None:
-    """Add what event i becomes to the import records and engage updates; or return
-    its outcome when nothing is sent. Never raises, whatever a mapping put in a field:
-    a raise would retry the whole batch, for hours, for one odd message."""
+         updates: list[tuple[int, dict]], groups: list[tuple[int, bytes]] | None = None,
+         group_key: str | None = None) -> Outcome | None:
+    """Add what event i becomes to the import records, engage updates and (with a
+    group key) group updates; or return its outcome when nothing is sent. Never raises,
+    whatever a mapping put in a field: a raise would retry the whole batch, for hours,
+    for one odd message."""
     message = event.message
     refused = unknown_type("Mixpanel", message)
     if refused is not None:
         return refused
     kind = message["type"]
+    if kind == "group" and group_key and groups is not None:
+        return odd_field("Mixpanel", message) or plan_group(i, message, token, group_key,
+                                                            groups, updates)
     if kind in NOT_SENT:
         return Outcome("delivered", None, NOT_SENT[kind])
     refused = odd_field("Mixpanel", message)
@@ -217,19 +256,41 @@ def plan(i: int, event: Event, token: str, records: list[tuple[int, bytes]],
             records.append((i, msgspec.json.encode(identify_record(message, at))))
         updates.append((i, profile_update(message, token)))
     else:
-        records.append((i, msgspec.json.encode(event_record(message, event_name(message), at))))
+        record = event_record(message, event_name(message), at, group_key)
+        records.append((i, msgspec.json.encode(record)))
     return None
 
 
+def plan_group(i: int, message: dict, token: str, group_key: str,
+               groups: list[tuple[int, bytes]], updates: list[tuple[int, dict]]) -> Outcome | None:
+    traits = _dict(message.get("traits"))
+    # A trait named after the group key wins, as in Segment's Mixpanel destinations
+    # (Classic required one; Actions keeps it for compatibility).
+    group_id = group_value(traits.get(group_key)) or group_value(message.get("groupId"))
+    if not group_id:
+        return fail(None, f"the group call has no groupId (nor a `{group_key}` trait); Mixpanel"
+                          " needs a $group_id. If an action built it, map `groupId`.")
+    update = msgspec.json.encode({"$token": token, "$group_key": group_key,
+                                  "$group_id": group_id, "$set": group_properties(traits)})
+    if len(update) > GROUP_UPDATE_MAX_BYTES:
+        return fail(None, f"the group profile update is {len(update)} bytes; Mixpanel takes"
+                          " at most 1 MB per update. Send fewer or shorter traits.")
+    groups.append((i, update))
+    if distinct_id(message):  # the member, so the user's profile lists its groups
+        updates.append((i, membership_update(message, token, group_key, group_id)))
+    return None
 
 
-def event_record(message: dict, name: str, at: int) -> dict:
+def event_record(message: dict, name: str, at: int, group_key: str | None = None) -> dict:
     user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
     mid = str(message.get("messageId") or "")
-    props = context_properties(_dict(message.get("context")))
+    context = _dict(message.get("context"))
+    props = context_properties(context)
     if message.get("type") == "page" and _dict(message.get("properties")).get("url"):
         props["$current_url"] = message["properties"]["url"]
-    props.update(_dict(message.get("properties")))
+    if group_key and (group_id := group_value(context.get("groupId"))):
+        props[group_key] = group_id  # Mixpanel attributes an event to the group it names
+    props.update(_dict(message.get("properties")))  # an explicit property wins
     props.update({"time": at, "distinct_id": distinct_id(message), "$insert_id": insert_id(mid),
                   "mp_lib": "trackpipe", "trackpipe_message_id": mid})
     if user_id:
@@ -247,11 +308,24 @@ def identify_record(message: dict, at: int) -> dict:
 
 
 def profile_update(message: dict, token: str) -> dict:
+    update = profile_base(message, token)
+    update["$set"] = profile_properties(_dict(message.get("traits")))
+    return update
+
+
+def membership_update(message: dict, token: str, group_key: str, group_id: str) -> dict:
+    """`$union`, not `$set`: a user may belong to several groups of one key."""
+    update = profile_base(message, token)
+    update["$union"] = {group_key: [group_id]}
+    return update
+
+
+def profile_base(message: dict, token: str) -> dict:
     context = _dict(message.get("context"))
-    update = {"$token": token, "$distinct_id": distinct_id(message),
-              "$set": profile_properties(_dict(message.get("traits"))),
-              # Without $ip, Mixpanel would place every profile where trackpipe runs.
-              "$ip": context.get("ip") or "0"}
+    update: dict[str, Any] = {"$token": token, "$distinct_id": distinct_id(message),
+                              # Without $ip, Mixpanel would place every profile where
+                              # trackpipe runs.
+                              "$ip": context.get("ip") or "0"}
     if context.get("active") is False:
         update["$ignore_time"] = True
     return update
@@ -263,6 +337,19 @@ def profile_properties(traits: dict) -> dict:
     if "$name" not in props and first and last:
         props["$name"] = f"{first} {last}"
     return props
+
+
+def group_properties(traits: dict) -> dict:
+    """Segment maps only `name` to a reserved group profile property."""
+    return {("$name" if k == "name" else k): v for k, v in traits.items()}
+
+
+def group_value(value: Any) -> str:
+    """A group id as Mixpanel takes it (a string), from a string or an integer; "" from
+    anything else, so an odd value is skipped rather than sent as its repr."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return ""
+    return str(value)
 
 
 def distinct_id(message: dict) -> str:
