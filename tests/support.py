@@ -19,6 +19,14 @@ WRITE_KEY = "WK"
 
 # With this set (CI does), a test that needs a real service or tool fails instead of skipping.
 REQUIRE_SERVICES = os.environ.get("TRACKPIPE_REQUIRE_SERVICES") == "1"
+# The default suite keeps its property tests short; TRACKPIPE_FUZZ_SCALE=10 runs ten times
+# the examples (before a release, or after changing what they cover).
+FUZZ_SCALE = float(os.environ.get("TRACKPIPE_FUZZ_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    """How many examples a hypothesis test runs: `n`, times TRACKPIPE_FUZZ_SCALE."""
+    return max(1, round(n * FUZZ_SCALE))
 
 
 def in_loop(test):

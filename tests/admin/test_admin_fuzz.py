@@ -8,7 +8,9 @@ import urllib.parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+from support import examples
+
+FUZZ = settings(max_examples=examples(100), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 PATHS = ["/api/v1/events", "/api/v1/events/{}", "/api/v1/messages/{}/status",

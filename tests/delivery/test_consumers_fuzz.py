@@ -22,6 +22,8 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import examples
+
 from trackpipe.config import Identity
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse import layout
@@ -31,7 +33,7 @@ from trackpipe.destinations.warehouse.shapes import ShapeBook
 from trackpipe.identity.sqlite_store import SQLiteStore
 from trackpipe.log.base import Entry
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
+FUZZ = settings(max_examples=examples(100), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 TYPES = ["identify", "track", "page", "screen", "group", "alias"]

@@ -19,6 +19,7 @@ from trackpipe.errors import ConfigError
 
 from delivery.test_consumers_fuzz import FUZZ, message as any_message, value as any_value
 from destinations.sink_mixpanel import MixpanelGroupsMock
+from support import examples
 
 TS = "2026-03-01T12:00:00.250Z"
 TS_MS = 1772366400250
@@ -250,7 +251,7 @@ def test_more_than_2000_group_updates_split_into_requests(mock):
     assert len(mock.group_updates) == 2001
 
 
-@settings(FUZZ, max_examples=30)  # the vendor fuzz test covers the rest of plan()
+@settings(FUZZ, max_examples=examples(30))  # the vendor fuzz test covers the rest of plan()
 @given(st.lists(any_message(), min_size=1, max_size=8),
        st.lists(any_value, min_size=8, max_size=8))
 def test_group_key_translations_take_any_message(messages, group_ids):

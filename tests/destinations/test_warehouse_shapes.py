@@ -17,6 +17,8 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import examples
+
 from destinations.test_warehouse_schema import joined
 from trackpipe.destinations.base import Event
 from trackpipe.destinations.warehouse import layout
@@ -88,7 +90,7 @@ def as_data(p):
             {i: o.detail for i, o in p.failed.items()}, p.schema)
 
 
-@settings(max_examples=150, deadline=None, database=None,
+@settings(max_examples=examples(80), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_shapes_plan_what_the_slow_path_plans(data):

@@ -139,9 +139,9 @@ def test_duplicate_storm(fresh_server):
 
 
 def test_dedup_survives_restart_and_window(fresh_server):
-    """R7: window = 3 s. A repeat inside the window is dropped even across a SIGKILL
+    """R7: window = 6 s. A repeat inside the window is dropped even across a SIGKILL
     (the index is rebuilt from the log); a repeat after the window is a new event."""
-    window = 3.0
+    window = 6.0  # room for a restart on a loaded machine (it once took 2.7 s)
     proc = fresh_server(env={"TRACKPIPE_DEDUP_WINDOW_SECONDS": str(int(window))})
     proc.start()
     mid = _run_id("window")

@@ -28,11 +28,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import examples
+
 PATHS = ["/v1/identify", "/v1/track", "/v1/page", "/v1/screen", "/v1/group", "/v1/alias",
          "/v1/batch", "/v1/i", "/v1/t", "/v1/p", "/v1/s", "/v1/g", "/v1/a", "/v1/b", "/v1/m"]
 TYPES = ["identify", "track", "page", "screen", "group", "alias"]
 
-FUZZ = settings(max_examples=300, deadline=None, database=None,
+FUZZ = settings(max_examples=examples(300), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -278,7 +280,7 @@ def ts_ms(text: str) -> int:
     return (dt - EPOCH) // timedelta(milliseconds=1)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(80))
 @given(original=wire_time(), sent=st.one_of(st.none(), wire_time()),
        field=st.sampled_from(["timestamp", "originalTimestamp"]))
 def test_fuzz_stored_timestamps_canonical(server, client, original, sent, field):
