@@ -49,24 +49,11 @@ class MixpanelGroupsMock(MixpanelMock):
         self.group_updates += updates
         return _received(req)
 
-    def _engage(self, req: Request) -> Answer:
-        """The base mock's checks, with `$union` allowed besides `$set`."""
-        if self.mode == "retryable":
-            return 503, {"status": 0, "error": "service unavailable"}
-        if "gzip" in req.headers.get("content-encoding", ""):
-            return 400, {"status": 0, "error": "gzip is not supported"}
-        updates = _updates(req)
-        if not isinstance(updates, list) or len(updates) > 2000:
-            return 200, {"status": 0, "error": "body must be an array of at most 2000 updates"}
-        for u in updates:
-            if self.mode == "terminal" or not isinstance(u, dict) or u.get("$token") != self.token:
-                return 200, {"status": 0, "error": "Invalid token"}
-            error = _operation_error(u, PROFILE_OPERATIONS)
-            if not isinstance(u.get("$distinct_id"), str) or error:
-                return 200, {"status": 0, "error": error or "$distinct_id is required"}
-        self.profile_updates += updates
-        return 200, {"status": 1, "error": None}
-
+    def _profile_error(self, update: dict) -> str | None:
+        """Engage's checks, with `$union` allowed besides `$set`."""
+        if not isinstance(update.get("$distinct_id"), str):
+            return "$distinct_id is required"
+        return _operation_error(update, PROFILE_OPERATIONS)
 
 def _updates(req: Request):
     if req.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):

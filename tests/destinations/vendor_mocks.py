@@ -187,10 +187,17 @@ class MixpanelMock(MockServer):
         for u in updates:
             if self.mode == "terminal" or u.get("$token") != self.token:
                 return 200, {"status": 0, "error": "Invalid token"}
-            if not isinstance(u.get("$distinct_id"), str) or not isinstance(u.get("$set"), dict):
-                return 200, {"status": 0, "error": "$distinct_id and $set are required"}
+            error = self._profile_error(u)
+            if error:
+                return 200, {"status": 0, "error": error}
         self.profile_updates += updates
         return 200, {"status": 1, "error": None}
+
+    def _profile_error(self, update: dict) -> str | None:
+        if not isinstance(update.get("$distinct_id"), str) or not isinstance(update.get("$set"),
+                                                                            dict):
+            return "$distinct_id and $set are required"
+        return None
 
     def received(self) -> list[str]:
         with self.lock:
