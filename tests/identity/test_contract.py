@@ -180,22 +180,30 @@ def test_a_previous_id_named_as_a_user_id_then_as_an_anonymous_id_in_one_batch(s
     assert sorted(store.profile("u2")["user_ids"]) == ["old-2", "u2"]
 
 
-def test_a_previous_id_never_becomes_a_user_id_that_rule_1_would_have_kept_apart(stores, log):
-    # Had "old" been sent as a userId first, dev's identify as u2 would have been refused.
+def test_a_previous_id_made_a_user_id_is_kept_apart_as_rule_1_would_have(stores, log):
+    # Had "old" been sent as a userId first, dev's identify as u2 would have been refused:
+    # "old" becomes that userId, and the profile is rebuilt without that edge.
     stores().apply([log("alias", anon="dev", previousId="old"), log("identify", "u2", "dev")])
     store = stores()
     store.apply([log("track", "old", event="E")])
-    assert store.profile("u2")["user_ids"] == ["u2"] and store.profile("old")["user_ids"] == ["old"]
+    assert store.profile("u2")["identifiers"] == [{"type": "user_id", "value": "u2"}]
+    profile = store.profile("old")
+    assert profile["user_ids"] == ["old"] and profile["anonymous_ids"] == ["dev"]
+    assert [m["rule"] for m in store.merges("u2") if m["kind"] == "refused"] == [
+        "distinct_user_ids"]
     # the same within one batch, and through a trait identifier
     store.apply([log("alias", anon="dev-2", previousId="old-2"), log("identify", "u3", "dev-2"),
                  log("track", "old-2", event="E")])
     assert store.profile("u3")["user_ids"] == ["u3"]
+    assert store.profile("old-2")["anonymous_ids"] == ["dev-2"]
     store.apply([log("alias", anon="x", previousId="p1"), log("identify", anon="x",
                                                               traits={"email": "e@x.io"}),
                  log("alias", anon="y", previousId="p2"), log("identify", anon="y",
                                                               traits={"email": "e@x.io"}),
                  log("track", "p1", event="E"), log("track", "p2", event="E")])
-    assert store.profile("p1")["user_ids"] == ["p1"]
+    assert store.profile("p1")["user_ids"] == ["p1"] and store.profile("p2")["user_ids"] == ["p2"]
+    assert store.profile("e@x.io")["anonymous_ids"] == ["x"]
+    assert store.profile("p2")["anonymous_ids"] == ["y"]
 
 
 def test_an_alias_without_user_id_joins_previous_id_to_its_anonymous_id(store, log):

@@ -12,10 +12,12 @@ identifier such as `email` (trimmed, lower-cased). Edges come from events:
   usual alias: a visitor's anonymous id to the id they sign up with) until
   an event names it, and the first event naming it as a userId makes it
   that userId, edges and all. So an alias that arrives before the events of
-  the userId it names joins them as it would have after them. Not when its
+  the userId it names joins them as it would have after them. When its
   profile has since gained a userId through an edge that rule 1 below would
-  have refused had it been a userId (a shared anonymousId, a trait): it then
-  stays an anonymousId, and that userId is an identifier of its own;
+  have refused had it been a userId (a shared anonymousId, a trait), the
+  profile is rebuilt (`rebuild`) as if it had been that userId from the
+  start: the edges the rules now refuse are recorded refused, and the
+  profile may split (the store does it, see `Contested`);
 - `trait`: a trait identifier (identify traits / context.traits) to the
   event's userId, or its anonymousId when it has no userId.
 
@@ -47,7 +49,7 @@ refused (`distinct_user_ids`) and u2's events go to u2's own profile.
 
 `rebuild` replays a profile's recorded edges (minus an unmerged one) in their
 original order under the same rules, so an unmerge never leaves a profile
-that the rules would not have built.
+that the rules would not have built; nor does a previousId made a userId.
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ class Profile:
         self.id, self.head, self.nodes, self.users, self.merges = id, head, nodes, users, merges
 
 
+class Contested(Exception):
+    """A previousId-only anonymousId that an event names as a userId, made a userId in place,
+    might join two userIds through an edge rule 1 refuses (see `_contest`): apply() stops
+    before that event, for the store to rebuild the profile with it a userId from the start
+    (repair.retype), and then to apply the rest."""
+
+    def __init__(self, node: Node):
+        super().__init__(node.value)
+        self.node = node
+
+
 class Changes:
     """Everything one apply() writes, in one transaction."""
 
@@ -107,6 +120,9 @@ class Changes:
         self.edges: list[tuple] = []  # (a, b, rule, state, refusal, joined, from, to, pos, mid, ts)
         self.contributions = Contributions()
         self.blocked = 0
+        # Set when apply() stopped at a `Contested` node: it, and the facts not applied.
+        self.contested: Node | None = None
+        self.rest: list[Fact] = []
 
 
 class Graph:
@@ -125,9 +141,10 @@ class Graph:
         self.profiles: dict[str, Profile] = {}
         self.redirect: dict[str, str] = {}  # absorbed profile id -> survivor, for cached nodes
         self.edges: set[tuple[int, int, str]] = set()
-        # Per profile, its previousId-only anonymousIds that may still become userIds
-        # (see `_settle`).
+        # Per profile, its previousId-only anonymousIds not contested yet, and the ids of
+        # the contested ones (see `_contest`).
         self.awaiting: dict[str, list[Node]] = {}
+        self.contested: set[int] = set()
         # (userId, anonymousId) -> the node owning an event that names just these, for
         # pairs whose events change nothing but their timeline rows (see `_settled`).
         self.settled: dict[tuple[str | None, str | None], int] = {}
@@ -178,19 +195,22 @@ class Graph:
     def apply(self, facts: list[Fact]) -> Changes:
         changes = Changes()
         timeline, settled = changes.contributions.timeline, self.settled
-        for fact in facts:
-            position, _, ts, _, count_key, user, anon, previous, trait_ids, traits, group = fact
-            # Most events name only people already known, as they were named before: then
-            # the event's timeline row is all it changes (what _apply would find too).
-            if not (previous or trait_ids or traits or group):
-                owner = settled.get((user, anon))
-                if owner is None:
-                    owner = self._settled(user, anon)
-                if owner is not None:
-                    kind, key = count_key or NO_COUNT
-                    timeline.append((owner, ts, position, kind, key))
-                    continue
-            self._apply(fact, changes)
+        try:
+            for fact in facts:
+                position, _, ts, _, count_key, user, anon, previous, trait_ids, traits, group = fact
+                # Most events name only people already known, as they were named before:
+                # then the event's timeline row is all it changes (what _apply would find).
+                if not (previous or trait_ids or traits or group):
+                    owner = settled.get((user, anon))
+                    if owner is None:
+                        owner = self._settled(user, anon)
+                    if owner is not None:
+                        kind, key = count_key or NO_COUNT
+                        timeline.append((owner, ts, position, kind, key))
+                        continue
+                self._apply(fact, changes)
+        except Contested as stop:  # raised before the fact changed anything
+            changes.contested, changes.rest = stop.node, facts[facts.index(fact):]
         for node in changes.new_nodes:
             self.profile_of(node)
         return changes
@@ -260,24 +280,32 @@ class Graph:
             self.await_user(node)
         return node
 
-    def await_user(self, node: Node) -> None:
-        """`node` is an anonymousId only an alias's previousId named so far."""
+    def await_user(self, node: Node, contested: bool = False) -> None:
+        """`node` is an anonymousId only an alias's previousId named so far; `contested`:
+        made a userId in place, it might join two userIds (see `_contest`)."""
         node.previous_only = True
-        self.awaiting.setdefault(self.profile_of(node), []).append(node)
+        if contested:
+            self.contested.add(node.id)
+        else:
+            self.awaiting.setdefault(self.profile_of(node), []).append(node)
 
     def _as_user(self, value: str, ch: Changes) -> Node | None:
         """The anonymousId `value` made a userId, when only an alias's previousId named it
         (the old userId of someone whose alias came first): its edges are then what they
-        would have been had its events come before the alias."""
+        would have been had its events come before the alias. Raises Contested when that
+        takes a rebuild of its profile."""
         node = self.nodes.get((ANON, value))
         if node is None or not node.previous_only:
             return None
+        if node.id in self.contested:
+            raise Contested(node)
         del self.nodes[(ANON, value)]
         node.kind, node.previous_only = USER, False
         self.nodes[(USER, value)] = node
         profile = self.profiles[self.profile_of(node)]
-        if not profile.users:  # its first userId: the others' paths to it are not known here
-            self._settle(profile, Profile("", 0, 0, 1, 0))
+        # A new userId: the others awaiting here may be joined to it by an edge rule 1 would
+        # refuse between userIds, and their paths to it are not known here.
+        self._contest_all(profile.id)
         profile.users += 1
         ch.retyped.append(node)
         ch.dirty.add(profile.id)
@@ -319,17 +347,23 @@ class Graph:
         ch.edges.append((*key, APPLIED, None, int(joined), None if fresh else younger.id,
                          older.id, f.position, f.message_id, f.ts))
         if rule != "alias":
-            self._settle(older, younger)
+            self._contest(older, younger)
         self._merge(older, younger, joined, ch)
 
-    def _settle(self, a: Profile, b: Profile) -> None:
+    def _contest(self, a: Profile, b: Profile) -> None:
         """An edge that is no alias joins a profile without a userId to one with: had a
         previousId-only anonymousId of the first been a userId, rule 1 would have refused
-        it. So those stay anonymousIds (a userId of their value is someone else)."""
-        if bool(a.users) == bool(b.users):
-            return
-        for node in self.awaiting.pop((b if a.users else a).id, ()):
-            node.previous_only = False
+        it. So naming one as a userId later rebuilds its profile as if it had always been
+        one (`Contested`): a plain retype would join two userIds through this edge."""
+        if bool(a.users) != bool(b.users):
+            self._contest_all((b if a.users else a).id)
+
+    def _contest_all(self, profile_id: str) -> None:
+        """The profile's awaiting anonymousIds are contested: a replay decides for each (one
+        that refuses nothing is a plain retype, so contesting too many is safe)."""
+        for node in self.awaiting.pop(profile_id, ()):
+            if node.previous_only:
+                self.contested.add(node.id)
 
     def _merge(self, older: Profile, younger: Profile, joined: bool, ch: Changes) -> None:
         older.nodes += younger.nodes

@@ -1,4 +1,5 @@
-"""Changing the past: undoing a bad merge, and forgetting a person (privacy delete)."""
+"""Changing the past: undoing a bad merge, a previousId becoming the userId it was
+(graph.py `Contested`), and forgetting a person (privacy delete)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import time
 from collections.abc import Callable
 
-from trackpipe.identity.facts import ANON
+from trackpipe.identity.facts import ANON, USER
 from trackpipe.identity.graph import APPLIED, REFUSED, UNMERGED, Limits, rebuild
 from trackpipe.identity.reads import LEGACY, Rows, lookup, members
 from trackpipe.identity.store import Erasure, Forgotten
@@ -30,6 +31,22 @@ def unmerge(db, limits: Limits, profile_id: str, merge_id: str | int,
                           f"list them with GET /api/v1/profiles/{pid}/merges")
     db.run("UPDATE edges SET state = ?, unmerged_at = ? WHERE id = ?",
            (UNMERGED, int(time.time() * 1000), edge_id))
+    return _replay(db, limits, pid, nodes, new_id)
+
+
+def retype(db, limits: Limits, node: int, new_id: Callable[[], str]) -> list[str]:
+    """Make the anonymousId `node`, which only an alias's previousId named, the userId of its
+    value, and rebuild its profile as if it had been that userId from the start
+    (graph.py `Contested`): the edges the rules now refuse are refused, and the profile
+    may split. Returns the resulting profile ids, the oldest first."""
+    db.run("UPDATE nodes SET kind = ? WHERE id = ?", (USER, node))
+    pid = db.fetch("SELECT profile FROM nodes WHERE id = ?", (node,))[0][0]
+    return _replay(db, limits, pid, members(db, pid), new_id)
+
+
+def _replay(db, limits: Limits, pid: str, nodes, new_id: Callable[[], str]) -> list[str]:
+    """Rebuild profile `pid` of `nodes` from its applied edges (graph.rebuild)."""
+    ids = {n[0] for n in nodes}
     # Sorted here: fetch_in runs one query per chunk of identifiers, each in its own order,
     # and the rules must see the edges in the order they were recorded.
     edges = sorted(db.fetch_in("SELECT id, a, b, rule, joined FROM edges"

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 import msgspec
 
 from trackpipe.identity import reads, repair
-from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Reader
+from trackpipe.identity.facts import ANON, LEAN_TYPES, USER, Fact, Reader
 from trackpipe.identity.graph import Changes, Graph, Limits, Node, Profile, rebuild
 from trackpipe.identity.reads import LEGACY, Rows, members
 from trackpipe.identity.store import (CONSUMER, Erasure, Forgotten, IdentityStore, ReadLog,
@@ -79,6 +79,10 @@ class Db(ABC):
             out.extend(self.fetch(sql.format(marks(len(part))), (*before, *part)))
         return out
 
+
+# Facts applied in the first pass after a batch rebuilt a profile, doubling in each pass
+# after it (see SQLStore._apply).
+AFTER_REBUILD_STEP = 8
 
 class SQLStore(IdentityStore):
     def __init__(self, settings, consumer: str, log: str = LEGACY):
@@ -138,8 +142,38 @@ class SQLStore(IdentityStore):
             return
         graph = self.working_graph()
         # The events of settled pairs come back as their timeline rows: once settled, a
-        # pair stays so (graph.py `_settled`), so the rules would find just that.
+        # pair stays so (graph.py `_settled`), so the rules would find just that. A rebuild
+        # below keeps them right too: a row belongs to a node, and the node stays.
         facts, rows = self.reader.facts(todo, graph.settled)
+        changes = self._apply_facts(graph, facts)
+        changes.contributions.timeline.extend(rows)
+        self._write(graph, changes)
+        pending: list[Fact] = []
+        step = AFTER_REBUILD_STEP
+        while changes.contested is not None or pending:
+            if changes.contested is not None:
+                # A previousId becomes a userId that rule 1 keeps apart from its profile's
+                # userId (graph.py `Contested`): its profile is rebuilt from the rows written
+                # so far, then the working set, now out of date, is read again.
+                repair.retype(self.db, self.limits, changes.contested.id, new_profile_id)
+                self.forget_cache()
+                pending = changes.rest + pending
+                step = AFTER_REBUILD_STEP
+            else:
+                step *= 2
+            # After a rebuild the rest goes a slice at a time, small at first: the next
+            # rebuild then reads again only what one slice names, not the whole rest of the
+            # batch (hundreds of rebuilds in one batch would cost their number times it).
+            part, pending = pending[:step], pending[step:]
+            graph = self.working_graph()
+            changes = self._apply_facts(graph, part)
+            self._write(graph, changes)
+        self.db.run("INSERT INTO positions (consumer, position) VALUES (?, ?) ON CONFLICT "
+                    "(consumer) DO UPDATE SET position = excluded.position",
+                    (self.consumer, todo[-1].position))
+
+    def _apply_facts(self, graph: Graph, facts: list[Fact]) -> Changes:
+        """Load what the facts name into the graph and apply them (graph.apply)."""
         missing = graph.missing(facts)
         # A new userId may be a stored anonymousId only an alias named (graph.py `_as_user`).
         # One the working set holds is not loaded again: its node object (and what it knows,
@@ -150,12 +184,7 @@ class SQLStore(IdentityStore):
         new = sum(1 for key in missing if key not in graph.nodes)  # at most this many nodes
         ids = iter(self.node_ids(new))
         graph.new_node_id = ids.__next__
-        changes = graph.apply(facts)
-        changes.contributions.timeline.extend(rows)
-        self._write(graph, changes)
-        self.db.run("INSERT INTO positions (consumer, position) VALUES (?, ?) ON CONFLICT "
-                    "(consumer) DO UPDATE SET position = excluded.position",
-                    (self.consumer, todo[-1].position))
+        return graph.apply(facts)
 
     def _load(self, graph: Graph, keys: set[tuple[str, str]]) -> None:
         """Bring the nodes named by `keys`, their profiles and their edges into the graph."""
@@ -189,12 +218,13 @@ class SQLStore(IdentityStore):
                 f"SELECT {column} FROM edges WHERE rule <> 'alias' AND {column} IN ({{}})", ids))
         for node in nodes:
             node.previous_only = False
-            if node.id not in seen and self._may_be_user(graph, node):
-                graph.await_user(node)
+            if node.id not in seen:
+                graph.await_user(node, contested=not self._may_be_user(graph, node))
 
     def _may_be_user(self, graph: Graph, node: Node) -> bool:
         """Whether the rules, replayed over the profile's edges (graph.rebuild), refuse no
-        more with `node` a userId than as the anonymousId it is (graph.py `_settle`)."""
+        more with `node` a userId than as the anonymousId it is: else it is contested
+        (graph.py `_contest`)."""
         profile = graph.profiles[graph.profile_of(node)]
         if not profile.users:
             return True
