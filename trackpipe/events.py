@@ -49,7 +49,14 @@ def parse_ts(value) -> int | None:
 
 def format_ts(ms: int) -> str:
     s, milli = divmod(ms, 1000)
-    return f"{_second(s)}.{milli:03d}Z"
+    return _second(s) + _MILLI_Z[milli]
+
+
+# ".000Z" ... ".999Z": a lookup costs a fraction of formatting `milli:03d` anew.
+_MILLI_Z = tuple(f".{milli:03d}Z" for milli in range(1000))
+# "000" ... "999" -> their value: int() of a slice costs several times a lookup, and
+# accepts what a timestamp must not hold (" 12", "1_2", non-ASCII digits).
+_MILLI = {f"{milli:03d}": milli for milli in range(1000)}
 
 
 @lru_cache(maxsize=8192)  # the events of one batch fall in a handful of seconds
@@ -67,26 +74,34 @@ def read_ts(value) -> tuple[int, str] | None:
     one batch, and the requests of one moment, share a handful of seconds), and
     kept as it came (with a Z for +00:00); any other shape is emitted anew.
     """
-    if type(value) is str and _CANONICAL.match(value):
-        base = _second_ms(value[:19])
-        if base is not None:
-            ms = base + int(value[20:23])
-            if ms <= _MAX_MS:
-                return ms, value if len(value) == 24 else value[:23] + "Z"
+    if type(value) is str:
+        n = len(value)
+        # ".mmmZ" or ".mmm+00:00" after the second; _MILLI checks the digits
+        if (n == 24 and value[23] == "Z" or n == 29 and value[23:] == "+00:00") and (
+                value[19] == "."):
+            base = _second_ms(value[:19])
+            milli = _MILLI.get(value[20:23])
+            if base is not None and milli is not None and base + milli <= _MAX_MS:
+                return base + milli, value if n == 24 else value[:23] + "Z"
     ms = parse_ts(value)
     return None if ms is None else (ms, format_ts(ms))
 
 
 @lru_cache(maxsize=8192)
 def _second_ms(text: str) -> int | None:
-    """"YYYY-MM-DDTHH:MM:SS" (UTC) -> ms since the epoch; None if not a valid time."""
+    """"YYYY-MM-DDTHH:MM:SS" (UTC) -> ms since the epoch; None if not a valid time. Its
+    shape is checked here, once per second seen, not on every timestamp of that second."""
+    if not _CANONICAL_SECOND.match(text):
+        return None
     try:
         return (datetime.fromisoformat(text).replace(tzinfo=timezone.utc) - _EPOCH) // _MS
     except (ValueError, OverflowError):
         return None
 
 
+# The shape read_ts reads by slicing (_second_ms checks the part up to the second).
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:Z|\+00:00)\Z", re.ASCII)
+_CANONICAL_SECOND = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z", re.ASCII)
 
 
 def in_range(ms: int) -> bool:
