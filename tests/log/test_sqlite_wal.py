@@ -8,11 +8,13 @@ the WAL then grows by everything appended.
 from __future__ import annotations
 
 import os
+import time
 
 from trackpipe.log import sqlite as sqlite_log
 from trackpipe.log.base import Record
 from trackpipe.log.sqlite import SQLiteLog
 
+APPEND_BYTES_PER_S = 20 * 2**20  # ~1 MB between two checkpoints 50 ms apart
 BODY = b'{"type":"track","event":"Steady","properties":{"pad":"' + b"x" * 2000 + b'"}}'
 
 
@@ -23,15 +25,20 @@ def test_wal_is_reused_while_appends_never_pause(tmp_path, monkeypatch):
 
     def append(total: int) -> int:
         """Back to back, as under load, until `total` bytes are in (by size, not time: a
-        loaded machine appends slower, and the test must still see enough of them)."""
+        loaded machine appends slower, and the test must still see enough of them), at
+        most APPEND_BYTES_PER_S: the WAL's working size is what is appended between two
+        checkpoints, and on a machine with fast fsyncs that outgrew the warm-up."""
         nonlocal n
-        appended = 0
+        appended, started = 0, time.monotonic()
         while appended < total:
             batch = [Record(f"m{n}-{i}", 1, "track", "Steady", "u", None, "src", BODY)
                      for i in range(20)]
             log.append(batch)
             n += 1
             appended += sum(len(r.body) for r in batch)
+            ahead = appended / APPEND_BYTES_PER_S - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
         return appended
 
     try:
