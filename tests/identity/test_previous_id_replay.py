@@ -225,3 +225,48 @@ def test_many_rebuilds_in_one_batch_each_split_off_what_rule_1_refuses(stores):
             f"p{i}")].position
     assert store.stats()["refused"] == n
     assert all(store.profile(f"v{i}-{k}")["identifiers"] for i in range(n) for k in range(i % 4))
+
+
+def name_u8_after_lowering_caps(stores, events, **caps):
+    """Apply `events` (SEED's first) under the default caps, then reopen the store with
+    lower `caps` and apply an event naming u8 as a userId. Returns the reopened store, the
+    entries of `events` and the naming entry."""
+    _, entries = apply(stores, events, ((len(events),), False))
+    store = stores(**caps)  # what it knows of u8 comes from the rows: `_may_be_user` decides
+    log = Log()
+    log.position = entries[-1].position
+    named = log("track", "u8", None, event="E")
+    store.apply([named])
+    return store, entries, named
+
+
+def test_a_previous_id_whose_replay_refuses_other_edges_than_as_it_is_is_rebuilt(stores):
+    # Under max_identifiers 3 the replay as things are refuses a2's edge (u0's profile would
+    # hold 4); with u8 a userId it refuses the identify instead (rule 1), and a2 then fits:
+    # one refusal each, but not the same one. The profile must split as the second says.
+    events = [ALIAS_ANON, IDENTIFY, ("track", "u0", "a2", {"event": "E"})]
+    store, entries, named = name_u8_after_lowering_caps(stores, events,
+                                                        max_identifiers_per_profile=3)
+    assert partition(store, "a1", "u8", "u0", "a2") == {
+        frozenset({("anonymous_id", "a1"), ("user_id", "u8")}),
+        frozenset({("user_id", "u0"), ("anonymous_id", "a2")})}
+    assert refusals(store, "u8", "u0") == [("distinct_user_ids", "user_anonymous",
+                                            entries[1].message_id, ("a1", "u0"))]
+    assert store.stats()["refused"] == 1
+    assert timeline(store, "u8") == [3, entries[0].position, named.position]
+    assert timeline(store, "u0") == [1, entries[1].position, entries[2].position]
+
+
+def test_a_previous_id_whose_replay_refuses_an_edge_for_another_rule_is_rebuilt(stores):
+    # Under max_identifiers 2 both replays refuse the identify, as things are for the cap
+    # and with u8 a userId for rule 1, which no cap explains: kept whole, the profile would
+    # join the userIds u0 and u8 through the anonymousId a1.
+    store, entries, named = name_u8_after_lowering_caps(stores, [ALIAS_ANON, IDENTIFY],
+                                                        max_identifiers_per_profile=2)
+    assert partition(store, "a1", "u8", "u0") == {
+        frozenset({("anonymous_id", "a1"), ("user_id", "u8")}),
+        frozenset({("user_id", "u0")})}
+    assert refusals(store, "u8", "u0") == [("distinct_user_ids", "user_anonymous",
+                                            entries[1].message_id, ("a1", "u0"))]
+    assert timeline(store, "u8") == [3, entries[0].position, named.position]
+    assert timeline(store, "u0") == [1, entries[1].position]

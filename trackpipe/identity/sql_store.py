@@ -224,7 +224,10 @@ class SQLStore(IdentityStore):
     def _may_be_user(self, graph: Graph, node: Node) -> bool:
         """Whether the rules, replayed over the profile's edges (graph.rebuild), refuse no
         more with `node` a userId than as the anonymousId it is: else it is contested
-        (graph.py `_contest`)."""
+        (graph.py `_contest`). Compared edge by edge, not counted: caps lowered since the
+        edges were applied make the replay as it is refuse some too, and the two replays
+        may refuse as many but different edges. And by rule: an edge refused for a cap as
+        it is but for rule 1 with `node` a userId would still join two userIds."""
         profile = graph.profiles[graph.profile_of(node)]
         if not profile.users:
             return True
@@ -234,8 +237,8 @@ class SQLStore(IdentityStore):
             "SELECT id, a, b, rule, joined FROM edges WHERE state = 'applied' AND a IN ({})",
             sorted(ids)) if e[2] in ids)
         as_user = [(n, USER if n == node.id else kind) for n, kind in nodes]
-        return (len(rebuild(self.limits, as_user, edges)[2])
-                <= len(rebuild(self.limits, nodes, edges)[2]))
+        return (set(rebuild(self.limits, as_user, edges)[2])
+                <= set(rebuild(self.limits, nodes, edges)[2]))
 
     def _write(self, graph: Graph, ch: Changes) -> None:
         db = self.db
