@@ -87,7 +87,8 @@ async def test_ordered_batch_cut_short_by_a_crash_is_sent_again(files):
     _, event_log, state = files
     ids = append(event_log, ["a", "b"])
     first = Scripted(retry_ids={ids[0]})
-    w = worker(state, event_log, first, ordered=True, batch_size=10)
+    # Its retry is due in 1-1.5 s: not before the next two steps, even on a loaded machine.
+    w = worker(state, event_log, first, ordered=True, batch_size=10, retry_initial_seconds=1.0)
     await w.step()  # a's event fails retryably: user a is now waiting
     later = append(event_log, ["a", "c", "d"])  # a's next event is held, c and d go
     crashing = Scripted(crash_on_send=1)
@@ -96,7 +97,7 @@ async def test_ordered_batch_cut_short_by_a_crash_is_sent_again(files):
     assert crashing.sends == [[later[1], later[2]]]
 
     after = Scripted()
-    await drain(worker(state, event_log, after, ordered=True, batch_size=10))
+    await drain(worker(state, event_log, after, ordered=True, batch_size=10), steps=200)
     assert after.delivered() == Counter([ids[0], *later]), "nothing lost, nothing twice"
     assert after.sends[0] == [later[1], later[2]], "the cut-short batch goes first, whole"
 
