@@ -28,4 +28,8 @@ else
     echo "npm not found: the Node SDK tests will skip (or fail under TRACKPIPE_REQUIRE_SERVICES=1)" >&2
 fi
 
-exec .venv/bin/python -m pytest "$@"
+# Two workers: most tests wait on a server, a subprocess or a timer, so two halve the
+# wall time even on two cores (TRACKPIPE_TEST_WORKERS=0 runs in one process; a later
+# -n in the arguments wins). A module's tests stay on one worker: its shared server or
+# browser starts once.
+exec .venv/bin/python -m pytest -n "${TRACKPIPE_TEST_WORKERS:-2}" --dist loadscope "$@"
