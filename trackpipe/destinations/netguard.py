@@ -30,6 +30,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 # Non-public space inside 2000::/3 that this Python's registry may not know yet.
 _DOCUMENTATION_V6 = ipaddress.ip_network("3fff::/20")  # RFC 9637 (2024)
+# IETF protocol assignments (RFC 6890), not globally reachable: Python 3.11 before the
+# gh-113171 fix calls all of it global except 192.0.0.0/29 and 192.0.0.170/31.
+_PROTOCOL_ASSIGNMENTS_V4 = ipaddress.ip_network("192.0.0.0/24")
 
 
 class BlockedAddress(httpx.ConnectError):
@@ -76,7 +79,7 @@ def _registry_refusal(ip: IPAddress) -> str | None:
     """What the IANA special-purpose registries, as ipaddress knows them, say."""
     if ip.is_private:
         return "private"
-    if ip.is_reserved or not ip.is_global:
+    if ip.is_reserved or not ip.is_global or ip in _PROTOCOL_ASSIGNMENTS_V4:
         return "non-public (reserved or shared)"
     return None
 
