@@ -70,7 +70,9 @@ class Sink:
         self._deletes: list[dict] = []
         self._errors: list[str] = []
         self._server = _Server(("127.0.0.1", 0), _handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Polled every 50 ms, not 0.5 s: close() waits for the next poll.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     @property
@@ -197,7 +199,9 @@ class Recorder:
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _recording_handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Polled every 50 ms, not 0.5 s: close() waits for the next poll.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     @property

@@ -31,7 +31,9 @@ class TimedSink(Sink):
         self._thread.join(5)
         self.arrivals: list[tuple[float, str]] = []  # (time.time() on arrival, messageId)
         self._server = _Server(("127.0.0.1", free_port()), _handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Polled every 50 ms, not 0.5 s: close() waits for the next poll.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     def handle(self, headers, body: bytes):
