@@ -12,6 +12,7 @@ import re
 import socket
 import tomllib
 
+import httpx
 import msgspec
 import pytest
 
@@ -22,7 +23,7 @@ from trackpipe.destinations import destination_class
 from trackpipe.destinations import webhook as webhook_module
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event
 from trackpipe.destinations.build import build_destination, masked
-from trackpipe.destinations.webhook import Webhook, WebhookSettings
+from trackpipe.destinations.webhook import _keeps_custom_headers, Webhook, WebhookSettings
 
 PUBLIC = "8.8.8.8"
 
@@ -279,6 +280,47 @@ def test_redirect_to_another_host_drops_custom_headers(recorder):
     assert first["headers"]["authorization"] == "Bearer t0k3n"
     assert "authorization" not in second["headers"]
     assert verify(secret, second["headers"], second["body"])
+
+
+def test_a_redirect_to_another_port_of_the_same_host_drops_custom_headers(recorder):
+    other = Recorder()
+    try:
+        recorder.script = [(307, {"Location": other.url("/elsewhere", host="hooks.example.test")},
+                            b"")]
+        [outcome] = run(recorder.url(host="hooks.example.test"), [events("m1")],
+                        headers={"Authorization": "Bearer t0k3n"},
+                        resolver=fake_dns({"hooks.example.test": [PUBLIC]}),
+                        dialer=Redial({PUBLIC: "127.0.0.1"}), allow_private_targets=False)
+        assert outcome == DELIVERED
+        assert recorder.requests[0]["headers"]["authorization"] == "Bearer t0k3n"
+        [moved] = other.requests
+        assert moved["path"] == "/elsewhere" and "authorization" not in moved["headers"]
+    finally:
+        other.close()
+
+
+def test_a_redirect_within_the_origin_keeps_custom_headers(recorder):
+    recorder.script = [(308, {"Location": "/moved"}, b"")]
+    [outcome] = run(recorder.url(), [events("m1")], headers={"Authorization": "Bearer t0k3n"})
+    assert outcome == DELIVERED
+    assert [r["headers"].get("authorization") for r in recorder.requests] == [
+        "Bearer t0k3n", "Bearer t0k3n"]
+
+
+@pytest.mark.parametrize("origin, target, kept", [
+    ("https://h.test/a", "https://h.test/b", True),
+    ("https://h.test/a", "https://h.test:443/b", True),  # the default port, spelled out
+    ("http://h.test/a", "https://h.test/b", True),  # the upgrade httpx keeps Authorization on
+    ("https://h.test:8443/a", "https://h.test:8443/b", True),
+    ("https://h.test/a", "https://h.test:8443/b", False),  # another port: another service
+    ("http://h.test:8080/a", "https://h.test/b", False),
+    ("http://h.test/a", "https://h.test:8443/b", False),
+    ("https://h.test/a", "http://h.test/b", False),  # a downgrade
+    ("https://h.test/a", "https://other.test/b", False),
+    ("https://h.test/a", "https://sub.h.test/b", False),
+])
+def test_which_redirects_keep_custom_headers(origin, target, kept):
+    assert _keeps_custom_headers(httpx.URL(origin), httpx.URL(target)) is kept
 
 
 def test_private_target_is_refused_at_send_time(recorder):

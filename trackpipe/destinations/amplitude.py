@@ -34,7 +34,7 @@ from trackpipe.destinations.base import DestinationError, Event, Outcome, classi
 from trackpipe.destinations.base import event_time, excerpt, fail, parse_retry_after, retry
 from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, odd_field
 from trackpipe.destinations.forward import unknown_type, worst
-from trackpipe.destinations.httpclient import HttpDestination
+from trackpipe.destinations.httpclient import HttpDestination, error_outcome
 
 MAX_EVENTS = 2000           # per request, after which Amplitude answers 413
 MAX_BYTES = 1000 * 1000     # "keep request sizes under 1 MB"
@@ -124,7 +124,7 @@ class Amplitude(HttpDestination):
                                         headers={"content-type": "application/json",
                                                  "user-agent": "trackpipe"})
         except httpx.HTTPError as exc:
-            return [retry(None, f"cannot reach {self._url}: {exc!r}")] * len(encoded)
+            return [error_outcome(exc, self._url)] * len(encoded)
         if r.status_code == 413 and len(encoded) > 1:
             half = len(encoded) // 2
             return await self._post(encoded[:half]) + await self._post(encoded[half:])

@@ -25,8 +25,8 @@ import httpx
 import msgspec
 
 from trackpipe.destinations.base import DELIVERED, DestinationError, Event, Outcome
-from trackpipe.destinations.base import basic_authorization, classify_http, fail, retry
-from trackpipe.destinations.httpclient import HttpDestination
+from trackpipe.destinations.base import basic_authorization, classify_http, fail
+from trackpipe.destinations.httpclient import HttpDestination, error_outcome
 from trackpipe.events import TYPES, format_ts
 
 MAX_EVENT_BYTES = 32 * 1024     # Segment's and Customer.io's per-event limit
@@ -115,7 +115,7 @@ class SegmentForward(HttpDestination):
         try:
             r = await self._client.post(self._url, content=body, headers=self._headers)
         except httpx.HTTPError as exc:
-            return retry(None, f"cannot reach {self._url}: {exc!r}")
+            return error_outcome(exc, self._url)
         return classify_http(r.status_code, r.content, r.headers)
 
 

@@ -34,14 +34,16 @@ def new_client(*, allow_private: bool = False, timeout: float = 10.0,
                              headers={"user-agent": USER_AGENT})
 
 
-def error_outcome(exc: Exception) -> Outcome:
-    """What a request that raised means for delivery: an SSRF refusal or a bad URL stays
-    failed; connection problems and timeouts are worth retrying."""
+def error_outcome(exc: Exception, url: object = None) -> Outcome:
+    """What a request (to `url`, named in the detail when given) that raised means for
+    delivery: an SSRF refusal or a bad URL stays failed, as no retry can change it;
+    connection problems and timeouts are worth retrying."""
+    where = "" if url is None else f"cannot reach {url}: "
     if isinstance(exc, (BlockedAddress, httpx.InvalidURL, httpx.UnsupportedProtocol)):
-        return fail(None, str(exc))
+        return fail(None, f"{where}{exc}")
     if isinstance(exc, httpx.TimeoutException):
-        return retry(None, f"timed out ({type(exc).__name__}): {exc}")
-    return retry(None, f"{type(exc).__name__}: {exc}")
+        return retry(None, f"{where}timed out ({type(exc).__name__}): {exc}")
+    return retry(None, f"{where}{type(exc).__name__}: {exc}")
 
 
 async def read_capped(response: httpx.Response, cap: int = RESPONSE_CAP) -> bytes:

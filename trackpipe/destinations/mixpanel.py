@@ -39,7 +39,7 @@ from trackpipe.destinations.base import basic_authorization
 from trackpipe.destinations.base import classify_http, event_time, excerpt, fail, retry
 from trackpipe.destinations.forward import check_api_url, chunk_by_size, event_name, odd_field
 from trackpipe.destinations.forward import unknown_type, worst
-from trackpipe.destinations.httpclient import HttpDestination
+from trackpipe.destinations.httpclient import HttpDestination, error_outcome
 
 IMPORT_MAX_EVENTS = 2000
 IMPORT_MAX_BYTES = 2 * 1000 * 1000  # Mixpanel's docs have said 2 MB and 10 MB: keep the lower
@@ -188,7 +188,7 @@ class Mixpanel(HttpDestination):
             r = await self._client.post(self._import_url, params=self._import_params,
                                         content=body, headers=headers, auth=self._auth)
         except httpx.HTTPError as exc:
-            return [retry(None, f"cannot reach {self._import_url}: {exc!r}")] * len(encoded)
+            return [error_outcome(exc, self._import_url)] * len(encoded)
         if r.status_code == 400:
             rejected = failed_records(r.content)
             if rejected:  # Mixpanel kept the others (strict=1 is a partial success)
@@ -212,7 +212,7 @@ class Mixpanel(HttpDestination):
                                         headers={"content-type": "application/json",
                                                  "user-agent": "trackpipe"})
         except httpx.HTTPError as exc:
-            return retry(None, f"cannot reach {url}: {exc!r}")
+            return error_outcome(exc, url)
         if r.status_code != 200:
             return classify_http(r.status_code, r.content, r.headers)
         try:  # they answer 200 even when they reject the data; the body tells

@@ -217,8 +217,7 @@ class Webhook(Destination):
             target = url.join(location)
             if target.scheme not in ("http", "https"):
                 return fail(response.status_code, f"redirected to {target}, which is not http(s)")
-            if target.host != url.host or (url.scheme, target.scheme) == ("https", "http"):
-                # custom headers often hold tokens: they stay with the host they were set for
+            if not _keeps_custom_headers(url, target):
                 headers = self.headers(webhook_id, body, custom=False)
             url = target
         return fail(response.status_code, f"more than {MAX_REDIRECTS} redirects; last to {url}."
@@ -235,6 +234,18 @@ class Webhook(Destination):
             headers["x-signature"] = hmac.new(self.settings.segment_shared_secret.encode(), body,
                                               hashlib.sha1).hexdigest()
         return headers
+
+
+def _keeps_custom_headers(origin: httpx.URL, target: httpx.URL) -> bool:
+    """Custom headers often hold tokens: they follow a redirect within their origin
+    (scheme, host and port; another port can be another service), or from http to https
+    on the same host at the default ports, as httpx keeps Authorization."""
+    if target.host != origin.host:
+        return False
+    if target.scheme == origin.scheme:
+        return target.port == origin.port  # None for the scheme's default port
+    return (origin.scheme, target.scheme) == ("http", "https") and (
+        origin.port is None and target.port is None)
 
 
 def sign(keys: Sequence[bytes], webhook_id: str, timestamp: str, body: bytes) -> str:
