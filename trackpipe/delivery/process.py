@@ -37,6 +37,7 @@ from trackpipe.destinations.build import build_destination
 from trackpipe.gc_tuning import tune_gc
 from trackpipe.log import retention
 from trackpipe.log.sqlite import SQLiteLog
+from trackpipe.logs import setup_logging
 from trackpipe.pipeline.dedupe import MessageLookup
 from trackpipe.privacy.erase import process_requests
 from trackpipe.privacy.suppress import Suppressions, Watch
@@ -489,7 +490,7 @@ async def run(settings: config.Settings) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=config.Settings)
     # Before any thread starts (Linux keeps a nice value per thread; new ones inherit it).
     # Clients wait for the collector's answer, and an SDK whose queue fills while it
