@@ -89,6 +89,32 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path, key, text):
     assert str(path) in str(exc.value)
 
 
+@pytest.mark.parametrize("text, listed, section", [
+    ("[server]\nprot = 8081\n", "Valid keys in [server] are host, port,", "server"),
+    ("[limits]\nmax_event_bytez = 10\n", "Valid keys in [limits] are", "limits"),
+    ("prot = 8081\n", "Valid top-level keys are data_dir, admin_token, server,", None),
+])
+def test_an_unknown_key_lists_the_keys_valid_where_it_is(tmp_path, text, listed, section):
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(tmp_path, text), env={})
+    assert listed in str(exc.value)
+    if section:
+        fields = config._SECTIONS[section].__struct_fields__
+        assert ", ".join(fields) in str(exc.value)
+        assert "Valid top-level keys" not in str(exc.value)
+
+
+def test_a_list_kept_beside_its_tables_says_which_line_to_delete(tmp_path):
+    # The README's example sets `destinations = []`; adding [[destinations]] below it
+    # is a TOML error whose own text ("Cannot mutate immutable namespace") says little.
+    path = write(tmp_path, readme_config_block() + "\n[[destinations]]\nname = 'f'\n"
+                                                   "type = 'file'\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load(path, env={})
+    assert "not valid TOML" in str(exc.value)
+    assert "delete the `destinations = ...` line to use the tables" in str(exc.value)
+
+
 def test_wrong_type_missing_file_and_bad_toml_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="port"):
         config.load(write(tmp_path, "[server]\nport = 'eighty'\n"), env={})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -256,7 +257,8 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"Config file {path} cannot be read: {exc}.") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.{_toml_hint(exc)}"
+                              ) from None
         except RecursionError:  # tomllib recurses once per level of nested tables and arrays
             raise ConfigError(f"Invalid configuration in {path}: inline tables or arrays"
                               " nest too deeply to be read; no setting needs more than a few"
@@ -266,11 +268,30 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(
-            f"Invalid configuration{where}: {exc}. "
-            f"Valid top-level keys are {', '.join(_TOP_LEVEL_KEYS)};"
-            " see README.md#configuration."
-        ) from None
+        raise ConfigError(f"Invalid configuration{where}: {exc}. {_valid_keys(str(exc))};"
+                          " see README.md#configuration.") from None
+
+
+def _valid_keys(error: str) -> str:
+    """The keys valid where msgspec found the problem: a section's own for a key in it
+    (`prot` in [server] gets [server]'s keys), else the top level's."""
+    found = re.search(r"at `\$\.(\w+)", error)
+    section = found.group(1) if found else None
+    if section in _SECTIONS:
+        return (f"Valid keys in [{section}] are"
+                f" {', '.join(_SECTIONS[section].__struct_fields__)}")
+    return f"Valid top-level keys are {', '.join(_TOP_LEVEL_KEYS)}"
+
+
+def _toml_hint(exc: tomllib.TOMLDecodeError) -> str:
+    """What to do about the TOML error the README's example invites: a key kept as
+    `destinations = []` while [[destinations]] tables are added below it."""
+    found = re.match(r"Cannot mutate immutable namespace \(((?:'[^']*',? ?)+)\)", str(exc))
+    if not found:
+        return ""
+    key = ".".join(re.findall(r"'([^']*)'", found.group(1)))
+    return (f" `{key}` is given twice, as `{key} = ...` and as [{key}] or [[{key}]] tables:"
+            f" keep one (delete the `{key} = ...` line to use the tables).")
 
 
 def _apply_env(raw: dict, env) -> None:
