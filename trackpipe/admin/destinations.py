@@ -21,7 +21,10 @@ def destination_summary(pipeline, cfg) -> dict:
     """What `GET /api/v1/destinations` and `trackpipe destinations` show for one destination."""
     s = pipeline.deliveries.summary(cfg.name)
     head = pipeline.log.head()
-    backlog = max(0, head - s["cursor"]) if cfg.enabled else 0
+    # One that never ran starts at the head when it does (it gets what is stored from then
+    # on): nothing stored before is waiting for it.
+    started = s["cursor"] is not None
+    backlog = max(0, head - s["cursor"]) if cfg.enabled and started else 0
     oldest = s["oldest_retrying_received_at"]
     if backlog:
         nxt = pipeline.log.read(s["cursor"], 1)
@@ -32,7 +35,7 @@ def destination_summary(pipeline, cfg) -> dict:
     skipped = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("skipped:")}
     err = s["last_error"]
     return {
-        "name": cfg.name, "type": cfg.type, "enabled": cfg.enabled,
+        "name": cfg.name, "type": cfg.type, "enabled": cfg.enabled, "started": started,
         "delivered": counters.get("delivered", 0),
         "pending": backlog + s["retrying"],
         "retrying": s["retrying"],

@@ -864,8 +864,10 @@ class DeliveryState:
                          (destination,)).fetchone()
         stop = db.execute("SELECT at, detail FROM stops WHERE destination = ?",
                           (destination,)).fetchone()
+        cursor = db.execute("SELECT position FROM cursors WHERE destination = ?",
+                            (destination,)).fetchone()
         return {
-            "cursor": self.cursor(destination),
+            "cursor": None if cursor is None else cursor[0],  # None: it never started
             "counters": counters,
             "retrying": retrying,
             "oldest_retrying_received_at": oldest,
