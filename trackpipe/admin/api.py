@@ -55,7 +55,10 @@ class AdminAPI:
 
     def _guard(self, handler):
         async def guarded(request: Request) -> Response:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            # Exactly one: with several, which one counts would be up to each server on the
+            # way (a proxy in front may have checked another).
+            given = request.headers.getlist("authorization")
+            scheme, _, token = (given[0] if len(given) == 1 else "").partition(" ")
             stored = self.p.admin_token_hash
             if scheme.lower() != "bearer" or not stored or not token_matches(token.strip(), stored):
                 return error(401, "unauthorized", "The admin API needs `Authorization: Bearer "

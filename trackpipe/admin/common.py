@@ -67,7 +67,7 @@ async def json_body(request: Request, example: str) -> dict | Response:
         chunks.append(chunk)
     try:
         body = msgspec.json.decode(b"".join(chunks) or b"{}")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past msgspec's depth limit
         body = None
     if not isinstance(body, dict):
         return error(400, "invalid_json", f"The body must be a JSON object, e.g. {example}.")
