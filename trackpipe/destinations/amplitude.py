@@ -251,7 +251,7 @@ def rejected_events(body: bytes) -> dict[int, str]:
     events_with_missing_fields / silenced_events; empty when it names none."""
     try:
         answer = _dict(msgspec.json.decode(body))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past the decoder
         return {}
     rejected: dict[int, str] = {}
     for key, reason in (("events_with_invalid_fields", "invalid"),

@@ -217,7 +217,7 @@ class Mixpanel(HttpDestination):
             return classify_http(r.status_code, r.content, r.headers)
         try:  # they answer 200 even when they reject the data; the body tells
             answer = msgspec.json.decode(r.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested past the decoder
             return retry(200, f"{api} answered 200 with an unreadable body: {excerpt(r.content)}")
         if isinstance(answer, dict) and answer.get("status") == 1:
             return DELIVERED
@@ -381,7 +381,7 @@ def failed_records(body: bytes) -> dict[int, str]:
     """index → reason, from a strict import's 400 answer; empty when it names none."""
     try:
         answer = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past the decoder
         return {}
     rejected: dict[int, str] = {}
     for record in _list(_dict(answer).get("failed_records")):
