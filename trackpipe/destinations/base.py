@@ -174,6 +174,39 @@ def secret_values(settings: msgspec.Struct, fields: Iterable[str]) -> set[str]:
     return found
 
 
+URL_SCHEMES = ("http://", "https://")
+
+
+def url_credentials(url: str) -> list[str]:
+    """The parts of a URL that are credentials: the password of a `user:password@`, and
+    each query value (tokens travel as `?token=...`). The host and path stay readable."""
+    parts = urllib.parse.urlsplit(url)
+    found = [v for _, v in urllib.parse.parse_qsl(parts.query)]
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(urllib.parse.unquote(userinfo.partition(":")[2]))
+    return [v for v in found if v]
+
+
+def settings_url_credentials(settings: msgspec.Struct) -> set[str]:
+    """Credentials inside any of the settings' URLs (a webhook's url, an api_url)."""
+    return {secret for value in msgspec.structs.asdict(settings).values()
+            if isinstance(value, str) and value.startswith(URL_SCHEMES)
+            for secret in url_credentials(value)}
+
+
+def mask_url(url: str, mask: str) -> str:
+    """`url` with its credentials (url_credentials) replaced by `mask`."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{mask}@{hostport}"
+    query = "&".join(f"{key.partition('=')[0]}={mask}" if "=" in key else key
+                     for key in parts.query.split("&")) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def secret_forms(secret: str) -> set[str]:
     """The secret as it is and as a tool may echo it: JSON-quoted (also with "\\/", as PHP
     writes it), URL-encoded, and an Authorization value's credentials without their scheme
@@ -263,7 +296,8 @@ class Destination(ABC):
 
     @cached_property
     def _secrets(self) -> frozenset[str]:
-        sent = secret_values(self.settings, self.secret_fields) | set(self.sent_secrets())
+        sent = (secret_values(self.settings, self.secret_fields) | set(self.sent_secrets())
+                | settings_url_credentials(self.settings))
         return frozenset(form for secret in sent for form in secret_forms(secret))
 
     def sent_secrets(self) -> Iterable[str]:

@@ -6,7 +6,7 @@ import msgspec
 
 from trackpipe import config
 from trackpipe.destinations import destination_class
-from trackpipe.destinations.base import Destination
+from trackpipe.destinations.base import URL_SCHEMES, Destination, mask_url
 from trackpipe.errors import ConfigError
 
 MASK = "********"
@@ -37,9 +37,11 @@ def validate(settings: config.Settings) -> None:
 
 
 def masked(cfg: config.Destination) -> dict:
-    """The destination's settings with every secret replaced, for the API and the CLI."""
+    """The destination's settings with every secret replaced, for the API and the CLI; a
+    URL keeps its host and path, not the credentials in it (base.url_credentials)."""
     secret = set(_class(cfg).secret_fields)
-    return {k: (MASK if k in secret and v not in ("", None, {}) else v)
+    return {k: (MASK if k in secret and v not in ("", None, {}) else
+                mask_url(v, MASK) if isinstance(v, str) and v.startswith(URL_SCHEMES) else v)
             for k, v in cfg.settings.items()}
 
 
