@@ -969,3 +969,152 @@ def test_serve_first_start_says_to_export_the_admin_token_not_pass_it_as_a_flag(
     hint = out[token_line + 1]
     assert "export TRACKPIPE_ADMIN_TOKEN=" in hint, out
     assert "tpa_" not in hint  # the token itself is still printed only once
+
+
+# -- what a new user walking through the README ran into --------------------------------
+
+
+def data_dir_with_a_log(tmp_path):
+    """A data dir a server has run in (it holds the log), with no destination's state."""
+    from trackpipe.log.sqlite import SQLiteLog
+
+    data = tmp_path / "data"
+    data.mkdir()
+    SQLiteLog(data / "log.db").close()
+    return data
+
+
+def test_destinations_check_and_replay_without_config_say_to_pass_the_servers(tmp_path):
+    """Without --config they said "No destinations configured" or "config ok: 0
+    destination(s)" and exited 0, while the server ran with destinations."""
+    data = str(data_dir_with_a_log(tmp_path))
+    for args in (("destinations",), ("destinations", "--json"), ("check",),
+                 ("replay", "--destination", "hook")):
+        r = cli(*args, "--data-dir", data)
+        assert r.returncode == 2, (args, r.stdout + r.stderr)
+        assert r.stdout == "", (args, r.stdout)
+        assert "No --config was given" in r.stderr, (args, r.stderr)
+        assert "--config FILE" in r.stderr and "the server runs with" in r.stderr, r.stderr
+        assert "TRACKPIPE_*" in r.stderr, r.stderr  # they cannot name destinations
+        assert "none configured" not in r.stderr and "Traceback" not in r.stderr
+
+    # With a config file, what they said before stands.
+    empty = write_config(tmp_path / "empty.toml")
+    r = cli("destinations", "--config", str(empty), "--data-dir", data)
+    assert r.returncode == 0 and r.stdout.strip() == ("No destinations configured; add"
+                                                      " [[destinations]] tables to the config"
+                                                      " file."), r.stdout + r.stderr
+    r = cli("check", "--config", str(empty), "--data-dir", data)
+    assert r.returncode == 0 and r.stdout == "config ok: 0 destination(s)\n", r.stdout + r.stderr
+    archive = write_config(tmp_path / "archive.toml", [
+        {"name": "archive", "type": "file", "settings": {"directory": str(tmp_path / "out")}}])
+    r = cli("replay", "--destination", "hook", "--config", str(archive), "--data-dir", data)
+    assert r.returncode == 2 and "No destination is named 'hook' (known: archive)." in r.stderr
+
+
+def test_replay_echoes_an_empty_range_as_given(tmp_path):
+    """It said "`since` (1796688000000) must be before `until` (1796601600000, exclusive)"."""
+    data = str(data_dir_with_a_log(tmp_path))
+    config = write_config(tmp_path / "trackpipe.toml", [
+        {"name": "archive", "type": "file", "settings": {"directory": str(tmp_path / "out")}}])
+    r = cli("replay", "--config", str(config), "--data-dir", data, "--destination", "archive",
+            "--since", "2026-12-08T00:00:00Z", "--until", "2026-12-07T00:00:00Z")
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert ("`since` (2026-12-08T00:00:00Z) must be before `until` (2026-12-07T00:00:00Z,"
+            " exclusive): the range holds no event.") in r.stderr, r.stderr
+    assert "1796688000000" not in r.stderr
+
+
+def test_destinations_and_replay_on_a_missing_data_dir_say_what_sources_says(tmp_path):
+    """They said only "... holds no trackpipe log; pass --data-dir."."""
+    config = write_config(tmp_path / "trackpipe.toml", [
+        {"name": "archive", "type": "file", "settings": {"directory": str(tmp_path / "out")}}])
+    typo = tmp_path / "trackpipe-dta"
+    for args in (("destinations",), ("replay", "--destination", "archive", "--failed-only"),
+                 ("sources", "list")):
+        r = cli(*args, "--config", str(config), "--data-dir", str(typo))
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout + r.stderr)
+        assert r.stderr == (f"trackpipe: There is no trackpipe data dir at {typo}: pass the"
+                            " --data-dir the server uses (`trackpipe serve` prints it at"
+                            " start).\n"), (args, r.stderr)
+        assert not typo.exists()
+
+
+def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+                env=clean_env(TRACKPIPE_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "Address already in use" in r.stderr and "--port" in r.stderr, r.stderr
+    assert "[server] port" in r.stderr and "config file" in r.stderr, r.stderr
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """The options and arguments of an argparse --help page, each with its description."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if re.match(r"^  \S", line):  # "  --limit LIMIT   text" or "  name" alone
+            invocation, _, description = line.strip().partition("  ")
+            current = invocation.split()[0].rstrip(",")  # "--follow, -f": "--follow"
+            entries[current] = description.strip()
+        elif current and re.match(r"^ {4,}\S", line):  # the description's next lines
+            entries[current] = (entries[current] + " " + line.strip()).strip()
+        else:
+            current = None
+    return entries
+
+
+def subcommands(*parents: str) -> list[str]:
+    """The subcommand names in the {a,b,c} line of `trackpipe PARENTS --help`."""
+    text = cli(*parents, "--help").stdout
+    return re.search(r"\{([a-z,]+)\}", text).group(1).split(",")
+
+
+def test_every_option_of_every_subcommand_has_a_description():
+    commands = []
+    for name in subcommands():
+        commands += ([(name, action) for action in subcommands(name)] if name == "sources"
+                     else [(name,)])
+    assert ("events",) in commands and ("sources", "add") in commands, commands
+    bare = {}
+    for command in commands:
+        r = cli(*command, "--help")
+        assert r.returncode == 0, (command, r.stderr)
+        entries = help_entries(r.stdout)
+        assert "-h" in entries or "--help" in entries, (command, r.stdout)
+        missing = [option for option, text in entries.items() if not text]
+        if missing:
+            bare[" ".join(command)] = missing
+    assert not bare, f"options without a description: {bare}"
+
+
+def test_events_help_says_the_order_and_the_default_limit_and_keeps_the_token_secret():
+    token = f"tpa_secret_{uuid.uuid4().hex}"
+    r = cli("events", "--help", env=clean_env(TRACKPIPE_ADMIN_TOKEN=token))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "oldest first" in text and "default 20" in text, text
+    assert "TRACKPIPE_ADMIN_TOKEN" in text and token not in r.stdout
+
+
+def test_replay_help_says_that_without_a_range_it_resends_the_whole_log():
+    r = cli("replay", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "neither --since/--until nor --failed-only" in text, text
+    assert "every event in the log" in text, text
+
+
+def test_a_missing_admin_token_says_where_the_token_comes_from(server):
+    for args in (("events",), ("profile", "someone"), ("privacy", "suppress", "someone")):
+        r = cli(*args, "--url", server.url)
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout + r.stderr)
+        assert r.stderr.startswith("trackpipe: pass --admin-token or set TRACKPIPE_ADMIN_TOKEN"),\
+            r.stderr
+        assert "printed once by the first `trackpipe serve`" in r.stderr, r.stderr
+        assert "admin_token" in r.stderr and r.stderr.count("\n") == 1, r.stderr

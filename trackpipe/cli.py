@@ -22,47 +22,36 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the collector")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=_port)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or [server]"
+                                      " host in the config file)")
+    serve.add_argument("--port", type=_port, help="TCP port to listen on (default 8080, or"
+                                                  " [server] port in the config file)")
     _data_dir_arg(serve)
-    serve.add_argument("--config", help="TOML settings file")
+    serve.add_argument("--config", help="TOML settings file (default: none; the built-in"
+                                        " defaults and TRACKPIPE_* variables apply)")
 
     sources = sub.add_parser("sources", help="register, list, disable and enable sources"
                              " (write keys)")
     ssub = sources.add_subparsers(dest="action", required=True)
     add = ssub.add_parser("add", help="register a source and print its write key")
-    add.add_argument("name")
-    add.add_argument("--write-key")
-    add.add_argument("--strict", action="store_true", help="reject requests with invalid events")
+    add.add_argument("name", help="the new source's name (unique)")
+    add.add_argument("--write-key", help="the write key to accept (default: a random one)")
+    add.add_argument("--strict", action="store_true", help="reject requests with invalid events"
+                                                           " (default: store the valid ones)")
     _data_dir_arg(add)
-    add.add_argument("--config")
+    _sources_config_arg(add)
     ls = ssub.add_parser("list", help="list sources")
     _data_dir_arg(ls)
-    ls.add_argument("--config")
+    _sources_config_arg(ls)
     for action, what in (("disable", "refuse its write key (401), e.g. a leaked one"),
                          ("enable", "accept its write key again")):
         toggle = ssub.add_parser(action, help=f"{action} a source: {what}")
-        toggle.add_argument("name")
+        toggle.add_argument("name", help="the source's name (`trackpipe sources list`)")
         _data_dir_arg(toggle)
-        toggle.add_argument("--config")
+        _sources_config_arg(toggle)
 
-    send = sub.add_parser("send", help="send a test track call over HTTP")
-    send.add_argument("--write-key", required=True)
-    send.add_argument("--url", default="http://127.0.0.1:8080")
-    send.add_argument("--event", default="Test Event")
-    send.add_argument("--user-id", default="test-user")
-    send.add_argument("--properties", default="{}", help="JSON object")
-
-    events = sub.add_parser("events", help="print stored events")
-    events.add_argument("--url", default="http://127.0.0.1:8080")
-    events.add_argument("--admin-token", default=os.environ.get("TRACKPIPE_ADMIN_TOKEN"))
-    events.add_argument("--follow", "-f", action="store_true")
-    events.add_argument("--json", action="store_true", help="NDJSON, one message per line")
-    events.add_argument("--limit", type=int, default=20)
-    events.add_argument("--type")
-    events.add_argument("--event")
-    events.add_argument("--user-id")
-
+    _add_send_parser(sub)
+    _add_events_parser(sub)
     from trackpipe.commands import delivery, people
     delivery.add_parsers(sub, _data_dir_arg)
     people.add_parsers(sub)
@@ -89,6 +78,41 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def _add_send_parser(sub) -> None:
+    send = sub.add_parser("send", help="send a test track call over HTTP")
+    send.add_argument("--write-key", required=True,
+                      help="a source's write key (`trackpipe sources list`); required")
+    send.add_argument("--url", default="http://127.0.0.1:8080",
+                      help="the running server's URL (default %(default)s)")
+    send.add_argument("--event", default="Test Event",
+                      help="the track event's name (default '%(default)s')")
+    send.add_argument("--user-id", default="test-user",
+                      help="the event's userId (default %(default)s)")
+    send.add_argument("--properties", default="{}",
+                      help="the event's properties, a JSON object (default %(default)s)")
+
+
+def _add_events_parser(sub) -> None:
+    from trackpipe.commands import admin_api
+
+    events = sub.add_parser("events", help="print stored events",
+                            description="Print the newest stored events that match the"
+                                        " filters, oldest first, from a running server.")
+    admin_api.add_server_args(events)
+    events.add_argument("--follow", "-f", action="store_true",
+                        help="after the listing, print new matching events as they are stored,"
+                             " until interrupted")
+    events.add_argument("--json", action="store_true",
+                        help="NDJSON, one message per line (default: a table)")
+    events.add_argument("--limit", type=int, default=20,
+                        help="how many of the newest matching events to list, shown oldest"
+                             " first (default %(default)s)")
+    events.add_argument("--type", help="only messages of this type (track, identify, page,"
+                                       " screen, group, alias)")
+    events.add_argument("--event", help="only track events of this name")
+    events.add_argument("--user-id", help="only messages with this userId")
+
+
 def _dispatch(args) -> int:
     from trackpipe.commands import delivery, people
 
@@ -96,6 +120,8 @@ def _dispatch(args) -> int:
         settings = _settings(args)
         if args.command != "check":  # the only one of them that leaves the data dir alone
             _open_data_dir(settings.data_path)
+            if not (settings.data_path / "log.db").exists():  # nothing to list or replay
+                raise _no_data_dir(settings.data_path)
         return delivery.run(args, settings)
     if args.command in ("profile", "privacy"):
         return people.run(args)
@@ -115,7 +141,14 @@ def _port(text: str) -> int:
 
 
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="where trackpipe keeps its data (default ./trackpipe-data)")
+    p.add_argument("--data-dir", help="where trackpipe keeps its data (default:"
+                                      " TRACKPIPE_DATA_DIR, else the config file's data_dir,"
+                                      " else ./trackpipe-data)")
+
+
+def _sources_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML settings file; only its data_dir is used here"
+                                    " (default: none)")
 
 
 def _settings(args) -> config.Settings:
@@ -127,6 +160,12 @@ def _settings(args) -> config.Settings:
     if getattr(args, "port", None):
         settings.server.port = args.port
     return settings
+
+
+def _no_data_dir(data) -> ConfigError:
+    """For a --data-dir no server has run in: a typo, or another working dir."""
+    return ConfigError(f"There is no trackpipe data dir at {data.resolve()}: pass the"
+                       " --data-dir the server uses (`trackpipe serve` prints it at start).")
 
 
 def _open_data_dir(data) -> None:
@@ -168,7 +207,8 @@ def _serve(args) -> int:
     problem = _cannot_listen(host, port)
     if problem:  # before anything says "listening"
         pipeline.close()
-        print(f"trackpipe: cannot listen on {url}: {problem}", file=sys.stderr)
+        print(f"trackpipe: cannot listen on {url}: {problem}; choose another port with"
+              " --port, or `[server] port` in the config file.", file=sys.stderr)
         return 3  # what uvicorn exits with when its own bind fails
     if not pipeline.registry.by_key:
         source = pipeline.catalog.add_source("default")
@@ -249,8 +289,7 @@ def _sources(args) -> int:
         config.make_data_dir(data)  # says it is a file
     ours = (data / "catalog.db").exists() or (data / "log.db").exists()
     if args.action != "add" and not ours:  # a typo'd --data-dir: make and change nothing
-        raise ConfigError(f"There is no trackpipe data dir at {data.resolve()}: pass the"
-                          " --data-dir the server uses (`trackpipe serve` prints it at start).")
+        raise _no_data_dir(data)
     if not ours and data.is_dir() and any(data.iterdir()):  # `--data-dir ~`: not made 0700
         raise ConfigError(f"{data.resolve()} holds other files and no trackpipe data: pass the"
                           " --data-dir the server uses, or a new or empty dir.")

@@ -19,28 +19,56 @@ from trackpipe.errors import ConfigError
 def add_parsers(sub, data_dir_arg) -> None:
     dest = sub.add_parser("destinations", help="list destinations with delivered/pending/failed counts")
     data_dir_arg(dest)
-    dest.add_argument("--config")
-    dest.add_argument("--json", action="store_true")
+    _config_arg(dest)
+    dest.add_argument("--json", action="store_true",
+                      help="print the counts as one JSON object (default: a table)")
 
     check = sub.add_parser("check", help="validate the config and run each destination's health check")
     data_dir_arg(check)
-    check.add_argument("--config")
+    _config_arg(check)
 
-    replay = sub.add_parser("replay", help="send stored events to a destination again")
-    replay.add_argument("--destination", required=True)
-    replay.add_argument("--since", help="ISO-8601 time or epoch ms (receivedAt)")
-    replay.add_argument("--until", help="ISO-8601 time or epoch ms (receivedAt), exclusive")
-    replay.add_argument("--failed-only", action="store_true", help="only events in the failed store")
+    replay = sub.add_parser(
+        "replay", help="send stored events to a destination again",
+        description="Queue stored events to be sent to a destination again; a running server"
+                    " sends them within a second. With neither --since/--until nor"
+                    " --failed-only, it re-sends every event in the log that the destination"
+                    " has been sent so far.")
+    replay.add_argument("--destination", required=True,
+                        help="the destination's name in the config file; required")
+    replay.add_argument("--since", help="ISO-8601 time or epoch ms (receivedAt), inclusive"
+                                        " (default: from the log's oldest event)")
+    replay.add_argument("--until", help="ISO-8601 time or epoch ms (receivedAt), exclusive"
+                                        " (default: up to the last event sent to it so far)")
+    replay.add_argument("--failed-only", action="store_true",
+                        help="only events in the failed store (default: every event in range)")
     data_dir_arg(replay)
-    replay.add_argument("--config")
+    _config_arg(replay)
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the TOML config file the server runs with, where the"
+                                    " destinations are (default: none, so no destinations)")
+
+
+def _no_config(command: str) -> ConfigError:
+    """Destinations come only from a config file: without one these commands know none, and
+    "0 destinations" would read as the server's state."""
+    done = (" The built-in defaults and TRACKPIPE_* settings are valid."
+            if command == "check" else "")
+    return ConfigError(f"No --config was given, so `trackpipe {command}` knows no"
+                       " destinations: they are read only from the config file, never from"
+                       f" TRACKPIPE_* variables.{done} Pass the file the server runs with:"
+                       " --config FILE.")
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    if args.command == "check":
-        return _check(settings)
     from trackpipe.destinations import build
 
-    build.validate(settings)
+    build.validate(settings)  # the defaults and TRACKPIPE_* settings, with --config or not
+    if args.config is None:
+        raise _no_config(args.command)
+    if args.command == "check":
+        return _check(settings)
     with _state(settings) as p:
         if args.command == "destinations":
             return _list(p, settings, args.json)
@@ -52,9 +80,7 @@ class _state:
         from trackpipe.delivery.state import DeliveryState
         from trackpipe.log.sqlite import SQLiteLog
 
-        data = settings.data_path
-        if not (data / "log.db").exists():
-            raise ConfigError(f"{data.resolve()} holds no trackpipe log; pass --data-dir.")
+        data = settings.data_path  # holding a log: the CLI checked
         self.p = SimpleNamespace(log=SQLiteLog(data / "log.db", writable=False),
                                  deliveries=DeliveryState(data / "deliveries.db"))
 
@@ -91,7 +117,7 @@ def _list(p, settings, as_json: bool) -> int:
 
 def _replay(p, settings, args) -> int:
     from trackpipe.admin.common import time_param
-    from trackpipe.delivery.replay import ReplayRefused, replay
+    from trackpipe.delivery.replay import ReplayRefused, empty_range, replay
 
     cfg = next((d for d in settings.destinations if d.name == args.destination), None)
     if cfg is None:
@@ -104,6 +130,8 @@ def _replay(p, settings, args) -> int:
                  if getattr(args, k) is not None}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if len(times) == 2 and times["since"] >= times["until"]:  # quoted as typed, not as ms
+        raise ConfigError(empty_range(args.since, args.until).message)
     try:
         queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)
     except ReplayRefused as refused:
@@ -113,9 +141,6 @@ def _replay(p, settings, args) -> int:
 
 
 def _check(settings) -> int:
-    from trackpipe.destinations import build
-
-    build.validate(settings)
     print(f"config ok: {len(settings.destinations)} destination(s)")
     failures = asyncio.run(_check_all(settings))
     return 1 if failures else 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from urllib.parse import quote
 
@@ -21,19 +20,19 @@ from trackpipe.commands.terminal import printable
 def add_parsers(sub) -> None:
     profile = sub.add_parser("profile", help="print a person: profile, timeline and merges")
     profile.add_argument("id", help="a profile id, userId or anonymousId")
-    profile.add_argument("--events", type=int, default=50, help="timeline events to show")
-    profile.add_argument("--json", action="store_true", help="one JSON object")
-    _server_args(profile)
+    profile.add_argument("--events", type=int, default=50,
+                         help="timeline events to show, at most 1000 (default %(default)s)")
+    profile.add_argument("--json", action="store_true",
+                         help="print one JSON object: profile, events, merges (default: text)")
+    admin_api.add_server_args(profile)
 
     privacy = sub.add_parser("privacy", help="suppress, unsuppress or delete a person")
-    privacy.add_argument("action", choices=("suppress", "unsuppress", "delete"))
+    privacy.add_argument("action", choices=("suppress", "unsuppress", "delete"),
+                         help="suppress: drop the person's new events; unsuppress: accept them"
+                              " again; delete: erase their events and profile, and drop new"
+                              " ones")
     privacy.add_argument("id", help="a profile id, userId or anonymousId")
-    _server_args(privacy)
-
-
-def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8080")
-    p.add_argument("--admin-token", default=os.environ.get("TRACKPIPE_ADMIN_TOKEN"))
+    admin_api.add_server_args(privacy)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,11 +33,17 @@ class ReplayRefused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def empty_range(since: object, until: object) -> ReplayRefused:
+    """The refusal of a range that holds no event. The CLI passes the bounds as the user
+    typed them (an ISO time reads better than the epoch ms it became)."""
+    return ReplayRefused(400, "invalid_parameter", f"`since` ({since}) must be before `until`"
+                         f" ({until}, exclusive): the range holds no event.")
+
+
 def check(cfg: config.Destination, since: int | None, until: int | None) -> None:
     """Raise ReplayRefused for a replay that could never send anything."""
     if since is not None and until is not None and since >= until:
-        raise ReplayRefused(400, "invalid_parameter", f"`since` ({since}) must be before `until`"
-                            f" ({until}, exclusive): the range holds no event.")
+        raise empty_range(since, until)
     if not cfg.enabled:
         raise ReplayRefused(409, "destination_disabled", f"Destination {cfg.name!r} is disabled:"
                             " nothing would send a replay to it. Set `enabled = true` in its"
