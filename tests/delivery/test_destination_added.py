@@ -18,13 +18,16 @@ def test_a_destination_not_started_yet_has_nothing_pending(fresh_server, tmp_pat
         server = fresh_server(config=bare).start()
         before = send(server, 12)
         server.stop()
-        added = write_config(tmp_path / "trackpipe.toml", [sink.config("hook")],
+        added = write_config(tmp_path / "trackpipe.toml",
+                             [sink.config("hook"), {**sink.config("off"), "enabled": False}],
                              identity={"enabled": False})
         listed = cli(server, "destinations", "--json", config=added)
         assert listed.returncode == 0, listed.stderr
-        [hook] = json.loads(listed.stdout)["destinations"]
+        hook, _ = json.loads(listed.stdout)["destinations"]
         assert (hook["started"], hook["pending"], hook["oldest_pending_age_seconds"]) == (
             False, 0, None)
+        assert states(cli(server, "destinations", config=added).stdout) == {
+            "hook": "not started", "off": "disabled"}
 
         server.config = added
         server.start()
@@ -33,5 +36,15 @@ def test_a_destination_not_started_yet_has_nothing_pending(fresh_server, tmp_pat
         hook = api(server, "/api/v1/destinations/hook").json()
         assert (hook["started"], hook["delivered"], hook["pending"]) == (True, 3, 0)
         assert not set(before) & set(sink.received())
+        assert states(cli(server, "destinations", config=added).stdout) == {
+            "hook": "delivering", "off": "disabled"}
     finally:
         sink.close()
+
+
+def states(table: str) -> dict[str, str]:
+    """NAME -> STATE from `trackpipe destinations`' table (its header names the columns)."""
+    header, *rows = table.splitlines()
+    at = header.index("STATE")
+    width = header.index("DELIVERED") - at
+    return {row.split()[0]: row[at:at + width].strip() for row in rows}

@@ -102,17 +102,26 @@ def _list(p, settings, as_json: bool) -> int:
     if not rows:
         print("No destinations configured; add [[destinations]] tables to the config file.")
         return 0
-    print(f"{'NAME':20} {'TYPE':10} {'DELIVERED':>10} {'PENDING':>8} {'FAILED':>7} "
-          f"{'OLDEST PENDING':>15}  LAST ERROR")
+    print(f"{'NAME':20} {'TYPE':10} {'STATE':11} {'DELIVERED':>10} {'PENDING':>8} "
+          f"{'RETRYING':>8} {'FAILED':>7} {'OLDEST PENDING':>15}  LAST ERROR")
     for r in rows:
-        age = "-" if r["oldest_pending_age_seconds"] is None else f"{r['oldest_pending_age_seconds']:.0f}s"
-        err = r["last_error"]
-        err = f"{err['status']} {err['detail'][:60]}" if err else ""
+        oldest = r["oldest_pending_age_seconds"]
+        age = "-" if oldest is None else f"{oldest:.0f}s"
+        err = r["last_error"]  # kept after later successes: its time says how old it is
+        err = f"{err['at']} {err['status']} {err['detail'][:60]}" if err else ""
         if r["stopped"]:
             err = f"STOPPED (410 Gone; restart once fixed): {err}"
-        print(f"{r['name'][:20]:20} {r['type']:10} {r['delivered']:>10} {r['pending']:>8} "
-              f"{r['failed']:>7} {age:>15}  {err}")
+        print(f"{r['name'][:20]:20} {r['type']:10} {_state_of(r):11} {r['delivered']:>10} "
+              f"{r['pending']:>8} {r['retrying']:>8} {r['failed']:>7} {age:>15}  {err}")
     return 0
+
+
+def _state_of(row: dict) -> str:
+    if not row["enabled"]:
+        return "disabled"
+    if row["stopped"]:
+        return "stopped"
+    return "delivering" if row["started"] else "not started"
 
 
 def _replay(p, settings, args) -> int:
