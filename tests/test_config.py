@@ -93,15 +93,26 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path, key, text):
     ("[server]\nprot = 8081\n", "Valid keys in [server] are host, port,", "server"),
     ("[limits]\nmax_event_bytez = 10\n", "Valid keys in [limits] are", "limits"),
     ("prot = 8081\n", "Valid top-level keys are data_dir, admin_token, server,", None),
+    ("[[destinations]]\nname = 'a'\ntyp = 'file'\n",
+     "Valid keys in [[destinations]] are name, type, enabled,", "destinations"),
+    ("[[destinations]]\nname = 'a'\ntype = 'file'\n[destinations.filter]\nmod = 'x'\n",
+     "Valid keys in [destinations.filter] are mode, types, events.", "destinations.filter"),
 ])
 def test_an_unknown_key_lists_the_keys_valid_where_it_is(tmp_path, text, listed, section):
     with pytest.raises(ConfigError) as exc:
         config.load(write(tmp_path, text), env={})
     assert listed in str(exc.value)
     if section:
-        fields = config._SECTIONS[section].__struct_fields__
+        fields = config._TABLES[section].__struct_fields__
         assert ", ".join(fields) in str(exc.value)
         assert "Valid top-level keys" not in str(exc.value)
+
+
+def test_a_wrong_type_lists_no_keys(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(tmp_path, "[server]\nport = 'x'\n"), env={})
+    assert "Expected `int`, got `str` - at `$.server.port`" in str(exc.value)
+    assert "Valid" not in str(exc.value) and "See README.md#configuration." in str(exc.value)
 
 
 def test_a_list_kept_beside_its_tables_says_which_line_to_delete(tmp_path):
@@ -144,16 +155,18 @@ def test_an_env_value_nested_past_what_tomllib_can_read_is_a_string():
         config.load(env={"TRACKPIPE_SERVER_CORS_ORIGINS": "[" * 1000 + "]" * 1000})
 
 
-@pytest.mark.parametrize("text", [
-    "[[destination]]\nname = 'w'\ntype = 'file'\n",              # a typo of destinations
-    "[[destinations]]\nname = 'w'\ntype = 'file'\nbatchsize = 5\n",  # an error inside
+@pytest.mark.parametrize("text, keys", [
+    ("[[destination]]\nname = 'w'\ntype = 'file'\n",  # a typo of destinations
+     Settings.__struct_fields__),
+    ("[[destinations]]\nname = 'w'\ntype = 'file'\nbatchsize = 5\n",  # an error inside
+     config.Destination.__struct_fields__),
 ])
-def test_the_error_hint_lists_every_top_level_key_destinations_too(tmp_path, text):
+def test_the_error_hint_lists_every_key_valid_there_destinations_too(tmp_path, text, keys):
     with pytest.raises(ConfigError) as exc:
         config.load(write(tmp_path, text), env={})
-    hint = re.search(r"Valid [a-z -]+ are ([^;]+);", str(exc.value))
+    hint = re.search(r"Valid [][a-z -]+ are ([^.]+)\.", str(exc.value))
     assert hint, str(exc.value)
-    assert hint[1].split(", ") == list(Settings.__struct_fields__)  # destinations among them
+    assert hint[1].split(", ") == list(keys)
 
 
 @pytest.mark.parametrize("text, key", [

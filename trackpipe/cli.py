@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import socket
@@ -163,7 +164,12 @@ def _settings(args) -> config.Settings:
 
 
 def _no_data_dir(data) -> ConfigError:
-    """For a --data-dir no server has run in: a typo, or another working dir."""
+    """For a --data-dir no server has run in: a typo, another working dir, or one that only
+    `trackpipe sources add` has written to."""
+    if (data / "catalog.db").exists():
+        return ConfigError(f"The trackpipe data dir at {data.resolve()} holds no events yet:"
+                           " no server has run on it. Start `trackpipe serve` on it first, or"
+                           " pass the --data-dir the server uses.")
     return ConfigError(f"There is no trackpipe data dir at {data.resolve()}: pass the"
                        " --data-dir the server uses (`trackpipe serve` prints it at start).")
 
@@ -207,8 +213,11 @@ def _serve(args) -> int:
     problem = _cannot_listen(host, port)
     if problem:  # before anything says "listening"
         pipeline.close()
-        print(f"trackpipe: cannot listen on {url}: {problem}; choose another port with"
-              " --port, or `[server] port` in the config file.", file=sys.stderr)
+        remedy = ("choose another port with --port, or `[server] port` in the config file"
+                  if problem.errno == errno.EADDRINUSE else
+                  "check --host, or `[server] host` in the config file")
+        print(f"trackpipe: cannot listen on {url}: {problem.strerror or problem}; {remedy}.",
+              file=sys.stderr)
         return 3  # what uvicorn exits with when its own bind fails
     if not pipeline.registry.by_key:
         source = pipeline.catalog.add_source("default")
@@ -251,7 +260,7 @@ def _serve(args) -> int:
     return 0
 
 
-def _cannot_listen(host: str, port: int) -> str | None:
+def _cannot_listen(host: str, port: int) -> OSError | None:
     """Why uvicorn would fail to listen on host:port, or None. A probe bind, made the way
     asyncio's create_server binds (SO_REUSEADDR, IPv6-only sockets), then closed."""
     try:
@@ -263,8 +272,8 @@ def _cannot_listen(host: str, port: int) -> str | None:
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
-    except OSError as exc:
-        return exc.strerror or str(exc)
+    except OSError as exc:  # socket.gaierror too: a host that does not resolve
+        return exc
     return None
 
 

@@ -268,19 +268,27 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"Invalid configuration{where}: {exc}. {_valid_keys(str(exc))};"
-                          " see README.md#configuration.") from None
+        raise ConfigError(f"Invalid configuration{where}: {exc}.{_valid_keys(str(exc))}"
+                          " See README.md#configuration.") from None
+
+
+# The tables an unknown key can sit in, by the path msgspec gives ("$.destinations[0].filter").
+_TABLES: dict[str, type[msgspec.Struct]] = {**_SECTIONS, "destinations": Destination,
+                                            "destinations.filter": Filter,
+                                            "destinations.actions": Action}
 
 
 def _valid_keys(error: str) -> str:
-    """The keys valid where msgspec found the problem: a section's own for a key in it
-    (`prot` in [server] gets [server]'s keys), else the top level's."""
-    found = re.search(r"at `\$\.(\w+)", error)
-    section = found.group(1) if found else None
-    if section in _SECTIONS:
-        return (f"Valid keys in [{section}] are"
-                f" {', '.join(_SECTIONS[section].__struct_fields__)}")
-    return f"Valid top-level keys are {', '.join(_TOP_LEVEL_KEYS)}"
+    """For an unknown key, the keys valid where it is (`prot` in [server] gets [server]'s,
+    one in a [[destinations]] table the destination's); nothing for other errors."""
+    if "unknown field" not in error:
+        return ""
+    found = re.search(r"at `\$\.([\w.\[\]]+)`", error)
+    path = re.sub(r"\[\d+\]", "", found.group(1)) if found else ""
+    if path in _TABLES:
+        shown = f"[[{path}]]" if path in ("destinations", "destinations.actions") else f"[{path}]"
+        return f" Valid keys in {shown} are {', '.join(_TABLES[path].__struct_fields__)}."
+    return f" Valid top-level keys are {', '.join(_TOP_LEVEL_KEYS)}."
 
 
 def _toml_hint(exc: tomllib.TOMLDecodeError) -> str:

@@ -2,7 +2,8 @@
 
 httpx logs every request it sends at INFO ("HTTP Request: POST ... 200 OK"): a line
 per delivery request, hundreds a second under load, saying nothing a delivery's own
-record (GET /api/v1/events/{messageId}/deliveries) does not. Its warnings still show.
+record (GET /api/v1/events/{messageId}/deliveries) does not. Anything it logs above INFO
+still shows.
 """
 
 from __future__ import annotations

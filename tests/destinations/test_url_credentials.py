@@ -6,29 +6,42 @@ receiver echoes them. The host and path stay readable."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from delivery.faulty_rig import api, cli, send
 from destinations.sink_webhook import Recorder
 from support import wait_for, write_config
-from trackpipe.destinations.base import mask_url, url_credentials
+from trackpipe.destinations.base import is_http_url, mask_url, url_credentials
 
 TOKEN = "s3cr3t-t0ken-value"
 PASSWORD = "hunter2-pass"
 
 
 @pytest.mark.parametrize("url, shown, secrets", [
-    (f"https://h.test/hook?token={TOKEN}&v=2", "https://h.test/hook?token=***&v=***",
-     [TOKEN, "2"]),
-    (f"https://user:{PASSWORD}@h.test:8443/p", "https://user:***@h.test:8443/p", [PASSWORD]),
-    ("https://user:p%40ss@h.test/p", "https://user:***@h.test/p", ["p@ss"]),
-    ("https://h.test/services/T0/B0", "https://h.test/services/T0/B0", []),
-    ("https://[::1]:80/a?flag", "https://[::1]:80/a?flag", []),
+    (f"https://h.test/hook?token={TOKEN}&v=2", "https://h.test/hook?token=***&v=***", {TOKEN}),
+    (f"https://user:{PASSWORD}@h.test:8443/p", "https://***@h.test:8443/p", {PASSWORD}),
+    ("https://user:p%40ss-word@h.test/p", "https://***@h.test/p", {"p%40ss-word", "p@ss-word"}),
+    ("https://wk_0123456789@api.test", "https://***@api.test", {"wk_0123456789"}),  # a write key
+    # Shown, every value is hidden; as a secret, only what looks like one: `json` masked
+    # in every detail would garble "application/json".
+    ("https://h.test/x?format=json&retries=1000", "https://h.test/x?format=***&retries=***",
+     set()),
+    ("https://h.test/x?x=0123456789abcdef", "https://h.test/x?x=***", {"0123456789abcdef"}),
+    ("https://h.test/x?sig=ab/cd%3D%3D", "https://h.test/x?sig=***", {"ab/cd%3D%3D", "ab/cd=="}),
+    ("https://h.test/cb#access_token=abcd1234", "https://h.test/cb#access_token=***",
+     {"abcd1234"}),
+    ("HTTPS://h.test/hook?token=abcd1234", "HTTPS://h.test/hook?token=***", {"abcd1234"}),
+    ("https://[bad/hook?key=abcd1234", "https://[bad/hook?key=***", {"abcd1234"}),  # no raise
+    ("https://h.test/services/T0/B0", "https://h.test/services/T0/B0", set()),
+    ("https://[::1]:80/a?flag", "https://[::1]:80/a?flag", set()),
 ])
 def test_what_counts_as_a_credential_in_a_url(url, shown, secrets):
     assert mask_url(url, "***") == shown
-    assert sorted(url_credentials(url)) == sorted(secrets)
+    assert set(url_credentials(url)) == secrets
+    assert is_http_url(url)
 
 
 def test_url_credentials_never_show_in_the_api_the_cli_or_recorded_details(
@@ -59,5 +72,23 @@ def test_url_credentials_never_show_in_the_api_the_cli_or_recorded_details(
         server.stop()
         log = server.log_path.read_text(errors="replace")
         assert TOKEN not in log
+    finally:
+        recorder.close()
+
+
+def test_check_prints_a_url_without_its_credentials(tmp_path):
+    recorder = Recorder()
+    try:
+        config = write_config(tmp_path / "trackpipe.toml", [{
+            "name": "fwd", "type": "segment",
+            "settings": {"write_key": "wk-1", "allow_private_targets": True,
+                         "api_url": recorder.url("").replace("http://",
+                                                             f"http://user:{PASSWORD}@")}}])
+        r = subprocess.run([sys.executable, "-m", "trackpipe", "check", "--config", str(config),
+                            "--data-dir", str(tmp_path / "data")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "  ok    fwd (segment): " in r.stdout, r.stdout + r.stderr
+        assert PASSWORD not in r.stdout + r.stderr
+        assert recorder.requests, "the health check reached the server"
     finally:
         recorder.close()

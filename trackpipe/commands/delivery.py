@@ -66,7 +66,12 @@ def run(args: argparse.Namespace, settings) -> int:
 
     build.validate(settings)  # the defaults and TRACKPIPE_* settings, with --config or not
     if args.config is None:
-        raise _no_config(args.command)
+        if args.command != "check":
+            raise _no_config(args.command)
+        # Valid, with nothing to check: a deployment set up by TRACKPIPE_* alone may run
+        # `check` as is, and must not fail for it.
+        print(f"trackpipe: {_no_config(args.command)}", file=sys.stderr)
+        return 0
     if args.command == "check":
         return _check(settings)
     with _state(settings) as p:
@@ -165,7 +170,7 @@ async def _check_all(settings) -> int:
         try:
             await dest.start()
             what = await dest.check()
-            print(f"  ok    {cfg.name} ({cfg.type}): {what}")
+            print(f"  ok    {cfg.name} ({cfg.type}): {dest.scrub(what)}")
         except DestinationError as exc:  # its text may quote the tool, which may echo a secret
             failures += 1
             print(f"  FAIL  {cfg.name} ({cfg.type}): {dest.scrub(str(exc))}", file=sys.stderr)

@@ -174,37 +174,66 @@ def secret_values(settings: msgspec.Struct, fields: Iterable[str]) -> set[str]:
     return found
 
 
-URL_SCHEMES = ("http://", "https://")
+# A query or fragment value is taken for a credential when its key says so, or when it is
+# long enough to be a generated token; `format=json` or `retries=1000` are not (masking
+# them would garble every detail that quotes "json").
+CREDENTIAL_KEY = re.compile(r"tok|key|secret|sig|auth|pass|pwd|code|sess|cred|jwt|hash|hmac",
+                            re.IGNORECASE)
+TOKEN_CHARS = 16
+
+
+def is_http_url(value: object) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
+
+
+def _split_url(url: str) -> tuple[str, str, str, str, str, str]:
+    """(scheme, userinfo, host and path, query, fragment, separators) by plain splitting:
+    urlsplit refuses some URLs httpx takes (a stray bracket), and masking must not fail."""
+    scheme, _, rest = url.partition("://")
+    rest, hash_, fragment = rest.partition("#")
+    rest, mark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    return scheme, userinfo if at else "", hostport + slash + path, query, fragment, mark + hash_
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    return [piece.partition("=")[::2] for piece in text.split("&") if piece]
 
 
 def url_credentials(url: str) -> list[str]:
-    """The parts of a URL that are credentials: the password of a `user:password@`, and
-    each query value (tokens travel as `?token=...`). The host and path stay readable."""
-    parts = urllib.parse.urlsplit(url)
-    found = [v for _, v in urllib.parse.parse_qsl(parts.query)]
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        found.append(urllib.parse.unquote(userinfo.partition(":")[2]))
-    return [v for v in found if v]
+    """The parts of a URL that are credentials, as written and decoded: the password of a
+    `user:password@` (or a user alone: a write key travels so), and the query and fragment
+    values that look like one (CREDENTIAL_KEY, TOKEN_CHARS). The host and path are not."""
+    _, userinfo, _, query, fragment, _ = _split_url(url)
+    user, _, password = userinfo.partition(":")
+    found = [password or user] if userinfo else []
+    for key, value in _pairs(query) + _pairs(fragment):
+        if value and (CREDENTIAL_KEY.search(key) or len(value) >= TOKEN_CHARS):
+            found.append(value)
+    return found + [urllib.parse.unquote_plus(v) for v in found]
 
 
 def settings_url_credentials(settings: msgspec.Struct) -> set[str]:
     """Credentials inside any of the settings' URLs (a webhook's url, an api_url)."""
-    return {secret for value in msgspec.structs.asdict(settings).values()
-            if isinstance(value, str) and value.startswith(URL_SCHEMES)
+    return {secret for value in msgspec.structs.asdict(settings).values() if is_http_url(value)
             for secret in url_credentials(value)}
 
 
 def mask_url(url: str, mask: str) -> str:
-    """`url` with its credentials (url_credentials) replaced by `mask`."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:{mask}@{hostport}"
-    query = "&".join(f"{key.partition('=')[0]}={mask}" if "=" in key else key
-                     for key in parts.query.split("&")) if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """`url` as shown: its userinfo and every query and fragment value replaced by `mask`
+    (shown, a value need not look like a credential to be hidden)."""
+    def hide(text: str) -> str:
+        return "&".join(f"{piece.partition('=')[0]}={mask}" if "=" in piece else piece
+                        for piece in text.split("&"))
+
+    scheme, userinfo, rest, query, fragment, separators = _split_url(url)
+    shown = f"{scheme}://{mask + '@' if userinfo else ''}{rest}"
+    if "?" in separators:
+        shown += "?" + hide(query)
+    if "#" in separators:
+        shown += "#" + hide(fragment)
+    return shown
 
 
 def secret_forms(secret: str) -> set[str]:

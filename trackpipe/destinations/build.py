@@ -6,7 +6,7 @@ import msgspec
 
 from trackpipe import config
 from trackpipe.destinations import destination_class
-from trackpipe.destinations.base import URL_SCHEMES, Destination, mask_url
+from trackpipe.destinations.base import Destination, is_http_url, mask_url
 from trackpipe.errors import ConfigError
 
 MASK = "********"
@@ -41,7 +41,7 @@ def masked(cfg: config.Destination) -> dict:
     URL keeps its host and path, not the credentials in it (base.url_credentials)."""
     secret = set(_class(cfg).secret_fields)
     return {k: (MASK if k in secret and v not in ("", None, {}) else
-                mask_url(v, MASK) if isinstance(v, str) and v.startswith(URL_SCHEMES) else v)
+                mask_url(v, MASK) if is_http_url(v) else v)
             for k, v in cfg.settings.items()}
 
 

@@ -18,7 +18,7 @@ added when `segment_shared_secret` is set. Bodies are compact JSON without
 ASCII escaping, i.e. what JavaScript's JSON.stringify gives back.
 
 Redirects are followed (at most 5) with the same method and body, each hop
-through the SSRF guard; custom headers are not sent on to another host.
+through the SSRF guard; custom headers are not sent on to another origin (host or port).
 A privacy delete is forwarded as Segment does: `{"type": "delete", "userId": ...}`.
 A batch the receiver refuses as too large (413, e.g. nginx's 1 MB default) goes
 again in halves, and later batches are cut below the size it refused; only an
