@@ -302,5 +302,9 @@ def test_a_replay_that_could_send_nothing_is_refused_with_why(fresh_server, tmp_
 
     r = api(srv, "/api/v1/destinations/faulty/replay", "POST", json={"since": 2000, "until": 1000})
     assert r.status_code == 400 and r.json()["code"] == "invalid_parameter", r.text
+    r = api(srv, "/api/v1/destinations/faulty/replay", "POST",
+            json={"since": "2026-12-08T00:00:00Z", "until": "2026-12-07T00:00:00Z"})
+    assert r.status_code == 400 and ("`since` (2026-12-08T00:00:00Z) must be before `until`"
+                                     " (2026-12-07T00:00:00Z, exclusive)") in r.json()["message"]
     c = cli(srv, "replay", "--destination", "faulty", "--since", "2000", "--until", "1000")
     assert c.returncode == 2 and "must be before `until`" in c.stderr, c.stdout + c.stderr

@@ -116,7 +116,7 @@ class DestinationsAPI:
             return error(400, "invalid_parameter", "`failed_only` must be true or false.")
         try:
             queued = await run_in_threadpool(replay, self.p.log, self.p.deliveries, cfg,
-                                             failed_only=failed_only, **times)
+                                             failed_only=failed_only, **times, given=bounds)
         except ReplayRefused as refused:
             return error(refused.status, refused.code, refused.message)
         return json_response({"destination": cfg.name, "queued": queued})

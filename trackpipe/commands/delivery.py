@@ -131,7 +131,7 @@ def _state_of(row: dict) -> str:
 
 def _replay(p, settings, args) -> int:
     from trackpipe.admin.common import time_param
-    from trackpipe.delivery.replay import ReplayRefused, empty_range, replay
+    from trackpipe.delivery.replay import ReplayRefused, replay
 
     cfg = next((d for d in settings.destinations if d.name == args.destination), None)
     if cfg is None:
@@ -144,10 +144,9 @@ def _replay(p, settings, args) -> int:
                  if getattr(args, k) is not None}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if len(times) == 2 and times["since"] >= times["until"]:  # quoted as typed, not as ms
-        raise ConfigError(empty_range(args.since, args.until).message)
     try:
-        queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times)
+        queued = replay(p.log, p.deliveries, cfg, failed_only=args.failed_only, **times,
+                        given={"since": args.since, "until": args.until})
     except ReplayRefused as refused:
         raise ConfigError(refused.message) from None  # exit status 2, the message on stderr
     print(f"queued {queued} events for {cfg.name}")

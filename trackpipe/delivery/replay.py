@@ -33,17 +33,16 @@ class ReplayRefused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def empty_range(since: object, until: object) -> ReplayRefused:
-    """The refusal of a range that holds no event. The CLI passes the bounds as the user
-    typed them (an ISO time reads better than the epoch ms it became)."""
-    return ReplayRefused(400, "invalid_parameter", f"`since` ({since}) must be before `until`"
-                         f" ({until}, exclusive): the range holds no event.")
-
-
-def check(cfg: config.Destination, since: int | None, until: int | None) -> None:
-    """Raise ReplayRefused for a replay that could never send anything."""
+def check(cfg: config.Destination, since: int | None, until: int | None,
+          given: dict | None = None) -> None:
+    """Raise ReplayRefused for a replay that could never send anything. `given` holds the
+    bounds as the user wrote them, for the message: an ISO time reads better than the
+    epoch ms it became."""
     if since is not None and until is not None and since >= until:
-        raise empty_range(since, until)
+        shown = given or {"since": since, "until": until}
+        raise ReplayRefused(400, "invalid_parameter", f"`since` ({shown['since']}) must be"
+                            f" before `until` ({shown['until']}, exclusive): the range holds"
+                            " no event.")
     if not cfg.enabled:
         raise ReplayRefused(409, "destination_disabled", f"Destination {cfg.name!r} is disabled:"
                             " nothing would send a replay to it. Set `enabled = true` in its"
@@ -51,9 +50,11 @@ def check(cfg: config.Destination, since: int | None, until: int | None) -> None
 
 
 def replay(event_log: EventLog, state: DeliveryState, cfg: config.Destination, *,
-           since: int | None = None, until: int | None = None, failed_only: bool = False) -> int:
-    """Queue the events for `cfg`; returns how many were queued. Raises ReplayRefused."""
-    check(cfg, since, until)
+           since: int | None = None, until: int | None = None, failed_only: bool = False,
+           given: dict | None = None) -> int:
+    """Queue the events for `cfg`; returns how many were queued. Raises ReplayRefused.
+    `given`: the bounds as the user wrote them (see check)."""
+    check(cfg, since, until, given)
     router = Router(cfg)
     started = cfg.name in state.known_destinations()
     cap = state.cursor(cfg.name) if started else event_log.head()
