@@ -248,6 +248,7 @@ def _serve(args) -> int:
     server = _Server(uvicorn.Config(
         create_app(pipeline), host=settings.server.host, port=settings.server.port,
         loop="uvloop", http=protocol, lifespan="on", access_log=False,
+        ws="none",  # no WebSocket routes: an upgrade request is answered as any other
         log_level="warning",
         proxy_headers=False,  # X-Forwarded-For is trusted only via server.trusted_proxies
         limit_concurrency=srv.connection_limit(),  # counted in connections by the protocol

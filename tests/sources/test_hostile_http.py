@@ -469,3 +469,24 @@ def test_pipelined_requests_within_the_cap_are_not_answered_overloaded(fresh_ser
             assert chunk, got
             got += chunk
     assert [a[0] for a in answers(got)] == [200, 200, 200], got
+
+
+
+UPGRADE = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13",
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/api/v1/events", 401, "unauthorized"),  # admin: the token is still asked for
+    ("GET", "/health/nope", 404, "not_found"),
+    ("GET", "/v1/track", 405, "method_not_allowed"),
+])
+def test_a_websocket_upgrade_is_answered_as_any_request_in_json(srv, method, path, status,
+                                                                code):
+    """trackpipe has no WebSocket routes; uvicorn answered an upgrade an empty 403."""
+    with connect(srv) as s:
+        s.sendall(request(srv, path=path, method=method, body=b"", headers=UPGRADE))
+        got, _ = read_to_end(s)
+    [(answered, headers, body)] = answers(got)
+    assert answered == status and headers["content-type"] == "application/json", got
+    assert json.loads(body)["code"] == code
