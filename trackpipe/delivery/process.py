@@ -24,6 +24,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -434,8 +435,8 @@ async def run(settings: config.Settings) -> None:
     state = DeliveryState(data / "deliveries.db")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    threading.Thread(target=_stop_at_end_of_input, args=(loop, stop), name="stdin",
+                     daemon=True).start()
 
     tasks = []
     identity = None
@@ -489,9 +490,26 @@ async def run(settings: config.Settings) -> None:
         event_log.close()
 
 
+def _stop_at_end_of_input(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set `stop` once stdin ends: the server closed it, or the server is gone."""
+    sys.stdin.buffer.read()
+    try:
+        loop.call_soon_threadsafe(stop.set)
+    except RuntimeError:  # the loop already ended
+        pass
+
+
 def main() -> int:
+    # A signal to the whole process group (Ctrl-C, `systemctl stop`) is the server's to act
+    # on: it stops this process in its own order by closing our stdin, as it stops the log
+    # writer. (Stopping on the signal, this process exited before the server began its
+    # shutdown, which restarted it with a warning.) The server starts it with both ignored
+    # (supervisor.py), so a signal during start-up is ignored too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()
-    settings = msgspec.json.decode(sys.stdin.buffer.read(), type=config.Settings)
+    # One line of settings; stdin then stays open until the server wants this process to stop.
+    settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=config.Settings)
     # Before any thread starts (Linux keeps a nice value per thread; new ones inherit it).
     # Clients wait for the collector's answer, and an SDK whose queue fills while it
     # waits drops events; delivery only runs late, and catches up when the load falls.

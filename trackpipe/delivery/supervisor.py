@@ -23,6 +23,15 @@ MAX_BACKOFF = 30.0
 STABLE_SECONDS = 60.0
 
 
+def _in_child() -> None:
+    """Before the consumers process runs: it dies with the server, and ignores Ctrl-C and
+    SIGTERM sent to the whole group from its first instruction (an ignored signal stays
+    ignored across exec); the server stops it by closing its stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
 class ConsumersProcess:
     def __init__(self, settings: config.Settings):
         self.settings = settings
@@ -41,10 +50,14 @@ class ConsumersProcess:
         if not self.needed:
             return
         self.started_at = time.monotonic()
+        if self.proc is not None:
+            self.proc.stdin.close()  # the one before, dead
         self.proc = subprocess.Popen([sys.executable, "-m", "trackpipe.delivery.process"],
-                                     stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
-        self.proc.stdin.write(msgspec.json.encode(self.settings))
-        self.proc.stdin.close()
+                                     stdin=subprocess.PIPE, preexec_fn=_in_child)
+        # Its settings as one line; closing stdin later is how the process is told to stop
+        # (it leaves signals to the whole process group to the server).
+        self.proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")
+        self.proc.stdin.flush()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -79,9 +92,12 @@ class ConsumersProcess:
 
     def close(self, timeout: float = 15.0) -> None:
         self._closing = True
-        if not self.alive():
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.stdin.close()  # its signal to stop (see start)
+        except OSError:
+            pass  # it is gone already
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
