@@ -11,7 +11,9 @@ uuid_ts = load time, profile_id) and `context` flattened as context_* columns.
 A property or trait whose column would clash with a common column, a context_*
 column or one of PostgreSQL's system columns (`xmin`, `ctid`...: ADD COLUMN refuses
 them) is prefixed (`properties_id`, `traits_timestamp`, `properties_xmin`), always
-and in every warehouse, so it lands in the same column in every row.
+and in every warehouse, so it lands in the same column in every row. A context key
+with nothing ASCII in it ("", "🎉") is `context_` and its digest, not the bare
+`context` a property may name.
 
 The id column holds the messageId, or when that is longer than MAX_ID_BYTES (more
 than PostgreSQL can index) or holds a NUL (no text column can), a stand-in: see
@@ -214,7 +216,11 @@ def column_for(path: str, table: str, clash_prefix: str = "") -> str:
     """The column of a key path (keys joined with "_"), as the layout names it. The one
     place a property, trait or context column is named (shapes.py calls it too)."""
     column = identifier(path)
-    if clash_prefix and (column in fixed_columns(table) or column in SYSTEM_COLUMNS
-                         or column.startswith("context_")):
+    if not clash_prefix and column == "context":
+        # a context key with nothing ASCII in it ("", "🎉") would name the bare `context`,
+        # a property's column: it is named as such a key alone is, after `context`
+        column = identifier("context_" + identifier(path[len("context_"):]))
+    elif clash_prefix and (column in fixed_columns(table) or column in SYSTEM_COLUMNS
+                           or column.startswith("context_")):
         column = identifier(f"{clash_prefix}_{path}")
     return column

@@ -2,8 +2,10 @@
 
 Names. Tables and columns are snake_case (`Order Completed` -> `order_completed`,
 `firstName` -> `first_name`), nested keys are joined with `_`
-(`context.page.path` -> `context_page_path`), anything outside [a-z0-9_] becomes
-`_`, a leading digit gets a `_` prefix, and a name longer than 63 bytes (the
+(`context.page.path` -> `context_page_path`), accents are dropped (`é` -> `e`) and
+other non-ASCII characters vanish (`a🎉b` -> `ab`), any other run of characters outside
+[a-z0-9] becomes `_`, a name with nothing left is `_` and 8 hex digits of its SHA-1
+(`🎉` -> `_c20dbb2b`), a leading digit gets a `_` prefix, and a name longer than 63 bytes (the
 PostgreSQL limit) is cut to 54 bytes plus `_` and 8 hex digits of its hash, so
 two long names stay apart. Every identifier is quoted in SQL, so reserved words
 are fine.
