@@ -386,7 +386,7 @@ def test_a_table_stops_growing_at_max_columns_and_the_values_it_cannot_take_are_
     # Past PostgreSQL's own limit of 1,600, every value of such an event failed its batch.
     wide = {f"k{j:04d}": j for j in range(1700)}
     outcomes = run(warehouse(schema), send(event(4, event="Wide", properties=wide), event(5)))
-    assert states(outcomes[0]) == ["delivered"] * 2
+    assert states(outcomes[0]) == ["delivered"] * 2, [o.detail for o in outcomes[0]]
     assert len(column_types(admin, schema, "wide")) == 1000
 
 
@@ -508,11 +508,15 @@ def test_unreachable_database_is_worth_a_retry_and_fails_the_check():
 
 
 def test_a_dropped_connection_retries_then_reconnects(admin, schema):
+    # A name of its own: tests running beside it (other workers) connect as `trackpipe wh`.
+    dest = PostgresWarehouse(schema, PostgresWarehouse.Settings(dsn=DSN, schema=schema))
+
     def kill(d):
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                      " WHERE application_name = 'trackpipe wh' AND pid <> pg_backend_pid()")
+                      " WHERE application_name = %s AND pid <> pg_backend_pid()",
+                      (f"trackpipe {schema}",))
         return asyncio.sleep(0.1)
-    outcomes = run(warehouse(schema), send(event(1)), kill, send(event(2)), send(event(2)))
+    outcomes = run(dest, send(event(1)), kill, send(event(2)), send(event(2)))
     assert states(outcomes[2]) == ["retry"] and states(outcomes[3]) == ["delivered"]
     assert [r["id"] for r in table(admin, schema, "tracks", "id")] == ["m1", "m2"]
 
@@ -749,3 +753,21 @@ def test_an_over_long_user_id_gets_a_stand_in_users_row_and_is_kept_whole(admin,
     assert (kept["table_name"], kept["column_name"], kept["message_id"], kept["value"]) == (
         "users", "id", "m1", long_user)
     assert "3,000 bytes" in kept["reason"]
+
+
+def test_a_users_table_named_like_a_staging_table_is_left_alone(admin, schema):
+    """The staging tables are temporary: their names are looked up in pg_temp only. An
+    unqualified DROP TABLE IF EXISTS of one that this session had not made yet fell
+    through the search path to a table of the user's of that name, and dropped it."""
+    import hashlib
+    name = "_trackpipe_stage_" + hashlib.sha1(b"identities (meta)").hexdigest()[:16]
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    admin.execute(f'CREATE TABLE "{schema}"."{name}" (keep text)')
+    admin.execute(f"""INSERT INTO "{schema}"."{name}" VALUES ('mine')""")
+    on_path = f"{DSN} options='-csearch_path={schema}'"
+    outcomes, = run(warehouse(schema, on_path), send(event(1, profile="p1"),
+                                                     event(2, profile="p2")))
+    assert states(outcomes) == ["delivered", "delivered"]
+    assert [r["keep"] for r in table(admin, schema, name, order="keep")] == ["mine"]
+    assert [r["id"] for r in table(admin, schema, "tracks")] == ["m1", "m2"]
+    assert len(table(admin, schema, "identities", order="identifier")) >= 2

@@ -314,7 +314,9 @@ class PostgresWarehouse(Warehouse):
                      columns: list[tuple[str, str]], rows) -> str:
         """A temporary table named for `key` holding `rows` (in `columns`, a subset of
         `stage_columns`)."""
-        stage = "_trackpipe_stage_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+        # In pg_temp by name: an unqualified DROP of one this session has not made yet went
+        # down the search path and dropped a table of that name in the user's schema.
+        stage = "pg_temp._trackpipe_stage_" + hashlib.sha1(key.encode()).hexdigest()[:16]
         if self._stages.get(key) != tuple(stage_columns):
             cols = ", ".join(f"{quote(c)} {self.dialect.sql_type(t)}" for c, t in stage_columns)
             await cur.execute(f"DROP TABLE IF EXISTS {stage}")
